@@ -1,0 +1,94 @@
+"""Fake quantization (quantize, then dequantize back to floats).
+
+- `fake_quant_weight`: asymmetric min/max with a zero point, in groups of input columns
+  (weight-only W4/W3 runs).
+- `fake_quant_weight_per_channel_sym` / `fake_quant_act_per_token`: symmetric abs-max per
+  output row / per token (weight-activation W4A8/W8A8 runs).
+
+Half-precision inputs are quantized in fp32 (round(w/scale) in bf16 is off by whole steps
+near the top of the range) and cast back; fp32/fp64 inputs are quantized in their own dtype.
+The `..._` helpers work in place on a tensor already in the compute dtype, so the grid
+search can reuse one buffer.
+"""
+import torch
+
+from vlmquant.errors import VlmquantError
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype quantization math runs in for tensors of `dtype`."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_weight_groups(shape, group: int) -> int:
+    """Return the group size for a (out, in) weight (`group <= 0`: the whole row)."""
+    if len(shape) != 2:
+        raise VlmquantError(f"weight of shape {tuple(shape)} is not 2-D (out, in); only linear weights can be quantized")
+    n_in = shape[1]
+    if group <= 0:
+        return n_in
+    if n_in % group:
+        raise VlmquantError(
+            f"weight of shape {tuple(shape)} cannot be split into groups of {group} along the input dim; "
+            f"choose w_group dividing {n_in} (or -1 for one group per output row)"
+        )
+    return group
+
+
+def check_bits(bits: int, low: int = 1) -> None:
+    """Raise unless bits is an integer in [low, 16]."""
+    if not isinstance(bits, int) or not low <= bits <= 16:
+        raise VlmquantError(f"bits={bits!r} is not an integer in [{low}, 16]")
+
+
+def fake_quant_groups_(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """In place: asymmetric min/max fake quant of a contiguous (out, in) tensor, groups along in."""
+    qmax = 2**bits - 1
+    wg = w.view(-1, group)  # (out * in / group, group)
+    hi = wg.amax(dim=1, keepdim=True)
+    lo = wg.amin(dim=1, keepdim=True)
+    scale = (hi - lo).clamp_(min=1e-5).div_(qmax)  # (n_groups, 1)
+    zero = (-lo / scale).round_().clamp_(0, qmax)
+    wg.div_(scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
+    return w
+
+
+def fake_quant_sym_rows_(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """In place: symmetric abs-max fake quant of every row (last dim) of t."""
+    qpos = 2 ** (bits - 1) - 1
+    absmax = torch.maximum(t.amax(dim=-1, keepdim=True), t.amin(dim=-1, keepdim=True).neg())
+    scale = absmax.clamp_(min=1e-5).div_(qpos)  # (..., 1)
+    t.div_(scale).round_().clamp_(-qpos - 1, qpos).mul_(scale)
+    return t
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Asymmetric min/max fake quant of a (out, in) weight in groups of `group` input columns.
+
+    Per group: scale = max(max - min, 1e-5) / (2^bits - 1), zero = clamp(round(-min/scale)),
+    q = clamp(round(w/scale) + zero, 0, 2^bits - 1), out = (q - zero) * scale.
+    `group <= 0` means one group per output row. Returns a new tensor of w's dtype and shape.
+    """
+    check_bits(bits, 1)
+    group = check_weight_groups(w.shape, group)
+    work = w.detach().to(compute_dtype(w.dtype), memory_format=torch.contiguous_format, copy=True)
+    return fake_quant_groups_(work, bits, group).to(w.dtype)
+
+
+def fake_quant_weight_per_channel_sym(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric abs-max fake quant of a (out, in) weight, one scale per output row.
+
+    scale = max(absmax, 1e-5) / (2^(bits-1) - 1), q = clamp(round(w/scale), -2^(bits-1), 2^(bits-1) - 1).
+    """
+    check_bits(bits, 2)
+    if w.dim() != 2:
+        raise VlmquantError(f"weight of shape {tuple(w.shape)} is not 2-D (out, in); only linear weights can be quantized")
+    work = w.detach().to(compute_dtype(w.dtype), copy=True)
+    return fake_quant_sym_rows_(work, bits).to(w.dtype)
+
+
+def fake_quant_act_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric abs-max fake quant of activations (..., C), one scale per token (row of the last dim)."""
+    check_bits(bits, 2)
+    work = x.detach().to(compute_dtype(x.dtype), copy=True)
+    return fake_quant_sym_rows_(work, bits).to(x.dtype)
