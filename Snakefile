@@ -1,0 +1,23 @@
+# vlmquant: modality-balanced quantization of vision-language models.
+# Edit config.yaml, then `snakemake --cores all`. See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/calib.smk"
+include: "rules/inputs.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,5 @@
+from vlmquant.demo.model import build_demo_model
+from vlmquant.workflow import script_logging
+
+with script_logging(snakemake):
+    build_demo_model(snakemake.output[0], family=snakemake.wildcards.family, seed=snakemake.params.seed)

@@ -1,0 +1,137 @@
+"""The model-family adapter: everything the pipeline needs to know about one VLM family.
+
+A family is data plus a few methods: the transformers classes, where the language decoder
+layers live (never the vision tower), the scale groups of a decoder layer, the image
+placeholder token, and how a calibration row becomes processor inputs and masks.
+"""
+import io
+from dataclasses import dataclass
+
+import torch
+import transformers
+from PIL import Image
+
+from vlmquant.errors import VlmquantError
+from vlmquant.models.processing import load_processor
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """One scale search: `prev`'s output is divided by s, the input columns of `linears` multiplied.
+
+    Names are relative to a decoder layer. The loss compares the output of `block`.
+    `ratio` picks the reweight ratio ("attn" or "mlp").
+    """
+    prev: str
+    linears: tuple[str, ...]
+    block: str
+    ratio: str
+
+
+# Llama / Qwen2-style decoder layers (Qwen2-VL, Qwen2.5-VL, LLaVA, LLaVA-OneVision, InternVL-HF).
+LLAMA_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", "attn"),
+    # only where v_proj's output width equals o_proj's input width (no grouped-query attention)
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "attn"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "mlp"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "mlp"),
+)
+
+
+class Adapter:
+    family: str
+    model_class: str  # transformers class name
+    processor_class: str
+    groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS
+    attn_out = "self_attn.o_proj"  # gradients are taken at these outputs
+    mlp_out = "mlp.down_proj"
+    layers_path = "model.language_model.layers"  # decoder layer stack inside the top model
+
+    # --- loading -----------------------------------------------------------------------------
+    def load_model(self, path, dtype=torch.float32, device="cpu", trust_remote_code=False):
+        check_model_folder(path)
+        cls = getattr(transformers, self.model_class)
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(device).eval()
+
+    def load_processor(self, path, trust_remote_code=False):
+        check_model_folder(path)
+        return load_processor(path, getattr(transformers, self.processor_class), trust_remote_code)
+
+    # --- structure ---------------------------------------------------------------------------
+    def layers(self, model) -> torch.nn.ModuleList:
+        return model.get_submodule(self.layers_path)
+
+    def image_token_ids(self, config) -> list[int]:
+        return [config.image_token_id]
+
+    def resolve_groups(self, layer, index=0):
+        """The groups that apply to this layer, checked against its modules."""
+        out = []
+        for g in self.groups:
+            names = (g.prev, *g.linears, g.block)
+            for n in names:
+                try:
+                    layer.get_submodule(n)
+                except AttributeError:
+                    raise VlmquantError(f"{self.family}: decoder layer {index} has no module '{n}'") from None
+            prev = layer.get_submodule(g.prev)
+            if isinstance(prev, torch.nn.Linear):
+                widths = {prev.out_features} | {layer.get_submodule(n).in_features for n in g.linears}
+                if len(widths) > 1:
+                    continue  # e.g. v_proj → o_proj under grouped-query attention
+            out.append(g)
+        return out
+
+    # --- inputs --------------------------------------------------------------------------------
+    def messages(self, turns):
+        return [{"role": t["role"],
+                 "content": [{"type": "image"}] * len(t["images"]) + [{"type": "text", "text": t["text"]}]}
+                for t in turns]
+
+    def encode(self, processor, config, row):
+        """One calibration row → processor tensors (batch dim 1) plus labels and masks, shape (1, T)."""
+        order = [i for t in row["turns"] for i in t["images"]]
+        if order != list(range(len(row["images"]))):
+            raise VlmquantError(f"sample {row['sample_id']}: images must appear in order once each, got {order}")
+        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["images"]]
+        text = processor.apply_chat_template(self.messages(row["turns"]), tokenize=False)
+        enc = dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        ids = enc["input_ids"]
+        vision = torch.isin(ids, torch.tensor(self.image_token_ids(config)))
+        captions = [t["text"] for t in row["turns"] if t["role"] == "assistant"]
+        caption = caption_mask(processor.tokenizer, ids[0], captions, row["sample_id"])[None]
+        enc.update(labels=torch.where(caption, ids, -100), vision_mask=vision, caption_mask=caption)
+        return enc
+
+
+def caption_mask(tokenizer, ids, captions, sample_id):
+    """Mark each caption's tokens, searched in order in `ids`, as True."""
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    ids_list, start = ids.tolist(), 0
+    for text in captions:
+        for candidate in (text, " " + text):
+            toks = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+            pos = find_sublist(ids_list, toks, start)
+            if pos >= 0:
+                break
+        else:
+            raise VlmquantError(f"sample {sample_id}: could not find the caption tokens of {text[:40]!r} in the prompt")
+        mask[pos:pos + len(toks)] = True
+        start = pos + len(toks)
+    return mask
+
+
+def find_sublist(seq, sub, start=0):
+    n = len(sub)
+    for i in range(start, len(seq) - n + 1):
+        if seq[i:i + n] == sub:
+            return i
+    return -1
+
+
+def check_model_folder(path):
+    from pathlib import Path
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise VlmquantError(f"{path}: model folder not found or has no config.json (models.<name>.path in config.yaml)")
