@@ -45,19 +45,20 @@ def fake_quant_groups_(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """In place: asymmetric min/max fake quant of a contiguous (out, in) tensor, groups along in."""
     qmax = 2**bits - 1
     wg = w.view(-1, group)  # (out * in / group, group)
-    hi = wg.amax(dim=1, keepdim=True)
-    lo = wg.amin(dim=1, keepdim=True)
-    scale = (hi - lo).clamp_(min=1e-5).div_(qmax)  # (n_groups, 1)
+    lo, hi = torch.aminmax(wg, dim=1, keepdim=True)  # (n_groups, 1) each
+    scale = (hi - lo).clamp_(min=1e-5).div_(qmax)
     zero = (-lo / scale).round_().clamp_(0, qmax)
-    wg.div_(scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
+    # clamp(round(w/scale) + zero, 0, qmax) - zero, without two passes over w
+    wg.div_(scale).round_().clamp_(-zero, qmax - zero).mul_(scale)
     return w
 
 
 def fake_quant_sym_rows_(t: torch.Tensor, bits: int) -> torch.Tensor:
     """In place: symmetric abs-max fake quant of every row (last dim) of t."""
     qpos = 2 ** (bits - 1) - 1
-    absmax = torch.maximum(t.amax(dim=-1, keepdim=True), t.amin(dim=-1, keepdim=True).neg())
-    scale = absmax.clamp_(min=1e-5).div_(qpos)  # (..., 1)
+    lo, hi = torch.aminmax(t, dim=-1, keepdim=True)
+    absmax = torch.maximum(hi, lo.neg())  # (..., 1)
+    scale = absmax.clamp_(min=1e-5).div_(qpos)
     t.div_(scale).round_().clamp_(-qpos - 1, qpos).mul_(scale)
     return t
 
