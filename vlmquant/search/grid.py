@@ -12,11 +12,11 @@ import torch
 
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import (
-    fake_quant_groups_,
-    fake_quant_sym_rows_,
     check_bits,
     check_weight_groups,
     compute_dtype,
+    fake_quant_groups_,
+    fake_quant_sym_rows_,
 )
 
 
@@ -61,7 +61,7 @@ def group_loss(out_fp: torch.Tensor, out_q: torch.Tensor, masks: dict, loss: str
 class GroupResult:
     scales: torch.Tensor  # (C_in,) fp32, on the linears' device
     alpha: float
-    losses: list  # one per grid point; losses[0] is α = 0 (RTN)
+    losses: list[float]  # one per grid point; losses[0] is α = 0 (RTN)
     best_index: int
 
 
