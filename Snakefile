@@ -15,6 +15,7 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/calib.smk"
 include: "rules/inputs.smk"
+include: "rules/search.smk"
 
 
 rule all:

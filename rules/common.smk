@@ -2,7 +2,7 @@
 import os
 import re
 
-from vlmquant.workflow import check_config, targets
+from vlmquant.workflow import calib_params, check_config, layer_file, n_layers, search_chunks, targets
 
 config = check_config(config, os.path.join(os.path.dirname(workflow.main_snakefile), "workflow/schemas/config.schema.yaml"))
 
@@ -26,7 +26,7 @@ def model_dir(wildcards):
 
 
 def calib_cfg(wildcards):
-    return config["calib"][wildcards.calib]
+    return calib_params(config["calib"][wildcards.calib])
 
 
 def calib_sources(wildcards):
@@ -35,3 +35,33 @@ def calib_sources(wildcards):
     if cfg["format"] == "interleave":
         files["text"] = cfg["text"]
     return files
+
+
+def run_cfg(wildcards):
+    return config["runs"][wildcards.run]
+
+
+def rule_name(model):
+    return re.sub(r"\W", "_", model)
+
+
+def chunk_starts(wildcards):
+    return [a for m, a, _ in search_chunks(config) if m == wildcards.model]
+
+
+def grads_input(wildcards):
+    if config["runs"][wildcards.run]["reweight"]:
+        return f"results/{wildcards.model}/{wildcards.calib}/grads.safetensors"
+    return []
+
+
+def layer_files(wildcards):
+    n = n_layers(config["models"][wildcards.model])
+    return [f"results/{wildcards.model}/{wildcards.calib}/{wildcards.run}/scales/layer_{i:03d}.safetensors"
+            for i in range(n)]
+
+
+def scale_meta(wildcards):
+    """What every scale file of a run records, and what merge checks."""
+    return {"model": wildcards.model, "calib": wildcards.calib, "run": wildcards.run,
+            "run_config": config["runs"][wildcards.run]}

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from vlmquant.demo.data import write_demo_data
+from vlmquant.demo.dataset import write_demo_data
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):

@@ -1,7 +1,9 @@
 """Glue between Snakemake and the library: config checks, targets, script entry points."""
 import contextlib
+import json
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -20,7 +22,11 @@ def check_config(config, schema_path):
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise VlmquantError(f"config: {key}: {error.message}")
     validate(config, str(schema_path), set_default=True)
-    for kind in ("models", "calib"):
+    for name, run in config["runs"].items():
+        if run["method"] == "awq" and run.get("reweight"):
+            raise VlmquantError(f"config: runs.{name}.reweight: awq never reweights; use method mbq")
+        run.setdefault("reweight", run["method"] == "mbq")
+    for kind in ("models", "calib", "runs"):
         for name in config["targets"].get(kind, []):
             if name not in config[kind]:
                 raise VlmquantError(f"config: targets.{kind}: {name!r} is not defined under '{kind}'")
@@ -30,10 +36,48 @@ def check_config(config, schema_path):
     return config
 
 
+def calib_params(cfg):
+    """The calibration settings that affect the Parquet (the text corpus only for interleave)."""
+    unused = () if cfg["format"] == "interleave" else ("text", "interleave_tokens")
+    return {k: v for k, v in cfg.items() if k not in unused}
+
+
 def targets(config):
     """Files `rule all` asks for."""
     t = config["targets"]
-    return [f"results/{m}/{c}/inputs.safetensors" for m in t.get("models", []) for c in t.get("calib", [])]
+    out = []
+    for m in t.get("models", []):
+        for c in t.get("calib", []):
+            out.append(f"results/{m}/{c}/inputs.safetensors")
+            out += [f"results/{m}/{c}/{r}/scale_cache.pt" for r in t.get("runs", [])
+                    if config["runs"][r]["method"] != "rtn"]
+    return out
+
+
+def n_layers(model_cfg):
+    """Decoder layers of a model, from its config.json, or from the demo builder for demo paths."""
+    path = Path(model_cfg["path"])
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        return cfg.get("text_config", cfg)["num_hidden_layers"]
+    if path.parts[:2] == ("results", "demo"):
+        from vlmquant.demo.model import TEXT_CONFIG
+        return TEXT_CONFIG["num_hidden_layers"]
+    raise VlmquantError(f"config: models: {path} has no config.json (model folder missing?)")
+
+
+def search_chunks(config):
+    """(model, first layer, end layer) of every search job."""
+    per_job = config["search"]["layers_per_job"]
+    out = []
+    for name, cfg in config["models"].items():
+        L = n_layers(cfg)
+        out += [(name, a, min(a + per_job, L)) for a in range(0, L, per_job)]
+    return out
+
+
+def layer_file(model, start):
+    return f"results/{model}/{{calib}}/{{run}}/scales/layer_{start:03d}.safetensors"
 
 
 @contextlib.contextmanager

@@ -46,6 +46,8 @@ class Adapter:
     attn_out = "self_attn.o_proj"  # gradients are taken at these outputs
     mlp_out = "mlp.down_proj"
     layers_path = "model.language_model.layers"  # decoder layer stack inside the top model
+    # where checkpoints keep the decoder layers: transformers 5 names first, older layouts after
+    checkpoint_layer_prefixes = ("model.language_model.layers", "model.layers", "language_model.model.layers")
 
     # --- loading -----------------------------------------------------------------------------
     def load_model(self, path, dtype=torch.float32, device="cpu", trust_remote_code=False):

@@ -1,0 +1,90 @@
+# Gradients → boundary activations → layer-chunk scale search → merged scale cache.
+
+
+rule grads:
+    """Modality gradient statistics and reweight ratios (only runs with reweight need them)."""
+    input:
+        inputs="results/{model}/{calib}/inputs.safetensors",
+        model=model_dir,
+    output:
+        "results/{model}/{calib}/grads.safetensors",
+    params:
+        model=model_cfg,
+        device=config["device"],
+        batch_size=config["search"]["grads_batch_size"],
+    resources:
+        gpu=1,
+        mem_mb=config["search"]["mem_mb"],
+    log:
+        "results/logs/{model}/{calib}/grads.log",
+    benchmark:
+        "results/benchmarks/{model}/{calib}/grads.tsv"
+    script:
+        "../scripts/grads.py"
+
+
+rule acts:
+    """fp inputs of the first decoder layer of every search chunk."""
+    input:
+        inputs="results/{model}/{calib}/inputs.safetensors",
+        model=model_dir,
+    output:
+        directory("results/{model}/{calib}/acts"),
+    params:
+        model=model_cfg,
+        device=config["device"],
+        starts=chunk_starts,
+    resources:
+        gpu=1,
+        mem_mb=config["search"]["mem_mb"],
+    log:
+        "results/logs/{model}/{calib}/acts.log",
+    benchmark:
+        "results/benchmarks/{model}/{calib}/acts.tsv"
+    script:
+        "../scripts/acts.py"
+
+
+# One job per chunk of `search.layers_per_job` consecutive layers; chunks are independent.
+for _model, _first, _end in search_chunks(config):
+
+    rule:
+        name:
+            f"search_{rule_name(_model)}_{_first:03d}"
+        input:
+            inputs=f"results/{_model}/{{calib}}/inputs.safetensors",
+            acts=f"results/{_model}/{{calib}}/acts",
+            model=config["models"][_model]["path"],
+            grads=grads_input,
+        output:
+            [layer_file(_model, i) for i in range(_first, _end)],
+        params:
+            model=config["models"][_model],
+            run=run_cfg,
+            layers=list(range(_first, _end)),
+            meta=scale_meta,
+            device=config["device"],
+        resources:
+            gpu=1,
+            mem_mb=config["search"]["mem_mb"],
+        log:
+            f"results/logs/{_model}/{{calib}}/{{run}}/search_{_first:03d}.log",
+        benchmark:
+            f"results/benchmarks/{_model}/{{calib}}/{{run}}/search_{_first:03d}.tsv"
+        script:
+            "../scripts/search.py"
+
+
+rule merge:
+    """All layer files of a run → scale_cache.pt and a table of chosen α and losses."""
+    input:
+        layer_files,
+    output:
+        cache="results/{model}/{calib}/{run}/scale_cache.pt",
+        table="results/{model}/{calib}/{run}/search.parquet",
+    params:
+        expect=scale_meta,
+    log:
+        "results/logs/{model}/{calib}/{run}/merge.log",
+    script:
+        "../scripts/merge.py"

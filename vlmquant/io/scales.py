@@ -1,0 +1,75 @@
+"""Per-layer scale files and the merged scale cache.
+
+Layer file (safetensors): `scale.{k}` (C_in,) fp32 per group k, `alpha` (G,), `losses` (G, n_grid);
+metadata: layer index, model, run settings and the group names.
+Scale cache (torch.save, loads with weights_only=True):
+  {"scale": [(prev_op_name, (linear names…), scales_fp32), …], "meta": {...}}
+with names relative to the decoder-layer stack (`layers.{i}.…`).
+"""
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vlmquant.errors import VlmquantError
+from vlmquant.io.atomic import atomic_path
+from vlmquant.io.provenance import dumps
+
+
+def save_layer(path, index, groups, results, ratios, meta):
+    """Write one layer's search results. groups: ScaleGroups; results: GroupResults; ratios: per group or None."""
+    tensors = {f"scale.{k}": r.scales.detach().float().cpu().contiguous() for k, r in enumerate(results)}
+    tensors["alpha"] = torch.tensor([r.alpha for r in results], dtype=torch.float32)
+    tensors["losses"] = torch.tensor([r.losses for r in results], dtype=torch.float32)
+    info = {**meta, "layer": index,
+            "groups": [{"prev": g.prev, "linears": list(g.linears), "block": g.block, "ratio": ratio}
+                       for g, ratio in zip(groups, ratios)]}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"vlmquant": dumps(info)})
+
+
+def load_layer(path):
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["vlmquant"])
+    except (OSError, KeyError, json.JSONDecodeError, Exception) as e:
+        raise VlmquantError(f"{path}: not a scale file ({type(e).__name__}: {e})") from None
+
+
+def merge(layer_paths, cache_path, table_path, expect):
+    """Check every layer file against `expect` (model, run settings…), write the cache and a table."""
+    entries, rows = [], []
+    for want, path in enumerate(layer_paths):
+        tensors, info = load_layer(path)
+        for key, value in expect.items():
+            if info.get(key) != value:
+                raise VlmquantError(f"{path}: scale file is for {key}={info.get(key)!r}, expected {value!r} "
+                                    "(from another model or run; delete it and rerun)")
+        if info["layer"] != want:
+            raise VlmquantError(f"{path}: holds layer {info['layer']}, expected layer {want}")
+        for k, g in enumerate(info["groups"]):
+            prefix = f"layers.{want}."
+            entries.append((prefix + g["prev"], tuple(prefix + n for n in g["linears"]), tensors[f"scale.{k}"]))
+            losses = tensors["losses"][k]
+            best = int(round(float(tensors["alpha"][k]) * losses.numel()))
+            rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]),
+                         "alpha": float(tensors["alpha"][k]), "loss": float(losses[best]),
+                         "rtn_loss": float(losses[0]), "ratio": g["ratio"]})
+    cache = {"scale": entries, "meta": {**expect, "n_layers": len(layer_paths)}}
+    buf = io.BytesIO()  # via a buffer: torch.save names the archive after the file, which is temporary
+    torch.save(cache, buf)
+    with atomic_path(cache_path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    with atomic_path(table_path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+
+
+def load_cache(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VlmquantError(f"{path}: not a scale cache ({type(e).__name__}: {e})") from None

@@ -1,0 +1,97 @@
+"""Load only the tensors a job needs from a model folder's safetensors files.
+
+The model is built on the meta device (no memory), then chosen submodules are moved to the
+target device and filled from the checkpoint, tensor by tensor.
+"""
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from vlmquant.errors import VlmquantError
+from vlmquant.models.base import check_model_folder
+
+
+def resolve_dtype(name, device):
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name):
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VlmquantError("config: device is 'cuda' but no CUDA GPU is visible")
+    return name
+
+
+class Checkpoint:
+    """Tensor name → file index of a model folder (single file or sharded with an index json)."""
+
+    def __init__(self, path):
+        check_model_folder(path)
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                self.files = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise VlmquantError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+    def find_prefix(self, candidates):
+        """The first candidate prefix under which the checkpoint has tensors."""
+        for p in candidates:
+            if any(k.startswith(p + ".") for k in self.files):
+                return p
+        raise VlmquantError(f"{self.path}: no tensors under any of {', '.join(candidates)}")
+
+    def load_into(self, module, prefix, device, dtype):
+        """Fill `module` (on meta or any device) with the tensors under `prefix.` of the checkpoint."""
+        module.to_empty(device=device)
+        names = dict(module.named_parameters()) | dict(module.named_buffers())
+        by_file = {}
+        for name in names:
+            key = f"{prefix}.{name}"
+            if key not in self.files:
+                raise VlmquantError(f"{self.path}: tensor {key} not found in the checkpoint")
+            by_file.setdefault(self.files[key], []).append(name)
+        with torch.no_grad():
+            for file, keys in by_file.items():
+                with safe_open(self.path / file, "pt", device=str(device)) as f:
+                    for name in keys:
+                        t = f.get_tensor(f"{prefix}.{name}")
+                        target = names[name]
+                        if t.shape != target.shape:
+                            raise VlmquantError(f"{self.path}: {prefix}.{name} has shape {tuple(t.shape)}, "
+                                                f"the model expects {tuple(target.shape)}")
+                        target.copy_(t.to(dtype if t.is_floating_point() else t.dtype))
+        return module
+
+
+def meta_model(adapter, path, trust_remote_code=False):
+    """The full model on the meta device: structure and config, no memory."""
+    check_model_folder(path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = getattr(transformers, adapter.model_class)
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    return model.eval()
+
+
+def load_layers(adapter, path, indices, device, dtype, trust_remote_code=False):
+    """{index: decoder layer with weights} for the given indices only."""
+    model = meta_model(adapter, path, trust_remote_code)
+    layers = adapter.layers(model)
+    ckpt = Checkpoint(path)
+    prefix = ckpt.find_prefix(adapter.checkpoint_layer_prefixes)
+    out = {}
+    for i in indices:
+        if not 0 <= i < len(layers):
+            raise VlmquantError(f"{path}: layer {i} requested, the model has {len(layers)} decoder layers")
+        out[i] = ckpt.load_into(layers[i], f"{prefix}.{i}", device, dtype).eval()
+    return out

@@ -1,0 +1,58 @@
+"""Search all scale groups of one decoder layer on its fp inputs.
+
+One fp forward of the layer, with hooks, records every group's linear inputs and its
+block's inputs and output. Each group is then searched from the layer's fp weights
+(groups are independent); the layer's fp output is the next layer's input.
+"""
+import torch
+
+from vlmquant.search.capture import layer_forward
+from vlmquant.search.grid import search_group
+
+
+@torch.no_grad()
+def record_layer(layer, groups, hidden, kwargs):
+    """fp forward with hooks → (next hidden, {group index: (x, block args, block kwargs, fp out)})."""
+    records, handles = {}, []
+    for gi, g in enumerate(groups):
+        rec = records.setdefault(gi, {})
+
+        def linear_hook(module, args, rec=rec):
+            rec["x"] = args[0]
+
+        def block_hook(module, args, kwargs, output, rec=rec):
+            rec["args"], rec["kwargs"] = args, kwargs
+            rec["out"] = output[0] if isinstance(output, tuple) else output
+
+        handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(linear_hook))
+        handles.append(layer.get_submodule(g.block).register_forward_hook(block_hook, with_kwargs=True))
+    try:
+        out = layer_forward(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, records
+
+
+def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
+    """Search every group of `layer`. Returns (results per group, fp output of the layer).
+
+    run: dict with w_bit, w_group, n_grid, loss, reweight, a_bit (None for weight-only).
+    ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None.
+    """
+    out, records = record_layer(layer, groups, hidden, kwargs)
+    results = []
+    for gi, g in enumerate(groups):
+        rec = records[gi]
+        block = layer.get_submodule(g.block)
+
+        def forward(block=block, rec=rec):
+            o = block(*rec["args"], **rec["kwargs"])
+            return o[0] if isinstance(o, tuple) else o
+
+        results.append(search_group(
+            rec["x"], [layer.get_submodule(n) for n in g.linears], forward, rec["out"], masks,
+            w_bit=run["w_bit"], w_group=run["w_group"], n_grid=run["n_grid"], loss=run["loss"],
+            ratio=ratios[g.ratio] if ratios else None, act_bits=run.get("a_bit")))
+        del records[gi]
+    return results, out

@@ -1,0 +1,128 @@
+"""Stage entry points of the search: gradients, boundary activations, layer-chunk search, merge."""
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vlmquant.errors import VlmquantError
+from vlmquant.io import ragged, scales
+from vlmquant.io.atomic import atomic_path
+from vlmquant.io.provenance import dumps, package_versions, sha256_file
+from vlmquant.models import get_adapter
+from vlmquant.models.loading import load_layers, resolve_device, resolve_dtype
+from vlmquant.quant.fake import check_weight_groups
+from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples,
+                                     save_layer_inputs, token_masks)
+from vlmquant.search.grads import gradient_stats, reweight_ratios
+from vlmquant.search.layer import search_layer
+
+log = logging.getLogger(__name__)
+
+
+def _setup(model_cfg, device):
+    device = resolve_device(device)
+    return get_adapter(model_cfg["family"]), device, resolve_dtype(model_cfg.get("dtype"), device)
+
+
+def _load_model(adapter, model_cfg, device, dtype):
+    return adapter.load_model(model_cfg["path"], dtype, device, model_cfg.get("trust_remote_code", False))
+
+
+def check_finite(t, what):
+    if not torch.isfinite(t).all():
+        raise VlmquantError(f"non-finite values (NaN/Inf) in {what}")
+
+
+# --- grads ------------------------------------------------------------------------------------
+def run_grads(model_cfg, inputs_path, out_path, device="auto", batch_size=4):
+    adapter, device, dtype = _setup(model_cfg, device)
+    model = _load_model(adapter, model_cfg, device, dtype)
+    samples, _ = load_samples(inputs_path)
+    stats, counts = gradient_stats(model, adapter, samples, device, dtype, batch_size)
+    ratios = reweight_ratios(stats)
+    tensors = {f"{site}.{k}": v.contiguous() for site, d in stats.items() for k, v in d.items()}
+    tensors.update({f"{site}.ratio": r.contiguous() for site, r in ratios.items()})
+    meta = {"inputs_sha256": sha256_file(inputs_path), "counts": counts, "n_samples": len(samples),
+            "packages": package_versions()}
+    with atomic_path(out_path) as tmp:
+        save_file(tensors, tmp, metadata={"vlmquant": dumps(meta)})
+
+
+def load_ratios(grads_path):
+    with safe_open(grads_path, "pt") as f:
+        return {site: f.get_tensor(f"{site}.ratio") for site in ("attn", "mlp")}
+
+
+# --- boundary activations -----------------------------------------------------------------------
+@torch.no_grad()
+def run_acts(model_cfg, inputs_path, starts, out_paths, device="auto"):
+    """fp inputs of the decoder layers in `starts` (the first layer of each search chunk)."""
+    adapter, device, dtype = _setup(model_cfg, device)
+    model = _load_model(adapter, model_cfg, device, dtype)
+    samples, _ = load_samples(inputs_path)
+    layers = adapter.layers(model)
+    hidden, kwargs = capture_layer_inputs(model, layers, ragged.collate(samples), device, dtype)
+    meta = {"inputs_sha256": sha256_file(inputs_path)}
+    todo = dict(zip(starts, out_paths))
+    for i in tqdm(range(max(starts) + 1), desc="acts", unit="layer"):
+        check_finite(hidden, f"the input activations of decoder layer {i}")
+        if i in todo:
+            save_layer_inputs(todo[i], hidden, kwargs, {**meta, "layer": i})
+        hidden = layer_forward(layers[i], hidden, kwargs)
+
+
+# --- search -----------------------------------------------------------------------------------
+def run_search(model_cfg, run, inputs_path, acts_path, grads_path, layer_ids, out_paths, meta, device="auto"):
+    """Search the consecutive decoder layers `layer_ids`, writing one scale file per layer."""
+    adapter, device, dtype = _setup(model_cfg, device)
+    samples, _ = load_samples(inputs_path)
+    masks = token_masks(ragged.collate(samples), device)
+    hidden, kwargs, info = load_layer_inputs(acts_path, device, dtype)
+    if info["layer"] != layer_ids[0]:
+        raise VlmquantError(f"{acts_path}: holds the inputs of layer {info['layer']}, expected {layer_ids[0]}")
+    ratios = load_ratios(grads_path) if run["reweight"] else None
+    layers = load_layers(adapter, model_cfg["path"], layer_ids, device, dtype, model_cfg.get("trust_remote_code", False))
+    plan = {}
+    for i in layer_ids:  # every check before any search work
+        groups = adapter.resolve_groups(layers[i], i)
+        for g in groups:
+            for name in g.linears:
+                w = layers[i].get_submodule(name).weight
+                try:
+                    check_weight_groups(tuple(w.shape), run["w_group"])
+                except VlmquantError as e:
+                    raise VlmquantError(f"decoder layer {i} {name}: {e}") from None
+        plan[i] = groups
+    for i, path in tqdm(list(zip(layer_ids, out_paths)), desc="search", unit="layer"):
+        check_finite(hidden, f"the input activations of decoder layer {i}")
+        groups = plan[i]
+        layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
+        results, hidden = search_layer(layers.pop(i), groups, hidden, kwargs, masks, run, layer_ratios)
+        for g, r in zip(groups, results):
+            if not torch.isfinite(torch.tensor(r.losses[0])):
+                raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
+        scales.save_layer(path, i, groups, results,
+                          [layer_ratios[g.ratio] if layer_ratios else None for g in groups], meta)
+
+
+# --- merge ------------------------------------------------------------------------------------
+def run_merge(layer_paths, cache_path, table_path, expect):
+    scales.merge(layer_paths, cache_path, table_path, expect)
+
+
+def read_meta(path):
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["vlmquant"])
+
+
+def chunk_starts(n_layers, layers_per_job):
+    return list(range(0, n_layers, layers_per_job))
+
+
+def n_layers_of(model_path):
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    return cfg.get("text_config", cfg)["num_hidden_layers"]
