@@ -49,10 +49,15 @@ def chunk_starts(wildcards):
     return [a for m, a, _ in search_chunks(config) if m == wildcards.model]
 
 
-def grads_input(wildcards):
-    if config["runs"][wildcards.run]["reweight"]:
-        return f"results/{wildcards.model}/{wildcards.calib}/grads.safetensors"
-    return []
+def grads_input(model):
+    """Input function of a search job of `model`: the gradients, for runs that reweight."""
+
+    def grads(wildcards):
+        if config["runs"][wildcards.run]["reweight"]:
+            return f"results/{model}/{wildcards.calib}/grads.safetensors"
+        return []
+
+    return grads
 
 
 def layer_files(wildcards):
@@ -61,7 +66,15 @@ def layer_files(wildcards):
             for i in range(n)]
 
 
-def scale_meta(wildcards):
-    """What every scale file of a run records, and what merge checks."""
-    return {"model": wildcards.model, "calib": wildcards.calib, "run": wildcards.run,
-            "run_config": config["runs"][wildcards.run]}
+def scale_meta(model):
+    """Param function: what every scale file of a run of `model` records, and what merge checks."""
+
+    def meta(wildcards):
+        return {"model": model, "calib": wildcards.calib, "run": wildcards.run,
+                "run_config": config["runs"][wildcards.run]}
+
+    return meta
+
+
+def merge_meta(wildcards):
+    return scale_meta(wildcards.model)(wildcards)

@@ -55,14 +55,14 @@ for _model, _first, _end in search_chunks(config):
             inputs=f"results/{_model}/{{calib}}/inputs.safetensors",
             acts=f"results/{_model}/{{calib}}/acts",
             model=config["models"][_model]["path"],
-            grads=grads_input,
+            grads=grads_input(_model),
         output:
             [layer_file(_model, i) for i in range(_first, _end)],
         params:
             model=config["models"][_model],
             run=run_cfg,
             layers=list(range(_first, _end)),
-            meta=scale_meta,
+            meta=scale_meta(_model),
             device=config["device"],
         resources:
             gpu=1,
@@ -83,7 +83,7 @@ rule merge:
         cache="results/{model}/{calib}/{run}/scale_cache.pt",
         table="results/{model}/{calib}/{run}/search.parquet",
     params:
-        expect=scale_meta,
+        expect=merge_meta,
     log:
         "results/logs/{model}/{calib}/{run}/merge.log",
     script:

@@ -61,8 +61,8 @@ def n_layers(model_cfg):
         cfg = json.loads((path / "config.json").read_text())
         return cfg.get("text_config", cfg)["num_hidden_layers"]
     if path.parts[:2] == ("results", "demo"):
-        from vlmquant.demo.model import TEXT_CONFIG
-        return TEXT_CONFIG["num_hidden_layers"]
+        from vlmquant.demo.model import TEXT_SIZES
+        return TEXT_SIZES["num_hidden_layers"]
     raise VlmquantError(f"config: models: {path} has no config.json (model folder missing?)")
 
 

@@ -1,0 +1,56 @@
+"""Whole-model operations: fold a scale cache into a model, fake-quantize its decoder linears."""
+import torch
+
+from vlmquant.errors import VlmquantError
+from vlmquant.quant.fake import fake_quant_weight, fake_quant_weight_per_channel_sym
+from vlmquant.search.apply import scale_linear_into_linears, scale_norm_into_linears
+
+
+def layer_root(model, adapter):
+    """The module whose `layers` attribute is the decoder stack (cache names are relative to it)."""
+    return model.get_submodule(adapter.layers_path.rsplit(".", 1)[0])
+
+
+def _module(root, name, source):
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        raise VlmquantError(f"{source}: module {name} does not exist in this model") from None
+
+
+@torch.no_grad()
+def apply_scale_cache(model, adapter, cache, source="scale cache"):
+    """Fold every (prev, linears, s) of the cache into the model; fp function unchanged."""
+    root = layer_root(model, adapter)
+    for prev_name, linear_names, s in cache["scale"]:
+        prev = _module(root, prev_name, source)
+        linears = [_module(root, n, source) for n in linear_names]
+        for n, lin in zip(linear_names, linears):
+            if lin.weight.shape[1] != s.numel():
+                raise VlmquantError(f"{source}: {n} has {lin.weight.shape[1]} input channels, "
+                                    f"the cache has {s.numel()} scales (cache from another model?)")
+        if isinstance(prev, torch.nn.Linear):
+            scale_linear_into_linears(prev, linears, s)
+        else:
+            scale_norm_into_linears(prev, linears, s)
+
+
+def decoder_linears(model, adapter, ignore=()):
+    """(name relative to the layer root, module) of every nn.Linear in the decoder layers, minus `ignore`."""
+    root = layer_root(model, adapter)
+    out = []
+    for name, module in root.named_modules():
+        if name.startswith("layers.") and isinstance(module, torch.nn.Linear):
+            if not any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in ignore):
+                out.append((name, module))
+    return out
+
+
+@torch.no_grad()
+def pseudo_quantize(model, adapter, run, ignore=()):
+    """Replace every decoder-layer linear weight with its fake-quantized value."""
+    for _, lin in decoder_linears(model, adapter, ignore):
+        if run.get("a_bit"):
+            lin.weight.copy_(fake_quant_weight_per_channel_sym(lin.weight, run["w_bit"]))
+        else:
+            lin.weight.copy_(fake_quant_weight(lin.weight, run["w_bit"], run["w_group"]))
