@@ -1,0 +1,113 @@
+"""Shared fixtures: the demo data and model built once per session, and Snakemake workdirs."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "workflow", "config.yaml")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """results/demo as the demo rules build it: data/ and model-qwen2_vl/."""
+    from vlmquant.demo.dataset import write_demo_data
+    from vlmquant.demo.model import build_demo_model
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(root / "data")
+    build_demo_model(root / "model-qwen2_vl", family="qwen2_vl", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(demo_root):
+    return demo_root / "model-qwen2_vl"
+
+
+@pytest.fixture(scope="session")
+def demo_data(demo_root):
+    return demo_root / "data"
+
+
+class Workdir:
+    """A copy of the workflow in a temporary folder, with the demo prebuilt under results/demo."""
+
+    def __init__(self, path, demo_root):
+        self.path = Path(path)
+        for name in WORKFLOW_FILES:
+            src = REPO / name
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, self.path / name)
+        if demo_root is not None:
+            shutil.copytree(demo_root, self.path / "results" / "demo")
+
+    @property
+    def config(self):
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def set_config(self, cfg):
+        (self.path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def edit(self, fn):
+        cfg = self.config
+        fn(cfg)
+        self.set_config(cfg)
+
+    def snakemake(self, *args, check=True, **popen):
+        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+        res = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, env=test_env())
+        if check and res.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
+        return res
+
+    def planned(self, *targets):
+        """{rule: job count} that `snakemake -n` would run for the targets."""
+        res = self.snakemake("-n", *targets)
+        return parse_job_stats(res.stdout + res.stderr)
+
+    def file(self, rel):
+        return self.path / rel
+
+
+def test_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def parse_job_stats(text):
+    """Parse Snakemake's 'Job stats' table into {rule: count}; {} when nothing is to be done."""
+    if "Nothing to be done" in text:
+        return {}
+    jobs, in_table = {}, False
+    for line in text.splitlines():
+        if line.startswith("job") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+            if m and m.group(1) != "total":
+                jobs[m.group(1)] = int(m.group(2))
+            elif line.strip().startswith("total"):
+                break
+    return jobs
+
+
+@pytest.fixture
+def workdir(tmp_path, demo_root):
+    return Workdir(tmp_path, demo_root)

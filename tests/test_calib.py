@@ -1,0 +1,157 @@
+"""Calibration readers, deterministic sampling, formats, and bad input."""
+import json
+import shutil
+
+import pytest
+
+from vlmquant.data.calib import build_calib, calib_metadata, read_calib, sample_rows
+from vlmquant.data.readers import read_coco_captions, read_sharegpt, read_text_corpus
+from vlmquant.errors import VlmquantError
+
+
+def coco_cfg(data, **kw):
+    cfg = {"source": "coco", "captions": str(data / "captions_train.json"), "images": str(data / "images"),
+           "text": str(data / "text.jsonl"), "n_samples": 4, "seed": 0, "format": "plain",
+           "prompt": "Describe this image.", "interleave_tokens": 64}
+    cfg.update(kw)
+    return cfg
+
+
+def test_coco_reader_groups_captions_by_image(demo_data):
+    raw = json.loads((demo_data / "captions_train.json").read_text())
+    recs = read_coco_captions(demo_data / "captions_train.json", "p")
+    assert len(recs) == len(raw["images"])
+    by_id = {str(i["id"]): i["file_name"] for i in raw["images"]}
+    n_caps = sum(len(c) for _, _, c in recs)
+    assert n_caps == len(raw["annotations"])
+    for image_id, file_name, caps in recs:
+        assert by_id[image_id] == file_name and len(caps) >= 2
+
+
+def test_sharegpt_reader(tmp_path):
+    rows = [{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Grey."}]},
+        {"id": "b", "image": "y.png", "conversations": [
+            {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A dog."}]}]
+    path = tmp_path / "conv.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    a, b = read_sharegpt(path)
+    assert [t.role for t in a.turns] == ["user", "assistant", "user", "assistant"]
+    assert a.turns[0].text == "What is this?" and a.turns[0].images == (0,)
+    assert a.turns[2].images == ()
+    assert b.turns[0].images == (0,)  # no placeholder: the image goes before the first human turn
+    assert read_sharegpt(tmp_path / "conv.jsonl")[0].file_names == ("x.png",)
+
+
+def test_text_corpus(demo_data):
+    paragraphs = read_text_corpus(demo_data / "text.jsonl")
+    assert len(paragraphs) >= 40 and all(isinstance(p, str) and p for p in paragraphs)
+
+
+def test_sampling_is_deterministic_and_seeded(demo_data):
+    a = sample_rows(coco_cfg(demo_data))
+    b = sample_rows(coco_cfg(demo_data))
+    c = sample_rows(coco_cfg(demo_data, seed=1))
+    assert a == b
+    assert [s.sample_id for s in a] != [s.sample_id for s in c]
+    assert len({s.image_ids for s in a}) == 4  # distinct images
+
+
+def test_formats(demo_data):
+    plain = sample_rows(coco_cfg(demo_data, format="plain"))
+    few = sample_rows(coco_cfg(demo_data, format="few_shot"))
+    inter = sample_rows(coco_cfg(demo_data, format="interleave", interleave_tokens=50))
+    assert all(len(s.file_names) == 1 and len(s.turns) == 2 for s in plain)
+    for s in few:
+        assert len(s.file_names) == 2 and len(set(s.file_names)) == 2
+        assert [t.role for t in s.turns] == ["user", "assistant", "user", "assistant"]
+        assert [t.images for t in s.turns] == [(0,), (), (1,), ()]
+    for s in inter:
+        assert [t.role for t in s.turns] == ["user", "assistant", "user", "user", "assistant"]
+        middle = s.turns[2]
+        assert middle.images == () and len(middle.text.split()) == 50
+
+
+def test_parquet_columns_metadata_and_bytes(demo_data, tmp_path):
+    out = tmp_path / "c.parquet"
+    build_calib(coco_cfg(demo_data), out)
+    rows = read_calib(out)
+    assert len(rows) == 4
+    r = rows[0]
+    assert set(r) >= {"sample_id", "image_ids", "file_names", "images", "image_sha256", "turns"}
+    assert r["images"][0] == (demo_data / "images" / r["file_names"][0]).read_bytes()
+    import hashlib
+    assert r["image_sha256"][0] == hashlib.sha256(r["images"][0]).hexdigest()
+    meta = calib_metadata(out)
+    assert meta["config"]["n_samples"] == 4
+    assert str(demo_data / "captions_train.json") in meta["sources"]
+    assert "torch" in meta["packages"]
+    out2 = tmp_path / "c2.parquet"
+    build_calib(coco_cfg(demo_data), out2)
+    assert out.read_bytes() == out2.read_bytes()
+
+
+# --- bad input: one line naming the file and field, no output left behind -------------------
+def bad_copy(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    return data
+
+
+def expect_error(cfg, tmp_path, *needles):
+    out = tmp_path / "out.parquet"
+    with pytest.raises(VlmquantError) as e:
+        build_calib(cfg, out)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.parquet")]  # no temp file either
+    return msg
+
+
+def all_images_cfg(data):
+    n = len(json.loads((data / "captions_train.json").read_text())["images"])
+    return coco_cfg(data, n_samples=n)
+
+
+def test_missing_image(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    victim = json.loads((data / "captions_train.json").read_text())["images"][0]["file_name"]
+    (data / "images" / victim).unlink()
+    expect_error(all_images_cfg(data), tmp_path, victim, "not found")
+
+
+def test_corrupt_image(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    victim = json.loads((data / "captions_train.json").read_text())["images"][0]["file_name"]
+    (data / "images" / victim).write_bytes(b"this is not an image")
+    expect_error(all_images_cfg(data), tmp_path, victim, "not a readable image")
+
+
+def test_malformed_captions_json(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    (data / "captions_train.json").write_text('{"images": [')
+    expect_error(coco_cfg(data), tmp_path, "captions_train.json", "not valid JSON")
+    (data / "captions_train.json").write_text('{"images": [{"id": 1}], "annotations": []}')
+    expect_error(coco_cfg(data), tmp_path, "captions_train.json", "images[0]", "file_name")
+
+
+def test_image_without_caption(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    raw = json.loads((data / "captions_train.json").read_text())
+    first = raw["images"][0]
+    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] != first["id"]]
+    (data / "captions_train.json").write_text(json.dumps(raw))
+    expect_error(coco_cfg(data), tmp_path, "captions_train.json", first["file_name"], "no caption")
+
+
+def test_too_many_samples(demo_data, tmp_path):
+    expect_error(coco_cfg(demo_data, n_samples=1000), tmp_path, "n_samples 1000", "captions_train.json")
+    expect_error(coco_cfg(demo_data, n_samples=10, format="few_shot"), tmp_path, "needs 20")
+
+
+def test_unknown_format(demo_data, tmp_path):
+    expect_error(coco_cfg(demo_data, format="fewshot"), tmp_path, "unknown format 'fewshot'")

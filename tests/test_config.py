@@ -1,0 +1,56 @@
+"""Config validation: schema errors name the key; defaults are filled; names are cross-checked."""
+import copy
+
+import pytest
+import yaml
+
+from vlmquant.errors import VlmquantError
+from vlmquant.workflow import calib_params, check_config, targets
+
+from conftest import REPO
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+@pytest.fixture
+def cfg():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def check(cfg):
+    return check_config(copy.deepcopy(cfg), SCHEMA)
+
+
+def test_default_config_is_valid_and_filled(cfg):
+    out = check(cfg)
+    assert out["device"] == "auto"
+    assert out["calib"]["demo"]["prompt"] == "Describe this image."
+    assert out["runs"]["mbq-w3g128"]["reweight"] is True
+    assert out["runs"]["awq-w3g128"]["reweight"] is False
+    assert out["runs"]["mbq-w3g128"]["n_grid"] == 20
+    assert targets(out)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["calib"]["demo"].update(n_samples="x"), "calib.demo.n_samples: 'x' is not of type 'integer'"),
+    (lambda c: c["calib"]["demo"].update(sed=1), "calib.demo: Additional properties are not allowed ('sed'"),
+    (lambda c: c["calib"]["demo"].update(format="fewshot"), "calib.demo.format: 'fewshot' is not one of"),
+    (lambda c: c["models"]["demo-qwen2vl"].update(family="gpt5"), "models.demo-qwen2vl.family: 'gpt5' is not one of"),
+    (lambda c: c.update(devise="cpu"), "Additional properties are not allowed ('devise'"),
+    (lambda c: c["runs"]["mbq-w3g128"].update(w_bit=1), "runs.mbq-w3g128.w_bit: 1 is less than the minimum"),
+    (lambda c: c["targets"].update(models=["nope"]), "targets.models: 'nope' is not defined"),
+    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: awq never reweights"),
+])
+def test_bad_config_names_the_key(cfg, edit, needle):
+    edit(cfg)
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_calib_params_drop_unused_corpus(cfg):
+    out = check(cfg)
+    assert "text" not in calib_params(out["calib"]["demo"])
+    out["calib"]["demo"]["format"] = "interleave"
+    assert "text" in calib_params(out["calib"]["demo"])
