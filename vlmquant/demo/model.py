@@ -161,8 +161,7 @@ def llava():
     tokenizer = make_tokenizer(("<s>", "</s>", "<pad>", "<image>"), bos="<s>", eos="</s>", pad="<pad>")
     # LLaVA-1.5: CLIP features of the second-to-last layer without CLS, 112/14 = 8x8 = 64 tokens
     config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**VISION_SIZES, image_size=112, patch_size=14,
-                                                    projection_dim=64),
+        vision_config=transformers.CLIPVisionConfig(**VISION_SIZES, image_size=112, patch_size=14),
         text_config=transformers.LlamaConfig(
             vocab_size=len(tokenizer), **TEXT_SIZES, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
