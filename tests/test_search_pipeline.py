@@ -1,0 +1,162 @@
+"""Search stages on the demo model, called as library functions (no Snakemake)."""
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmquant.data.calib import build_calib
+from vlmquant.data.inputs import build_inputs
+from vlmquant.errors import VlmquantError
+from vlmquant.io import ragged
+from vlmquant.io.scales import load_cache
+from vlmquant.models import get_adapter
+from vlmquant.quant.model import apply_scale_cache
+from vlmquant.search import pipeline as P
+from vlmquant.search.capture import load_samples, model_inputs
+from vlmquant.search.grads import gradient_stats
+
+from test_calib import coco_cfg
+
+RUN = {"method": "mbq", "w_bit": 3, "w_group": 128, "reweight": True, "loss": "mae", "n_grid": 20}
+META = {"model": "demo", "calib": "demo", "run": "mbq", "run_config": RUN}
+
+
+@pytest.fixture(scope="module")
+def staged(demo_data, demo_model_path, tmp_path_factory):
+    """inputs, grads and boundary activations of every layer for a 4-sample calibration set."""
+    d = tmp_path_factory.mktemp("search")
+    model = {"family": "qwen2_vl", "path": str(demo_model_path), "dtype": "float32"}
+    build_calib(coco_cfg(demo_data, n_samples=4), d / "calib.parquet")
+    build_inputs(d / "calib.parquet", model, d / "inputs.safetensors")
+    P.run_grads(model, d / "inputs.safetensors", d / "grads.safetensors", device="cpu")
+    P.run_acts(model, d / "inputs.safetensors", [0, 1, 2, 3], [d / f"acts{i}.safetensors" for i in range(4)], device="cpu")
+    return d, model
+
+
+def search_all(staged, out, per_job, run=RUN, meta=META):
+    d, model = staged
+    files = [out / f"layer_{i:03d}.safetensors" for i in range(4)]
+    for a in range(0, 4, per_job):
+        ids = list(range(a, min(a + per_job, 4)))
+        P.run_search(model, run, d / "inputs.safetensors", d / f"acts{a}.safetensors",
+                     d / "grads.safetensors" if run["reweight"] else None, ids, [files[i] for i in ids], meta, device="cpu")
+    P.run_merge(files, out / "cache.pt", out / "search.parquet", meta)
+    return out / "cache.pt"
+
+
+@pytest.fixture(scope="module")
+def merged(staged, tmp_path_factory):
+    return search_all(staged, tmp_path_factory.mktemp("all"), per_job=4)
+
+
+def test_chunking_does_not_change_the_cache(staged, merged, tmp_path):
+    assert search_all(staged, tmp_path, per_job=1).read_bytes() == merged.read_bytes()
+
+
+def test_cache_format_and_search_never_loses_to_rtn(merged):
+    cache = load_cache(merged)  # weights_only=True
+    assert len(cache["scale"]) == 4 * 4  # 4 layers x 4 groups (MHA: v_proj → o_proj applies)
+    prev, linears, s = cache["scale"][0]
+    assert prev == "layers.0.input_layernorm"
+    assert linears == ("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj")
+    assert s.dtype == torch.float32 and s.shape == (256,) and (s > 0).all()
+    table = pd.read_parquet(merged.parent / "search.parquet")
+    assert len(table) == 16
+    assert (table["loss"] <= table["rtn_loss"]).all()
+    assert (table["alpha"] > 0).any()  # the search found something better than RTN somewhere
+    assert (table.loc[table["alpha"] > 0, "loss"] < table.loc[table["alpha"] > 0, "rtn_loss"]).all()
+
+
+def test_applied_scales_leave_fp_logits_unchanged(staged, merged):
+    d, model_cfg = staged
+    adapter = get_adapter("qwen2_vl")
+    model = adapter.load_model(model_cfg["path"])
+    samples, _ = load_samples(d / "inputs.safetensors")
+    batch = model_inputs(ragged.collate(samples), "cpu", torch.float32)
+    with torch.no_grad():
+        before = model(**batch).logits
+        apply_scale_cache(model, adapter, load_cache(merged))
+        after = model(**batch).logits
+    rel = ((after - before).abs().max() / before.abs().max()).item()
+    assert rel <= 1e-3
+    assert any(not torch.allclose(s, torch.ones_like(s)) for _, _, s in load_cache(merged)["scale"])
+
+
+def test_gradient_stats_equal_direct_autograd(staged):
+    d, model_cfg = staged
+    adapter = get_adapter("qwen2_vl")
+    model = adapter.load_model(model_cfg["path"])
+    samples, _ = load_samples(d / "inputs.safetensors")
+    one = samples[:1]
+    stats, counts = gradient_stats(model, adapter, one, "cpu", torch.float32, batch_size=1)
+
+    # direct: the model's own loss with labels = caption tokens, retain_grad on the outputs
+    model = adapter.load_model(model_cfg["path"])
+    batch = ragged.collate(one)
+    outs = {}
+
+    def keep(key):
+        def hook(module, args, output):
+            output.retain_grad()
+            outs[key] = output
+        return hook
+
+    for i, layer in enumerate(adapter.layers(model)):
+        for site, name in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
+            layer.get_submodule(name).register_forward_hook(keep((site, i)))
+    loss = model(**model_inputs(batch, "cpu", torch.float32), labels=batch["labels"]).loss
+    loss.backward()
+    vis, cap = batch["vision_mask"][0].bool(), batch["caption_mask"][0].bool()
+    for (site, i), o in outs.items():
+        g = o.grad[0].abs()
+        torch.testing.assert_close(stats[site]["vis"][i], g[vis].mean(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(stats[site]["cap"][i], g[cap].mean(), rtol=1e-4, atol=0)
+    assert counts == {"vis": int(vis.sum()), "cap": int(cap.sum())}
+
+
+def test_reweight_ratios_recorded(staged):
+    d, _ = staged
+    g = load_file(d / "grads.safetensors")
+    for site in ("attn", "mlp"):
+        r = g[f"{site}.vis"] / g[f"{site}.cap"]
+        torch.testing.assert_close(g[f"{site}.ratio"], torch.maximum(r, r.quantile(0.5)))
+
+
+def test_w_group_must_divide_widths(staged, tmp_path):
+    d, model = staged
+    run = dict(RUN, w_group=100)
+    out = [tmp_path / "l0.safetensors"]
+    with pytest.raises(VlmquantError, match=r"decoder layer 0 self_attn.q_proj: weight of shape \(256, 256\) cannot"):
+        P.run_search(model, run, d / "inputs.safetensors", d / "acts0.safetensors", d / "grads.safetensors",
+                     [0], out, META, device="cpu")
+    assert not out[0].exists()
+
+
+def test_non_finite_activations_name_the_layer(staged, tmp_path):
+    d, model = staged
+    t = load_file(d / "acts2.safetensors")
+    t["hidden"][0, 3, 5] = float("nan")
+    from safetensors import safe_open
+    with safe_open(d / "acts2.safetensors", "pt") as f:
+        meta = f.metadata()
+    save_file(t, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(VlmquantError, match="decoder layer 2"):
+        P.run_search(model, RUN, d / "inputs.safetensors", tmp_path / "bad.safetensors", d / "grads.safetensors",
+                     [2], [tmp_path / "l2.safetensors"], META, device="cpu")
+    assert not (tmp_path / "l2.safetensors").exists()
+
+
+def test_merge_refuses_files_of_another_run(staged, merged, tmp_path):
+    layer_files = [merged.parent / f"layer_{i:03d}.safetensors" for i in range(4)]
+    with pytest.raises(VlmquantError, match="layer_000.safetensors: scale file is for run='mbq', expected 'other'"):
+        P.run_merge(layer_files, tmp_path / "c.pt", tmp_path / "t.parquet", dict(META, run="other"))
+    with pytest.raises(VlmquantError, match="expected layer 0"):
+        P.run_merge(layer_files[1:], tmp_path / "c.pt", tmp_path / "t.parquet", META)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_awq_needs_no_grads(staged, tmp_path):
+    run = dict(RUN, method="awq", reweight=False)
+    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=dict(META, run="awq", run_config=run))
+    table = pd.read_parquet(cache.parent / "search.parquet")
+    assert table["ratio"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
