@@ -69,7 +69,7 @@ class Workdir:
 
     def snakemake(self, *args, check=True, **popen):
         cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-        res = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, env=test_env())
+        res = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, env=snakemake_env())
         if check and res.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
         return res
@@ -83,7 +83,7 @@ class Workdir:
         return self.path / rel
 
 
-def test_env():
+def snakemake_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
