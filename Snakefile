@@ -16,6 +16,9 @@ include: "rules/demo.smk"
 include: "rules/calib.smk"
 include: "rules/inputs.smk"
 include: "rules/search.smk"
+include: "rules/export.smk"
+include: "rules/eval.smk"
+include: "rules/summary.smk"
 
 
 rule all:

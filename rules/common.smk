@@ -78,3 +78,57 @@ def scale_meta(model):
 
 def merge_meta(wildcards):
     return scale_meta(wildcards.model)(wildcards)
+
+
+# --- export → eval → summary (vlmquant/report/layout.py holds the logic) ----------------------
+from vlmquant.report import layout
+
+layout.check_eval_config(config)
+
+
+wildcard_constraints:
+    run="|".join(map(re.escape, config["runs"])) or "NONE",
+    eval_calib="|".join(map(re.escape, config["calib"])) or "NONE",
+
+
+def export_inputs(wildcards):
+    files = {"model": model_dir(wildcards)}
+    if not layout.is_rtn(config["runs"][wildcards.run]):
+        files["cache"] = f"results/{wildcards.model}/{wildcards.calib}/{wildcards.run}/scale_cache.pt"
+    return files
+
+
+def export_run(wildcards):
+    return layout.export_run(config["runs"][wildcards.run])
+
+
+def run_names(wildcards):
+    return {"model": wildcards.model, "calib": wildcards.calib, "run": wildcards.run}
+
+
+def run_ids(wildcards):
+    return {**run_names(wildcards), "eval_calib": config["eval"]["calib"]}
+
+
+def eval_inputs(wildcards):
+    name = config["eval"]["calib"]
+    return {"inputs": f"results/{wildcards.model}/{name}/inputs.safetensors",
+            "ref": layout.fp_ref(wildcards.model, name), "model": model_dir(wildcards),
+            "checkpoint": layout.checkpoint_dir(wildcards.model, wildcards.calib, wildcards.run)}
+
+
+def summary_inputs(wildcards):
+    return [row["path"] for row in layout.summary_rows(config)]
+
+
+def plot_inputs(wildcards):
+    runs = config["targets"].get("runs", [])
+    return {"summary": "results/summary.parquet",
+            "evals": [layout.eval_table(wildcards.model, wildcards.calib, r) for r in runs],
+            "searches": [f"results/{wildcards.model}/{wildcards.calib}/{r}/search.parquet"
+                         for r in layout.search_runs(config)]}
+
+
+def lmms_command(wildcards, input, output):
+    return layout.lmms_eval_command(config["lmms_eval"], config["models"][wildcards.model]["family"],
+                                    input[0], f"{output[0]}.tmp")

@@ -43,15 +43,10 @@ def calib_params(cfg):
 
 
 def targets(config):
-    """Files `rule all` asks for."""
-    t = config["targets"]
-    out = []
-    for m in t.get("models", []):
-        for c in t.get("calib", []):
-            out.append(f"results/{m}/{c}/inputs.safetensors")
-            out += [f"results/{m}/{c}/{r}/scale_cache.pt" for r in t.get("runs", [])
-                    if config["runs"][r]["method"] != "rtn"]
-    return out
+    """Files `rule all` asks for: the summary table and plots (which need every stage before them)."""
+    from vlmquant.report.layout import final_targets
+
+    return final_targets(config)
 
 
 def n_layers(model_cfg):

@@ -1,0 +1,1 @@
+"""Eval tables: the fp reference and quantized checkpoints measured on a held-out calibration set."""

@@ -1,0 +1,115 @@
+"""Metric math of the eval stage, on plain tensors.
+
+- caption NLL / perplexity: mean negative log-likelihood of the caption tokens (token-weighted
+  over the whole eval set); PPL = exp(NLL).
+- KL(fp ‖ quantized) of the next-token distribution at every caption prediction position. The fp
+  side is stored as its top-k log-probs; the rest of the vocabulary is one extra bucket, so with
+  k < vocabulary size this is the KL of the coarsened distributions — a lower bound of the exact
+  KL (exact when k covers the vocabulary).
+- hidden-state error: relative MSE Σ‖h_q − h_fp‖² / Σ‖h_fp‖² of a decoder layer's output over a
+  fixed set of positions, separately for vision (image-token) and text positions.
+- weight error: relative Frobenius error of a layer's linear weights (see `weight_error`).
+"""
+import math
+
+import torch
+
+
+def caption_positions(labels):
+    """(rows, cols) of the positions that predict a caption token: labels[b, t + 1] != -100."""
+    target = labels[:, 1:]
+    rows, cols = (target != -100).nonzero(as_tuple=True)
+    return rows, cols, target[rows, cols]
+
+
+def select_positions(attention_mask, vision_mask, per_modality):
+    """Positions (sorted) of one sample where hidden states are compared, and which of them are vision.
+
+    Up to `per_modality` evenly spaced vision positions and as many text (non-vision, non-padding)
+    positions; `per_modality <= 0` keeps every position. attention_mask, vision_mask: (T,).
+    """
+    valid = attention_mask.bool()
+    vision = vision_mask.bool() & valid
+    picked = []
+    for mask in (vision, valid & ~vision):
+        idx = mask.nonzero()[:, 0]
+        if 0 < per_modality < idx.numel():
+            idx = idx[torch.linspace(0, idx.numel() - 1, per_modality).round().long().unique()]
+        picked.append(idx)
+    pos = torch.cat(picked).sort().values
+    return pos, vision[pos]
+
+
+def log1mexp(x):
+    """log(1 − exp(x)) for x ≤ 0, accurate on both ends."""
+    x = x.clamp(max=0)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kl_topk(ref_idx, ref_logp, logq):
+    """KL(p ‖ q) per position, p given by its top-k (ref_idx, ref_logp: (N, k)), q by logq (N, V).
+
+    The vocabulary outside p's top-k is merged into one bucket on both sides (exact when k = V).
+    Computed in float64; returns (N,) ≥ 0.
+    """
+    lp = ref_logp.double()
+    lq = logq.gather(1, ref_idx.long()).double()  # (N, k)
+    kl = (lp.exp() * (lp - lq)).sum(1)
+    if ref_idx.shape[1] < logq.shape[1]:
+        lp_rest = log1mexp(torch.logsumexp(lp, 1))
+        lq_rest = log1mexp(torch.logsumexp(lq, 1)).clamp(min=-700.0)
+        p_rest = lp_rest.exp()
+        kl = kl + torch.where(p_rest > 0, p_rest * (lp_rest - lq_rest), torch.zeros_like(kl))
+    return kl.clamp(min=0)
+
+
+class ErrorSums:
+    """Running Σ‖a − b‖² and Σ‖b‖² per key; `relative()` gives their ratio."""
+
+    def __init__(self):
+        self.num, self.den = {}, {}
+
+    def add(self, key, approx, ref):
+        d = approx.double() - ref.double()
+        self.num[key] = self.num.get(key, 0.0) + float((d * d).sum())
+        self.den[key] = self.den.get(key, 0.0) + float(ref.double().square().sum())
+
+    def relative(self, key):
+        den = self.den.get(key, 0.0)
+        return self.num.get(key, 0.0) / den if den > 0 else float("nan")
+
+
+def weight_scale_factors(entries):
+    """{linear name: (row factor (out,) or None, column factor (in,) or None)} of folded scale entries.
+
+    Folding multiplies a linear's input columns by s when it is in a group's linears, and divides
+    its last len(s) output rows by s when it is a group's previous op; the stored weight is
+    Q(diag(row) · W · diag(col)).
+    """
+    cols, rows = {}, {}
+    for prev, linears, s in entries:
+        s = s.double()
+        for name in linears:
+            cols[name] = cols[name] * s if name in cols else s.clone()
+        rows.setdefault(prev, []).append(s)
+    return cols, rows
+
+
+def weight_error(w_fp, w_q, col=None, row_scales=()):
+    """(Σ‖ΔW‖², Σ‖W‖²) in the original basis and in the scaled basis, for one linear.
+
+    w_fp: original fp weight (out, in); w_q: the checkpoint's weight = Q(W_scaled);
+    W_scaled = diag(row) · w_fp · diag(col). Original basis: Q unfolded, diag(1/row) · w_q ·
+    diag(1/col), vs w_fp (comparable across runs). Scaled basis: w_q vs W_scaled (the rounding
+    error of the stored weights alone).
+    """
+    w = w_fp.double()
+    row = torch.ones(w.shape[0], dtype=torch.float64)
+    for s in row_scales:
+        row[-s.numel():] /= s.double()
+    col = torch.ones(w.shape[1], dtype=torch.float64) if col is None else col.double()
+    scaled = row[:, None] * w * col[None, :]
+    q = w_q.double()
+    unfolded = q / (row[:, None] * col[None, :])
+    return ((unfolded - w).square().sum().item(), w.square().sum().item(),
+            (q - scaled).square().sum().item(), scaled.square().sum().item())

@@ -1,0 +1,1 @@
+"""The summary table across models, calibration sets and runs, and the report plots."""
