@@ -10,8 +10,6 @@
   fixed set of positions, separately for vision (image-token) and text positions.
 - weight error: relative Frobenius error of a layer's linear weights (see `weight_error`).
 """
-import math
-
 import torch
 
 
@@ -40,27 +38,31 @@ def select_positions(attention_mask, vision_mask, per_modality):
     return pos, vision[pos]
 
 
-def log1mexp(x):
-    """log(1 − exp(x)) for x ≤ 0, accurate on both ends."""
-    x = x.clamp(max=0)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def kl_topk(ref_idx, ref_logp, logq):
+def kl_topk(ref_idx, ref_logp, logq, ref_rest=None):
     """KL(p ‖ q) per position, p given by its top-k (ref_idx, ref_logp: (N, k)), q by logq (N, V).
 
     The vocabulary outside p's top-k is merged into one bucket on both sides (exact when k = V).
-    Computed in float64; returns (N,) ≥ 0.
+    ref_rest (N,): log of p's mass outside the top-k, computed from the full distribution (1 − Σ
+    top-k would cancel catastrophically); q's is summed directly from logq. float64; returns (N,) ≥ 0.
     """
+    idx = ref_idx.long()
     lp = ref_logp.double()
-    lq = logq.gather(1, ref_idx.long()).double()  # (N, k)
+    lq_all = logq.double()
+    lq = lq_all.gather(1, idx)  # (N, k)
     kl = (lp.exp() * (lp - lq)).sum(1)
-    if ref_idx.shape[1] < logq.shape[1]:
-        lp_rest = log1mexp(torch.logsumexp(lp, 1))
-        lq_rest = log1mexp(torch.logsumexp(lq, 1)).clamp(min=-700.0)
+    if idx.shape[1] < logq.shape[1]:
+        if ref_rest is None:
+            raise ValueError("kl_topk: k < vocabulary needs p's rest mass (ref_rest)")
+        lp_rest = ref_rest.double()
+        lq_rest = lq_all.scatter(1, idx, float("-inf")).logsumexp(1)
         p_rest = lp_rest.exp()
         kl = kl + torch.where(p_rest > 0, p_rest * (lp_rest - lq_rest), torch.zeros_like(kl))
     return kl.clamp(min=0)
+
+
+def rest_logmass(logp, idx):
+    """log Σ exp(logp) over the entries not in idx, per row (−inf when idx covers the row)."""
+    return logp.scatter(1, idx.long(), float("-inf")).logsumexp(1)
 
 
 class ErrorSums:

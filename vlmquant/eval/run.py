@@ -3,6 +3,7 @@
 fp reference, `fp.safetensors` (small: nothing of size sequence × vocabulary):
   cap.sample, cap.pos, cap.target (N,)   caption prediction positions, in sample order
   cap.topk_idx (int32), cap.topk_logp (N, k)  fp top-k next-token log-probs (k = eval.kl_top_k or the vocabulary)
+  cap.rest_logp (N,)                     log of the fp probability outside the top-k (−inf when k = vocabulary)
   hid.sample, hid.pos, hid.vision (M,)   positions where decoder-layer outputs are compared
   hid.layer_NNN (M, C)                   fp output of decoder layer NNN there (model dtype)
   metadata `vlmquant`: settings, inputs sha256, model path, n_layers, vocabulary size, packages
@@ -27,8 +28,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vlmquant.errors import VlmquantError
-from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, select_positions, weight_error,
-                                   weight_scale_factors)
+from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_logmass, select_positions,
+                                   weight_error, weight_scale_factors)
 from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged
 from vlmquant.io.atomic import atomic_path
@@ -134,7 +135,7 @@ def run_fp_reference(model_cfg, inputs_path, ref_path, table_path, settings, ids
     samples, _ = load_samples(inputs_path)
     model = adapter.load_model(model_cfg["path"], dtype, device, model_cfg.get("trust_remote_code", False))
     selection = hidden_selection(samples, settings["hidden_positions"])
-    parts = {k: [] for k in ("cap.sample", "cap.pos", "cap.target", "cap.topk_idx", "cap.topk_logp",
+    parts = {k: [] for k in ("cap.sample", "cap.pos", "cap.target", "cap.topk_idx", "cap.topk_logp", "cap.rest_logp",
                              "hid.sample", "hid.pos", "hid.vision")}
     hidden = {}
     nll_sum, vocab = 0.0, None
@@ -148,6 +149,7 @@ def run_fp_reference(model_cfg, inputs_path, ref_path, table_path, settings, ids
         nll_sum += float(-logp.gather(1, out["target"].to(logp.device)[:, None]).double().sum())
         for key, value in (("cap.sample", out["cap_sample"]), ("cap.pos", out["cap_pos"]), ("cap.target", out["target"]),
                            ("cap.topk_idx", top.indices.int().cpu()), ("cap.topk_logp", top.values.cpu()),
+                           ("cap.rest_logp", rest_logmass(logp, top.indices).cpu()),
                            ("hid.sample", out["hid_sample"]), ("hid.pos", out["hid_pos"]),
                            ("hid.vision", out["hid_vision"])):
             parts[key].append(value)
@@ -244,7 +246,8 @@ def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings,
         idx = ref["cap.topk_idx"][n_cap:n_cap + n].to(dev)
         lp = ref["cap.topk_logp"][n_cap:n_cap + n].to(dev)
         nll_sum += float(-logq.gather(1, out["target"].to(dev)[:, None]).double().sum())
-        kl_sum += float(kl_topk(idx, lp, logq).sum())
+        rest = ref["cap.rest_logp"][n_cap:n_cap + n].to(dev)
+        kl_sum += float(kl_topk(idx, lp, logq, rest).sum())
         top1 += float((logq.argmax(1) == idx[:, 0]).sum())
         vision = ref["hid.vision"][n_hid:n_hid + m].to(dev)
         for i, h in out["hidden"].items():

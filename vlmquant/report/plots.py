@@ -117,7 +117,7 @@ def plot_metrics(summary, out, title):
     for ax, (col, label, unit) in zip(axes.flat, panels):
         values = summary[col].astype(float)
         bars = ax.bar(range(len(summary)), values, color=colors)
-        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], fontsize="x-small", padding=2)
+        ax.bar_label(bars, labels=[f"{v:.5g}" for v in values], fontsize="x-small", padding=2)
         ax.set_xticks(range(len(summary)), summary.run, rotation=30, ha="right")
         ax.set_title(label, fontsize="medium")
         ax.set_xlabel("run")

@@ -1,0 +1,194 @@
+"""End to end through export → eval → summary → plots → report on the demo, and what reruns when."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, env, full_run
+from vlmquant.report.layout import FIGURES
+from vlmquant.report.summary import COLUMNS
+
+pytestmark = pytest.mark.slow
+DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, demo_root):
+    return full_run(tmp_path_factory, demo_root)
+
+
+@pytest.fixture(scope="module")
+def summary(pipe):
+    return pd.read_csv(pipe / "results/summary.csv")
+
+
+def row(summary, run):
+    (i,) = np.flatnonzero(summary.run == run)
+    return summary.iloc[i]
+
+
+def test_summary_rows_and_columns(pipe, summary):
+    assert list(summary.columns) == COLUMNS
+    assert list(summary.run) == ["fp", *RUNS] and set(summary.model) == {MODEL}
+    assert summary.calib.isna().tolist() == [True, False, False, False] and set(summary.calib.dropna()) == {CALIB}
+    assert list(summary.method) == ["fp", "rtn", "awq", "mbq"]
+    assert summary.w_bit.tolist() == [32, 3, 3, 3] and summary.w_group.isna().tolist() == [True, False, False, False]
+    assert set(summary.eval_calib) == {EVAL_CALIB} and (summary.n_samples == 6).all()
+    assert summary.n_caption_tokens.nunique() == 1
+    fp = row(summary, "fp")
+    assert fp.kl == 0 and fp.hidden_err_vision == 0 and fp.top1_agreement == 1
+    for run in RUNS:
+        r = row(summary, run)
+        assert r.kl > 0 and r.hidden_err_vision > 0 and r.hidden_err_text > 0 and r.weight_err > 0
+        assert r.caption_ppl == pytest.approx(math.exp(r.caption_nll), rel=1e-5)
+        assert r.hidden_err_vision_last >= r.hidden_err_vision  # errors grow through the (random) layers here
+    parquet = pd.read_parquet(pipe / "results/summary.parquet")
+    assert list(parquet.columns) == COLUMNS and parquet.run.tolist() == summary.run.tolist()
+    assert np.allclose(parquet.caption_nll, summary.caption_nll, rtol=1e-5)
+
+
+def test_summary_stage_times(summary):
+    times = summary.set_index("run")[[c for c in COLUMNS if c.startswith("time_")]]
+    assert times.loc["fp"].time_eval_s > 0 and times.loc["fp"].drop(["time_eval_s", "time_total_s"]).isna().all()
+    for run in RUNS:
+        t = times.loc[run]
+        assert t.time_export_s > 0 and t.time_eval_s > 0
+        assert math.isnan(t.time_grads_s) == (run != "mbq-w3g128")  # only MBQ reweights
+        assert math.isnan(t.time_search_s) == math.isnan(t.time_acts_s) == (run == "rtn-w3g128")
+        assert t.time_total_s == pytest.approx(t.drop("time_total_s").sum(skipna=True))
+
+
+def test_demo_figures_scale_search_beats_rtn(summary):
+    """On the demo, AWQ and MBQ have held-out caption NLL and KL no worse than RTN (reported figures)."""
+    figures = summary.set_index("run")[["caption_nll", "kl", "hidden_err_vision", "hidden_err_text"]]
+    print("\n" + figures.to_string())
+    for run in ("awq-w3g128", "mbq-w3g128"):
+        assert figures.loc[run].caption_nll <= figures.loc["rtn-w3g128"].caption_nll
+        assert figures.loc[run].kl <= figures.loc["rtn-w3g128"].kl
+
+
+def test_plots_are_drawn(pipe):
+    for figure in FIGURES:
+        path = pipe / f"results/plots/{MODEL}/{CALIB}/{figure}.png"
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.width >= 800 and img.height >= 400
+            pixels = np.asarray(img.convert("L"), dtype=float)
+        assert (pixels < 200).mean() > 0.01, figure  # lines, bars and text, not a blank canvas
+
+
+def test_nothing_changed_runs_nothing(pipe):
+    assert pipe.planned() == {}
+
+
+@pytest.mark.parametrize("key, value", [("hidden_positions", 8), ("kl_top_k", 100), ("batch_size", 2)])
+def test_eval_setting_reruns_only_eval_and_summary(pipe, key, value):
+    with pipe.edited_config(lambda c: c["eval"].update({key: value})):
+        assert pipe.planned() == {"eval_fp": 1, "eval": 3, **DOWNSTREAM_OF_EVAL}
+    assert pipe.planned() == {}
+
+
+def test_export_settings_rerun_export_onwards(pipe):
+    for edit in (lambda c: c["export"].update(max_shard_size="4MB"), lambda c: c["export"].update(ignore=["mlp.down_proj"])):
+        with pipe.edited_config(edit):
+            assert pipe.planned() == {"export": 3, "eval": 3, **DOWNSTREAM_OF_EVAL}
+
+
+def test_search_setting_reruns_that_run_only(pipe):
+    with pipe.edited_config(lambda c: c["runs"]["mbq-w3g128"].update(n_grid=10)):
+        jobs = pipe.planned()
+    assert jobs == {"search_demo_qwen2vl_000": 1, "search_demo_qwen2vl_002": 1, "merge": 1, "export": 1, "eval": 1,
+                    **DOWNSTREAM_OF_EVAL}
+
+
+def test_rtn_never_needs_grads_acts_or_search(pipe):
+    with pipe.edited_config(lambda c: c["targets"].update(runs=["rtn-w3g128"])):
+        jobs = pipe.planned("--forceall")
+    assert jobs["export"] == 1 and jobs["eval"] == 1 and jobs["eval_fp"] == 1
+    assert not {"grads", "acts", "merge"} & set(jobs) and not any(r.startswith("search") for r in jobs)
+
+
+def test_report_builds(pipe):
+    out = pipe / "results/report.html"
+    pipe.snakemake("--report", "results/report.html")
+    html = out.read_text()
+    for name in ("summary.csv", *[f"{f}.png" for f in FIGURES]):
+        assert f'"name": "{name}"' in html, name
+    assert '"category"' in html or "Summary" in html
+    assert "held-out calibration set" in html and "demo-holdout" in html  # captions rendered with the config
+
+
+def test_lmms_eval_is_optional(pipe):
+    assert not any("lmms_eval" in str(p) for p in (pipe / "results").rglob("*"))
+    with pipe.edited_config(lambda c: c["lmms_eval"].update(enabled=True, tasks=["mme", "mmmu_val"], limit=8)):
+        res = pipe.snakemake("-n", "-p")
+    text = res.stdout + res.stderr
+    assert "lmms_eval           3" in text and "lmms_eval_fp        1" in text
+    ckpt = f"results/{MODEL}/{CALIB}/mbq-w3g128/checkpoint"
+    assert (f"python -m lmms_eval --model qwen2_vl --model_args pretrained={ckpt} --tasks mme,mmmu_val "
+            f"--batch_size 1 --output_path results/{MODEL}/{CALIB}/mbq-w3g128/lmms_eval.tmp --limit 8") in text
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import vlmquant.export.checkpoint as ck
+real = ck.set_safetensors_metadata
+def die_after_first_shard(path, extra):
+    real(path, extra)
+    os.kill(os.getpid(), signal.SIGKILL)
+ck.set_safetensors_metadata = die_after_first_shard
+ck.export_checkpoint({"family": "qwen2_vl", "path": "results/demo/model-qwen2_vl"},
+                     {"method": "rtn", "w_bit": 4, "w_group": 64}, sys.argv[1], max_shard_size="4MB", device="cpu")
+"""
+
+
+def add_rtn4(cfg):
+    cfg["runs"]["rtn-w4g64"] = {"method": "rtn", "w_bit": 4, "w_group": 64}
+
+
+def test_half_written_checkpoint_is_never_complete(pipe):
+    """A job killed mid-write leaves only a temporary folder; Snakemake redoes the export and it is cleared."""
+    target = f"results/{MODEL}/{CALIB}/rtn-w4g64/checkpoint"
+    run_dir = pipe / f"results/{MODEL}/{CALIB}/rtn-w4g64"
+    with pipe.edited_config(add_rtn4):
+        res = subprocess.run([sys.executable, "-c", KILL_SCRIPT, target], cwd=pipe.path, env=env(),
+                             capture_output=True, text=True)
+        assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+        assert not (pipe / target).exists()
+        (partial,) = run_dir.glob(".checkpoint.*.tmp")
+        assert any(partial.glob("model-*.safetensors"))
+        assert pipe.planned(target) == {"export": 1}
+        pipe.snakemake(target)
+        assert json.loads((pipe / target / "quantization.json").read_text())["w_bit"] == 4
+        assert not partial.exists()
+    shutil.rmtree(run_dir)
+
+
+def test_snakemake_killed_during_export_never_leaves_an_incomplete_checkpoint(pipe):
+    target = f"results/{MODEL}/{CALIB}/rtn-w4g64/checkpoint"
+    run_dir = pipe / f"results/{MODEL}/{CALIB}/rtn-w4g64"
+    with pipe.edited_config(add_rtn4):
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=pipe.path, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while (proc.poll() is None and time.time() < deadline and not list(run_dir.glob(".checkpoint.*"))
+               and not (pipe / target).exists()):
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ckpt = pipe / target
+        # wherever the kill landed: no checkpoint folder, or a complete one
+        assert not ckpt.exists() or (ckpt / "quantization.json").is_file()
+        pipe.snakemake("--unlock")
+        pipe.snakemake(target, "--rerun-incomplete")
+        assert (ckpt / "quantization.json").is_file() and not list(run_dir.glob(".checkpoint.*.tmp"))
+    shutil.rmtree(run_dir)
+    assert pipe.planned() == {}
