@@ -160,3 +160,34 @@ def test_awq_needs_no_grads(staged, tmp_path):
     cache = search_all(staged, tmp_path, per_job=2, run=run, meta=dict(META, run="awq", run_config=run))
     table = pd.read_parquet(cache.parent / "search.parquet")
     assert table["ratio"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_path_picks_the_same_alpha_as_cpu(staged, merged, tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    d, model = staged
+    files = [tmp_path / f"layer_{i:03d}.safetensors" for i in range(4)]
+    P.run_grads(model, d / "inputs.safetensors", tmp_path / "grads.safetensors", device="cuda")
+    P.run_acts(model, d / "inputs.safetensors", [0], [tmp_path / "acts0.safetensors"], device="cuda")
+    P.run_search(model, RUN, d / "inputs.safetensors", tmp_path / "acts0.safetensors", tmp_path / "grads.safetensors",
+                 [0, 1, 2, 3], files, META, device="cuda")
+    P.run_merge(files, tmp_path / "cache.pt", tmp_path / "search.parquet", META)
+    cpu = pd.read_parquet(merged.parent / "search.parquet")
+    gpu = pd.read_parquet(tmp_path / "search.parquet")
+    assert gpu["alpha"].tolist() == cpu["alpha"].tolist()
+    torch.testing.assert_close(torch.tensor(gpu["loss"].values), torch.tensor(cpu["loss"].values), rtol=1e-3, atol=0)
+
+
+def test_lean_mlp_matches_autograd(demo_model_path):
+    from vlmquant.search.grads import SiluMul, lean_mlp_forward
+
+    g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluMul.apply, (g, u))
+    model = get_adapter("qwen2_vl").load_model(demo_model_path)
+    mlp = model.model.language_model.layers[0].mlp
+    lean = lean_mlp_forward(mlp)
+    assert lean is not None  # the demo's SiLU MLP takes the lean path
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(lean(x), mlp(x))

@@ -52,7 +52,7 @@ class Checkpoint:
 
     def load_into(self, module, prefix, device, dtype):
         """Fill `module` (on meta or any device) with the tensors under `prefix.` of the checkpoint."""
-        module.to_empty(device=device)
+        module.to_empty(device=device).to(dtype)  # meta params carry the config's dtype; compute in `dtype`
         names = dict(module.named_parameters()) | dict(module.named_buffers())
         by_file = {}
         for name in names:

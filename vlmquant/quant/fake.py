@@ -12,6 +12,7 @@ search can reuse one buffer.
 """
 import torch
 
+from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
 
 
@@ -51,6 +52,21 @@ def fake_quant_groups_(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     # clamp(round(w/scale) + zero, 0, qmax) - zero, without two passes over w
     wg.div_(scale).round_().clamp_(-zero, qmax - zero).mul_(scale)
     return w
+
+
+@cuda_compiled
+def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Q(w·s)/s in w's dtype: the weight a scale search tries for per-input-channel scales s.
+
+    Same math as fake_quant_groups_ on w·s (in the compute dtype); one fused kernel on CUDA.
+    """
+    qmax = 2**bits - 1
+    ws = (w.to(compute_dtype(w.dtype)) * s).view(-1, group)  # (n_groups, group)
+    lo, hi = torch.aminmax(ws, dim=1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-5) / qmax
+    zero = (-lo / scale).round().clamp(0, qmax)
+    q = (ws / scale).round().clamp(-zero, qmax - zero) * scale
+    return (q.view(w.shape) / s).to(w.dtype)
 
 
 def fake_quant_sym_rows_(t: torch.Tensor, bits: int) -> torch.Tensor:

@@ -14,7 +14,10 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
 from vlmquant.io.atomic import atomic_path
 
-MASK_KEYS = ("labels", "vision_mask", "caption_mask")
+# Batches are right-padded, so under causal attention no valid token ever attends to padding:
+# the attention mask is left out of model calls, which keeps sdpa on its fused (flash) kernels.
+# Padding positions then hold finite garbage that every statistic and loss excludes.
+NOT_MODEL_INPUTS = ("labels", "vision_mask", "caption_mask", "attention_mask")
 
 
 def load_samples(inputs_path):
@@ -34,7 +37,7 @@ def model_inputs(batch, device, dtype):
     """The processor tensors only, on the device; floating ones (pixel values) in the model dtype."""
     out = {}
     for k, v in batch.items():
-        if k in MASK_KEYS:
+        if k in NOT_MODEL_INPUTS:
             continue
         out[k] = v.to(device, dtype) if v.is_floating_point() else v.to(device)
     return out

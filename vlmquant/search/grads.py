@@ -16,6 +16,30 @@ from vlmquant.search.capture import model_inputs
 SITES = ("attn", "mlp")
 
 
+class SiluMul(torch.autograd.Function):
+    """silu(g) * u that saves only g and u for backward (autograd would also keep silu(g))."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        return grad * u * (sig * (1 + g * (1 - sig))), grad * silu
+
+
+def lean_mlp_forward(mlp):
+    """Forward of a gate/up/down SiLU MLP through SiluMul; None if the MLP is of another kind."""
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) or \
+            type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+        return None
+    return lambda x: mlp.down_proj(SiluMul.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
 def sample_losses(model, batch, device, dtype):
     """Per-sample mean caption NLL, (B,), computing logits only at caption positions."""
     out = model.model(**model_inputs(batch, device, dtype), use_cache=False)
@@ -39,7 +63,7 @@ def gradient_stats(model, adapter, samples, device, dtype, batch_size=4):
     """
     layers = adapter.layers(model)
     L, B = len(layers), len(samples)
-    sums = {s: {"vis": torch.zeros(L, dtype=torch.float64), "cap": torch.zeros(L, dtype=torch.float64)} for s in SITES}
+    sums = {s: {k: torch.zeros(L, dtype=torch.float64, device=device) for k in ("vis", "cap")} for s in SITES}
     counts = {"vis": 0, "cap": 0}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -55,10 +79,15 @@ def gradient_stats(model, adapter, samples, device, dtype, batch_size=4):
         for key in ("vis", "cap"):
             m = current[key]
             per_sample = (a * m).sum(1) / (m.sum(1) * g.shape[-1]).clamp(min=1)  # mean |g| per sample
-            if not torch.isfinite(per_sample).all():
-                raise VlmquantError(f"non-finite gradient at decoder layer {i} ({site})")
-            sums[site][key][i] += per_sample.double().sum().cpu()
+            sums[site][key][i] += per_sample.double().sum()
 
+    lean = {}  # mlp → its original forward, restored at the end
+    for layer in layers:
+        mlp = layer.get_submodule(adapter.mlp_out.rsplit(".", 1)[0])
+        fwd = lean_mlp_forward(mlp)
+        if fwd is not None:
+            lean[mlp] = mlp.forward
+            mlp.forward = fwd
     handles = [layers[i].get_submodule(name).register_forward_hook(grad_hook(site, i))
                for i in range(L) for site, name in (("attn", adapter.attn_out), ("mlp", adapter.mlp_out))]
     embed = model.get_input_embeddings()
@@ -78,7 +107,14 @@ def gradient_stats(model, adapter, samples, device, dtype, batch_size=4):
     finally:
         for h in handles:
             h.remove()
-    return {s: {k: (v / B).float() for k, v in d.items()} for s, d in sums.items()}, counts
+        for mlp, fwd in lean.items():
+            mlp.forward = fwd
+    for site in SITES:
+        for key in ("vis", "cap"):
+            bad = (~torch.isfinite(sums[site][key])).nonzero()
+            if len(bad):
+                raise VlmquantError(f"non-finite gradient at decoder layer {int(bad[0])} ({site} output, {key} tokens)")
+    return {s: {k: (v / B).float().cpu() for k, v in d.items()} for s, d in sums.items()}, counts
 
 
 def reweight_ratios(stats):

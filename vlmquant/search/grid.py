@@ -10,14 +10,22 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import (
     check_bits,
     check_weight_groups,
     compute_dtype,
-    fake_quant_groups_,
+    scaled_fake_quant,
     fake_quant_sym_rows_,
 )
+
+
+@cuda_compiled
+def token_distance(out_fp: torch.Tensor, out_q: torch.Tensor, square: bool) -> torch.Tensor:
+    """Σ over channels of |fp - q| (or (fp - q)^2) per token, in fp32: (N,)."""
+    d = out_fp.reshape(-1, out_fp.shape[-1]).float() - out_q.reshape(-1, out_q.shape[-1]).float()
+    return (d * d if square else d.abs()).sum(dim=-1)
 
 
 def group_loss(out_fp: torch.Tensor, out_q: torch.Tensor, masks: dict, loss: str = "mae", ratio: float | None = None) -> float:
@@ -34,10 +42,8 @@ def group_loss(out_fp: torch.Tensor, out_q: torch.Tensor, masks: dict, loss: str
         raise VlmquantError(f"loss={loss!r} is not one of 'mae', 'mse'")
     if out_fp.shape != out_q.shape:
         raise VlmquantError(f"quantized output shape {tuple(out_q.shape)} differs from fp output shape {tuple(out_fp.shape)}")
+    tok = token_distance(out_fp, out_q, loss == "mse")  # (N,) fp32 per-token sums over channels
     n_ch = out_fp.shape[-1]
-    d = out_fp.reshape(-1, n_ch) - out_q.reshape(-1, n_ch)  # (N, C), inputs' dtype
-    # per-token sums in fp32: (N,)
-    tok = d.abs_().sum(dim=-1, dtype=torch.float32) if loss == "mae" else d.float().square_().sum(dim=-1)
     valid = masks["valid"].reshape(-1).to(tok.device)
     if valid.numel() != tok.numel():
         raise VlmquantError(f"masks cover {valid.numel()} tokens but the outputs have {tok.numel()} (shape {tuple(out_fp.shape)})")
@@ -100,8 +106,8 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
     del xv
 
     originals = [w.detach().clone() for w in weights]
-    # one flat buffer in the quantization dtype, viewed as each weight in turn
-    buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
+    if act_bits is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
+        buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
 
     def quantize_input(module, args):  # reads the grid loop's current s
         xs = args[0].to(compute_dtype(args[0].dtype)) / s  # (..., C_in)
@@ -115,12 +121,11 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
             s = a.pow(alpha).clamp_(min=1e-4)
             s /= (s.max() * s.min()).sqrt()  # (C_in,)
             for w, w0 in zip(weights, originals):
-                ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
                 if act_bits is None:
-                    fake_quant_groups_(ws, w_bit, group)
+                    w.copy_(scaled_fake_quant(w0, s, w_bit, group))
                 else:
-                    fake_quant_sym_rows_(ws, w_bit)
-                w.copy_(ws.div_(s))
+                    ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
+                    w.copy_(fake_quant_sym_rows_(ws, w_bit).div_(s))
             losses.append(group_loss(fp_out, forward(), masks, loss, ratio))
             if i == 0 or losses[i] < losses[best_index]:
                 best_index, best_s = i, s
