@@ -1,6 +1,8 @@
 """Eval: metric math, the fp reference, and the eval tables of the demo workflow."""
+import copy
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -8,17 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+import yaml
 
-from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, REPO, RUNS, full_run
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.metrics import ErrorSums, kl_topk, rest_logmass, select_positions, weight_error
 from vlmquant.eval.run import SCHEMA, load_reference, read_table, run_eval, run_fp_reference
-from vlmquant.io import ragged
 from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.quant.model import apply_scale_cache, decoder_linears
+from vlmquant.report.layout import check_eval_config, final_targets
 from vlmquant.search.capture import load_samples, model_inputs
+from vlmquant.workflow import check_config
 
 ADAPTER = get_adapter("qwen2_vl")
 SETTINGS = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}  # the demo config's eval settings
@@ -239,3 +243,43 @@ def test_weight_error_matches_unfolding_with_reciprocal_scales(pipe):
                 num += float((lin.weight.double() - w).square().sum())
                 den += float(w.square().sum())
         assert value(df, "weight_rel_err", layer=i) == pytest.approx(math.sqrt(num / den), rel=1e-4)
+
+
+# ---- config --------------------------------------------------------------------------------
+
+
+def checked(edit=None):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    if edit:
+        edit(cfg)
+    return check_eval_config(check_config(copy.deepcopy(cfg), REPO / "workflow/schemas/config.schema.yaml"))
+
+
+def test_eval_export_lmms_config_defaults():
+    def drop(cfg):
+        for key in ("eval", "export", "lmms_eval"):
+            cfg.pop(key)
+
+    cfg = checked(drop)
+    assert cfg["eval"] == {"calib": "demo-holdout", "batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16,
+                           "mem_mb": 16000}
+    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": 16000}
+    assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
+    assert not any("lmms_eval" in t for t in final_targets(cfg))
+    cfg["lmms_eval"]["enabled"] = True
+    assert {t for t in final_targets(cfg) if "lmms_eval" in t} == {
+        f"results/{MODEL}/{CALIB}/{r}/lmms_eval" for r in RUNS} | {f"results/{MODEL}/fp/lmms_eval"}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["eval"].update(calib="nope"), "eval.calib: 'nope' is not defined under 'calib'"),
+    (lambda c: c["eval"].update(kl_topk=5), "eval: Additional properties"),
+    (lambda c: c["eval"].update(batch_size=0), "eval.batch_size"),
+    (lambda c: c["export"].update(max_shard_size="5 gigs"), "export.max_shard_size"),
+    (lambda c: c["export"].update(ignore="mlp.down_proj"), "export.ignore"),
+    (lambda c: c["lmms_eval"].update(limit=0), "lmms_eval.limit"),
+    (lambda c: c["lmms_eval"].update(taks=["mme"]), "lmms_eval: Additional properties"),
+])
+def test_bad_eval_export_lmms_config_names_the_key(edit, needle):
+    with pytest.raises(VlmquantError, match=re.escape(needle)):
+        checked(edit)

@@ -21,7 +21,6 @@ from vlmquant.io.provenance import sha256_file
 from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import Checkpoint
-from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quantize
 from vlmquant.search.capture import load_samples, model_inputs
 
