@@ -189,7 +189,7 @@ def weight_rows(model, adapter, fp_path, entries):
     cols, rows = weight_scale_factors(entries)
     sums = {}
     files = {}
-    for name, lin in decoder_linears(model, adapter):
+    for name, lin in tqdm(decoder_linears(model, adapter), desc="weight error", unit="linear"):
         key = f"{prefix}.{name.removeprefix('layers.')}.weight"
         if key not in ckpt.files:
             raise VlmquantError(f"{fp_path}: tensor {key} not found (is this the checkpoint's source model?)")
