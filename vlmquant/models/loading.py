@@ -3,7 +3,12 @@
 The model is built on the meta device (no memory), then chosen submodules are moved to the
 target device and filled from the checkpoint, tensor by tensor.
 """
+import fcntl
 import json
+import logging
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -21,11 +26,46 @@ def resolve_dtype(name, device):
 
 
 def resolve_device(name):
+    """cpu, or the CUDA device this process holds (see claim_gpu)."""
     if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VlmquantError("config: device is 'cuda' but no CUDA GPU is visible")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise VlmquantError("config: device is 'cuda' but no CUDA GPU is visible")
+        return claim_gpu()
     return name
+
+
+_claimed = {}
+
+
+def claim_gpu():
+    """Pin this process to a GPU no other vlmquant job on this machine holds.
+
+    Snakemake's `gpu` resource bounds how many GPU jobs run at once; each job then takes the
+    first free visible GPU, by an exclusive lock file held until the process exits. Under
+    SLURM, CUDA_VISIBLE_DEVICES already holds only the job's own GPU(s).
+    """
+    if "device" in _claimed:
+        return _claimed["device"]
+    n = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n)))).split(",")
+    waited = False
+    while True:
+        for i in range(n):
+            lock = open(Path(tempfile.gettempdir()) / f"vlmquant-gpu-{visible[i].strip()}.lock", "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue
+            _claimed.update(device=f"cuda:{i}", lock=lock)
+            torch.cuda.set_device(i)
+            return _claimed["device"]
+        if not waited:  # more GPU jobs than GPUs: give Snakemake --resources gpu=<number of GPUs>
+            logging.getLogger(__name__).warning("all %d visible GPUs are busy with other vlmquant jobs; waiting", n)
+            waited = True
+        time.sleep(1)
 
 
 class Checkpoint:
