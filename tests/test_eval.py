@@ -15,7 +15,8 @@ import yaml
 from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, REPO, RUNS, full_run
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.metrics import ErrorSums, kl_topk, rest_logmass, select_positions, weight_error
-from vlmquant.eval.run import SCHEMA, load_reference, read_table, run_eval, run_fp_reference
+from vlmquant.eval.run import load_reference, run_eval, run_fp_reference
+from vlmquant.eval.table import SCHEMA, read_table
 from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.quant.fake import fake_quant_weight

@@ -8,7 +8,7 @@ from vlmquant.data.calib import build_calib
 from vlmquant.data.inputs import build_inputs
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
-from vlmquant.io.scales import load_cache
+from vlmquant.io.scales import load_cache, merge
 from vlmquant.models import get_adapter
 from vlmquant.quant.model import apply_scale_cache
 from vlmquant.search import pipeline as P
@@ -40,7 +40,7 @@ def search_all(staged, out, per_job, run=RUN, meta=META):
         ids = list(range(a, min(a + per_job, 4)))
         P.run_search(model, run, d / "inputs.safetensors", d / f"acts{a}.safetensors",
                      d / "grads.safetensors" if run["reweight"] else None, ids, [files[i] for i in ids], meta, device="cpu")
-    P.run_merge(files, out / "cache.pt", out / "search.parquet", meta)
+    merge(files, out / "cache.pt", out / "search.parquet", meta)
     return out / "cache.pt"
 
 
@@ -149,9 +149,9 @@ def test_non_finite_activations_name_the_layer(staged, tmp_path):
 def test_merge_refuses_files_of_another_run(staged, merged, tmp_path):
     layer_files = [merged.parent / f"layer_{i:03d}.safetensors" for i in range(4)]
     with pytest.raises(VlmquantError, match="layer_000.safetensors: scale file is for run='mbq', expected 'other'"):
-        P.run_merge(layer_files, tmp_path / "c.pt", tmp_path / "t.parquet", dict(META, run="other"))
+        merge(layer_files, tmp_path / "c.pt", tmp_path / "t.parquet", dict(META, run="other"))
     with pytest.raises(VlmquantError, match="expected layer 0"):
-        P.run_merge(layer_files[1:], tmp_path / "c.pt", tmp_path / "t.parquet", META)
+        merge(layer_files[1:], tmp_path / "c.pt", tmp_path / "t.parquet", META)
     assert not (tmp_path / "c.pt").exists()
 
 
@@ -172,7 +172,7 @@ def test_gpu_path_picks_the_same_alpha_as_cpu(staged, merged, tmp_path):
     P.run_acts(model, d / "inputs.safetensors", [0], [tmp_path / "acts0.safetensors"], device="cuda")
     P.run_search(model, RUN, d / "inputs.safetensors", tmp_path / "acts0.safetensors", tmp_path / "grads.safetensors",
                  [0, 1, 2, 3], files, META, device="cuda")
-    P.run_merge(files, tmp_path / "cache.pt", tmp_path / "search.parquet", META)
+    merge(files, tmp_path / "cache.pt", tmp_path / "search.parquet", META)
     cpu = pd.read_parquet(merged.parent / "search.parquet")
     gpu = pd.read_parquet(tmp_path / "search.parquet")
     assert gpu["alpha"].tolist() == cpu["alpha"].tolist()

@@ -19,8 +19,6 @@ import json
 import logging
 import math
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -28,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vlmquant.errors import VlmquantError
+from vlmquant.eval.table import write_table
 from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_logmass, select_positions,
                                    weight_error, weight_scale_factors)
 from vlmquant.export.checkpoint import load_scales, read_quant_info
@@ -41,9 +40,6 @@ from vlmquant.search.capture import load_samples, model_inputs
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([("model", pa.string()), ("calib", pa.string()), ("run", pa.string()),
-                    ("eval_calib", pa.string()), ("metric", pa.string()), ("layer", pa.int64()),
-                    ("modality", pa.string()), ("value", pa.float64())])
 SETTINGS = ("batch_size", "kl_top_k", "hidden_positions")
 
 
@@ -86,25 +82,6 @@ def forward_batches(model, adapter, samples, selection, batch_size, device, dtyp
         yield {"cap_sample": torch.tensor(ids)[r.cpu()], "cap_pos": c.cpu(), "target": target.cpu(), "logp": logp,
                "hid_sample": torch.tensor(ids)[rows.cpu()], "hid_pos": cols.cpu(),
                "hid_vision": torch.cat([selection[i][1] for i in ids]), "hidden": captured}
-
-
-# --- tables ----------------------------------------------------------------------------------
-def write_table(rows, path, ids, provenance):
-    """rows: (metric, layer, modality, value); ids: model, calib, run, eval_calib."""
-    records = [{**ids, "metric": m, "layer": layer, "modality": mod, "value": float(v)} for m, layer, mod, v in rows]
-    table = pa.Table.from_pylist(records, schema=SCHEMA)
-    table = table.replace_schema_metadata({"vlmquant": dumps(provenance)})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def read_table(path):
-    """(pandas DataFrame, provenance dict) of an eval or fp table."""
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(b"vlmquant", b"{}"))
-    df = table.to_pandas()
-    df["layer"] = df["layer"].astype("Int64")
-    return df, meta
 
 
 def caption_rows(nll_sum, n_tok, kl_sum, top1, n_samples):

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vlmquant.eval.run import read_table  # noqa: E402
+from vlmquant.eval.table import read_table  # noqa: E402
 from vlmquant.io.atomic import atomic_path  # noqa: E402
 
 METHOD_COLORS = {"fp": "#7f7f7f", "rtn": "#d62728", "awq": "#1f77b4", "mbq": "#2ca02c",

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmquant.errors import VlmquantError
-from vlmquant.eval.run import read_table
+from vlmquant.eval.table import read_table
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions
 

@@ -1,7 +1,5 @@
 """Stage entry points of the search: gradients, boundary activations, layer-chunk search, merge."""
-import json
 import logging
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -107,22 +105,3 @@ def run_search(model_cfg, run, inputs_path, acts_path, grads_path, layer_ids, ou
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
         scales.save_layer(path, i, groups, results,
                           [layer_ratios[g.ratio] if layer_ratios else None for g in groups], meta)
-
-
-# --- merge ------------------------------------------------------------------------------------
-def run_merge(layer_paths, cache_path, table_path, expect):
-    scales.merge(layer_paths, cache_path, table_path, expect)
-
-
-def read_meta(path):
-    with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()["vlmquant"])
-
-
-def chunk_starts(n_layers, layers_per_job):
-    return list(range(0, n_layers, layers_per_job))
-
-
-def n_layers_of(model_path):
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    return cfg.get("text_config", cfg)["num_hidden_layers"]
