@@ -1,6 +1,8 @@
-"""torch.compile for the element-wise hot spots, on CUDA only (eager elsewhere).
+"""Opt-in torch.compile for the element-wise hot spots of the search, on CUDA only.
 
-Set VLMQUANT_COMPILE=0 to run eagerly everywhere.
+VLMQUANT_COMPILE=1 fuses the quantizer and the loss (7B layer on an H100: 1.76 s instead of
+2.06 s), but every job then pays the compile time (about 20 s cold): worth it for long
+layer chunks or a warm compile cache, not by default.
 """
 import functools
 import os
@@ -15,7 +17,7 @@ def cuda_compiled(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         nonlocal compiled
-        if args[0].is_cuda and os.environ.get("VLMQUANT_COMPILE", "1") != "0":
+        if args[0].is_cuda and os.environ.get("VLMQUANT_COMPILE") == "1":
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=False)
             return compiled(*args, **kwargs)

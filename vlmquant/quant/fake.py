@@ -58,15 +58,10 @@ def fake_quant_groups_(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Q(w·s)/s in w's dtype: the weight a scale search tries for per-input-channel scales s.
 
-    Same math as fake_quant_groups_ on w·s (in the compute dtype); one fused kernel on CUDA.
+    Same math as fake_quant_groups_ on w·s, in the compute dtype (fused with VLMQUANT_COMPILE=1).
     """
-    qmax = 2**bits - 1
-    ws = (w.to(compute_dtype(w.dtype)) * s).view(-1, group)  # (n_groups, group)
-    lo, hi = torch.aminmax(ws, dim=1, keepdim=True)
-    scale = (hi - lo).clamp(min=1e-5) / qmax
-    zero = (-lo / scale).round().clamp(0, qmax)
-    q = (ws / scale).round().clamp(-zero, qmax - zero) * scale
-    return (q.view(w.shape) / s).to(w.dtype)
+    ws = w.to(compute_dtype(w.dtype)) * s  # (out, C_in), one fresh tensor; the rest is in place
+    return fake_quant_groups_(ws, bits, group).div_(s).to(w.dtype)
 
 
 def fake_quant_sym_rows_(t: torch.Tensor, bits: int) -> torch.Tensor:

@@ -23,9 +23,12 @@ from vlmquant.quant.fake import (
 
 @cuda_compiled
 def token_distance(out_fp: torch.Tensor, out_q: torch.Tensor, square: bool) -> torch.Tensor:
-    """Σ over channels of |fp - q| (or (fp - q)^2) per token, in fp32: (N,)."""
-    d = out_fp.reshape(-1, out_fp.shape[-1]).float() - out_q.reshape(-1, out_q.shape[-1]).float()
-    return (d * d if square else d.abs()).sum(dim=-1)
+    """Σ over channels of |fp - q| (or (fp - q)^2) per token, summed in fp32: (N,).
+
+    The difference is taken in the outputs' dtype (bf16 on GPU: no fp32 copies of the outputs).
+    """
+    d = out_fp.reshape(-1, out_fp.shape[-1]) - out_q.reshape(-1, out_q.shape[-1])
+    return (d.square_() if square else d.abs_()).sum(dim=-1, dtype=torch.float32)
 
 
 def group_loss(out_fp: torch.Tensor, out_q: torch.Tensor, masks: dict, loss: str = "mae", ratio: float | None = None) -> float:
