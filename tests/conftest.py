@@ -1,4 +1,5 @@
 """Shared fixtures: the demo data and model built once per session, and Snakemake workdirs."""
+import contextlib
 import os
 import re
 import shutil
@@ -74,10 +75,21 @@ class Workdir:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
         return res
 
-    def planned(self, *targets):
-        """{rule: job count} that `snakemake -n` would run for the targets."""
-        res = self.snakemake("-n", *targets)
+    def planned(self, *args):
+        """{rule: job count} that `snakemake -n` would run."""
+        res = self.snakemake("-n", *args)
         return parse_job_stats(res.stdout + res.stderr)
+
+    @contextlib.contextmanager
+    def edited_config(self, fn):
+        """config.yaml changed by fn(cfg) inside the block, restored byte for byte after."""
+        path = self.path / "config.yaml"
+        original = path.read_text()
+        self.edit(fn)
+        try:
+            yield
+        finally:
+            path.write_text(original)
 
     def file(self, rel):
         return self.path / rel
@@ -105,6 +117,8 @@ def parse_job_stats(text):
                 jobs[m.group(1)] = int(m.group(2))
             elif line.strip().startswith("total"):
                 break
+    if not jobs:
+        raise AssertionError(f"no job stats in the dry run output:\n{text[-3000:]}")
     return jobs
 
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import transformers
 import yaml
 
-from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, REPO, RUNS, full_run
+from conftest import REPO
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.metrics import ErrorSums, kl_topk, rest_logmass, select_positions, weight_error
 from vlmquant.eval.run import load_reference, run_eval, run_fp_reference

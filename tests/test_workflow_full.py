@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, env, full_run
+from conftest import snakemake_env
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
 from vlmquant.report.layout import FIGURES
 from vlmquant.report.summary import COLUMNS
 
@@ -159,7 +160,7 @@ def test_half_written_checkpoint_is_never_complete(pipe):
     target = f"results/{MODEL}/{CALIB}/rtn-w4g64/checkpoint"
     run_dir = pipe / f"results/{MODEL}/{CALIB}/rtn-w4g64"
     with pipe.edited_config(add_rtn4):
-        res = subprocess.run([sys.executable, "-c", KILL_SCRIPT, target], cwd=pipe.path, env=env(),
+        res = subprocess.run([sys.executable, "-c", KILL_SCRIPT, target], cwd=pipe.path, env=snakemake_env(),
                              capture_output=True, text=True)
         assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
         assert not (pipe / target).exists()
@@ -176,7 +177,7 @@ def test_snakemake_killed_during_export_never_leaves_an_incomplete_checkpoint(pi
     target = f"results/{MODEL}/{CALIB}/rtn-w4g64/checkpoint"
     run_dir = pipe / f"results/{MODEL}/{CALIB}/rtn-w4g64"
     with pipe.edited_config(add_rtn4):
-        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=pipe.path, env=env(),
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=pipe.path, env=snakemake_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 120
         while (proc.poll() is None and time.time() < deadline and not list(run_dir.glob(".checkpoint.*"))
