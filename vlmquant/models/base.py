@@ -6,6 +6,7 @@ placeholder token, and how a calibration row becomes processor inputs and masks.
 """
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -133,7 +134,6 @@ def find_sublist(seq, sub, start=0):
 
 
 def check_model_folder(path):
-    from pathlib import Path
     p = Path(path)
     if not (p / "config.json").is_file():
         raise VlmquantError(f"{path}: model folder not found or has no config.json (models.<name>.path in config.yaml)")

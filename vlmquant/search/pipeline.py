@@ -1,5 +1,6 @@
 """Stage entry points of the search: gradients, boundary activations, layer-chunk search, merge."""
 import logging
+import math
 
 import torch
 from safetensors import safe_open
@@ -101,7 +102,7 @@ def run_search(model_cfg, run, inputs_path, acts_path, grads_path, layer_ids, ou
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         results, hidden = search_layer(layers.pop(i), groups, hidden, kwargs, masks, run, layer_ratios)
         for g, r in zip(groups, results):
-            if not torch.isfinite(torch.tensor(r.losses[0])):
+            if not math.isfinite(r.losses[0]):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
         scales.save_layer(path, i, groups, results,
                           [layer_ratios[g.ratio] if layer_ratios else None for g in groups], meta)
