@@ -5,6 +5,7 @@ layers live (never the vision tower), the scale groups of a decoder layer, the i
 placeholder token, and how a calibration row becomes processor inputs and masks.
 """
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,14 +53,23 @@ class Adapter:
 
     # --- loading -----------------------------------------------------------------------------
     def load_model(self, path, dtype=torch.float32, device="cpu", trust_remote_code=False):
-        check_model_folder(path)
+        self.check_folder(path)
         cls = getattr(transformers, self.model_class)
         model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(device).eval()
 
     def load_processor(self, path, trust_remote_code=False):
-        check_model_folder(path)
+        self.check_folder(path)
         return load_processor(path, getattr(transformers, self.processor_class), trust_remote_code)
+
+    def check_folder(self, path):
+        """A model folder whose config.json is of this family's transformers architecture."""
+        check_model_folder(path)
+        expected = getattr(transformers, self.model_class).config_class.model_type
+        found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        if found != expected:
+            raise VlmquantError(f"{path}: config.json has model_type {found!r}, family {self.family} needs "
+                                f"{expected!r} (transformers' {self.model_class}); check models.<name>.family")
 
     # --- structure ---------------------------------------------------------------------------
     def layers(self, model) -> torch.nn.ModuleList:
@@ -99,13 +109,18 @@ class Adapter:
             raise VlmquantError(f"sample {row['sample_id']}: images must appear in order once each, got {order}")
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["images"]]
         text = processor.apply_chat_template(self.messages(row["turns"]), tokenize=False)
-        enc = dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        enc = self.process(processor, text, images)
         ids = enc["input_ids"]
         vision = torch.isin(ids, torch.tensor(self.image_token_ids(config)))
         captions = [t["text"] for t in row["turns"] if t["role"] == "assistant"]
         caption = caption_mask(processor.tokenizer, ids[0], captions, row["sample_id"])[None]
         enc.update(labels=torch.where(caption, ids, -100), vision_mask=vision, caption_mask=caption)
         return enc
+
+    def process(self, processor, text, images):
+        """Processor tensors of one sample (batch dim 1). Tensors other than per-token ones must
+        concatenate along dim 0 into the batch the model takes (io.ragged.collate)."""
+        return dict(processor(text=[text], images=images or None, return_tensors="pt"))
 
 
 def caption_mask(tokenizer, ids, captions, sample_id):

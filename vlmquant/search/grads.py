@@ -42,12 +42,12 @@ def lean_mlp_forward(mlp):
 
 def sample_losses(model, batch, device, dtype):
     """Per-sample mean caption NLL, (B,), computing logits only at caption positions."""
-    out = model.model(**model_inputs(batch, device, dtype), use_cache=False)
-    hidden = out.last_hidden_state  # (B, T, C)
+    trunk = getattr(model, model.base_model_prefix)  # the model without its LM head
+    hidden = trunk(**model_inputs(batch, device, dtype), use_cache=False).last_hidden_state  # (B, T, C)
     labels = batch["labels"].to(device)
     target = labels[:, 1:]  # token t+1 is predicted at position t
     pos = target != -100
-    logits = model.lm_head(hidden[:, :-1][pos]).float()  # (N_cap, V)
+    logits = model.get_output_embeddings()(hidden[:, :-1][pos]).float()  # (N_cap, V)
     nll = F.cross_entropy(logits, target[pos], reduction="none")
     row = pos.nonzero()[:, 0]
     counts = pos.sum(1)
