@@ -2,7 +2,8 @@
 import os
 import re
 
-from vlmquant.workflow import calib_params, check_config, layer_file, n_layers, search_chunks, targets
+from vlmquant.workflow import (calib_params, check_config, gpus_per_job, job_mem_mb, layer_file, n_layers, search_chunks,
+                               targets)
 
 config = check_config(config, os.path.join(os.path.dirname(workflow.main_snakefile), "workflow/schemas/config.schema.yaml"))
 
@@ -132,3 +133,12 @@ def plot_inputs(wildcards):
 def lmms_command(wildcards, input, output):
     return layout.lmms_eval_command(config["lmms_eval"], config["models"][wildcards.model]["family"],
                                     input[0], f"{output[0]}.tmp")
+
+
+def host_mem(stage, model=None):
+    """Resource function: host memory of a `stage` job of `model` (default: the {model} wildcard)."""
+
+    def resource(wildcards):
+        return job_mem_mb(config, model or wildcards.model, stage)
+
+    return resource

@@ -15,8 +15,8 @@ rule eval_fp:
         ids=lambda w: {"model": w.model, "eval_calib": w.eval_calib},
         device=config["device"],
     resources:
-        gpu=1,
-        mem_mb=config["eval"]["mem_mb"],
+        gpu=gpus_per_job(config),
+        mem_mb=host_mem("eval"),
     log:
         "results/logs/{model}/eval-{eval_calib}/fp.log",
     benchmark:
@@ -37,8 +37,8 @@ rule eval:
         ids=run_ids,
         device=config["device"],
     resources:
-        gpu=1,
-        mem_mb=config["eval"]["mem_mb"],
+        gpu=gpus_per_job(config),
+        mem_mb=host_mem("eval"),
     log:
         "results/logs/{model}/{calib}/{run}/eval.log",
     benchmark:

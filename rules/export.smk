@@ -15,8 +15,8 @@ rule export:
         meta=run_names,
         device=config["device"],
     resources:
-        gpu=1,
-        mem_mb=config["export"]["mem_mb"],
+        gpu=gpus_per_job(config),
+        mem_mb=host_mem("export"),
     log:
         "results/logs/{model}/{calib}/{run}/export.log",
     benchmark:

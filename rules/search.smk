@@ -13,8 +13,8 @@ rule grads:
         device=config["device"],
         batch_size=config["search"]["grads_batch_size"],
     resources:
-        gpu=1,
-        mem_mb=config["search"]["mem_mb"],
+        gpu=gpus_per_job(config),
+        mem_mb=host_mem("grads"),
     log:
         "results/logs/{model}/{calib}/grads.log",
     benchmark:
@@ -35,8 +35,8 @@ rule acts:
         device=config["device"],
         starts=chunk_starts,
     resources:
-        gpu=1,
-        mem_mb=config["search"]["mem_mb"],
+        gpu=gpus_per_job(config),
+        mem_mb=host_mem("acts"),
     log:
         "results/logs/{model}/{calib}/acts.log",
     benchmark:
@@ -65,8 +65,8 @@ for _model, _first, _end in search_chunks(config):
             meta=scale_meta(_model),
             device=config["device"],
         resources:
-            gpu=1,
-            mem_mb=config["search"]["mem_mb"],
+            gpu=gpus_per_job(config),
+            mem_mb=host_mem("search", _model),
         log:
             f"results/logs/{_model}/{{calib}}/{{run}}/search_{_first:03d}.log",
         benchmark:

@@ -264,8 +264,8 @@ def test_eval_export_lmms_config_defaults():
 
     cfg = checked(drop)
     assert cfg["eval"] == {"calib": "demo-holdout", "batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16,
-                           "mem_mb": 16000}
-    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": 16000}
+                           "mem_mb": None}
+    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": None}
     assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
     assert not any("lmms_eval" in t for t in final_targets(cfg))
     cfg["lmms_eval"]["enabled"] = True
