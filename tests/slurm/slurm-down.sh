@@ -1,5 +1,5 @@
 #!/bin/bash
-# Cancel the jobs of the SLURM that slurm-up.sh started, then stop its daemons by their PIDs.
+# Cancel the jobs of the SLURM that slurm-up.sh started, stop its daemons by their PIDs, remove its config.
 grep -qxF "# written by vlmquant tests/slurm/slurm-up.sh" /etc/slurm/slurm.conf 2>/dev/null || exit 0
 if [ -s /run/slurmctld.pid ] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null; then
   squeue -h -t PENDING,RUNNING -o %A 2>/dev/null | xargs -r scancel
@@ -12,3 +12,6 @@ for pidfile in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
     rm -f "$pidfile"
   fi
 done
+# Without a config, SLURM commands fail at once instead of retrying a controller that is gone for
+# ~10 s (the executor plugin runs `scontrol show config` whenever Snakemake starts).
+rm -f /etc/slurm/slurm.conf /etc/slurm/gres.conf
