@@ -179,8 +179,8 @@ def test_gpu_path_picks_the_same_alpha_as_cpu(staged, merged, tmp_path):
     torch.testing.assert_close(torch.tensor(gpu["loss"].values), torch.tensor(cpu["loss"].values), rtol=1e-3, atol=0)
 
 
-def test_lean_mlp_matches_autograd(demo_model_path):
-    from vlmquant.search.grads import SiluMul, lean_mlp_forward
+def test_lean_forwards_match_the_model(demo_model_path):
+    from vlmquant.search.grads import SiluMul, lean_forwards, lean_mlp_forward
 
     g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
@@ -191,3 +191,15 @@ def test_lean_mlp_matches_autograd(demo_model_path):
     assert lean is not None  # the demo's SiLU MLP takes the lean path
     x = torch.randn(3, 256)
     torch.testing.assert_close(lean(x), mlp(x))
+    layers = model.model.language_model.layers
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    mlp_in = lambda: layers[0].mlp(layers[0].post_attention_layernorm(x))  # noqa: E731
+    ref = mlp_in()
+    ref_grad, = torch.autograd.grad(ref.square().sum(), x)
+    with lean_forwards(layers, "mlp") as n:
+        assert n == 3 * len(layers)  # each layer's MLP and both RMSNorms take the lean path
+        out = mlp_in()
+        grad, = torch.autograd.grad(out.square().sum(), x)
+    assert all("forward" not in vars(m) for m in layers.modules())  # originals restored
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, ref_grad)

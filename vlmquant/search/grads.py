@@ -5,6 +5,8 @@ For each decoder layer's attention output projection and MLP output projection, 
 over samples. loss = mean caption-token NLL of that sample. Only activation gradients are
 computed: every parameter is frozen and the gradient enters at the token embeddings.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -27,9 +29,7 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        return grad * u * (sig * (1 + g * (1 - sig))), grad * silu
+        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)  # four elementwise kernels
 
 
 def lean_mlp_forward(mlp):
@@ -38,6 +38,42 @@ def lean_mlp_forward(mlp):
             type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
         return None
     return lambda x: mlp.down_proj(SiluMul.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def lean_norm_forward(norm):
+    """A Llama-style RMSNorm through torch's fused F.rms_norm; None unless it matches the module on a probe
+    (rounding aside: another formula, e.g. Gemma's 1 + weight, is far off)."""
+    if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon") or norm.weight.dim() != 1:
+        return None
+
+    def forward(x):
+        return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon)  # accumulates in fp32
+
+    probe = torch.randn(2, norm.weight.shape[0], device=norm.weight.device, dtype=norm.weight.dtype)
+    with torch.no_grad():
+        return forward if torch.allclose(forward(probe).float(), norm(probe).float(), rtol=1e-2, atol=1e-3) else None
+
+
+@contextlib.contextmanager
+def lean_forwards(layers, mlp_name):
+    """Swap each decoder layer's MLP and RMSNorm forwards for leaner ones (same math) while inside."""
+    swapped = {}
+    for layer in layers:
+        candidates = [(layer.get_submodule(mlp_name), lean_mlp_forward)]
+        candidates += [(m, lean_norm_forward) for m in layer.modules() if type(m).__name__.endswith("RMSNorm")]
+        for module, make in candidates:
+            fwd = make(module)
+            if fwd is not None:
+                swapped[module] = vars(module).get("forward")  # an instance-level forward, if any
+                module.forward = fwd
+    try:
+        yield len(swapped)
+    finally:
+        for module, fwd in swapped.items():
+            if fwd is None:
+                del module.forward
+            else:
+                module.forward = fwd
 
 
 def sample_losses(model, batch, device, dtype):
@@ -75,40 +111,32 @@ def gradient_stats(model, adapter, samples, device, dtype, batch_size=4):
         return hook
 
     def accumulate(site, i, g):
-        a = g.detach().abs().float().sum(-1)  # (b, T): sum over channels
+        a = torch.linalg.vector_norm(g.detach(), 1, dim=-1, dtype=torch.float32)  # (b, T): sum |g| over channels
         for key in ("vis", "cap"):
             m = current[key]
             per_sample = (a * m).sum(1) / (m.sum(1) * g.shape[-1]).clamp(min=1)  # mean |g| per sample
             sums[site][key][i] += per_sample.double().sum()
 
-    lean = {}  # mlp → its original forward, restored at the end
-    for layer in layers:
-        mlp = layer.get_submodule(adapter.mlp_out.rsplit(".", 1)[0])
-        fwd = lean_mlp_forward(mlp)
-        if fwd is not None:
-            lean[mlp] = mlp.forward
-            mlp.forward = fwd
     handles = [layers[i].get_submodule(name).register_forward_hook(grad_hook(site, i))
                for i in range(L) for site, name in (("attn", adapter.attn_out), ("mlp", adapter.mlp_out))]
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     try:
-        for start in tqdm(range(0, B, batch_size), desc="grads", unit="batch"):
-            part = ragged.collate(samples[start:start + batch_size])
-            valid = part["attention_mask"].bool().to(device)
-            current["vis"] = (part["vision_mask"].bool().to(device) & valid).float()
-            current["cap"] = (part["caption_mask"].bool().to(device) & valid).float()
-            counts["vis"] += int(current["vis"].sum())
-            counts["cap"] += int(current["cap"].sum())
-            losses = sample_losses(model, part, device, dtype)
-            if not torch.isfinite(losses).all():
-                raise VlmquantError("non-finite caption loss in the gradient pass")
-            losses.sum().backward()  # samples are independent: each gets its own loss's gradient
+        with lean_forwards(layers, adapter.mlp_out.rsplit(".", 1)[0]):
+            for start in tqdm(range(0, B, batch_size), desc="grads", unit="batch"):
+                part = ragged.collate(samples[start:start + batch_size])
+                valid = part["attention_mask"].bool().to(device)
+                current["vis"] = (part["vision_mask"].bool().to(device) & valid).float()
+                current["cap"] = (part["caption_mask"].bool().to(device) & valid).float()
+                counts["vis"] += int(current["vis"].sum())
+                counts["cap"] += int(current["cap"].sum())
+                losses = sample_losses(model, part, device, dtype)
+                if not torch.isfinite(losses).all():
+                    raise VlmquantError("non-finite caption loss in the gradient pass")
+                losses.sum().backward()  # samples are independent: each gets its own loss's gradient
     finally:
         for h in handles:
             h.remove()
-        for mlp, fwd in lean.items():
-            mlp.forward = fwd
     for site in SITES:
         for key in ("vis", "cap"):
             bad = (~torch.isfinite(sums[site][key])).nonzero()
