@@ -285,3 +285,27 @@ def test_eval_export_lmms_config_defaults():
 def test_bad_eval_export_lmms_config_names_the_key(edit, needle):
     with pytest.raises(VlmquantError, match=re.escape(needle)):
         checked(edit)
+
+
+def test_weight_activation_run_exports_per_channel_weights_and_quantizes_inputs_at_eval(pipe, model_cfg, tmp_path):
+    """W4A8 (RTN): symmetric per-output-channel weights in the checkpoint; eval quantizes linear inputs."""
+    from vlmquant.export import export_checkpoint, read_quant_info
+
+    adapter = get_adapter("qwen2_vl")
+    run = {"method": "rtn", "w_bit": 4, "w_group": 128, "a_bit": 8}
+    ckpt = tmp_path / "w4a8"
+    export_checkpoint(model_cfg, run, ckpt, device="cpu", meta={"model": MODEL, "calib": CALIB, "run": "rtn-w4a8"})
+    assert read_quant_info(ckpt)["a_bit"] == 8
+    for _, lin in decoder_linears(adapter.load_model(ckpt), adapter):
+        q = lin.weight / (lin.weight.abs().amax(1, keepdim=True) / 7)  # 4 bits symmetric: integers in [-7, 7]
+        torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-3)
+    ids = {"model": MODEL, "calib": CALIB, "run": "rtn-w4a8", "eval_calib": EVAL_CALIB}
+    run_eval(model_cfg, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "wa.parquet", SETTINGS, ids, device="cpu")
+    info = json.loads((ckpt / "quantization.json").read_text())
+    (ckpt / "quantization.json").write_text(json.dumps({**info, "a_bit": None}))  # the same weights, fp activations
+    run_eval(model_cfg, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "w.parquet", SETTINGS, ids, device="cpu")
+    (wa, meta), (w, _) = read_table(tmp_path / "wa.parquet"), read_table(tmp_path / "w.parquet")
+    assert meta["a_bit"] == 8
+    kl_wa, kl_w = value(wa, "kl", modality="caption"), value(w, "kl", modality="caption")
+    assert kl_w > 0 and kl_wa > 0 and kl_wa != kl_w
+    assert value(wa, "weight_rel_err", layer=0) == value(w, "weight_rel_err", layer=0)

@@ -111,3 +111,23 @@ def test_per_token_act_hand_values_and_shape():
         torch.testing.assert_close(q[b], fake_quant_weight_per_channel_sym(x[b], 4))
         for t in range(5):
             assert q[b, t].unique().numel() <= 16
+
+
+def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo_model_path):
+    import torch.nn.functional as F
+
+    from vlmquant.models import get_adapter
+    from vlmquant.quant.model import decoder_linears, quantized_activations
+
+    adapter = get_adapter("qwen2_vl")
+    model = adapter.load_model(demo_model_path)
+    names = [n for n, _ in decoder_linears(model, adapter)]
+    lin = model.get_submodule("model.language_model." + names[0])
+    x = torch.randn(2, 5, lin.in_features) * 3
+    with quantized_activations(model, adapter, 4, ignore=[names[1]]) as n:
+        assert n == len(names) - 1
+        torch.testing.assert_close(lin(x), F.linear(fake_quant_act_per_token(x, 4), lin.weight, lin.bias), rtol=0, atol=0)
+        ignored = model.get_submodule("model.language_model." + names[1])
+        y = torch.randn(3, ignored.in_features)
+        assert torch.equal(ignored(y), F.linear(y, ignored.weight, ignored.bias))
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))

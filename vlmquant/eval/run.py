@@ -15,6 +15,7 @@ Tables (`fp.parquet`, `eval.parquet`), long format, one metric value per row:
   weight_rel_err_scaled per layer (modality null). See vlmquant/eval/metrics.py for definitions.
   Schema metadata `vlmquant`: provenance (settings, hashes, quantization info, packages).
 """
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions, sha256_file
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import Checkpoint, resolve_device, resolve_dtype
-from vlmquant.quant.model import decoder_linears
+from vlmquant.quant.model import decoder_linears, quantized_activations
 from vlmquant.search.capture import load_samples, model_inputs
 
 log = logging.getLogger(__name__)
@@ -210,28 +211,31 @@ def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings,
     errors = ErrorSums()
     nll_sum = kl_sum = top1 = 0.0
     n_cap = n_hid = 0
-    for out in forward_batches(model, adapter, samples, selection, settings["batch_size"], device, dtype):
-        n, m = out["target"].numel(), out["hid_pos"].numel()
-        for key, mine, span in (("cap.sample", out["cap_sample"], (n_cap, n)), ("cap.pos", out["cap_pos"], (n_cap, n)),
-                                ("hid.sample", out["hid_sample"], (n_hid, m)), ("hid.pos", out["hid_pos"], (n_hid, m))):
-            if not torch.equal(ref[key][span[0]:span[0] + span[1]], mine):
-                raise VlmquantError(f"{ref_path}: the fp reference positions do not match the eval inputs; rerun it")
-        logq = out["logp"]
-        if not torch.isfinite(logq).all():
-            raise VlmquantError(f"{checkpoint}: non-finite logits on the eval set")
-        dev = logq.device
-        idx = ref["cap.topk_idx"][n_cap:n_cap + n].to(dev)
-        lp = ref["cap.topk_logp"][n_cap:n_cap + n].to(dev)
-        nll_sum += float(-logq.gather(1, out["target"].to(dev)[:, None]).double().sum())
-        rest = ref["cap.rest_logp"][n_cap:n_cap + n].to(dev)
-        kl_sum += float(kl_topk(idx, lp, logq, rest).sum())
-        top1 += float((logq.argmax(1) == idx[:, 0]).sum())
-        vision = ref["hid.vision"][n_hid:n_hid + m].to(dev)
-        for i, h in out["hidden"].items():
-            h_fp = ref[f"hid.layer_{i:03d}"][n_hid:n_hid + m].to(dev)
-            for modality, mask in (("vision", vision), ("text", ~vision)):
-                errors.add((i, modality), h[mask], h_fp[mask])
-        n_cap, n_hid = n_cap + n, n_hid + m
+    a_bit = quant.get("a_bit")  # weight-activation runs: activations are quantized at run time
+    acts = quantized_activations(model, adapter, a_bit, quant.get("ignored_modules", ())) if a_bit else contextlib.nullcontext()
+    with acts:
+        for out in forward_batches(model, adapter, samples, selection, settings["batch_size"], device, dtype):
+            n, m = out["target"].numel(), out["hid_pos"].numel()
+            for key, mine, span in (("cap.sample", out["cap_sample"], (n_cap, n)), ("cap.pos", out["cap_pos"], (n_cap, n)),
+                                    ("hid.sample", out["hid_sample"], (n_hid, m)), ("hid.pos", out["hid_pos"], (n_hid, m))):
+                if not torch.equal(ref[key][span[0]:span[0] + span[1]], mine):
+                    raise VlmquantError(f"{ref_path}: the fp reference positions do not match the eval inputs; rerun it")
+            logq = out["logp"]
+            if not torch.isfinite(logq).all():
+                raise VlmquantError(f"{checkpoint}: non-finite logits on the eval set")
+            dev = logq.device
+            idx = ref["cap.topk_idx"][n_cap:n_cap + n].to(dev)
+            lp = ref["cap.topk_logp"][n_cap:n_cap + n].to(dev)
+            nll_sum += float(-logq.gather(1, out["target"].to(dev)[:, None]).double().sum())
+            rest = ref["cap.rest_logp"][n_cap:n_cap + n].to(dev)
+            kl_sum += float(kl_topk(idx, lp, logq, rest).sum())
+            top1 += float((logq.argmax(1) == idx[:, 0]).sum())
+            vision = ref["hid.vision"][n_hid:n_hid + m].to(dev)
+            for i, h in out["hidden"].items():
+                h_fp = ref[f"hid.layer_{i:03d}"][n_hid:n_hid + m].to(dev)
+                for modality, mask in (("vision", vision), ("text", ~vision)):
+                    errors.add((i, modality), h[mask], h_fp[mask])
+            n_cap, n_hid = n_cap + n, n_hid + m
     if n_cap != ref["cap.target"].numel():
         raise VlmquantError(f"{ref_path}: {ref['cap.target'].numel()} caption positions, the eval found {n_cap}; rerun it")
     rows = caption_rows(nll_sum, n_cap, kl_sum, top1, len(samples))
@@ -240,5 +244,5 @@ def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings,
     provenance = {**ids, "settings": {k: settings[k] for k in SETTINGS}, "inputs_sha256": inputs_sha,
                   "fp_reference_sha256": sha256_file(ref_path), "checkpoint": str(checkpoint),
                   "method": quant["method"], "w_bit": quant["w_bit"], "w_group": quant["w_group"],
-                  "quantization": {k: v for k, v in quant.items() if k != "packages"}, "packages": package_versions()}
+                  "a_bit": quant.get("a_bit"), "quantization": {k: v for k, v in quant.items() if k != "packages"}, "packages": package_versions()}
     write_table(rows, table_path, ids, provenance)

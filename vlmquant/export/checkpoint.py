@@ -235,7 +235,7 @@ def export_checkpoint(model_cfg, run, out_dir, cache_path=None, ignore=(), max_s
                       device="auto"):
     """fp model + scale cache (none for RTN) → pseudo-quantized HF folder at `out_dir`.
 
-    model_cfg: models.<name> of the config; run: {method, w_bit, w_group}; meta: model/calib/run names.
+    model_cfg: models.<name> of the config; run: {method, w_bit, w_group[, a_bit]}; meta: model/calib/run names.
     """
     meta = dict(meta or {})
     adapter = get_adapter(model_cfg["family"])
@@ -254,9 +254,12 @@ def export_checkpoint(model_cfg, run, out_dir, cache_path=None, ignore=(), max_s
     src = Path(model_cfg["path"])
     info = {
         "format": FORMAT, "version": 1,
-        "method": run["method"], "w_bit": run["w_bit"], "w_group": run["w_group"],
-        "quantizer": "asymmetric min/max with zero point, groups of w_group input columns "
-                     "(weights stored dequantized, in the model dtype)",
+        "method": run["method"], "w_bit": run["w_bit"], "w_group": run["w_group"], "a_bit": run.get("a_bit"),
+        "quantizer": (f"weights symmetric abs-max per output channel; activations {run['a_bit']}-bit symmetric "
+                      "abs-max per token at every quantized linear's input, applied at run time "
+                      "(vlmquant.quant.model.quantized_activations)" if run.get("a_bit") else
+                      "asymmetric min/max with zero point, groups of w_group input columns")
+                     + " (weights stored dequantized, in the model dtype)",
         **{k: meta[k] for k in ("model", "calib", "run") if k in meta},
         "run_config": run,
         "source_model": str(src),

@@ -1,8 +1,10 @@
 """Whole-model operations: fold a scale cache into a model, fake-quantize its decoder linears."""
+import contextlib
+
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.fake import fake_quant_weight, fake_quant_weight_per_channel_sym
+from vlmquant.quant.fake import fake_quant_act_per_token, fake_quant_weight, fake_quant_weight_per_channel_sym
 from vlmquant.search.apply import scale_linear_into_linears, scale_norm_into_linears
 
 
@@ -54,3 +56,16 @@ def pseudo_quantize(model, adapter, run, ignore=()):
             lin.weight.copy_(fake_quant_weight_per_channel_sym(lin.weight, run["w_bit"]))
         else:
             lin.weight.copy_(fake_quant_weight(lin.weight, run["w_bit"], run["w_group"]))
+
+
+@contextlib.contextmanager
+def quantized_activations(model, adapter, a_bit, ignore=()):
+    """While inside, every decoder-layer linear (minus `ignore`) sees its input fake-quantized per
+    token with `a_bit` bits, symmetric abs-max: the runtime half of a weight-activation (W·A·) run."""
+    hook = lambda module, args: (fake_quant_act_per_token(args[0], a_bit), *args[1:])  # noqa: E731
+    handles = [lin.register_forward_pre_hook(hook) for _, lin in decoder_linears(model, adapter, ignore)]
+    try:
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()

@@ -2,7 +2,8 @@
 
 Columns:
   model, calib (null for fp), run ("fp" for the fp model), method (fp / rtn / awq / mbq), w_bit (the fp
-  row: bits of the model dtype), w_group, eval_calib, n_samples, n_caption_tokens,
+  row: bits of the model dtype), w_group (null per output channel), a_bit (null: weight-only), eval_calib,
+  n_samples, n_caption_tokens,
   caption_nll, caption_ppl, kl, top1_agreement            caption positions of the eval set
   hidden_err_vision, hidden_err_text                      relative MSE of the decoder-layer outputs, mean over layers
   hidden_err_vision_last, hidden_err_text_last            the same at the last decoder layer
@@ -26,7 +27,7 @@ from vlmquant.io.provenance import dumps, package_versions
 
 STAGES = ("grads", "acts", "search", "export", "eval")
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64}
-COLUMNS = ["model", "calib", "run", "method", "w_bit", "w_group", "eval_calib", "n_samples", "n_caption_tokens",
+COLUMNS = ["model", "calib", "run", "method", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples", "n_caption_tokens",
            "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
            "hidden_err_vision_last", "hidden_err_text_last", "weight_err", "weight_err_scaled",
            *[f"time_{s}_s" for s in STAGES], "time_total_s"]
@@ -59,7 +60,8 @@ def table_row(path):
     row = {"model": meta.get("model"), "calib": meta.get("calib"), "run": "fp" if fp else meta.get("run"),
            "method": meta.get("method"), "eval_calib": meta.get("eval_calib"),
            "w_bit": DTYPE_BITS.get(meta.get("dtype"), math.nan) if fp else meta.get("w_bit"),
-           "w_group": None if fp else meta.get("w_group")}
+           "w_group": None if fp or meta.get("a_bit") else meta.get("w_group"),
+           "a_bit": None if fp else meta.get("a_bit")}
     for name in ("n_samples", "n_caption_tokens", "caption_nll", "caption_ppl", "kl", "top1_agreement"):
         row[name] = metric(df, name)
     for mod in ("vision", "text"):
@@ -99,6 +101,7 @@ def summarize(tables, benchmarks):
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["w_bit"] = df["w_bit"].astype("Int64")
     df["w_group"] = df["w_group"].astype("Int64")
+    df["a_bit"] = df["a_bit"].astype("Int64")
     for col in ("n_samples", "n_caption_tokens"):
         df[col] = df[col].astype("Int64")
     return df
