@@ -39,7 +39,10 @@ def test_default_config_is_valid_and_filled(cfg):
     (lambda c: c.update(devise="cpu"), "Additional properties are not allowed ('devise'"),
     (lambda c: c["runs"]["mbq-w3g128"].update(w_bit=1), "runs.mbq-w3g128.w_bit: 1 is less than the minimum"),
     (lambda c: c["targets"].update(models=["nope"]), "targets.models: 'nope' is not defined"),
-    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: awq never reweights"),
+    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: only mbq reweights"),
+    (lambda c: c["runs"]["awq-w3g128"].update(method="smoothquant"), "runs.awq-w3g128.a_bit: smoothquant smooths"),
+    (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: only smoothquant takes alpha"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", alpha=1.5), "runs.mbq-w4a8.alpha: 1.5 is greater"),
 ])
 def test_bad_config_names_the_key(cfg, edit, needle):
     edit(cfg)

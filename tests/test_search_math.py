@@ -8,7 +8,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import fake_quant_act_per_token, fake_quant_weight, fake_quant_weight_per_channel_sym
 from vlmquant.search.apply import scale_linear_into_linears, scale_norm_into_linears
-from vlmquant.search.grid import group_loss, search_group, smoothquant_scales
+from vlmquant.search.grid import group_loss, search_group, smooth_group, smoothquant_scales
 
 # ---- group_loss -------------------------------------------------------------------------
 
@@ -205,6 +205,28 @@ def test_search_weight_activation_mode():
     assert r.losses[0] == pytest.approx(group_loss(fp_out, wa_forward(torch.ones(64)), masks), rel=1e-6)
     assert r.losses[r.best_index] == min(r.losses) < r.losses[0]
     assert group_loss(fp_out, wa_forward(r.scales), masks) == pytest.approx(r.losses[r.best_index], rel=1e-4)
+
+
+def test_smooth_group_keeps_smoothquant_scales_and_reports_rtn():
+    norm, lins, x_in, x, forward, fp_out, masks = _group()
+    before = [lin.weight.detach().clone() for lin in lins]
+    with torch.no_grad():
+        x[1, 9:] = 1e4  # padding positions of sample 1 must not enter max|X|
+    r = smooth_group(x, lins, forward, fp_out, masks, w_bit=4, act_bits=8, alpha=0.6)
+    assert all(torch.equal(lin.weight, b) for lin, b in zip(lins, before))
+    assert all(len(lin._forward_pre_hooks) == 0 for lin in lins)
+    x_max = x.reshape(-1, 64)[masks["valid"].reshape(-1)].abs().amax(0)
+    torch.testing.assert_close(r.scales, smoothquant_scales(x_max, lins, 0.6))
+    assert r.alpha == 0.6 and r.best_index == 1 and len(r.losses) == 2
+    rtn = search_group(x, lins, forward, fp_out, masks, w_bit=4, w_group=128, act_bits=8, n_grid=1)
+    assert r.losses[0] == rtn.losses[0]
+
+    def wa_forward(s):  # the folded, W-A quantized group: Q_a(h / s) . Q_w(W s)^T
+        with torch.no_grad():
+            h = fake_quant_act_per_token(norm(x_in) / s, 8)
+            return torch.cat([F.linear(h, fake_quant_weight_per_channel_sym(lin.weight * s, 4), lin.bias) for lin in lins], -1)
+
+    assert group_loss(fp_out, wa_forward(r.scales), masks) == pytest.approx(r.losses[1], rel=1e-4)
 
 
 def test_search_half_precision_group():

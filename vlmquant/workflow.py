@@ -26,8 +26,15 @@ def check_config(config, schema_path):
         raise VlmquantError(f"config: {key}: {error.message}")
     validate(config, str(schema_path), set_default=True)
     for name, run in config["runs"].items():
-        if run["method"] == "awq" and run.get("reweight"):
-            raise VlmquantError(f"config: runs.{name}.reweight: awq never reweights; use method mbq")
+        if run["method"] != "mbq" and run.get("reweight"):
+            raise VlmquantError(f"config: runs.{name}.reweight: only mbq reweights")
+        if run["method"] == "smoothquant" and "a_bit" not in run:
+            raise VlmquantError(f"config: runs.{name}.a_bit: smoothquant smooths activations for quantization; "
+                                "set a_bit (e.g. 8 for W8A8)")
+        if run["method"] != "smoothquant" and "alpha" in run:
+            raise VlmquantError(f"config: runs.{name}.alpha: only smoothquant takes alpha (mbq and awq search it)")
+        if run["method"] == "smoothquant":
+            run.setdefault("alpha", 0.5)
         run.setdefault("reweight", run["method"] == "mbq")
     for kind in ("models", "calib", "runs"):
         for name in config["targets"].get(kind, []):

@@ -1,6 +1,7 @@
 """Per-layer scale files and the merged scale cache.
 
-Layer file (safetensors): `scale.{k}` (C_in,) fp32 per group k, `alpha` (G,), `losses` (G, n_grid);
+Layer file (safetensors): `scale.{k}` (C_in,) fp32 per group k, `alpha` (G,), `losses` (G, n_candidates:
+the grid, or RTN and SmoothQuant's scales), `best` (G,) index of the kept candidate;
 metadata: layer index, model, run settings and the group names.
 Scale cache (torch.save, loads with weights_only=True):
   {"scale": [(prev_op_name, (linear names…), scales_fp32), …], "meta": {...}}
@@ -25,6 +26,7 @@ def save_layer(path, index, groups, results, ratios, meta):
     tensors = {f"scale.{k}": r.scales.detach().float().cpu().contiguous() for k, r in enumerate(results)}
     tensors["alpha"] = torch.tensor([r.alpha for r in results], dtype=torch.float32)
     tensors["losses"] = torch.tensor([r.losses for r in results], dtype=torch.float32)
+    tensors["best"] = torch.tensor([r.best_index for r in results], dtype=torch.int64)
     info = {**meta, "layer": index,
             "groups": [{"prev": g.prev, "linears": list(g.linears), "block": g.block, "ratio": ratio}
                        for g, ratio in zip(groups, ratios)]}
@@ -45,6 +47,8 @@ def merge(layer_paths, cache_path, table_path, expect):
     entries, rows = [], []
     for want, path in enumerate(layer_paths):
         tensors, info = load_layer(path)
+        if "best" not in tensors:
+            raise VlmquantError(f"{path}: scale file from an older vlmquant (no 'best'); delete it and rerun")
         for key, value in expect.items():
             if info.get(key) != value:
                 raise VlmquantError(f"{path}: scale file is for {key}={info.get(key)!r}, expected {value!r} "
@@ -55,7 +59,7 @@ def merge(layer_paths, cache_path, table_path, expect):
             prefix = f"layers.{want}."
             entries.append((prefix + g["prev"], tuple(prefix + n for n in g["linears"]), tensors[f"scale.{k}"]))
             losses = tensors["losses"][k]
-            best = int(round(float(tensors["alpha"][k]) * losses.numel()))
+            best = int(tensors["best"][k])
             rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]),
                          "alpha": float(tensors["alpha"][k]), "loss": float(losses[best]),
                          "rtn_loss": float(losses[0]), "ratio": g["ratio"]})

@@ -74,55 +74,51 @@ class GroupResult:
     best_index: int
 
 
-@torch.no_grad()
-def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, act_bits=None) -> GroupResult:
-    """Grid-search the per-input-channel scales of one group.
-
-    x: the linears' fp input, (N, C_in) or (B, T, C_in). linears: modules with a .weight (out, C_in).
-    forward: zero-arg callable running the group's module on its fp inputs with the linears'
-    current weights, returning a tensor shaped like fp_out. Weights are restored on return.
-    act_bits: weight-activation mode; weights are quantized symmetric per output channel with
-    w_bit, and each linear's input is quantized per token with act_bits as the scaled model
-    would see it: Q_a(x/s)·s.
-    """
-    if n_grid < 1:
-        raise VlmquantError(f"n_grid={n_grid} must be at least 1")
+def _check_group(x, linears, w_bit, w_group, act_bits):
     check_bits(w_bit, 1 if act_bits is None else 2)
     if act_bits is not None:
         check_bits(act_bits, 2)
-    weights = [lin.weight for lin in linears]
     n_in = x.shape[-1]
-    for w in weights:
+    for lin in linears:
+        w = lin.weight
         if w.dim() != 2 or w.shape[1] != n_in:
             raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the group input's {n_in} channels")
         if act_bits is None:
             check_weight_groups(w.shape, w_group)
-    group = w_group if w_group > 0 else n_in
-    device = weights[0].device
 
-    # a = mean |x| per input channel over valid tokens: (C_in,) fp32
+
+def _valid_rows(x, masks):
+    """The group input's rows at valid (non-padding) tokens, (N_valid, C_in)."""
     valid = masks["valid"].reshape(-1).to(x.device)
-    xv = x.reshape(-1, n_in)[valid]  # (N_valid, C_in)
+    xv = x.reshape(-1, x.shape[-1])[valid]
     if xv.shape[0] == 0:
         raise VlmquantError("no valid (non-padding) tokens to compute activation statistics on")
-    a = xv.abs_().mean(dim=0, dtype=torch.float32).to(device)
-    del xv
+    return xv
 
+
+def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_group, loss, ratio, act_bits):
+    """Block loss with each candidate scale vector s (C_in,) folded in and the weights fake-quantized.
+
+    Weight-only: Q(W·s) with groups of w_group, input x/s. act_bits: weights symmetric per output
+    channel, each linear's input quantized per token as the scaled model sees it, Q_a(x/s)·s.
+    The linears' weights are restored on return.
+    """
+    weights = [lin.weight for lin in linears]
+    device = weights[0].device
+    group = w_group if w_group > 0 else weights[0].shape[1]
     originals = [w.detach().clone() for w in weights]
     if act_bits is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
         buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
+    s = None
 
-    def quantize_input(module, args):  # reads the grid loop's current s
+    def quantize_input(module, args):  # reads the loop's current s
         xs = args[0].to(compute_dtype(args[0].dtype)) / s  # (..., C_in)
         return (fake_quant_sym_rows_(xs, act_bits).mul_(s).to(args[0].dtype),) + args[1:]
 
     hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if act_bits is not None else []
-    losses, best_index, best_s = [], 0, None
+    losses = []
     try:
-        for i in range(n_grid):
-            alpha = i / n_grid
-            s = a.pow(alpha).clamp_(min=1e-4)
-            s /= (s.max() * s.min()).sqrt()  # (C_in,)
+        for s in candidates:
             for w, w0 in zip(weights, originals):
                 if act_bits is None:
                     w.copy_(scaled_fake_quant(w0, s, w_bit, group))
@@ -130,14 +126,51 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
                     ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
                     w.copy_(fake_quant_sym_rows_(ws, w_bit).div_(s))
             losses.append(group_loss(fp_out, forward(), masks, loss, ratio))
-            if i == 0 or losses[i] < losses[best_index]:
-                best_index, best_s = i, s
     finally:
         for h in hooks:
             h.remove()
         for w, w0 in zip(weights, originals):
             w.copy_(w0)
-    return GroupResult(scales=best_s, alpha=best_index / n_grid, losses=losses, best_index=best_index)
+    return losses
+
+
+@torch.no_grad()
+def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, act_bits=None) -> GroupResult:
+    """Grid-search the per-input-channel scales of one group.
+
+    x: the linears' fp input, (N, C_in) or (B, T, C_in). linears: modules with a .weight (out, C_in).
+    forward: zero-arg callable running the group's module on its fp inputs with the linears'
+    current weights, returning a tensor shaped like fp_out. Weights are restored on return.
+    Candidates: s = a^α normalized, a = mean |x| per channel, α = 0, 1/n_grid, …; the α with the
+    strictly smallest loss wins (α = 0 is RTN). act_bits: weight-activation mode (candidate_losses).
+    """
+    if n_grid < 1:
+        raise VlmquantError(f"n_grid={n_grid} must be at least 1")
+    _check_group(x, linears, w_bit, w_group, act_bits)
+    xv = _valid_rows(x, masks)
+    a = xv.abs_().mean(dim=0, dtype=torch.float32).to(linears[0].weight.device)  # (C_in,)
+    del xv
+    grid = []
+    for i in range(n_grid):
+        s = a.pow(i / n_grid).clamp_(min=1e-4)
+        grid.append(s / (s.max() * s.min()).sqrt())
+    losses = candidate_losses(linears, forward, fp_out, masks, grid, w_bit=w_bit, w_group=w_group, loss=loss,
+                              ratio=ratio, act_bits=act_bits)
+    best = min(range(n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
+    return GroupResult(scales=grid[best], alpha=best / n_grid, losses=losses, best_index=best)
+
+
+@torch.no_grad()
+def smooth_group(x, linears, forward, fp_out, masks, *, w_bit, act_bits, alpha=0.5, loss="mae", ratio=None) -> GroupResult:
+    """SmoothQuant scales, no search: s_j = max|X_j|^α / max|W_j|^(1−α), the maxima over valid tokens
+    and over the rows of all the group's linears. losses = [RTN (s = 1), smoothed]; the smoothed
+    scales are kept whatever their loss."""
+    _check_group(x, linears, w_bit, -1, act_bits)
+    x_max = _valid_rows(x, masks).abs().amax(0).to(linears[0].weight.device)  # (C_in,)
+    s = smoothquant_scales(x_max, linears, alpha)
+    losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], w_bit=w_bit, w_group=-1,
+                              loss=loss, ratio=ratio, act_bits=act_bits)
+    return GroupResult(scales=s, alpha=alpha, losses=losses, best_index=1)
 
 
 @torch.no_grad()

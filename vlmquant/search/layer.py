@@ -7,7 +7,7 @@ block's inputs and output. Each group is then searched from the layer's fp weigh
 import torch
 
 from vlmquant.search.capture import layer_forward
-from vlmquant.search.grid import search_group
+from vlmquant.search.grid import search_group, smooth_group
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def record_layer(layer, groups, hidden, kwargs):
 def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
     """Search every group of `layer`. Returns (results per group, fp output of the layer).
 
-    run: dict with w_bit, w_group, n_grid, loss, reweight, a_bit (None for weight-only).
+    run: dict with method, w_bit, w_group, n_grid, loss, a_bit (None for weight-only), alpha (smoothquant).
     ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None.
     """
     out, records = record_layer(layer, groups, hidden, kwargs)
@@ -50,9 +50,14 @@ def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
             o = block(*rec["args"], **rec["kwargs"])
             return o[0] if isinstance(o, tuple) else o
 
-        results.append(search_group(
-            rec["x"], [layer.get_submodule(n) for n in g.linears], forward, rec["out"], masks,
-            w_bit=run["w_bit"], w_group=run["w_group"], n_grid=run["n_grid"], loss=run["loss"],
-            ratio=ratios[g.ratio] if ratios else None, act_bits=run.get("a_bit")))
+        linears = [layer.get_submodule(n) for n in g.linears]
+        ratio = ratios[g.ratio] if ratios else None
+        if run["method"] == "smoothquant":
+            results.append(smooth_group(rec["x"], linears, forward, rec["out"], masks, w_bit=run["w_bit"],
+                                        act_bits=run["a_bit"], alpha=run["alpha"], loss=run["loss"], ratio=ratio))
+        else:
+            results.append(search_group(rec["x"], linears, forward, rec["out"], masks, w_bit=run["w_bit"],
+                                        w_group=run["w_group"], n_grid=run["n_grid"], loss=run["loss"],
+                                        ratio=ratio, act_bits=run.get("a_bit")))
         del records[gi]
     return results, out
