@@ -162,6 +162,26 @@ def test_awq_needs_no_grads(staged, tmp_path):
     assert table["ratio"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
 
 
+def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
+    """SmoothQuant: no grads, scales from maxima (not a grid point), fp logits unchanged once applied."""
+    run = {"method": "smoothquant", "w_bit": 8, "w_group": 128, "a_bit": 8, "alpha": 0.5, "reweight": False,
+           "loss": "mae", "n_grid": 20}
+    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=dict(META, run="sq", run_config=run))
+    table = pd.read_parquet(cache.parent / "search.parquet")
+    assert len(table) == 16 and (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
+    assert (table["loss"] != table["rtn_loss"]).all()  # the smoothed candidate is kept, whatever its loss
+    d, model_cfg = staged
+    adapter = get_adapter("qwen2_vl")
+    model = adapter.load_model(model_cfg["path"])
+    samples, _ = load_samples(d / "inputs.safetensors")
+    batch = model_inputs(ragged.collate(samples), "cpu", torch.float32)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        apply_scale_cache(model, adapter, load_cache(cache))
+        out = model(**batch).logits
+    assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-3
+
+
 @pytest.mark.gpu
 def test_gpu_path_picks_the_same_alpha_as_cpu(staged, merged, tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = False
