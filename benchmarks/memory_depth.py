@@ -110,7 +110,7 @@ def run_job(args):
     sync()
     load_s = time.perf_counter() - t
     hidden, kwargs, masks = layer_inputs(text_config(args.shape), args.samples, args.tokens, DEVICE, torch.bfloat16)
-    run = {"w_bit": 3, "w_group": 128, "n_grid": 20, "loss": "mae"}
+    run = {"method": "mbq", "w_bit": 3, "w_group": 128, "n_grid": 20, "loss": "mae"}
     t = time.perf_counter()
     for i in chunk:
         layer = layers.pop(i)

@@ -106,7 +106,7 @@ def main():
     layer = random_layer(cfg, device, dtype)
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype)
     groups = get_adapter("qwen2_vl").resolve_groups(layer)
-    run = {"w_bit": args.w_bit, "w_group": args.w_group, "n_grid": args.grid, "loss": "mae", "reweight": True}
+    run = {"method": "mbq", "w_bit": args.w_bit, "w_group": args.w_group, "n_grid": args.grid, "loss": "mae", "reweight": True}
     ratios = {"attn": 2.0, "mlp": 1.5}
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups]}
 
