@@ -19,6 +19,7 @@ rule grads:
         "results/logs/{model}/{calib}/grads.log",
     benchmark:
         "results/benchmarks/{model}/{calib}/grads.tsv"
+    priority: 2  # heads the longest chains (grads → search → merge → export → eval)
     script:
         "../scripts/grads.py"
 
@@ -41,6 +42,7 @@ rule acts:
         "results/logs/{model}/{calib}/acts.log",
     benchmark:
         "results/benchmarks/{model}/{calib}/acts.tsv"
+    priority: 2
     script:
         "../scripts/acts.py"
 
@@ -71,6 +73,7 @@ for _model, _first, _end in search_chunks(config):
             f"results/logs/{_model}/{{calib}}/{{run}}/search_{_first:03d}.log",
         benchmark:
             f"results/benchmarks/{_model}/{{calib}}/{{run}}/search_{_first:03d}.tsv"
+        priority: 1
         script:
             "../scripts/search.py"
 
