@@ -57,21 +57,29 @@ def straightforward(layer, groups, records, masks, run, ratios):
 
 def instrumented(layer, groups, hidden, kwargs, masks, run, ratios):
     """One search with synchronizing timers around each stage (slower; for the breakdown only)."""
-    t = {}
-    orig_q, orig_loss, orig_search, orig_record = grid.scaled_fake_quant, grid.group_loss, layer_mod.search_group, layer_mod.record_layer
+    t = {"quantizer": 0.0, "loss": 0.0, "grid_forwards": 0.0}
+    patched = {"scaled_fake_quant": "quantizer", "fake_quant_sym_rows_": "quantizer", "group_loss": "loss"}
+    originals = {name: getattr(grid, name) for name in patched}
+    orig_search, orig_record = layer_mod.search_group, layer_mod.record_layer
 
-    def q(*a, **k):
-        with timer(t, "quantizer"):
-            return orig_q(*a, **k)
+    in_forward = []  # activation quantization inside a forward counts as forward time
 
-    def loss(*a, **k):
-        with timer(t, "loss"):
-            return orig_loss(*a, **k)
+    def timed(name):
+        def f(*a, **k):
+            if in_forward:
+                return originals[name](*a, **k)
+            with timer(t, patched[name]):
+                return originals[name](*a, **k)
+        return f
 
     def search(x, linears, forward, *a, **k):
         def fwd():
             with timer(t, "grid_forwards"):
-                return forward()
+                in_forward.append(True)
+                try:
+                    return forward()
+                finally:
+                    in_forward.pop()
         with timer(t, "search_total"):
             return orig_search(x, linears, fwd, *a, **k)
 
@@ -79,11 +87,15 @@ def instrumented(layer, groups, hidden, kwargs, masks, run, ratios):
         with timer(t, "feature_capture"):
             return orig_record(*a, **k)
 
-    grid.scaled_fake_quant, grid.group_loss, layer_mod.search_group, layer_mod.record_layer = q, loss, search, record
+    for name in patched:
+        setattr(grid, name, timed(name))
+    layer_mod.search_group, layer_mod.record_layer = search, record
     try:
         layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
     finally:
-        grid.scaled_fake_quant, grid.group_loss, layer_mod.search_group, layer_mod.record_layer = orig_q, orig_loss, orig_search, orig_record
+        for name, f in originals.items():
+            setattr(grid, name, f)
+        layer_mod.search_group, layer_mod.record_layer = orig_search, orig_record
     t["other_in_search"] = t["search_total"] - t["grid_forwards"] - t["quantizer"] - t["loss"]
     return t
 
@@ -96,6 +108,8 @@ def main():
     ap.add_argument("--w-bit", type=int, default=3)
     ap.add_argument("--w-group", type=int, default=128)
     ap.add_argument("--grid", type=int, default=20)
+    ap.add_argument("--a-bit", type=int, help="weight-activation run (weights per output channel)")
+    ap.add_argument("--method", default="mbq", choices=["mbq", "smoothquant"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
     ap.add_argument("--out", required=True)
@@ -106,8 +120,13 @@ def main():
     layer = random_layer(cfg, device, dtype)
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype)
     groups = get_adapter("qwen2_vl").resolve_groups(layer)
-    run = {"method": "mbq", "w_bit": args.w_bit, "w_group": args.w_group, "n_grid": args.grid, "loss": "mae", "reweight": True}
-    ratios = {"attn": 2.0, "mlp": 1.5}
+    run = {"method": args.method, "w_bit": args.w_bit, "w_group": args.w_group, "n_grid": args.grid, "loss": "mae",
+           "a_bit": args.a_bit, "alpha": 0.5}
+    ratios = {"attn": 2.0, "mlp": 1.5} if args.method == "mbq" else None
+    if args.method == "smoothquant" and args.a_bit is None:
+        raise SystemExit("smoothquant needs --a-bit")
+    if args.baseline and (args.a_bit or args.method != "mbq"):
+        raise SystemExit("the straightforward loop is weight-only mbq; drop --baseline")
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups]}
 
     layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)  # warm-up
@@ -120,10 +139,14 @@ def main():
     result["seconds_per_layer"] = min(times)
     result["seconds_per_layer_all"] = times
     result["alpha"] = [r.alpha for r in results]
-    result["breakdown_seconds"] = instrumented(layer, groups, hidden, kwargs, masks, run, ratios)
+    n_candidates = args.grid
+    if args.method == "mbq":
+        result["breakdown_seconds"] = instrumented(layer, groups, hidden, kwargs, masks, run, ratios)
+    else:
+        n_candidates = 2  # RTN and the smoothed scales
 
     fl = layer_flops(cfg, args.samples, args.tokens)
-    total = fl["layer"] + args.grid * sum(fl[g.block] for g in groups)
+    total = fl["layer"] + n_candidates * sum(fl[g.block] for g in groups)
     result["tflop"] = total / 1e12
     result["achieved_tflops"] = total / 1e12 / result["seconds_per_layer"]
     result["floor_21_layer_forwards_tflop"] = 21 * fl["layer"] / 1e12
