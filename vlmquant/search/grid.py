@@ -110,10 +110,14 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
     if act_bits is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
         buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
     s = None
+    last = {}  # the group's linears share one input (q/k/v, gate/up): quantize it once per candidate
 
     def quantize_input(module, args):  # reads the loop's current s
-        xs = args[0].to(compute_dtype(args[0].dtype)) / s  # (..., C_in)
-        return (fake_quant_sym_rows_(xs, act_bits).mul_(s).to(args[0].dtype),) + args[1:]
+        x = args[0]
+        if last.get("x") is not x:
+            xs = x.to(compute_dtype(x.dtype)) / s  # (..., C_in)
+            last["x"], last["q"] = x, fake_quant_sym_rows_(xs, act_bits).mul_(s).to(x.dtype)
+        return (last["q"],) + args[1:]
 
     hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if act_bits is not None else []
     losses = []
@@ -126,6 +130,7 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
                     ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
                     w.copy_(fake_quant_sym_rows_(ws, w_bit).div_(s))
             losses.append(group_loss(fp_out, forward(), masks, loss, ratio))
+            last.clear()
     finally:
         for h in hooks:
             h.remove()
