@@ -130,4 +130,6 @@ def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo
         ignored = model.get_submodule("model.language_model." + names[1])
         y = torch.randn(3, ignored.in_features)
         assert torch.equal(ignored(y), F.linear(y, ignored.weight, ignored.bias))
+        x.mul_(2)  # the same tensor changed in place is quantized again
+        torch.testing.assert_close(lin(x), F.linear(fake_quant_act_per_token(x, 4), lin.weight, lin.bias), rtol=0, atol=0)
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))

@@ -62,10 +62,18 @@ def pseudo_quantize(model, adapter, run, ignore=()):
 def quantized_activations(model, adapter, a_bit, ignore=()):
     """While inside, every decoder-layer linear (minus `ignore`) sees its input fake-quantized per
     token with `a_bit` bits, symmetric abs-max: the runtime half of a weight-activation (W·A·) run."""
-    hook = lambda module, args: (fake_quant_act_per_token(args[0], a_bit), *args[1:])  # noqa: E731
+    last = {}  # linears that share an input (q/k/v, gate/up) quantize it once
+
+    def hook(module, args):
+        x = args[0]
+        if last.get("x") is not x or last["version"] != x._version:
+            last.update(x=x, version=x._version, q=fake_quant_act_per_token(x, a_bit))
+        return (last["q"], *args[1:])
+
     handles = [lin.register_forward_pre_hook(hook) for _, lin in decoder_linears(model, adapter, ignore)]
     try:
         yield len(handles)
     finally:
         for h in handles:
             h.remove()
+        last.clear()
