@@ -15,7 +15,6 @@ Tables (`fp.parquet`, `eval.parquet`), long format, one metric value per row:
   weight_rel_err_scaled per layer (modality null). See vlmquant/eval/metrics.py for definitions.
   Schema metadata `vlmquant`: provenance (settings, hashes, quantization info, packages).
 """
-import contextlib
 import json
 import logging
 import math
@@ -211,9 +210,8 @@ def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings,
     errors = ErrorSums()
     nll_sum = kl_sum = top1 = 0.0
     n_cap = n_hid = 0
-    a_bit = quant.get("a_bit")  # weight-activation runs: activations are quantized at run time
-    acts = quantized_activations(model, adapter, a_bit, quant.get("ignored_modules", ())) if a_bit else contextlib.nullcontext()
-    with acts:
+    # weight-activation runs: activations are quantized at run time
+    with quantized_activations(model, adapter, quant.get("a_bit"), quant.get("ignored_modules", ())):
         for out in forward_batches(model, adapter, samples, selection, settings["batch_size"], device, dtype):
             n, m = out["target"].numel(), out["hid_pos"].numel()
             for key, mine, span in (("cap.sample", out["cap_sample"], (n_cap, n)), ("cap.pos", out["cap_pos"], (n_cap, n)),

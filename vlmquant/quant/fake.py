@@ -3,7 +3,8 @@
 - `fake_quant_weight`: asymmetric min/max with a zero point, in groups of input columns
   (weight-only W4/W3 runs).
 - `fake_quant_weight_per_channel_sym` / `fake_quant_act_per_token`: symmetric abs-max per
-  output row / per token (weight-activation W4A8/W8A8 runs).
+  output row / per token (weight-activation W4A8/W8A8 runs); `InputQuantizer`, the per-token
+  activation side as a forward pre-hook (search and eval).
 
 Half-precision inputs are quantized in fp32 (round(w/scale) in bf16 is off by whole steps
 near the top of the range) and cast back; fp32/fp64 inputs are quantized in their own dtype.
@@ -104,3 +105,28 @@ def fake_quant_act_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     check_bits(bits, 2)
     work = x.detach().to(compute_dtype(x.dtype), copy=True)
     return fake_quant_sym_rows_(work, bits).to(x.dtype)
+
+
+class InputQuantizer:
+    """Forward pre-hook that fake-quantizes a linear's input per token with `bits`, as the scaled model
+    sees it, Q_a(x/s)·s, when `s` (C_in,) is set. Linears that share one input tensor (q/k/v, gate/up)
+    quantize it once: the result is kept for that tensor, its version and `s`, until `reset()`."""
+
+    def __init__(self, bits: int):
+        check_bits(bits, 2)
+        self.bits, self.s, self.last = bits, None, {}
+
+    def __call__(self, module, args):
+        x, last = args[0], self.last
+        if last.get("x") is not x or last["version"] != x._version or last["s"] is not self.s:
+            work = x.detach().to(compute_dtype(x.dtype), copy=True)
+            if self.s is not None:
+                work /= self.s
+            q = fake_quant_sym_rows_(work, self.bits)
+            if self.s is not None:
+                q.mul_(self.s)
+            self.last = {"x": x, "version": x._version, "s": self.s, "q": q.to(x.dtype)}
+        return (self.last["q"], *args[1:])
+
+    def reset(self):
+        self.last = {}

@@ -4,7 +4,7 @@ import contextlib
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.fake import fake_quant_act_per_token, fake_quant_weight, fake_quant_weight_per_channel_sym
+from vlmquant.quant.fake import InputQuantizer, fake_quant_weight, fake_quant_weight_per_channel_sym
 from vlmquant.search.apply import scale_linear_into_linears, scale_norm_into_linears
 
 
@@ -61,19 +61,16 @@ def pseudo_quantize(model, adapter, run, ignore=()):
 @contextlib.contextmanager
 def quantized_activations(model, adapter, a_bit, ignore=()):
     """While inside, every decoder-layer linear (minus `ignore`) sees its input fake-quantized per
-    token with `a_bit` bits, symmetric abs-max: the runtime half of a weight-activation (W·A·) run."""
-    last = {}  # linears that share an input (q/k/v, gate/up) quantize it once
-
-    def hook(module, args):
-        x = args[0]
-        if last.get("x") is not x or last["version"] != x._version:
-            last.update(x=x, version=x._version, q=fake_quant_act_per_token(x, a_bit))
-        return (last["q"], *args[1:])
-
+    token with `a_bit` bits, symmetric abs-max: the runtime half of a weight-activation (W·A·) run.
+    `a_bit` None (a weight-only run): nothing changes."""
+    if a_bit is None:
+        yield 0
+        return
+    hook = InputQuantizer(a_bit)
     handles = [lin.register_forward_pre_hook(hook) for _, lin in decoder_linears(model, adapter, ignore)]
     try:
         yield len(handles)
     finally:
         for h in handles:
             h.remove()
-        last.clear()
+        hook.reset()

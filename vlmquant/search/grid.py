@@ -13,6 +13,7 @@ import torch
 from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import (
+    InputQuantizer,
     check_bits,
     check_weight_groups,
     compute_dtype,
@@ -109,20 +110,13 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
     originals = [w.detach().clone() for w in weights]
     if act_bits is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
         buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
-    s = None
-    last = {}  # the group's linears share one input (q/k/v, gate/up): quantize it once per candidate
-
-    def quantize_input(module, args):  # reads the loop's current s
-        x = args[0]
-        if last.get("x") is not x:
-            xs = x.to(compute_dtype(x.dtype)) / s  # (..., C_in)
-            last["x"], last["q"] = x, fake_quant_sym_rows_(xs, act_bits).mul_(s).to(x.dtype)
-        return (last["q"],) + args[1:]
-
-    hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if act_bits is not None else []
+    quantize_input = InputQuantizer(act_bits) if act_bits is not None else None
+    hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if quantize_input else []
     losses = []
     try:
         for s in candidates:
+            if quantize_input is not None:
+                quantize_input.s = s
             for w, w0 in zip(weights, originals):
                 if act_bits is None:
                     w.copy_(scaled_fake_quant(w0, s, w_bit, group))
@@ -130,7 +124,8 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
                     ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
                     w.copy_(fake_quant_sym_rows_(ws, w_bit).div_(s))
             losses.append(group_loss(fp_out, forward(), masks, loss, ratio))
-            last.clear()
+            if quantize_input is not None:
+                quantize_input.reset()  # free the quantized input before the next candidate
     finally:
         for h in hooks:
             h.remove()
