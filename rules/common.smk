@@ -2,7 +2,8 @@
 import os
 import re
 
-from vlmquant.workflow import (calib_params, check_config, gpus_per_job, job_mem_mb, layer_file, n_layers, search_chunks,
+from vlmquant.workflow import (boundary_file, calib_params, check_config, distort_modes, gpus_per_job, job_mem_mb, layer_file,
+                               n_layers, runs_with, search_chunks,
                                targets)
 
 config = check_config(config, os.path.join(os.path.dirname(workflow.main_snakefile), "workflow/schemas/config.schema.yaml"))

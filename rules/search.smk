@@ -47,35 +47,42 @@ rule acts:
         "../scripts/acts.py"
 
 
-# One job per chunk of `search.layers_per_job` consecutive layers; chunks are independent.
+# One job per chunk of `search.layers_per_job` consecutive layers. Chunks start from the fp layer
+# inputs (acts) and are independent, except for `distort` runs: there chunk k starts from the
+# quantized outputs chunk k-1 left, so a run's chunks form a chain.
 for _model, _first, _end in search_chunks(config):
+    for _distort in distort_modes(config):
+        _hands_on = _distort and _end < n_layers(config["models"][_model])
 
-    rule:
-        name:
-            f"search_{rule_name(_model)}_{_first:03d}"
-        input:
-            inputs=f"results/{_model}/{{calib}}/inputs.safetensors",
-            acts=f"results/{_model}/{{calib}}/acts",
-            model=config["models"][_model]["path"],
-            grads=grads_input(_model),
-        output:
-            [layer_file(_model, i) for i in range(_first, _end)],
-        params:
-            model=config["models"][_model],
-            run=run_cfg,
-            layers=list(range(_first, _end)),
-            meta=scale_meta(_model),
-            device=config["device"],
-        resources:
-            gpu=gpus_per_job(config),
-            mem_mb=host_mem("search", _model),
-        log:
-            f"results/logs/{_model}/{{calib}}/{{run}}/search_{_first:03d}.log",
-        benchmark:
-            f"results/benchmarks/{_model}/{{calib}}/{{run}}/search_{_first:03d}.tsv"
-        priority: 1
-        script:
-            "../scripts/search.py"
+        rule:
+            name:
+                f"search_{rule_name(_model)}_{_first:03d}" + ("_distort" if _distort else "")
+            input:
+                inputs=f"results/{_model}/{{calib}}/inputs.safetensors",
+                start=boundary_file(_model, _first) if _distort and _first else f"results/{_model}/{{calib}}/acts",
+                model=config["models"][_model]["path"],
+                grads=grads_input(_model),
+            output:
+                layers=[layer_file(_model, i) for i in range(_first, _end)],
+                **({"boundary": boundary_file(_model, _end)} if _hands_on else {}),
+            wildcard_constraints:
+                run=runs_with(config, _distort),
+            params:
+                model=config["models"][_model],
+                run=run_cfg,
+                layers=list(range(_first, _end)),
+                meta=scale_meta(_model),
+                device=config["device"],
+            resources:
+                gpu=gpus_per_job(config),
+                mem_mb=host_mem("search", _model),
+            log:
+                f"results/logs/{_model}/{{calib}}/{{run}}/search_{_first:03d}.log",
+            benchmark:
+                f"results/benchmarks/{_model}/{{calib}}/{{run}}/search_{_first:03d}.tsv"
+            priority: 1
+            script:
+                "../scripts/search.py"
 
 
 rule merge:

@@ -1,11 +1,9 @@
-from pathlib import Path
-
 from vlmquant.search.pipeline import run_search
-from vlmquant.workflow import script_logging
+from vlmquant.workflow import chunk_start, script_logging
 
 with script_logging(snakemake):
-    first = snakemake.params.layers[0]
+    layers = list(snakemake.params.layers)
     run_search(dict(snakemake.params.model), dict(snakemake.params.run), snakemake.input.inputs,
-               Path(snakemake.input.acts) / f"layer_{first:03d}.safetensors",
-               snakemake.input.grads or None, list(snakemake.params.layers), list(snakemake.output),
-               dict(snakemake.params.meta), device=snakemake.params.device)
+               chunk_start(snakemake.input.start, layers[0]), snakemake.input.grads or None, layers,
+               list(snakemake.output.layers), dict(snakemake.params.meta), device=snakemake.params.device,
+               boundary_path=snakemake.output.get("boundary"))

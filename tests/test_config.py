@@ -31,6 +31,14 @@ def test_default_config_is_valid_and_filled(cfg):
     assert targets(out)
 
 
+def test_distort_false_is_the_same_run_as_no_distort(cfg):
+    plain = check(cfg)["runs"]["awq-w3g128"]
+    cfg["runs"]["awq-w3g128"]["distort"] = False
+    assert check(cfg)["runs"]["awq-w3g128"] == plain
+    cfg["runs"]["awq-w3g128"]["distort"] = True
+    assert check(cfg)["runs"]["awq-w3g128"] == {**plain, "distort": True}
+
+
 @pytest.mark.parametrize("edit, needle", [
     (lambda c: c["calib"]["demo"].update(n_samples="x"), "calib.demo.n_samples: 'x' is not of type 'integer'"),
     (lambda c: c["calib"]["demo"].update(sed=1), "calib.demo: Additional properties are not allowed ('sed'"),
@@ -43,6 +51,8 @@ def test_default_config_is_valid_and_filled(cfg):
     (lambda c: c["runs"]["awq-w3g128"].update(method="smoothquant"), "runs.awq-w3g128.a_bit: smoothquant smooths"),
     (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: only smoothquant takes alpha"),
     (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", alpha=1.5), "runs.mbq-w4a8.alpha: 1.5 is greater"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(distort=True), "runs.rtn-w3g128.distort: rtn has no search"),
+    (lambda c: c["runs"]["awq-w3g128"].update(distort="yes"), "runs.awq-w3g128.distort: 'yes' is not of type 'boolean'"),
 ])
 def test_bad_config_names_the_key(cfg, edit, needle):
     edit(cfg)

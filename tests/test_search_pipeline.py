@@ -34,12 +34,15 @@ def staged(demo_data, demo_model_path, tmp_path_factory):
 
 
 def search_all(staged, out, per_job, run=RUN, meta=META):
+    """Search the 4 layers in chunks of per_job; distort chunks start from what the previous one left in out/."""
     d, model = staged
     files = [out / f"layer_{i:03d}.safetensors" for i in range(4)]
     for a in range(0, 4, per_job):
         ids = list(range(a, min(a + per_job, 4)))
-        P.run_search(model, run, d / "inputs.safetensors", d / f"acts{a}.safetensors",
-                     d / "grads.safetensors" if run["reweight"] else None, ids, [files[i] for i in ids], meta, device="cpu")
+        start = out / f"distorted{a}.safetensors" if run.get("distort") and a else d / f"acts{a}.safetensors"
+        boundary = out / f"distorted{ids[-1] + 1}.safetensors" if run.get("distort") and ids[-1] < 3 else None
+        P.run_search(model, run, d / "inputs.safetensors", start, d / "grads.safetensors" if run["reweight"] else None,
+                     ids, [files[i] for i in ids], meta, device="cpu", boundary_path=boundary)
     merge(files, out / "cache.pt", out / "search.parquet", meta)
     return out / "cache.pt"
 
@@ -175,6 +178,61 @@ def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
     assert len(table) == 16 and (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
     assert (table["loss"] != table["rtn_loss"]).all()  # the smoothed candidate is kept, whatever its loss
     assert logits_change_when_applied(staged, cache) <= 1e-3
+
+
+DISTORT = {**RUN, "distort": True}
+W4A8_DISTORT = {"method": "mbq", "w_bit": 4, "w_group": 128, "a_bit": 8, "reweight": True, "loss": "mae", "n_grid": 10,
+                "distort": True}
+
+
+def layer_inputs_of_quantized_model(staged, run, cache, layer):
+    """Inputs of decoder layer `layer` in the model as export and eval quantize it."""
+    from vlmquant.export.checkpoint import quantize_in_memory
+    from vlmquant.quant.model import quantized_activations
+    from vlmquant.search.capture import capture_layer_inputs, layer_forward
+
+    d, model_cfg = staged
+    adapter = get_adapter("qwen2_vl")
+    model = adapter.load_model(model_cfg["path"])
+    quantize_in_memory(model, adapter, run, load_cache(cache))
+    layers = adapter.layers(model)
+    samples, _ = load_samples(d / "inputs.safetensors")
+    with torch.no_grad(), quantized_activations(model, adapter, run.get("a_bit")):
+        hidden, kwargs = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32)
+        for i in range(layer):
+            hidden = layer_forward(layers[i], hidden, kwargs)
+    return hidden
+
+
+@pytest.mark.parametrize("run", [DISTORT, W4A8_DISTORT], ids=["w3g128", "w4a8"])
+def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run):
+    from vlmquant.search.capture import load_layer_inputs
+
+    meta = dict(META, run="distort", run_config=run)
+    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=meta)
+    got, _, info = load_layer_inputs(tmp_path / "distorted2.safetensors", "cpu", torch.float32)
+    assert info["layer"] == 2 and info["run"] == "distort"
+    torch.testing.assert_close(got, layer_inputs_of_quantized_model(staged, run, cache, 2))
+    if run is DISTORT:  # same run as `merged` but for distort: layer 0 is searched on the same inputs, later ones not
+        table, fp = pd.read_parquet(cache.parent / "search.parquet"), pd.read_parquet(merged.parent / "search.parquet")
+        assert table[table.layer == 0].equals(fp[fp.layer == 0])
+        assert not table.loc[table.layer > 0, "rtn_loss"].equals(fp.loc[fp.layer > 0, "rtn_loss"])
+        assert (table["loss"] <= table["rtn_loss"]).all()
+        out = tmp_path / "one_per_job"
+        out.mkdir()
+        assert search_all(staged, out, per_job=1, run=run, meta=meta).read_bytes() == cache.read_bytes()
+
+
+def test_distort_chunks_refuse_fp_inputs(staged, tmp_path):
+    d, model = staged
+    meta = dict(META, run="distort", run_config=DISTORT)
+    with pytest.raises(VlmquantError, match="acts2.safetensors: holds fp or another run's layer inputs"):
+        P.run_search(model, DISTORT, d / "inputs.safetensors", d / "acts2.safetensors", d / "grads.safetensors",
+                     [2, 3], [tmp_path / "a", tmp_path / "b"], meta, device="cpu")
+    with pytest.raises(VlmquantError, match="only distort runs pass layer inputs"):
+        P.run_search(model, RUN, d / "inputs.safetensors", d / "acts0.safetensors", d / "grads.safetensors",
+                     [0], [tmp_path / "a"], META, device="cpu", boundary_path=tmp_path / "c")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.gpu

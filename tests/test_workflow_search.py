@@ -69,3 +69,27 @@ def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_pat
     # a run without reweight never touches grads, even from a fresh config change
     wd.edit(lambda c: c["runs"]["awq-w3g128"].update(n_grid=10))
     assert "grads" not in wd.planned(AWQ)
+
+
+def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_factory):
+    from vlmquant.io.scales import merge
+    from vlmquant.search.pipeline import run_search
+    from vlmquant.workflow import check_config
+
+    run_dir = "results/demo-qwen2vl/demo/mbq-distort"
+    workdir.edit(lambda c: c["runs"].update({"mbq-distort": {"method": "mbq", "w_bit": 3, "distort": True}}))
+    # chunk 2 of the distort run needs chunk 0's quantized outputs; chunks of other runs stay independent
+    assert "search_demo_qwen2vl_000_distort" in workdir.planned(f"{run_dir}/scales/layer_002.safetensors")
+    assert "search_demo_qwen2vl_000" not in workdir.planned(f"{SCALES}/layer_002.safetensors")
+    workdir.snakemake(f"{run_dir}/scale_cache.pt")
+    assert [p.name for p in workdir.file(f"{run_dir}/distorted").iterdir()] == ["layer_002.safetensors"]
+
+    cfg = check_config(workdir.config, workdir.file("workflow/schemas/config.schema.yaml"))
+    meta = {"model": "demo-qwen2vl", "calib": "demo", "run": "mbq-distort", "run_config": cfg["runs"]["mbq-distort"]}
+    model = {**cfg["models"]["demo-qwen2vl"], "path": str(workdir.file(cfg["models"]["demo-qwen2vl"]["path"]))}
+    staged, out = workdir.file("results/demo-qwen2vl/demo"), tmp_path_factory.mktemp("one_job")
+    files = [out / f"layer_{i:03d}.safetensors" for i in range(4)]
+    run_search(model, cfg["runs"]["mbq-distort"], staged / "inputs.safetensors", staged / "acts/layer_000.safetensors",
+               staged / "grads.safetensors", [0, 1, 2, 3], files, meta, device="cpu")
+    merge(files, out / "cache.pt", out / "search.parquet", meta)
+    assert (out / "cache.pt").read_bytes() == workdir.file(f"{run_dir}/scale_cache.pt").read_bytes()

@@ -4,6 +4,7 @@ import functools
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def check_config(config, schema_path):
             raise VlmquantError(f"config: runs.{name}.alpha: only smoothquant takes alpha (mbq and awq search it)")
         if run["method"] == "smoothquant":
             run.setdefault("alpha", 0.5)
+        if run.get("distort") and run["method"] == "rtn":
+            raise VlmquantError(f"config: runs.{name}.distort: rtn has no search to feed quantized inputs to")
+        if not run.get("distort"):
+            run.pop("distort", None)  # false and absent are one setting (and one set of rule params)
         run.setdefault("reweight", run["method"] == "mbq")
     for kind in ("models", "calib", "runs"):
         for name in config["targets"].get(kind, []):
@@ -83,6 +88,27 @@ def search_chunks(config):
 
 def layer_file(model, start):
     return f"results/{model}/{{calib}}/{{run}}/scales/layer_{start:03d}.safetensors"
+
+
+def boundary_file(model, layer):
+    """Inputs of `layer` as a distort run's quantized layers compute them, left by the chunk before it."""
+    return f"results/{model}/{{calib}}/{{run}}/distorted/layer_{layer:03d}.safetensors"
+
+
+def distort_modes(config):
+    """Kinds of search jobs the runs need: False (chunks start from fp inputs), True (distort chains)."""
+    return sorted({bool(run.get("distort")) for run in config["runs"].values() if run["method"] != "rtn"})
+
+
+def runs_with(config, distort):
+    """Wildcard pattern of the runs with (or without) `distort`."""
+    return "|".join(re.escape(n) for n, run in config["runs"].items() if bool(run.get("distort")) == distort) or "NONE"
+
+
+def chunk_start(start, first):
+    """File with the inputs of a chunk's first layer: `start` itself, or its file in an acts folder."""
+    start = Path(start)
+    return start / f"layer_{first:03d}.safetensors" if start.is_dir() else start
 
 
 @contextlib.contextmanager

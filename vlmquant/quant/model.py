@@ -21,10 +21,9 @@ def _module(root, name, source):
 
 
 @torch.no_grad()
-def apply_scale_cache(model, adapter, cache, source="scale cache"):
-    """Fold every (prev, linears, s) of the cache into the model; fp function unchanged."""
-    root = layer_root(model, adapter)
-    for prev_name, linear_names, s in cache["scale"]:
+def fold_scales(root, entries, source="scale cache"):
+    """Fold every (prev, linears, s) into the modules of `root` (names relative to it); fp function unchanged."""
+    for prev_name, linear_names, s in entries:
         prev = _module(root, prev_name, source)
         linears = [_module(root, n, source) for n in linear_names]
         for n, lin in zip(linear_names, linears):
@@ -35,6 +34,11 @@ def apply_scale_cache(model, adapter, cache, source="scale cache"):
             scale_linear_into_linears(prev, linears, s)
         else:
             scale_norm_into_linears(prev, linears, s)
+
+
+def apply_scale_cache(model, adapter, cache, source="scale cache"):
+    """Fold a scale cache (names relative to the decoder stack) into the model; fp function unchanged."""
+    fold_scales(layer_root(model, adapter), cache["scale"], source)
 
 
 def decoder_linears(model, adapter, ignore=()):
@@ -49,28 +53,39 @@ def decoder_linears(model, adapter, ignore=()):
 
 
 @torch.no_grad()
-def pseudo_quantize(model, adapter, run, ignore=()):
-    """Replace every decoder-layer linear weight with its fake-quantized value."""
-    for _, lin in decoder_linears(model, adapter, ignore):
+def quantize_linears(linears, run):
+    """Replace every linear's weight with its fake-quantized value: per output channel, symmetric, for
+    weight-activation runs (a_bit set), else asymmetric in groups of w_group."""
+    for lin in linears:
         if run.get("a_bit"):
             lin.weight.copy_(fake_quant_weight_per_channel_sym(lin.weight, run["w_bit"]))
         else:
             lin.weight.copy_(fake_quant_weight(lin.weight, run["w_bit"], run["w_group"]))
 
 
+def pseudo_quantize(model, adapter, run, ignore=()):
+    """Fake-quantize every decoder-layer linear (minus `ignore`)."""
+    quantize_linears([lin for _, lin in decoder_linears(model, adapter, ignore)], run)
+
+
 @contextlib.contextmanager
-def quantized_activations(model, adapter, a_bit, ignore=()):
-    """While inside, every decoder-layer linear (minus `ignore`) sees its input fake-quantized per
-    token with `a_bit` bits, symmetric abs-max: the runtime half of a weight-activation (W·A·) run.
-    `a_bit` None (a weight-only run): nothing changes."""
+def quantized_inputs(linears, a_bit):
+    """While inside, every linear sees its input fake-quantized per token with `a_bit` bits, symmetric
+    abs-max: the runtime half of a weight-activation (W·A·) run. `a_bit` None (weight-only): no change.
+    Yields the number of hooked linears."""
     if a_bit is None:
         yield 0
         return
     hook = InputQuantizer(a_bit)
-    handles = [lin.register_forward_pre_hook(hook) for _, lin in decoder_linears(model, adapter, ignore)]
+    handles = [lin.register_forward_pre_hook(hook) for lin in linears]
     try:
         yield len(handles)
     finally:
         for h in handles:
             h.remove()
         hook.reset()
+
+
+def quantized_activations(model, adapter, a_bit, ignore=()):
+    """quantized_inputs over every decoder-layer linear of the model (minus `ignore`)."""
+    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, ignore)], a_bit)

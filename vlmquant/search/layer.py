@@ -2,10 +2,12 @@
 
 One fp forward of the layer, with hooks, records every group's linear inputs and its
 block's inputs and output. Each group is then searched from the layer's fp weights
-(groups are independent); the layer's fp output is the next layer's input.
+(groups are independent). The next layer's input is the layer's fp output, or with
+`distort` the output of the layer as the quantized model computes it (`quantized_forward`).
 """
 import torch
 
+from vlmquant.quant.model import fold_scales, quantize_linears, quantized_inputs
 from vlmquant.search.capture import layer_forward
 from vlmquant.search.grid import search_group, smooth_group
 
@@ -61,3 +63,14 @@ def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
                                         ratio=ratio, act_bits=run.get("a_bit")))
         del records[gi]
     return results, out
+
+
+@torch.no_grad()
+def quantized_forward(layer, groups, results, run, hidden, kwargs):
+    """The layer's output as the quantized model computes it: the searched scales folded, every linear
+    fake-quantized (inputs too for weight-activation runs). Changes `layer` in place."""
+    fold_scales(layer, [(g.prev, g.linears, r.scales) for g, r in zip(groups, results)], "search")
+    linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    quantize_linears(linears, run)
+    with quantized_inputs(linears, run.get("a_bit")):
+        return layer_forward(layer, hidden, kwargs)

@@ -17,7 +17,7 @@ from vlmquant.quant.fake import check_weight_groups
 from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples,
                                      save_layer_inputs, token_masks)
 from vlmquant.search.grads import gradient_stats, reweight_ratios
-from vlmquant.search.layer import search_layer
+from vlmquant.search.layer import quantized_forward, search_layer
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,27 @@ def run_acts(model_cfg, inputs_path, starts, out_paths, device="auto"):
         hidden = layer_forward(layers[i], hidden, kwargs)
 
 
-# --- search -----------------------------------------------------------------------------------
-def run_search(model_cfg, run, inputs_path, acts_path, grads_path, layer_ids, out_paths, meta, device="auto"):
-    """Search the consecutive decoder layers `layer_ids`, writing one scale file per layer."""
+# --- search ---------------------------------------------------------------------------------
+def run_search(model_cfg, run, inputs_path, start_path, grads_path, layer_ids, out_paths, meta, device="auto",
+               boundary_path=None):
+    """Search the consecutive decoder layers `layer_ids`, writing one scale file per layer.
+
+    start_path: the inputs of layer_ids[0] (save_layer_inputs format): fp, from the acts stage, or with
+    run["distort"] the previous chunk's `boundary_path`, where a distort chunk leaves the inputs of the
+    layer after its last one as the quantized model computes them.
+    """
     adapter, device, dtype = _setup(model_cfg, device)
+    distort = bool(run.get("distort"))
+    if boundary_path is not None and not distort:
+        raise VlmquantError("only distort runs pass layer inputs from one search chunk to the next")
     samples, _ = load_samples(inputs_path)
     masks = token_masks(ragged.collate(samples), device)
-    hidden, kwargs, info = load_layer_inputs(acts_path, device, dtype)
+    hidden, kwargs, info = load_layer_inputs(start_path, device, dtype)
     if info["layer"] != layer_ids[0]:
-        raise VlmquantError(f"{acts_path}: holds the inputs of layer {info['layer']}, expected {layer_ids[0]}")
+        raise VlmquantError(f"{start_path}: holds the inputs of layer {info['layer']}, expected {layer_ids[0]}")
+    if distort and layer_ids[0] > 0 and info.get("run") != meta["run"]:
+        raise VlmquantError(f"{start_path}: holds fp or another run's layer inputs; distort run {meta['run']!r} "
+                            "needs those its previous chunk left")
     ratios = load_ratios(grads_path) if run["reweight"] else None
     layers = load_layers(adapter, model_cfg["path"], layer_ids, device, dtype, model_cfg.get("trust_remote_code", False))
     plan = {}
@@ -100,9 +112,16 @@ def run_search(model_cfg, run, inputs_path, acts_path, grads_path, layer_ids, ou
         check_finite(hidden, f"the input activations of decoder layer {i}")
         groups = plan[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
-        results, hidden = search_layer(layers.pop(i), groups, hidden, kwargs, masks, run, layer_ratios)
+        layer = layers.pop(i)
+        results, out = search_layer(layer, groups, hidden, kwargs, masks, run, layer_ratios)
+        hidden = quantized_forward(layer, groups, results, run, hidden, kwargs) if distort else out
+        del layer, out
         for g, r in zip(groups, results):
             if not math.isfinite(r.losses[0]):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
         scales.save_layer(path, i, groups, results,
                           [layer_ratios[g.ratio] if layer_ratios else None for g in groups], meta)
+    if boundary_path is not None:
+        check_finite(hidden, f"the quantized outputs of decoder layer {layer_ids[-1]}")
+        save_layer_inputs(boundary_path, hidden, kwargs,
+                          {"inputs_sha256": sha256_file(inputs_path), "layer": layer_ids[-1] + 1, "run": meta["run"]})
