@@ -1,7 +1,10 @@
 """Seconds per decoder layer of the MBQ scale search, against a straightforward per-group loop.
 
 Random-init Qwen2-VL decoder layer of a real shape; random hidden states with outlier
-channels. Writes a JSON with the timings, a breakdown and the achieved TFLOP/s.
+channels; per sample, --vision image tokens from position 16 and --caption answer tokens at the
+end. Token-wise blocks (MLP, o_proj, down_proj) run on only the tokens the loss reads: with MBQ's
+reweighting, the caption and vision ones. Writes a JSON with the timings, a breakdown and the
+achieved TFLOP/s (FLOPs as performed; `tflop_all_tokens` if every token were run).
 
     python benchmarks/search_layer.py --shape 7b --samples 128 --tokens 640 --out benchmarks/results/x.json
 """
@@ -14,7 +17,7 @@ from common import environment, layer_inputs, random_layer, sync, text_config, t
 from vlmquant.models import get_adapter
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.search import grid, layer as layer_mod
-from vlmquant.search.grid import group_loss
+from vlmquant.search.grid import group_loss, loss_tokens
 
 
 def layer_flops(cfg, B, T):
@@ -29,6 +32,7 @@ def layer_flops(cfg, B, T):
             "layer": qkvo + sdpa + mlp}
 
 
+@torch.no_grad()
 def straightforward(layer, groups, records, masks, run, ratios):
     """The reference loop: copy the layer's weights, scale, fake-quantize, forward, restore; per α."""
     out = []
@@ -105,6 +109,8 @@ def main():
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=640)
+    ap.add_argument("--vision", type=int, default=256, help="vision tokens per sample")
+    ap.add_argument("--caption", type=int, default=64, help="caption tokens per sample")
     ap.add_argument("--w-bit", type=int, default=3)
     ap.add_argument("--w-group", type=int, default=128)
     ap.add_argument("--grid", type=int, default=20)
@@ -118,7 +124,9 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = text_config(args.shape)
     layer = random_layer(cfg, device, dtype)
-    hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype)
+    if 16 + args.vision + args.caption > args.tokens:
+        raise SystemExit("16 + --vision + --caption must fit in --tokens")
+    hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype, args.vision, args.caption)
     groups = get_adapter("qwen2_vl").resolve_groups(layer)
     run = {"method": args.method, "w_bit": args.w_bit, "w_group": args.w_group, "n_grid": args.grid, "loss": "mae",
            "a_bit": args.a_bit, "alpha": 0.5}
@@ -146,8 +154,11 @@ def main():
         n_candidates = 2  # RTN and the smoothed scales
 
     fl = layer_flops(cfg, args.samples, args.tokens)
-    total = fl["layer"] + n_candidates * sum(fl[g.block] for g in groups)
+    share = float(loss_tokens(masks, ratios is not None).float().mean())
+    total = fl["layer"] + n_candidates * sum(fl[g.block] * (share if g.token_wise else 1) for g in groups)
+    result["loss_token_share"] = share
     result["tflop"] = total / 1e12
+    result["tflop_all_tokens"] = (fl["layer"] + n_candidates * sum(fl[g.block] for g in groups)) / 1e12
     result["achieved_tflops"] = total / 1e12 / result["seconds_per_layer"]
     result["floor_21_layer_forwards_tflop"] = 21 * fl["layer"] / 1e12
     if device == "cuda":

@@ -1,4 +1,6 @@
 """Search stages on the demo model, called as library functions (no Snakemake)."""
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -7,13 +9,18 @@ from safetensors.torch import load_file, save_file
 from vlmquant.data.calib import build_calib
 from vlmquant.data.inputs import build_inputs
 from vlmquant.errors import VlmquantError
+from vlmquant.export.checkpoint import quantize_in_memory
 from vlmquant.io import ragged
 from vlmquant.io.scales import load_cache, merge
 from vlmquant.models import get_adapter
-from vlmquant.quant.model import apply_scale_cache
+from vlmquant.models.loading import load_layers
+from vlmquant.quant.model import apply_scale_cache, quantized_activations
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import load_samples, model_inputs
+from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples, model_inputs,
+                                     token_masks)
 from vlmquant.search.grads import gradient_stats
+from vlmquant.search.grid import loss_tokens
+from vlmquant.search.layer import search_layer
 
 from test_calib import coco_cfg
 
@@ -180,6 +187,33 @@ def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
     assert logits_change_when_applied(staged, cache) <= 1e-3
 
 
+@pytest.mark.parametrize("ratios", [None, {"attn": 2.0, "mlp": 1.5}], ids=["awq", "mbq"])
+def test_token_wise_blocks_run_on_the_loss_tokens_only(staged, ratios):
+    """MLP, o_proj and down_proj see only the tokens the loss reads (no padding; with a ratio only caption
+    and vision tokens), with the same losses and α as running them on every token."""
+    d, model_cfg = staged
+    adapter = get_adapter("qwen2_vl")
+    layer = load_layers(adapter, model_cfg["path"], [1], "cpu", torch.float32)[1]
+    hidden, kwargs, _ = load_layer_inputs(d / "acts1.safetensors", "cpu", torch.float32)
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    n_keep = int(loss_tokens(masks, ratios is not None).sum())
+    assert 0 < n_keep < masks["valid"].numel()
+    run = dict(RUN, method="mbq" if ratios else "awq", reweight=bool(ratios))
+    groups = adapter.resolve_groups(layer, 1)
+    assert [g.token_wise for g in groups] == [False, True, True, True]
+    rows = []
+    hook = layer.mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    selected, _ = search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
+    hook.remove()
+    assert rows == [masks["valid"].numel()] + [n_keep] * RUN["n_grid"]  # the fp capture, then the grid
+    whole, _ = search_layer(layer, [dataclasses.replace(g, token_wise=False) for g in groups], hidden, kwargs, masks,
+                            run, ratios)
+    assert [r.alpha for r in selected] == [r.alpha for r in whole]
+    for a, b in zip(selected, whole):
+        torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0)
+        torch.testing.assert_close(a.scales, b.scales, rtol=0, atol=0)
+
+
 DISTORT = {**RUN, "distort": True}
 W4A8_DISTORT = {"method": "mbq", "w_bit": 4, "w_group": 128, "a_bit": 8, "reweight": True, "loss": "mae", "n_grid": 10,
                 "distort": True}
@@ -187,10 +221,6 @@ W4A8_DISTORT = {"method": "mbq", "w_bit": 4, "w_group": 128, "a_bit": 8, "reweig
 
 def layer_inputs_of_quantized_model(staged, run, cache, layer):
     """Inputs of decoder layer `layer` in the model as export and eval quantize it."""
-    from vlmquant.export.checkpoint import quantize_in_memory
-    from vlmquant.quant.model import quantized_activations
-    from vlmquant.search.capture import capture_layer_inputs, layer_forward
-
     d, model_cfg = staged
     adapter = get_adapter("qwen2_vl")
     model = adapter.load_model(model_cfg["path"])
@@ -206,8 +236,6 @@ def layer_inputs_of_quantized_model(staged, run, cache, layer):
 
 @pytest.mark.parametrize("run", [DISTORT, W4A8_DISTORT], ids=["w3g128", "w4a8"])
 def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run):
-    from vlmquant.search.capture import load_layer_inputs
-
     meta = dict(META, run="distort", run_config=run)
     cache = search_all(staged, tmp_path, per_job=2, run=run, meta=meta)
     got, _, info = load_layer_inputs(tmp_path / "distorted2.safetensors", "cpu", torch.float32)
@@ -236,17 +264,21 @@ def test_distort_chunks_refuse_fp_inputs(staged, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_path_picks_the_same_alpha_as_cpu(staged, merged, tmp_path):
+@pytest.mark.parametrize("run", [RUN, DISTORT], ids=["fp-inputs", "distort"])
+def test_gpu_path_picks_the_same_alpha_as_cpu(staged, tmp_path, run):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     d, model = staged
+    meta = dict(META, run_config=run)
+    (tmp_path / "cpu").mkdir()
+    cpu_cache = search_all(staged, tmp_path / "cpu", per_job=4, run=run, meta=meta)
     files = [tmp_path / f"layer_{i:03d}.safetensors" for i in range(4)]
     P.run_grads(model, d / "inputs.safetensors", tmp_path / "grads.safetensors", device="cuda")
     P.run_acts(model, d / "inputs.safetensors", [0], [tmp_path / "acts0.safetensors"], device="cuda")
-    P.run_search(model, RUN, d / "inputs.safetensors", tmp_path / "acts0.safetensors", tmp_path / "grads.safetensors",
-                 [0, 1, 2, 3], files, META, device="cuda")
-    merge(files, tmp_path / "cache.pt", tmp_path / "search.parquet", META)
-    cpu = pd.read_parquet(merged.parent / "search.parquet")
+    P.run_search(model, run, d / "inputs.safetensors", tmp_path / "acts0.safetensors", tmp_path / "grads.safetensors",
+                 [0, 1, 2, 3], files, meta, device="cuda")
+    merge(files, tmp_path / "cache.pt", tmp_path / "search.parquet", meta)
+    cpu = pd.read_parquet(cpu_cache.parent / "search.parquet")
     gpu = pd.read_parquet(tmp_path / "search.parquet")
     assert gpu["alpha"].tolist() == cpu["alpha"].tolist()
     torch.testing.assert_close(torch.tensor(gpu["loss"].values), torch.tensor(cpu["loss"].values), rtol=1e-3, atol=0)

@@ -22,21 +22,24 @@ class ScaleGroup:
     """One scale search: `prev`'s output is divided by s, the input columns of `linears` multiplied.
 
     Names are relative to a decoder layer. The loss compares the output of `block`.
-    `ratio` picks the reweight ratio ("attn" or "mlp").
+    `ratio` picks the reweight ratio ("attn" or "mlp"). `token_wise`: each token's block output
+    depends on that token's input only (an MLP, a linear; not attention), so the search may run
+    the block on just the tokens its loss reads.
     """
     prev: str
     linears: tuple[str, ...]
     block: str
     ratio: str
+    token_wise: bool = False
 
 
 # Llama / Qwen2-style decoder layers (Qwen2-VL, Qwen2.5-VL, LLaVA, LLaVA-OneVision, InternVL-HF).
 LLAMA_GROUPS = (
     ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn", "attn"),
     # only where v_proj's output width equals o_proj's input width (no grouped-query attention)
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "attn"),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "mlp"),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "mlp"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", "attn", token_wise=True),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", "mlp", token_wise=True),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", "mlp", token_wise=True),
 )
 
 

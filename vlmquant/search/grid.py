@@ -67,6 +67,14 @@ def group_loss(out_fp: torch.Tensor, out_q: torch.Tensor, masks: dict, loss: str
     return float(s_cap / max(n_cap * n_ch, 1) + ratio * s_vis / max(n_vis * n_ch, 1))
 
 
+def loss_tokens(masks, reweight: bool) -> torch.Tensor:
+    """(N,) bool: the tokens `group_loss` reads: the valid ones, or with a ratio the valid caption and vision ones."""
+    keep = masks["valid"].reshape(-1)
+    if reweight:
+        keep = keep & (masks["cap"].reshape(-1) | masks["vis"].reshape(-1))
+    return keep
+
+
 @dataclass
 class GroupResult:
     scales: torch.Tensor  # (C_in,) fp32, on the linears' device
@@ -135,19 +143,21 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
 
 
 @torch.no_grad()
-def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, act_bits=None) -> GroupResult:
+def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, act_bits=None,
+                 stat_masks=None) -> GroupResult:
     """Grid-search the per-input-channel scales of one group.
 
     x: the linears' fp input, (N, C_in) or (B, T, C_in). linears: modules with a .weight (out, C_in).
     forward: zero-arg callable running the group's module on its fp inputs with the linears'
     current weights, returning a tensor shaped like fp_out. Weights are restored on return.
+    masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel statistics).
     Candidates: s = a^α normalized, a = mean |x| per channel, α = 0, 1/n_grid, …; the α with the
     strictly smallest loss wins (α = 0 is RTN). act_bits: weight-activation mode (candidate_losses).
     """
     if n_grid < 1:
         raise VlmquantError(f"n_grid={n_grid} must be at least 1")
     _check_group(x, linears, w_bit, w_group, act_bits)
-    xv = _valid_rows(x, masks)
+    xv = _valid_rows(x, masks if stat_masks is None else stat_masks)
     a = xv.abs_().mean(dim=0, dtype=torch.float32).to(linears[0].weight.device)  # (C_in,)
     del xv
     grid = []
@@ -161,12 +171,13 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
 
 
 @torch.no_grad()
-def smooth_group(x, linears, forward, fp_out, masks, *, w_bit, act_bits, alpha=0.5, loss="mae", ratio=None) -> GroupResult:
+def smooth_group(x, linears, forward, fp_out, masks, *, w_bit, act_bits, alpha=0.5, loss="mae", ratio=None,
+                 stat_masks=None) -> GroupResult:
     """SmoothQuant scales, no search: s_j = max|X_j|^α / max|W_j|^(1−α), the maxima over valid tokens
     and over the rows of all the group's linears. losses = [RTN (s = 1), smoothed]; the smoothed
-    scales are kept whatever their loss."""
+    scales are kept whatever their loss. masks / stat_masks as in search_group."""
     _check_group(x, linears, w_bit, -1, act_bits)
-    x_max = _valid_rows(x, masks).abs().amax(0).to(linears[0].weight.device)  # (C_in,)
+    x_max = _valid_rows(x, masks if stat_masks is None else stat_masks).abs().amax(0).to(linears[0].weight.device)  # (C_in,)
     s = smoothquant_scales(x_max, linears, alpha)
     losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], w_bit=w_bit, w_group=-1,
                               loss=loss, ratio=ratio, act_bits=act_bits)

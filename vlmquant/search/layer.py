@@ -2,14 +2,14 @@
 
 One fp forward of the layer, with hooks, records every group's linear inputs and its
 block's inputs and output. Each group is then searched from the layer's fp weights
-(groups are independent). The next layer's input is the layer's fp output, or with
+(groups are independent); a token-wise block runs on only the tokens its loss reads. The next layer's input is the layer's fp output, or with
 `distort` the output of the layer as the quantized model computes it (`quantized_forward`).
 """
 import torch
 
 from vlmquant.quant.model import fold_scales, quantize_linears, quantized_inputs
 from vlmquant.search.capture import layer_forward
-from vlmquant.search.grid import search_group, smooth_group
+from vlmquant.search.grid import loss_tokens, search_group, smooth_group
 
 
 @torch.no_grad()
@@ -36,6 +36,18 @@ def record_layer(layer, groups, hidden, kwargs):
     return out, records
 
 
+def select_tokens(args, out, masks, reweight):
+    """A token-wise block's inputs and fp output, flattened to (N_keep, C), and the masks (N_keep,), at only
+    the tokens its loss reads. Unchanged when that is every token or none (group_loss then says why)."""
+    keep = loss_tokens(masks, reweight).to(out.device)
+    n = int(keep.sum())
+    if n in (0, keep.numel()):
+        return args, out, masks
+    idx = keep.nonzero().squeeze(1)
+    pick = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, idx)  # noqa: E731
+    return (pick(args[0]), *args[1:]), pick(out), {k: v.reshape(-1).to(idx.device)[idx] for k, v in masks.items()}
+
+
 def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
     """Search every group of `layer`. Returns (results per group, fp output of the layer).
 
@@ -47,20 +59,26 @@ def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
     for gi, g in enumerate(groups):
         rec = records[gi]
         block = layer.get_submodule(g.block)
+        ratio = ratios[g.ratio] if ratios else None
+        args, fp_out, loss_masks = rec["args"], rec["out"], masks
+        if g.token_wise:
+            args, fp_out, loss_masks = select_tokens(args, fp_out, masks, ratio is not None)
 
-        def forward(block=block, rec=rec):
-            o = block(*rec["args"], **rec["kwargs"])
+        def forward(block=block, args=args, kwargs=rec["kwargs"]):
+            o = block(*args, **kwargs)
             return o[0] if isinstance(o, tuple) else o
 
         linears = [layer.get_submodule(n) for n in g.linears]
-        ratio = ratios[g.ratio] if ratios else None
+        # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
         if run["method"] == "smoothquant":
-            results.append(smooth_group(rec["x"], linears, forward, rec["out"], masks, w_bit=run["w_bit"],
-                                        act_bits=run["a_bit"], alpha=run["alpha"], loss=run["loss"], ratio=ratio))
+            results.append(smooth_group(rec["x"], linears, forward, fp_out, loss_masks, w_bit=run["w_bit"],
+                                        act_bits=run["a_bit"], alpha=run["alpha"], loss=run["loss"], ratio=ratio,
+                                        stat_masks=masks))
         else:
-            results.append(search_group(rec["x"], linears, forward, rec["out"], masks, w_bit=run["w_bit"],
+            results.append(search_group(rec["x"], linears, forward, fp_out, loss_masks, w_bit=run["w_bit"],
                                         w_group=run["w_group"], n_grid=run["n_grid"], loss=run["loss"],
-                                        ratio=ratio, act_bits=run.get("a_bit")))
+                                        ratio=ratio, act_bits=run.get("a_bit"), stat_masks=masks))
+        del args, fp_out, loss_masks
         del records[gi]
     return results, out
 
