@@ -73,6 +73,8 @@ for _model, _first, _end in search_chunks(config):
                 layers=list(range(_first, _end)),
                 meta=scale_meta(_model),
                 device=config["device"],
+                # distort: the linears the checkpoint leaves fp stay fp in the forward to the next layer
+                **({"ignore": config["export"]["ignore"]} if _distort else {}),
             resources:
                 gpu=gpus_per_job(config),
                 mem_mb=host_mem("search", _model),

@@ -40,7 +40,7 @@ def staged(demo_data, demo_model_path, tmp_path_factory):
     return d, model
 
 
-def search_all(staged, out, per_job, run=RUN, meta=META):
+def search_all(staged, out, per_job, run=RUN, meta=META, ignore=()):
     """Search the 4 layers in chunks of per_job; distort chunks start from what the previous one left in out/."""
     d, model = staged
     files = [out / f"layer_{i:03d}.safetensors" for i in range(4)]
@@ -49,7 +49,7 @@ def search_all(staged, out, per_job, run=RUN, meta=META):
         start = out / f"distorted{a}.safetensors" if run.get("distort") and a else d / f"acts{a}.safetensors"
         boundary = out / f"distorted{ids[-1] + 1}.safetensors" if run.get("distort") and ids[-1] < 3 else None
         P.run_search(model, run, d / "inputs.safetensors", start, d / "grads.safetensors" if run["reweight"] else None,
-                     ids, [files[i] for i in ids], meta, device="cpu", boundary_path=boundary)
+                     ids, [files[i] for i in ids], meta, device="cpu", boundary_path=boundary, ignore=ignore)
     merge(files, out / "cache.pt", out / "search.parquet", meta)
     return out / "cache.pt"
 
@@ -219,28 +219,34 @@ W4A8_DISTORT = {"method": "mbq", "w_bit": 4, "w_group": 128, "a_bit": 8, "reweig
                 "distort": True}
 
 
-def layer_inputs_of_quantized_model(staged, run, cache, layer):
+def layer_inputs_of_quantized_model(staged, run, cache, layer, ignore=()):
     """Inputs of decoder layer `layer` in the model as export and eval quantize it."""
     d, model_cfg = staged
     adapter = get_adapter("qwen2_vl")
     model = adapter.load_model(model_cfg["path"])
-    quantize_in_memory(model, adapter, run, load_cache(cache))
+    ignored = quantize_in_memory(model, adapter, run, load_cache(cache), ignore=ignore)["ignored"]
     layers = adapter.layers(model)
     samples, _ = load_samples(d / "inputs.safetensors")
-    with torch.no_grad(), quantized_activations(model, adapter, run.get("a_bit")):
+    with torch.no_grad(), quantized_activations(model, adapter, run.get("a_bit"), ignored):
         hidden, kwargs = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32)
         for i in range(layer):
             hidden = layer_forward(layers[i], hidden, kwargs)
     return hidden
 
 
-@pytest.mark.parametrize("run", [DISTORT, W4A8_DISTORT], ids=["w3g128", "w4a8"])
-def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run):
+@pytest.mark.parametrize("run, ignore", [(DISTORT, ()), (W4A8_DISTORT, ()), (W4A8_DISTORT, ("mlp", "layers.0.self_attn.q_proj"))],
+                         ids=["w3g128", "w4a8", "w4a8-ignore"])
+def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run, ignore):
     meta = dict(META, run="distort", run_config=run)
-    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=meta)
+    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=meta, ignore=ignore)
     got, _, info = load_layer_inputs(tmp_path / "distorted2.safetensors", "cpu", torch.float32)
     assert info["layer"] == 2 and info["run"] == "distort"
-    torch.testing.assert_close(got, layer_inputs_of_quantized_model(staged, run, cache, 2))
+    torch.testing.assert_close(got, layer_inputs_of_quantized_model(staged, run, cache, 2, ignore))
+    if ignore:  # the linears export leaves fp change what the next layers see
+        plain = tmp_path / "no_ignore"
+        plain.mkdir()
+        search_all(staged, plain, per_job=2, run=run, meta=meta)
+        assert not torch.equal(got, load_layer_inputs(plain / "distorted2.safetensors", "cpu", torch.float32)[0])
     if run is DISTORT:  # same run as `merged` but for distort: layer 0 is searched on the same inputs, later ones not
         table, fp = pd.read_parquet(cache.parent / "search.parquet"), pd.read_parquet(merged.parent / "search.parquet")
         assert table[table.layer == 0].equals(fp[fp.layer == 0])

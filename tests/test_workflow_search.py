@@ -93,3 +93,8 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_fac
                staged / "grads.safetensors", [0, 1, 2, 3], files, meta, device="cpu")
     merge(files, out / "cache.pt", out / "search.parquet", meta)
     assert (out / "cache.pt").read_bytes() == workdir.file(f"{run_dir}/scale_cache.pt").read_bytes()
+
+    # the linears export leaves fp stay fp in a distort run's forwards: export.ignore reruns its search
+    workdir.edit(lambda c: c["export"].update(ignore=["mlp.down_proj"]))
+    assert workdir.planned(f"{run_dir}/scale_cache.pt") == {"search_demo_qwen2vl_000_distort": 1,
+                                                            "search_demo_qwen2vl_002_distort": 1, "merge": 1}

@@ -14,7 +14,6 @@ safetensors metadata. The weights are plain floats, so the folder loads with the
 Everything that can fail runs before anything is written; the folder is written under a temporary
 name and renamed at the end, so a folder named like the output is always complete.
 """
-import fnmatch
 import json
 import logging
 import shutil
@@ -32,7 +31,7 @@ from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import resolve_device, resolve_dtype
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.quant.model import apply_scale_cache, decoder_linears, layer_root, pseudo_quantize
+from vlmquant.quant.model import apply_scale_cache, decoder_linears, layer_root, pseudo_quantize, resolve_ignore
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +41,6 @@ FORMAT = "vlmquant-pseudo-quant"
 # files of the source folder that are not copied: weights, and what save_pretrained writes itself
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 SKIP_NAMES = {"config.json", "generation_config.json", "README.md", QUANT_FILE}
-
-
-# --- which linears ---------------------------------------------------------------------------
-def pattern_matches(name, pattern):
-    """Does an `export.ignore` pattern select the decoder linear `name` (e.g. 'layers.3.mlp.down_proj')?
-
-    A pattern is a dotted module path matched anywhere on whole name segments ('mlp.down_proj',
-    'layers.0.self_attn.q_proj', 'layers.2', 'self_attn'), or a glob ('layers.*.mlp.*_proj').
-    """
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
-    return f".{pattern}." in f".{name}."
-
-
-def resolve_ignore(names, patterns):
-    """The subset of `names` selected by `patterns`; a pattern that selects nothing is an error (typo)."""
-    ignored = set()
-    for p in patterns:
-        hit = {n for n in names if pattern_matches(n, p)}
-        if not hit:
-            example = names[0] if names else "layers.0.mlp.down_proj"
-            raise VlmquantError(f"config: export.ignore: {p!r} matches no language-decoder linear "
-                                f"(names are relative to the decoder layers, like {example!r})")
-        ignored |= hit
-    return ignored
 
 
 # --- scale cache checks ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Whole-model operations: fold a scale cache into a model, fake-quantize its decoder linears."""
 import contextlib
+import fnmatch
 
 import torch
 
@@ -39,6 +40,30 @@ def fold_scales(root, entries, source="scale cache"):
 def apply_scale_cache(model, adapter, cache, source="scale cache"):
     """Fold a scale cache (names relative to the decoder stack) into the model; fp function unchanged."""
     fold_scales(layer_root(model, adapter), cache["scale"], source)
+
+
+def pattern_matches(name, pattern):
+    """Does an `export.ignore` pattern select the decoder linear `name` (e.g. 'layers.3.mlp.down_proj')?
+
+    A pattern is a dotted module path matched anywhere on whole name segments ('mlp.down_proj',
+    'layers.0.self_attn.q_proj', 'layers.2', 'self_attn'), or a glob ('layers.*.mlp.*_proj').
+    """
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+    return f".{pattern}." in f".{name}."
+
+
+def resolve_ignore(names, patterns):
+    """The subset of `names` selected by `patterns`; a pattern that selects nothing is an error (typo)."""
+    ignored = set()
+    for p in patterns:
+        hit = {n for n in names if pattern_matches(n, p)}
+        if not hit:
+            example = names[0] if names else "layers.0.mlp.down_proj"
+            raise VlmquantError(f"config: export.ignore: {p!r} matches no language-decoder linear "
+                                f"(names are relative to the decoder layers, like {example!r})")
+        ignored |= hit
+    return ignored
 
 
 def decoder_linears(model, adapter, ignore=()):

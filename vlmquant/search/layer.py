@@ -7,7 +7,7 @@ block's inputs and output. Each group is then searched from the layer's fp weigh
 """
 import torch
 
-from vlmquant.quant.model import fold_scales, quantize_linears, quantized_inputs
+from vlmquant.quant.model import fold_scales, pattern_matches, quantize_linears, quantized_inputs
 from vlmquant.search.capture import layer_forward
 from vlmquant.search.grid import loss_tokens, search_group, smooth_group
 
@@ -84,11 +84,15 @@ def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
 
 
 @torch.no_grad()
-def quantized_forward(layer, groups, results, run, hidden, kwargs):
-    """The layer's output as the quantized model computes it: the searched scales folded, every linear
-    fake-quantized (inputs too for weight-activation runs). Changes `layer` in place."""
-    fold_scales(layer, [(g.prev, g.linears, r.scales) for g, r in zip(groups, results)], "search")
-    linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+def quantized_forward(layer, index, groups, results, run, hidden, kwargs, ignore=()):
+    """Decoder layer `index`'s output as the exported model computes it: the searched scales folded, every
+    linear fake-quantized (inputs too for weight-activation runs). `ignore`: export.ignore patterns; as in
+    export, those linears stay fp and a group whose linears are all ignored is not folded. Changes `layer`."""
+    ignored = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+               and any(pattern_matches(f"layers.{index}.{n}", p) for p in ignore)}
+    fold_scales(layer, [(g.prev, g.linears, r.scales) for g, r in zip(groups, results) if not set(g.linears) <= ignored],
+                "search")
+    linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignored]
     quantize_linears(linears, run)
     with quantized_inputs(linears, run.get("a_bit")):
         return layer_forward(layer, hidden, kwargs)

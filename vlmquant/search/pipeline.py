@@ -76,12 +76,13 @@ def run_acts(model_cfg, inputs_path, starts, out_paths, device="auto"):
 
 # --- search ---------------------------------------------------------------------------------
 def run_search(model_cfg, run, inputs_path, start_path, grads_path, layer_ids, out_paths, meta, device="auto",
-               boundary_path=None):
+               boundary_path=None, ignore=()):
     """Search the consecutive decoder layers `layer_ids`, writing one scale file per layer.
 
     start_path: the inputs of layer_ids[0] (save_layer_inputs format): fp, from the acts stage, or with
     run["distort"] the previous chunk's `boundary_path`, where a distort chunk leaves the inputs of the
-    layer after its last one as the quantized model computes them.
+    layer after its last one as the quantized model computes them. ignore: export.ignore, which distort
+    runs leave fp as the exported model does.
     """
     adapter, device, dtype = _setup(model_cfg, device)
     distort = bool(run.get("distort"))
@@ -114,7 +115,7 @@ def run_search(model_cfg, run, inputs_path, start_path, grads_path, layer_ids, o
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = layers.pop(i)
         results, out = search_layer(layer, groups, hidden, kwargs, masks, run, layer_ratios)
-        hidden = quantized_forward(layer, groups, results, run, hidden, kwargs) if distort else out
+        hidden = quantized_forward(layer, i, groups, results, run, hidden, kwargs, ignore) if distort else out
         del layer, out
         for g, r in zip(groups, results):
             if not math.isfinite(r.losses[0]):
