@@ -31,7 +31,8 @@ from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import resolve_device, resolve_dtype
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.quant.model import apply_scale_cache, decoder_linears, layer_root, pseudo_quantize, resolve_ignore
+from vlmquant.quant.model import (apply_scale_cache, decoder_linears, groups_to_fold, layer_root, pseudo_quantize,
+                                  resolve_ignore)
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,7 @@ def quantize_in_memory(model, adapter, run, cache=None, ignore=(), source="scale
     applied, skipped = [], []
     if cache is not None:
         check_scale_cache(model, adapter, cache, source)
-        for prev, linears, s in cache["scale"]:
-            if all(n in ignored for n in linears):
-                skipped.append(prev)
-            else:
-                applied.append((prev, tuple(linears), s))
+        applied, skipped = groups_to_fold([(prev, tuple(linears), s) for prev, linears, s in cache["scale"]], ignored)
         apply_scale_cache(model, adapter, {"scale": applied}, source=source)
     pseudo_quantize(model, adapter, run, ignore=sorted(ignored))
     return {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped, "applied": applied}

@@ -37,6 +37,14 @@ def fold_scales(root, entries, source="scale cache"):
             scale_norm_into_linears(prev, linears, s)
 
 
+def groups_to_fold(entries, ignored):
+    """(entries to fold, prev names of the others) for (prev, linears, s) entries and a set of ignored
+    linear names: a group whose linears are all ignored is not folded (its scales only serve their
+    quantization); a partly ignored one is, to keep the fp function."""
+    fold = [e for e in entries if not set(e[1]) <= ignored]
+    return fold, [e[0] for e in entries if set(e[1]) <= ignored]
+
+
 def apply_scale_cache(model, adapter, cache, source="scale cache"):
     """Fold a scale cache (names relative to the decoder stack) into the model; fp function unchanged."""
     fold_scales(layer_root(model, adapter), cache["scale"], source)

@@ -2,12 +2,13 @@
 
 One fp forward of the layer, with hooks, records every group's linear inputs and its
 block's inputs and output. Each group is then searched from the layer's fp weights
-(groups are independent); a token-wise block runs on only the tokens its loss reads. The next layer's input is the layer's fp output, or with
-`distort` the output of the layer as the quantized model computes it (`quantized_forward`).
+(groups are independent); a token-wise block runs on only the tokens its loss reads. The
+next layer's input is the layer's fp output, or with `distort` the layer's output as the
+quantized model computes it (`quantized_forward`).
 """
 import torch
 
-from vlmquant.quant.model import fold_scales, pattern_matches, quantize_linears, quantized_inputs
+from vlmquant.quant.model import fold_scales, groups_to_fold, pattern_matches, quantize_linears, quantized_inputs
 from vlmquant.search.capture import layer_forward
 from vlmquant.search.grid import loss_tokens, search_group, smooth_group
 
@@ -90,8 +91,8 @@ def quantized_forward(layer, index, groups, results, run, hidden, kwargs, ignore
     export, those linears stay fp and a group whose linears are all ignored is not folded. Changes `layer`."""
     ignored = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
                and any(pattern_matches(f"layers.{index}.{n}", p) for p in ignore)}
-    fold_scales(layer, [(g.prev, g.linears, r.scales) for g, r in zip(groups, results) if not set(g.linears) <= ignored],
-                "search")
+    fold, _ = groups_to_fold([(g.prev, g.linears, r.scales) for g, r in zip(groups, results)], ignored)
+    fold_scales(layer, fold, "search")
     linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignored]
     quantize_linears(linears, run)
     with quantized_inputs(linears, run.get("a_bit")):
