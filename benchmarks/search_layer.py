@@ -155,10 +155,11 @@ def main():
 
     fl = layer_flops(cfg, args.samples, args.tokens)
     share = float(loss_tokens(masks, ratios is not None).float().mean())
-    total = fl["layer"] + n_candidates * sum(fl[g.block] * (share if g.token_wise else 1) for g in groups)
+    total, all_tokens = (fl["layer"] + n_candidates * sum(fl[g.block] * (f if g.token_wise else 1) for g in groups)
+                         for f in (share, 1))
     result["loss_token_share"] = share
     result["tflop"] = total / 1e12
-    result["tflop_all_tokens"] = (fl["layer"] + n_candidates * sum(fl[g.block] for g in groups)) / 1e12
+    result["tflop_all_tokens"] = all_tokens / 1e12
     result["achieved_tflops"] = total / 1e12 / result["seconds_per_layer"]
     result["floor_21_layer_forwards_tflop"] = 21 * fl["layer"] / 1e12
     if device == "cuda":
