@@ -1,21 +1,46 @@
-"""Glue between Snakemake and the library: config checks, targets, script entry points."""
+"""Glue between Snakemake and the library: config checks, run specs, search chunks, targets, the
+summary's inputs, scheduler resources, and the scripts' logging.
+
+Everything here is a pure function of the validated config (rules/common.smk calls it); paths come
+from vlmquant/paths.py. Nothing here imports torch, so the workflow loads fast.
+"""
 import contextlib
 import functools
-import json
 import logging
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import yaml
 from safetensors import safe_open
 
+from vlmquant import paths
 from vlmquant.errors import VlmquantError
+from vlmquant.methods import METHODS
+from vlmquant.models import family_names, folder_family, n_layers
+from vlmquant.spec import RunSpec
+
+FIGURES = ("hidden_error", "alpha", "metrics")
+EVAL_SETTINGS = ("batch_size", "kl_top_k", "hidden_positions")
+# lmms-eval's model names of our families (`lmms_eval.model` overrides)
+LMMS_MODELS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+
+
+# --- config ---------------------------------------------------------------------------------------
+def check_choice(key, value, choices):
+    """A registry-backed choice (family, method): one line naming the key, as the schema's enums do."""
+    if value not in choices:
+        raise VlmquantError(f"config: {key}: {value!r} is not one of {sorted(choices)}")
 
 
 def check_config(config, schema_path):
-    """Validate against the schema (one-line error naming the key), fill defaults, cross-check names."""
+    """Validate against the schema (one-line error naming the key), fill defaults, cross-check names.
+
+    Fills `models.<name>.family` from the folder when absent, and normalises every run to its
+    RunSpec's settings (RunSpec.config), so equal runs give equal rule params.
+    """
     import jsonschema
     from snakemake.utils import validate
 
@@ -26,21 +51,13 @@ def check_config(config, schema_path):
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise VlmquantError(f"config: {key}: {error.message}")
     validate(config, str(schema_path), set_default=True)
+    for name, cfg in config["models"].items():
+        if "family" in cfg:
+            check_choice(f"models.{name}.family", cfg["family"], family_names())
+        cfg.setdefault("family", folder_family(cfg["path"], f"config: models.{name}.path"))
     for name, run in config["runs"].items():
-        if run["method"] != "mbq" and run.get("reweight"):
-            raise VlmquantError(f"config: runs.{name}.reweight: only mbq reweights")
-        if run["method"] == "smoothquant" and "a_bit" not in run:
-            raise VlmquantError(f"config: runs.{name}.a_bit: smoothquant smooths activations for quantization; "
-                                "set a_bit (e.g. 8 for W8A8)")
-        if run["method"] != "smoothquant" and "alpha" in run:
-            raise VlmquantError(f"config: runs.{name}.alpha: only smoothquant takes alpha (mbq and awq search it)")
-        if run["method"] == "smoothquant":
-            run.setdefault("alpha", 0.5)
-        if run.get("distort") and run["method"] == "rtn":
-            raise VlmquantError(f"config: runs.{name}.distort: rtn has no search to feed quantized inputs to")
-        if not run.get("distort"):
-            run.pop("distort", None)  # false and absent are one setting (and one set of rule params)
-        run.setdefault("reweight", run["method"] == "mbq")
+        check_choice(f"runs.{name}.method", run["method"], METHODS)
+    config["runs"] = {name: RunSpec.from_config(name, run).config() for name, run in config["runs"].items()}
     for kind in ("models", "calib", "runs"):
         for name in config["targets"].get(kind, []):
             if name not in config[kind]:
@@ -48,7 +65,24 @@ def check_config(config, schema_path):
     for name, cfg in config["calib"].items():
         if cfg["format"] == "interleave" and "text" not in cfg:
             raise VlmquantError(f"config: calib.{name}.text: format interleave needs a text corpus file")
+    eval_calib = config["eval"]["calib"]
+    if eval_calib not in config["calib"]:
+        raise VlmquantError(f"config: eval.calib: {eval_calib!r} is not defined under 'calib' "
+                            "(name a held-out calibration set, disjoint from the search sets)")
+    if config["lmms_eval"]["enabled"] and not config["lmms_eval"]["model"]:
+        for m in config["targets"].get("models", []):
+            lmms_model(config["lmms_eval"], config["models"][m]["family"])
     return config
+
+
+def run_specs(config):
+    """{run name: RunSpec} of a checked config (export.ignore in every spec)."""
+    return {name: RunSpec.from_config(name, run, config["export"]["ignore"]) for name, run in config["runs"].items()}
+
+
+def name_pattern(names):
+    """Wildcard constraint matching exactly the given names."""
+    return "|".join(map(re.escape, names)) or "NONE"
 
 
 def calib_params(cfg):
@@ -57,82 +91,144 @@ def calib_params(cfg):
     return {k: v for k, v in cfg.items() if k not in unused}
 
 
+def calib_sources(cfg):
+    """The input files of a calibration set."""
+    files = {"captions": cfg["captions"], "images": cfg["images"]}
+    if cfg["format"] == "interleave":
+        files["text"] = cfg["text"]
+    return files
+
+
+def eval_settings(config):
+    return {k: config["eval"][k] for k in EVAL_SETTINGS}
+
+
+def fill(template, wildcards, **extra):
+    """A paths template with the job's wildcards (and `extra`) filled in."""
+    return template.format(**{**{k: wildcards[k] for k in wildcards.keys()}, **extra})
+
+
+# --- search chunks --------------------------------------------------------------------------------
+def model_depth(model_cfg):
+    """Decoder layers of a model: its config.json, or for a demo model not built yet the demo's depth."""
+    path = model_cfg["path"]
+    if (Path(path) / "config.json").is_file():
+        return n_layers(path)
+    from vlmquant.models.tiny import TEXT_SIZES  # demo paths only (folder_family has checked the path)
+
+    return TEXT_SIZES["num_hidden_layers"]
+
+
+def chunks(config, model):
+    """[(first layer, end layer)] of the search jobs of `model`, `search.layers_per_job` layers each."""
+    per_job, L = config["search"]["layers_per_job"], model_depth(config["models"][model])
+    return [(a, min(a + per_job, L)) for a in range(0, L, per_job)]
+
+
+def chunk_layers(config, model, chunk):
+    """The layers of the search job {chunk} of `model`; VlmquantError for a chunk that does not exist."""
+    for a, b in chunks(config, model):
+        if paths.chunk_id(a) == chunk:
+            return list(range(a, b))
+    raise VlmquantError(f"search chunk {chunk} does not start a chunk of {model} "
+                        f"(search.layers_per_job {config['search']['layers_per_job']})")
+
+
+def search_start(config, spec, wildcards):
+    """Input of a search job with the inputs of its first layer: the fp acts folder, or for a distort
+    run's later chunks the previous chunk's folder (its next_inputs), which chains the run's chunks."""
+    first = chunk_layers(config, wildcards.model, wildcards.chunk)[0]
+    if spec.distort and first > 0:
+        previous = [a for a, _ in chunks(config, wildcards.model) if a < first][-1]
+        return fill(paths.SCALES, wildcards, chunk=paths.chunk_id(previous))
+    return fill(paths.ACTS, wildcards)
+
+
+def chunk_folders(config, wildcards):
+    """The search chunk folders of one run (the merge's inputs)."""
+    return [fill(paths.SCALES, wildcards, chunk=paths.chunk_id(a)) for a, _ in chunks(config, wildcards.model)]
+
+
+# --- targets and the summary ----------------------------------------------------------------------
+def target_triples(config):
+    t = config["targets"]
+    return [(m, c, r) for m in t.get("models", []) for c in t.get("calib", []) for r in t.get("runs", [])]
+
+
 def targets(config):
-    """Files `rule all` asks for: the summary table and plots (which need every stage before them)."""
-    from vlmquant.report.layout import final_targets
-
-    return final_targets(config)
-
-
-def n_layers(model_cfg):
-    """Decoder layers of a model, from its config.json, or from the demo builder for demo paths."""
-    path = Path(model_cfg["path"])
-    if (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
-        return cfg.get("text_config", cfg)["num_hidden_layers"]
-    if path.parts[:2] == ("results", "demo"):
-        from vlmquant.demo.model import TEXT_SIZES
-        return TEXT_SIZES["num_hidden_layers"]
-    raise VlmquantError(f"config: models: {path} has no config.json (model folder missing?)")
-
-
-def search_chunks(config):
-    """(model, first layer, end layer) of every search job."""
-    per_job = config["search"]["layers_per_job"]
-    out = []
-    for name, cfg in config["models"].items():
-        L = n_layers(cfg)
-        out += [(name, a, min(a + per_job, L)) for a in range(0, L, per_job)]
+    """What `rule all` builds: every target run's scale cache and checkpoint, the summary table, the plots,
+    and the lmms-eval results when enabled."""
+    specs = run_specs(config)
+    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET]
+    for m, c, r in target_triples(config):
+        ids = dict(model=m, calib=c, run=r)
+        out += ([paths.SCALE_CACHE.format(**ids)] if specs[r].has_scales else []) + [paths.CHECKPOINT.format(**ids)]
+        if config["lmms_eval"]["enabled"]:
+            out.append(paths.LMMS.format(**ids))
+    t = config["targets"]
+    out += [paths.PLOT.format(model=m, calib=c, figure=f) for m in t.get("models", []) for c in t.get("calib", [])
+            for f in FIGURES]
+    if config["lmms_eval"]["enabled"] and config["lmms_eval"]["include_fp"]:
+        out += [paths.LMMS_FP.format(model=m) for m in t.get("models", [])]
     return out
 
 
-def layer_file(model, start):
-    return f"results/{model}/{{calib}}/{{run}}/scales/layer_{start:03d}.safetensors"
+def run_benchmarks(config, model, calib, run):
+    """{stage: [benchmark files]} of the jobs that produced one run's eval table."""
+    spec = run_specs(config)[run]
+    ids = dict(model=model, calib=calib, run=run)
+    out = {"export": [paths.BENCHMARKS["export"].format(**ids)], "eval": [paths.BENCHMARKS["eval"].format(**ids)]}
+    if spec.has_scales:
+        out["acts"] = [paths.BENCHMARKS["acts"].format(**ids)]
+        out["search"] = [paths.BENCHMARKS["search"].format(**ids, chunk=paths.chunk_id(a)) for a, _ in chunks(config, model)]
+        if spec.needs_grads:
+            out["grads"] = [paths.BENCHMARKS["grads"].format(**ids)]
+    return out
 
 
-def boundary_file(model, layer):
-    """Inputs of `layer` as a distort run's quantized layers compute them, left by the chunk before it."""
-    return f"results/{model}/{{calib}}/{{run}}/distorted/layer_{layer:03d}.safetensors"
+def summary_rows(config):
+    """Every table of the summary: [{model, calib, run, path, bench}], the fp row of each model first."""
+    eval_calib = config["eval"]["calib"]
+    rows = []
+    for m in config["targets"].get("models", []):
+        fp = dict(model=m, eval_calib=eval_calib)
+        rows.append({"model": m, "calib": None, "run": "fp", "path": paths.FP_TABLE.format(**fp),
+                     "bench": {"eval": [paths.BENCHMARKS["eval_fp"].format(**fp)]}})
+        rows += [{"model": m, "calib": c, "run": r, "path": paths.EVAL.format(model=m, calib=c, run=r),
+                  "bench": run_benchmarks(config, m, c, r)} for mm, c, r in target_triples(config) if mm == m]
+    return rows
 
 
-def distort_modes(config):
-    """Kinds of search jobs the runs need: False (chunks start from fp inputs), True (distort chains)."""
-    return sorted({bool(run.get("distort")) for run in config["runs"].values() if run["method"] != "rtn"})
+def plot_runs(config):
+    """Runs shown in the plots (the target runs), with their methods."""
+    return {r: config["runs"][r]["method"] for r in config["targets"].get("runs", [])}
 
 
-def runs_with(config, distort):
-    """Wildcard pattern of the runs with (or without) `distort`."""
-    return "|".join(re.escape(n) for n, run in config["runs"].items() if bool(run.get("distort")) == distort) or "NONE"
+def search_runs(config):
+    """Target runs with a scale search (their α goes into the plots)."""
+    specs = run_specs(config)
+    return [r for r in config["targets"].get("runs", []) if specs[r].has_scales]
 
 
-def chunk_start(start, first):
-    """File with the inputs of a chunk's first layer: `start` itself, or its file in an acts folder."""
-    start = Path(start)
-    return start / f"layer_{first:03d}.safetensors" if start.is_dir() else start
+# --- lmms-eval --------------------------------------------------------------------------------------
+def lmms_model(lm, family):
+    model = lm["model"] or LMMS_MODELS.get(family)
+    if not model:
+        raise VlmquantError(f"config: lmms_eval.model: no default lmms-eval model for family {family!r}; set it")
+    return model
 
 
-@contextlib.contextmanager
-def script_logging(snakemake):
-    """Route logging and stderr (tqdm) to the rule's log; turn VlmquantError into a one-line exit."""
-    log_path = snakemake.log[0] if snakemake.log else None
-    stream = open(log_path, "w") if log_path else sys.stderr
-    handler = logging.StreamHandler(stream)
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    real_stderr = sys.stderr
-    sys.stderr = stream
-    try:
-        yield
-    except VlmquantError as e:
-        print(f"error: {e}", file=stream)
-        print(f"error: {e}", file=real_stderr)
-        sys.exit(1)
-    finally:
-        sys.stderr = real_stderr
-        if log_path:
-            stream.close()
+def lmms_eval_command(lm, family, pretrained, output_path):
+    """The `python -m lmms_eval …` command line (a string for a shell rule)."""
+    model_args = f"pretrained={pretrained}" + (f",{lm['model_args']}" if lm["model_args"] else "")
+    cmd = [lm["python"], "-m", "lmms_eval", "--model", lmms_model(lm, family), "--model_args", model_args,
+           "--tasks", ",".join(lm["tasks"]), "--batch_size", str(lm["batch_size"]), "--output_path", str(output_path)]
+    if lm["limit"] is not None:
+        cmd += ["--limit", str(lm["limit"])]
+    return shlex.join(cmd + list(lm["extra_args"]))
 
 
-# --- scheduler resources ------------------------------------------------------------------------
+# --- scheduler resources ----------------------------------------------------------------------------
 BASE_MB = 4000  # Python, torch (with the CUDA context), the calibration inputs
 MEM_KEY = {"grads": "search", "acts": "search", "search": "search", "export": "export", "eval": "eval"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -147,8 +243,8 @@ def gpus_per_job(config):
 def model_params(path):
     """Parameter count from the safetensors headers of a model folder (0 for a demo model not built yet)."""
     files = sorted(Path(path).glob("*.safetensors"))
-    if not files and Path(path).parts[:2] == ("results", "demo"):
-        return 0  # the demo models are a few MB
+    if not files and not (Path(path) / "config.json").is_file():
+        return 0  # a demo model (check_config has resolved the path); it is a few MB
     if not files:
         raise VlmquantError(f"config: models: {path} has no *.safetensors files (model folder missing?)")
     n = 0
@@ -174,5 +270,27 @@ def job_mem_mb(config, model, stage):
         dtype = "float32" if config["device"] == "cpu" else "bfloat16"
     weights_mb = model_params(cfg["path"]) * DTYPE_BYTES[dtype] / 2**20
     if stage == "search":
-        return BASE_MB + math.ceil(3 * weights_mb * min(config["search"]["layers_per_job"] / n_layers(cfg), 1))
+        return BASE_MB + math.ceil(3 * weights_mb * min(config["search"]["layers_per_job"] / model_depth(cfg), 1))
     return BASE_MB + math.ceil(1.5 * weights_mb)
+
+
+# --- scripts ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def script_logging(snakemake):
+    """Route logging and stderr (tqdm) to the rule's log; turn VlmquantError into a one-line exit."""
+    log_path = snakemake.log[0] if snakemake.log else None
+    stream = open(log_path, "w") if log_path else sys.stderr
+    handler = logging.StreamHandler(stream)
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    real_stderr = sys.stderr
+    sys.stderr = stream
+    try:
+        yield
+    except VlmquantError as e:
+        print(f"error: {e}", file=stream)
+        print(f"error: {e}", file=real_stderr)
+        sys.exit(1)
+    finally:
+        sys.stderr = real_stderr
+        if log_path:
+            stream.close()

@@ -15,14 +15,12 @@ Tables (`fp.parquet`, `eval.parquet`), long format, one metric value per row:
   weight_rel_err_scaled per layer (modality null). See vlmquant/eval/metrics.py for definitions.
   Schema metadata `vlmquant`: provenance (settings, hashes, quantization info, packages).
 """
-import json
 import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vlmquant.errors import VlmquantError
@@ -30,11 +28,9 @@ from vlmquant.eval.table import write_table
 from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_logmass, select_positions,
                                    weight_error, weight_scale_factors)
 from vlmquant.export.checkpoint import load_scales, read_quant_info
-from vlmquant.io import ragged
-from vlmquant.io.atomic import atomic_path
-from vlmquant.io.provenance import dumps, package_versions, sha256_file
-from vlmquant.models import get_adapter
-from vlmquant.models.loading import Checkpoint, resolve_device, resolve_dtype
+from vlmquant.io import ragged, tensors
+from vlmquant.io.provenance import package_versions, sha256_file
+from vlmquant.models.loading import Checkpoint
 from vlmquant.quant.model import decoder_linears, quantized_activations
 from vlmquant.search.capture import load_samples, model_inputs
 
@@ -91,11 +87,6 @@ def caption_rows(nll_sum, n_tok, kl_sum, top1, n_samples):
             ("kl", None, "caption", kl_sum / n_tok), ("top1_agreement", None, "caption", top1 / n_tok)]
 
 
-def _setup(model_cfg, device):
-    device = resolve_device(device)
-    return get_adapter(model_cfg["family"]), device, resolve_dtype(model_cfg.get("dtype"), device)
-
-
 def _check_settings(settings):
     missing = [k for k in SETTINGS if k not in settings]
     if missing:
@@ -105,12 +96,12 @@ def _check_settings(settings):
 
 
 # --- fp reference ----------------------------------------------------------------------------
-def run_fp_reference(model_cfg, inputs_path, ref_path, table_path, settings, ids, device="auto"):
-    """Evaluate the fp model once: write the reference tensors and the fp row of the tables."""
+def run_fp_reference(model, inputs_path, ref_path, table_path, settings, ids):
+    """Evaluate the fp model (ModelRef) once: write the reference tensors and the fp row of the tables."""
     _check_settings(settings)
-    adapter, device, dtype = _setup(model_cfg, device)
+    adapter, device, dtype = model.adapter, model.device, model.dtype
     samples, _ = load_samples(inputs_path)
-    model = adapter.load_model(model_cfg["path"], dtype, device, model_cfg.get("trust_remote_code", False))
+    path, model = model.path, model.load()
     selection = hidden_selection(samples, settings["hidden_positions"])
     parts = {k: [] for k in ("cap.sample", "cap.pos", "cap.target", "cap.topk_idx", "cap.topk_logp", "cap.rest_logp",
                              "hid.sample", "hid.pos", "hid.vision")}
@@ -120,7 +111,7 @@ def run_fp_reference(model_cfg, inputs_path, ref_path, table_path, settings, ids
         logp = out["logp"]
         vocab = logp.shape[1]
         if not torch.isfinite(logp).all():
-            raise VlmquantError(f"{model_cfg['path']}: non-finite fp logits on the eval set")
+            raise VlmquantError(f"{path}: non-finite fp logits on the eval set")
         k = vocab if settings["kl_top_k"] <= 0 else min(settings["kl_top_k"], vocab)
         top = logp.topk(k, dim=1)  # sorted: column 0 is the fp argmax
         nll_sum += float(-logp.gather(1, out["target"].to(logp.device)[:, None]).double().sum())
@@ -132,26 +123,21 @@ def run_fp_reference(model_cfg, inputs_path, ref_path, table_path, settings, ids
             parts[key].append(value)
         for i, h in out["hidden"].items():
             hidden.setdefault(i, []).append(h.cpu())
-    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-    tensors.update({f"hid.layer_{i:03d}": torch.cat(v).contiguous() for i, v in hidden.items()})
-    n_tok = tensors["cap.target"].numel()
+    ref = {k: torch.cat(v) for k, v in parts.items()}
+    ref.update({f"hid.layer_{i:03d}": torch.cat(v) for i, v in hidden.items()})
+    n_tok = ref["cap.target"].numel()
     if n_tok == 0:
         raise VlmquantError(f"{inputs_path}: the eval set has no caption tokens")
     provenance = {**ids, "settings": {k: settings[k] for k in SETTINGS}, "inputs_sha256": sha256_file(inputs_path),
-                  "model_path": str(model_cfg["path"]), "n_layers": len(hidden), "vocab": vocab,
+                  "model_path": str(path), "n_layers": len(hidden), "vocab": vocab,
                   "n_samples": len(samples), "dtype": str(dtype).removeprefix("torch."), "packages": package_versions()}
-    with atomic_path(ref_path) as tmp:
-        save_file(tensors, tmp, metadata={"vlmquant": dumps(provenance)})
+    tensors.save(ref_path, ref, provenance)
     rows = caption_rows(nll_sum, n_tok, 0.0, n_tok, len(samples))
     write_table(rows, table_path, {**ids, "run": "fp", "calib": None}, {**provenance, "method": "fp"})
 
 
 def load_reference(ref_path):
-    try:
-        with safe_open(ref_path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["vlmquant"])
-    except Exception as e:
-        raise VlmquantError(f"{ref_path}: not an fp reference file ({type(e).__name__}: {e})") from None
+    return tensors.load(ref_path, "fp reference file")
 
 
 # --- weight error ----------------------------------------------------------------------------
@@ -188,10 +174,11 @@ def weight_rows(model, adapter, fp_path, entries):
 
 # --- eval of a checkpoint --------------------------------------------------------------------
 @torch.no_grad()
-def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings, ids, device="auto"):
-    """Evaluate a pseudo-quantized checkpoint against the fp reference; write its table."""
+def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids):
+    """Evaluate a pseudo-quantized checkpoint of `model` (ModelRef: the fp source, its family, device and
+    dtype) against the fp reference; write its table."""
     _check_settings(settings)
-    adapter, device, dtype = _setup(model_cfg, device)
+    adapter, device, dtype, fp_path = model.adapter, model.device, model.dtype, model.path
     quant = read_quant_info(checkpoint)
     ref, ref_meta = load_reference(ref_path)
     inputs_sha = sha256_file(inputs_path)
@@ -202,7 +189,7 @@ def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings,
             raise VlmquantError(f"{ref_path}: fp reference has eval.{k}={ref_meta['settings'][k]!r}, "
                                 f"this eval {settings[k]!r}; rerun it")
     samples, _ = load_samples(inputs_path)
-    model = adapter.load_model(checkpoint, dtype, device, model_cfg.get("trust_remote_code", False))
+    model = model.load(checkpoint)
     n_layers = len(adapter.layers(model))
     if n_layers != ref_meta["n_layers"]:
         raise VlmquantError(f"{checkpoint}: {n_layers} decoder layers, the fp reference has {ref_meta['n_layers']}")
@@ -238,7 +225,7 @@ def run_eval(model_cfg, checkpoint, inputs_path, ref_path, table_path, settings,
         raise VlmquantError(f"{ref_path}: {ref['cap.target'].numel()} caption positions, the eval found {n_cap}; rerun it")
     rows = caption_rows(nll_sum, n_cap, kl_sum, top1, len(samples))
     rows += [("hidden_rel_mse", i, mod, errors.relative((i, mod))) for i in range(n_layers) for mod in ("vision", "text")]
-    rows += weight_rows(model, adapter, model_cfg["path"], load_scales(checkpoint))
+    rows += weight_rows(model, adapter, fp_path, load_scales(checkpoint))
     provenance = {**ids, "settings": {k: settings[k] for k in SETTINGS}, "inputs_sha256": inputs_sha,
                   "fp_reference_sha256": sha256_file(ref_path), "checkpoint": str(checkpoint),
                   "method": quant["method"], "w_bit": quant["w_bit"], "w_group": quant["w_group"],

@@ -5,14 +5,10 @@ Per-token tensors (shape (1, T) per sample) are stored concatenated as 1-D with
 with its own `offsets.<key>`. `collate` pads per-token tensors to a batch (right padding,
 `attention_mask` 0 on padding).
 """
-import json
-
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vlmquant.errors import VlmquantError
-from vlmquant.io.atomic import atomic_path
+from vlmquant.io import tensors
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "labels", "vision_mask", "caption_mask")
 PAD = {"labels": -100}
@@ -35,19 +31,13 @@ def offsets(lengths):
     return torch.tensor([0] + lengths).cumsum(0)
 
 
-def save(tensors, path, metadata):
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"vlmquant": json.dumps(metadata, sort_keys=True)})
+def save(packed, path, metadata):
+    tensors.save(path, packed, metadata)
 
 
 def load(path):
     """(tensors, metadata) of a packed file."""
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("vlmquant", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except (OSError, json.JSONDecodeError) as e:
-        raise VlmquantError(f"{path}: cannot read ({e})") from None
+    return tensors.load(path, "model inputs file")
 
 
 def n_samples(packed):

@@ -1,24 +1,24 @@
 """Per-layer scale files and the merged scale cache.
 
-Layer file (safetensors): `scale.{k}` (C_in,) fp32 per group k, `alpha` (G,), `losses` (G, n_candidates:
-the grid, or RTN and SmoothQuant's scales), `best` (G,) index of the kept candidate;
-metadata: layer index, model, run settings and the group names.
+Layer file (safetensors, `layer_NNN.safetensors` in a search chunk's folder): `scale.{k}` (C_in,) fp32
+per group k, `alpha` (G,), `losses` (G, n_candidates: the grid, or RTN and SmoothQuant's scales),
+`best` (G,) index of the kept candidate; metadata: layer index, model, run settings, and per group
+its names and reweight ratio ρ (`ratio`, null without reweighting).
 Scale cache (torch.save, loads with weights_only=True):
   {"scale": [(prev_op_name, (linear names…), scales_fp32), …], "meta": {...}}
 with names relative to the decoder-layer stack (`layers.{i}.…`).
 """
 import io
-import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from vlmquant import paths
 from vlmquant.errors import VlmquantError
+from vlmquant.io import tensors as tensor_file
 from vlmquant.io.atomic import atomic_path
-from vlmquant.io.provenance import dumps
 
 
 def save_layer(path, index, groups, results, ratios, meta):
@@ -30,16 +30,16 @@ def save_layer(path, index, groups, results, ratios, meta):
     info = {**meta, "layer": index,
             "groups": [{"prev": g.prev, "linears": list(g.linears), "block": g.block, "ratio": ratio}
                        for g, ratio in zip(groups, ratios)]}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"vlmquant": dumps(info)})
+    tensor_file.save(path, tensors, info)
 
 
 def load_layer(path):
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["vlmquant"])
-    except Exception as e:  # missing file, not safetensors, no or bad metadata
-        raise VlmquantError(f"{path}: not a scale file ({type(e).__name__}: {e})") from None
+    return tensor_file.load(path, "scale file")
+
+
+def chunk_layer_files(chunk_dirs):
+    """The layer files of search chunk folders (paths.SCALES), in layer order."""
+    return [p for d in chunk_dirs for p in sorted(Path(d).glob(paths.LAYER_GLOB))]
 
 
 def merge(layer_paths, cache_path, table_path, expect):
@@ -47,8 +47,6 @@ def merge(layer_paths, cache_path, table_path, expect):
     entries, rows = [], []
     for want, path in enumerate(layer_paths):
         tensors, info = load_layer(path)
-        if "best" not in tensors:
-            raise VlmquantError(f"{path}: scale file from an older vlmquant (no 'best'); delete it and rerun")
         for key, value in expect.items():
             if info.get(key) != value:
                 raise VlmquantError(f"{path}: scale file is for {key}={info.get(key)!r}, expected {value!r} "

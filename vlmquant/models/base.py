@@ -2,7 +2,8 @@
 
 A family is data plus a few methods: the transformers classes, where the language decoder
 layers live (never the vision tower), the scale groups of a decoder layer, the image
-placeholder token, and how a calibration row becomes processor inputs and masks.
+placeholder token, how a calibration row becomes processor inputs and masks, and the tiny
+random-init demo model of the family. Each family is one module of vlmquant/models/families/.
 """
 import io
 import json
@@ -22,14 +23,14 @@ class ScaleGroup:
     """One scale search: `prev`'s output is divided by s, the input columns of `linears` multiplied.
 
     Names are relative to a decoder layer. The loss compares the output of `block`.
-    `ratio` picks the reweight ratio ("attn" or "mlp"). `token_wise`: each token's block output
+    `site` picks the reweight ratio ρ ("attn" or "mlp"). `token_wise`: each token's block output
     depends on that token's input only (an MLP, a linear; not attention), so the search may run
     the block on just the tokens its loss reads.
     """
     prev: str
     linears: tuple[str, ...]
     block: str
-    ratio: str
+    site: str
     token_wise: bool = False
 
 
@@ -44,15 +45,21 @@ LLAMA_GROUPS = (
 
 
 class Adapter:
-    family: str
-    model_class: str  # transformers class name
+    """Base of every family's adapter. Subclasses set the class names and override what differs."""
+    model_class: str  # transformers class name; its config's model_type is the family name
     processor_class: str
+    video_processor: str | None = None  # what AutoProcessor builds where torchvision is installed (demo config)
     groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS
     attn_out = "self_attn.o_proj"  # gradients are taken at these outputs
     mlp_out = "mlp.down_proj"
     layers_path = "model.language_model.layers"  # decoder layer stack inside the top model
     # where checkpoints keep the decoder layers: transformers 5 names first, older layouts after
     checkpoint_layer_prefixes = ("model.language_model.layers", "model.layers", "language_model.model.layers")
+
+    @property
+    def family(self):
+        """The family name: the Hugging Face model_type, which is the name of the adapter's module."""
+        return type(self).__module__.rsplit(".", 1)[1]
 
     # --- loading -----------------------------------------------------------------------------
     def load_model(self, path, dtype=torch.float32, device="cpu", trust_remote_code=False):
@@ -68,11 +75,10 @@ class Adapter:
     def check_folder(self, path):
         """A model folder whose config.json is of this family's transformers architecture."""
         check_model_folder(path)
-        expected = getattr(transformers, self.model_class).config_class.model_type
         found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-        if found != expected:
+        if found != self.family:
             raise VlmquantError(f"{path}: config.json has model_type {found!r}, family {self.family} needs "
-                                f"{expected!r} (transformers' {self.model_class}); check models.<name>.family")
+                                f"{self.family!r} (transformers' {self.model_class}); check models.<name>.family")
 
     # --- structure ---------------------------------------------------------------------------
     def layers(self, model) -> torch.nn.ModuleList:
@@ -124,6 +130,12 @@ class Adapter:
         """Processor tensors of one sample (batch dim 1). Tensors other than per-token ones must
         concatenate along dim 0 into the batch the model takes (io.ragged.collate)."""
         return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+
+    # --- demo --------------------------------------------------------------------------------
+    def demo(self):
+        """(transformers config, processor) of the family's tiny random-init demo model (models/tiny.py's
+        sizes and tokenizer), built offline."""
+        raise NotImplementedError(f"family {self.family} has no demo model")
 
 
 def caption_mask(tokenizer, ids, captions, sample_id):

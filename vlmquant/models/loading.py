@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ import transformers
 from safetensors import safe_open
 
 from vlmquant.errors import VlmquantError
-from vlmquant.models.base import check_model_folder
+from vlmquant.models import get_adapter
+from vlmquant.models.base import Adapter, check_model_folder
 
 
 def resolve_dtype(name, device):
@@ -135,3 +137,35 @@ def load_layers(adapter, path, indices, device, dtype, trust_remote_code=False):
             raise VlmquantError(f"{path}: layer {i} requested, the model has {len(layers)} decoder layers")
         out[i] = ckpt.load_into(layers[i], f"{prefix}.{i}", device, dtype).eval()
     return out
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model of the config (`models.<name>`) opened for a job: its adapter, folder, device and dtype."""
+    adapter: Adapter
+    path: str
+    device: str
+    dtype: torch.dtype
+    trust_remote_code: bool = False
+
+    def load(self, path=None):
+        """The whole model on the device; `path`: another folder of the same family (a checkpoint)."""
+        return self.adapter.load_model(path or self.path, self.dtype, self.device, self.trust_remote_code)
+
+    def load_layers(self, indices):
+        """{index: decoder layer with weights} for the given indices only."""
+        return load_layers(self.adapter, self.path, indices, self.device, self.dtype, self.trust_remote_code)
+
+    def processor(self):
+        return self.adapter.load_processor(self.path, self.trust_remote_code)
+
+    def config(self):
+        return transformers.AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+
+
+def open_model(model_cfg, device="auto"):
+    """ModelRef of a `models.<name>` config dict (family, path, dtype, trust_remote_code) on `device`
+    (auto | cpu | cuda: claims a free GPU, see claim_gpu)."""
+    device = resolve_device(device)
+    return ModelRef(get_adapter(model_cfg["family"]), str(model_cfg["path"]), device,
+                    resolve_dtype(model_cfg.get("dtype"), device), bool(model_cfg.get("trust_remote_code", False)))

@@ -4,15 +4,10 @@ A layer's inputs are its hidden states (B, T, C) plus the keyword arguments the 
 model passes every layer (position embeddings, attention mask, position ids). They are the
 same for every layer, so they are captured once in front of layer 0.
 """
-import json
-
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vlmquant.errors import VlmquantError
-from vlmquant.io import ragged
-from vlmquant.io.atomic import atomic_path
+from vlmquant.io import ragged, tensors
 
 # Batches are right-padded, so under causal attention no valid token ever attends to padding:
 # the attention mask is left out of model calls, which keeps sdpa on its fused (flash) kernels.
@@ -77,25 +72,21 @@ def layer_forward(layer, hidden, kwargs):
 
 def save_layer_inputs(path, hidden, kwargs, meta):
     """hidden + kwargs → safetensors (tuples flattened as name.0, name.1, …; bools in metadata)."""
-    tensors, flags = {"hidden": hidden}, {}
+    out, flags = {"hidden": hidden}, {}
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor):
-            tensors[f"kw.{k}"] = v
+            out[f"kw.{k}"] = v
         elif isinstance(v, tuple):
-            tensors.update({f"kw.{k}.{i}": t for i, t in enumerate(v)})
+            out.update({f"kw.{k}.{i}": t for i, t in enumerate(v)})
             flags[k] = f"tuple:{len(v)}"
         else:
             flags[k] = v
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"vlmquant": json.dumps({**meta, "flags": flags}, sort_keys=True)})
+    tensors.save(path, out, {**meta, "flags": flags})
 
 
 def load_layer_inputs(path, device, dtype):
     """(hidden, kwargs, metadata) written by save_layer_inputs; floating tensors cast to dtype."""
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["vlmquant"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    t, meta = tensors.load(path, "decoder-layer inputs file")
     cast = lambda x: x.to(device, dtype) if x.is_floating_point() else x.to(device)  # noqa: E731
     kwargs = {}
     for k, v in meta.pop("flags").items():

@@ -2,7 +2,7 @@
 
 A scale group is one op (norm or linear) feeding one or more linears. For a per-input-channel
 scale s, the linears' weights become W' = Q(W·s)/s, which is what the quantized model computes
-once s has been folded into the previous op (see search/apply.py). The search tries
+once s has been folded into the previous op (see quant/fold.py). The search tries
 s = a^α for α on a grid, a = mean |X| per input channel, and keeps the α whose output is
 closest to the fp output under `group_loss`.
 """
@@ -76,6 +76,22 @@ def loss_tokens(masks, reweight: bool) -> torch.Tensor:
 
 
 @dataclass
+class GroupSearch:
+    """One scale group's inputs to a method (Method.group).
+
+    x: the linears' fp input (B, T, C_in), every token (channel statistics over `stat_masks`).
+    forward: zero-arg callable running the group's block with the linears' current weights.
+    fp_out: the block's fp output, at the tokens of `masks` (all, or only those the loss reads).
+    """
+    x: torch.Tensor
+    linears: list
+    forward: object
+    fp_out: torch.Tensor
+    masks: dict
+    stat_masks: dict
+
+
+@dataclass
 class GroupResult:
     scales: torch.Tensor  # (C_in,) fp32, on the linears' device
     alpha: float
@@ -83,16 +99,16 @@ class GroupResult:
     best_index: int
 
 
-def _check_group(x, linears, w_bit, w_group, act_bits):
-    check_bits(w_bit, 1 if act_bits is None else 2)
-    if act_bits is not None:
-        check_bits(act_bits, 2)
+def _check_group(x, linears, w_bit, w_group, a_bit):
+    check_bits(w_bit, 1 if a_bit is None else 2)
+    if a_bit is not None:
+        check_bits(a_bit, 2)
     n_in = x.shape[-1]
     for lin in linears:
         w = lin.weight
         if w.dim() != 2 or w.shape[1] != n_in:
             raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the group input's {n_in} channels")
-        if act_bits is None:
+        if a_bit is None:
             check_weight_groups(w.shape, w_group)
 
 
@@ -105,10 +121,10 @@ def _valid_rows(x, masks):
     return xv
 
 
-def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_group, loss, ratio, act_bits):
+def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_group, loss, ratio, a_bit):
     """Block loss with each candidate scale vector s (C_in,) folded in and the weights fake-quantized.
 
-    Weight-only: Q(W·s) with groups of w_group, input x/s. act_bits: weights symmetric per output
+    Weight-only: Q(W·s) with groups of w_group, input x/s. a_bit: weights symmetric per output
     channel, each linear's input quantized per token as the scaled model sees it, Q_a(x/s)·s.
     The linears' weights are restored on return.
     """
@@ -116,9 +132,9 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
     device = weights[0].device
     group = w_group if w_group > 0 else weights[0].shape[1]
     originals = [w.detach().clone() for w in weights]
-    if act_bits is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
+    if a_bit is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
         buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
-    quantize_input = InputQuantizer(act_bits) if act_bits is not None else None
+    quantize_input = InputQuantizer(a_bit) if a_bit is not None else None
     hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if quantize_input else []
     losses = []
     try:
@@ -126,7 +142,7 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
             if quantize_input is not None:
                 quantize_input.s = s
             for w, w0 in zip(weights, originals):
-                if act_bits is None:
+                if a_bit is None:
                     w.copy_(scaled_fake_quant(w0, s, w_bit, group))
                 else:
                     ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
@@ -143,7 +159,7 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
 
 
 @torch.no_grad()
-def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, act_bits=None,
+def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, a_bit=None,
                  stat_masks=None) -> GroupResult:
     """Grid-search the per-input-channel scales of one group.
 
@@ -152,11 +168,11 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
     current weights, returning a tensor shaped like fp_out. Weights are restored on return.
     masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel statistics).
     Candidates: s = a^α normalized, a = mean |x| per channel, α = 0, 1/n_grid, …; the α with the
-    strictly smallest loss wins (α = 0 is RTN). act_bits: weight-activation mode (candidate_losses).
+    strictly smallest loss wins (α = 0 is RTN). a_bit: weight-activation mode (candidate_losses).
     """
     if n_grid < 1:
         raise VlmquantError(f"n_grid={n_grid} must be at least 1")
-    _check_group(x, linears, w_bit, w_group, act_bits)
+    _check_group(x, linears, w_bit, w_group, a_bit)
     xv = _valid_rows(x, masks if stat_masks is None else stat_masks)
     a = xv.abs_().mean(dim=0, dtype=torch.float32).to(linears[0].weight.device)  # (C_in,)
     del xv
@@ -165,22 +181,22 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
         s = a.pow(i / n_grid).clamp_(min=1e-4)
         grid.append(s / (s.max() * s.min()).sqrt())
     losses = candidate_losses(linears, forward, fp_out, masks, grid, w_bit=w_bit, w_group=w_group, loss=loss,
-                              ratio=ratio, act_bits=act_bits)
+                              ratio=ratio, a_bit=a_bit)
     best = min(range(n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
     return GroupResult(scales=grid[best], alpha=best / n_grid, losses=losses, best_index=best)
 
 
 @torch.no_grad()
-def smooth_group(x, linears, forward, fp_out, masks, *, w_bit, act_bits, alpha=0.5, loss="mae", ratio=None,
+def smooth_group(x, linears, forward, fp_out, masks, *, w_bit, a_bit, alpha=0.5, loss="mae", ratio=None,
                  stat_masks=None) -> GroupResult:
     """SmoothQuant scales, no search: s_j = max|X_j|^α / max|W_j|^(1−α), the maxima over valid tokens
     and over the rows of all the group's linears. losses = [RTN (s = 1), smoothed]; the smoothed
     scales are kept whatever their loss. masks / stat_masks as in search_group."""
-    _check_group(x, linears, w_bit, -1, act_bits)
+    _check_group(x, linears, w_bit, -1, a_bit)
     x_max = _valid_rows(x, masks if stat_masks is None else stat_masks).abs().amax(0).to(linears[0].weight.device)  # (C_in,)
     s = smoothquant_scales(x_max, linears, alpha)
     losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], w_bit=w_bit, w_group=-1,
-                              loss=loss, ratio=ratio, act_bits=act_bits)
+                              loss=loss, ratio=ratio, a_bit=a_bit)
     return GroupResult(scales=s, alpha=alpha, losses=losses, best_index=1)
 
 
@@ -201,3 +217,15 @@ def smoothquant_scales(x_absmax: torch.Tensor, linears, alpha: float) -> torch.T
         w_max = torch.maximum(w_max, col_max.float().to(w_max.device))
     x_max = x_absmax.float().clamp(min=1e-5)
     return x_max.pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+
+
+def grid_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
+    """Method.group of the searching methods (mbq, awq): search_group with the run's settings."""
+    return search_group(job.x, job.linears, job.forward, job.fp_out, job.masks, w_bit=spec.w_bit, w_group=spec.w_group,
+                        n_grid=spec.n_grid, loss=spec.loss, ratio=ratio, a_bit=spec.a_bit, stat_masks=job.stat_masks)
+
+
+def smooth_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
+    """Method.group of smoothquant: smooth_group with the run's settings."""
+    return smooth_group(job.x, job.linears, job.forward, job.fp_out, job.masks, w_bit=spec.w_bit, a_bit=spec.a_bit,
+                        alpha=spec.alpha, loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks)

@@ -8,9 +8,10 @@ quantized model computes it (`quantized_forward`).
 """
 import torch
 
-from vlmquant.quant.model import fold_scales, groups_to_fold, pattern_matches, quantize_linears, quantized_inputs
+from vlmquant.quant.fold import fold, resolve_scales
+from vlmquant.quant.model import groups_to_fold, quantize_linears, quantized_inputs, resolve_ignore
 from vlmquant.search.capture import layer_forward
-from vlmquant.search.grid import loss_tokens, search_group, smooth_group
+from vlmquant.search.grid import GroupSearch, loss_tokens
 
 
 @torch.no_grad()
@@ -49,18 +50,17 @@ def select_tokens(args, out, masks, reweight):
     return (pick(args[0]), *args[1:]), pick(out), {k: v.reshape(-1).to(idx.device)[idx] for k, v in masks.items()}
 
 
-def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
-    """Search every group of `layer`. Returns (results per group, fp output of the layer).
+def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None):
+    """Search every group of `layer` with the run's method. Returns (results per group, fp output of the layer).
 
-    run: dict with method, w_bit, w_group, n_grid, loss, a_bit (None for weight-only), alpha (smoothquant).
-    ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None.
+    spec: the RunSpec. ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None.
     """
     out, records = record_layer(layer, groups, hidden, kwargs)
     results = []
     for gi, g in enumerate(groups):
-        rec = records[gi]
+        rec = records.pop(gi)
         block = layer.get_submodule(g.block)
-        ratio = ratios[g.ratio] if ratios else None
+        ratio = ratios[g.site] if ratios else None
         args, fp_out, loss_masks = rec["args"], rec["out"], masks
         if g.token_wise:
             args, fp_out, loss_masks = select_tokens(args, fp_out, masks, ratio is not None)
@@ -69,31 +69,24 @@ def search_layer(layer, groups, hidden, kwargs, masks, run, ratios=None):
             o = block(*args, **kwargs)
             return o[0] if isinstance(o, tuple) else o
 
-        linears = [layer.get_submodule(n) for n in g.linears]
         # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
-        if run["method"] == "smoothquant":
-            results.append(smooth_group(rec["x"], linears, forward, fp_out, loss_masks, w_bit=run["w_bit"],
-                                        act_bits=run["a_bit"], alpha=run["alpha"], loss=run["loss"], ratio=ratio,
-                                        stat_masks=masks))
-        else:
-            results.append(search_group(rec["x"], linears, forward, fp_out, loss_masks, w_bit=run["w_bit"],
-                                        w_group=run["w_group"], n_grid=run["n_grid"], loss=run["loss"],
-                                        ratio=ratio, act_bits=run.get("a_bit"), stat_masks=masks))
-        del args, fp_out, loss_masks
-        del records[gi]
+        job = GroupSearch(rec["x"], [layer.get_submodule(n) for n in g.linears], forward, fp_out, loss_masks, masks)
+        results.append(spec.method_def.group(job, spec, ratio))
+        del job, args, fp_out, loss_masks, rec
     return results, out
 
 
 @torch.no_grad()
-def quantized_forward(layer, index, groups, results, run, hidden, kwargs, ignore=()):
+def quantized_forward(layer, index, groups, results, spec, hidden, kwargs):
     """Decoder layer `index`'s output as the exported model computes it: the searched scales folded, every
-    linear fake-quantized (inputs too for weight-activation runs). `ignore`: export.ignore patterns; as in
-    export, those linears stay fp and a group whose linears are all ignored is not folded. Changes `layer`."""
-    ignored = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
-               and any(pattern_matches(f"layers.{index}.{n}", p) for p in ignore)}
-    fold, _ = groups_to_fold([(g.prev, g.linears, r.scales) for g, r in zip(groups, results)], ignored)
-    fold_scales(layer, fold, "search")
+    linear fake-quantized (inputs too for weight-activation runs). As in export, the linears spec.ignore
+    selects stay fp and a group whose linears are all ignored is not folded. Changes `layer`."""
+    prefix = f"layers.{index}."
+    names = [prefix + n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    ignored = {n.removeprefix(prefix) for n in resolve_ignore(names, spec.ignore, strict=False)}
+    folds = resolve_scales(layer, [(g.prev, g.linears, r.scales) for g, r in zip(groups, results)], "search")
+    fold(groups_to_fold(folds, ignored)[0])
     linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignored]
-    quantize_linears(linears, run)
-    with quantized_inputs(linears, run.get("a_bit")):
+    quantize_linears(linears, spec)
+    with quantized_inputs(linears, spec.a_bit):
         return layer_forward(layer, hidden, kwargs)

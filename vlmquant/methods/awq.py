@@ -1,0 +1,11 @@
+"""AWQ on multimodal data: the same α grid search as MBQ, every valid token weighted alike (no reweight)."""
+from vlmquant.methods.base import Method
+from vlmquant.search.grid import grid_search
+
+METHOD = Method(
+    name="awq",
+    summary="activation-aware scale search, every token weighted alike",
+    settings=("loss", "n_grid", "distort"),
+    scales=True,
+    group=grid_search,
+)

@@ -1,0 +1,13 @@
+"""SmoothQuant: s_j = max|X_j|^α / max|W_j|^(1−α), α from the config, no search."""
+from vlmquant.methods.base import Method
+from vlmquant.search.grid import smooth_search
+
+METHOD = Method(
+    name="smoothquant",
+    summary="scales from activation and weight maxima, no search (weight-activation runs)",
+    settings=("loss", "alpha", "distort"),
+    scales=True,
+    defaults=(("alpha", 0.5),),
+    needs_a_bit="smoothquant smooths activations for quantization; set a_bit (e.g. 8 for W8A8)",
+    group=smooth_search,
+)
