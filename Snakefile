@@ -24,4 +24,4 @@ include: "rules/summary.smk"
 rule all:
     default_target: True
     input:
-        all_targets(),
+        W.targets(config),

@@ -3,10 +3,12 @@ rule calib:
     input:
         unpack(calib_sources),
     output:
-        "results/calib/{calib}.parquet",
+        paths.CALIB,
+    log:
+        paths.LOGS["calib"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     params:
         cfg=calib_cfg,
-    log:
-        "results/logs/calib/{calib}.log",
     script:
         "../scripts/calib.py"

@@ -4,22 +4,26 @@
 
 rule demo_data:
     output:
-        captions_train="results/demo/data/captions_train.json",
-        captions_val="results/demo/data/captions_val.json",
-        text="results/demo/data/text.jsonl",
-        images=directory("results/demo/data/images"),
+        captions_train=f"{paths.DEMO_DATA}/captions_train.json",
+        captions_val=f"{paths.DEMO_DATA}/captions_val.json",
+        text=f"{paths.DEMO_DATA}/text.jsonl",
+        images=directory(f"{paths.DEMO_DATA}/images"),
     log:
-        "results/logs/demo_data.log",
+        paths.LOGS["demo_data"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     script:
         "../scripts/demo_data.py"
 
 
 rule demo_model:
     output:
-        directory("results/demo/model-{family}"),
+        directory(paths.DEMO_MODEL),
+    log:
+        paths.LOGS["demo_model"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     params:
         seed=0,
-    log:
-        "results/logs/demo_model-{family}.log",
     script:
         "../scripts/demo_model.py"

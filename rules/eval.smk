@@ -4,23 +4,25 @@
 rule eval_fp:
     """fp reference: caption log-probs (top-k), layer outputs at sampled positions, the fp table row."""
     input:
-        inputs="results/{model}/{eval_calib}/inputs.safetensors",
+        inputs=lambda w: paths.INPUTS.format(model=w.model, calib=w.eval_calib),
         model=model_dir,
     output:
-        ref="results/{model}/eval-{eval_calib}/fp.safetensors",
-        table="results/{model}/eval-{eval_calib}/fp.parquet",
+        ref=paths.FP_REF,
+        table=paths.FP_TABLE,
+    log:
+        paths.LOGS["eval_fp"],
+    benchmark:
+        paths.BENCHMARKS["eval_fp"]
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    resources:
+        gpu=W.gpus_per_job(config),
+        mem_mb=host_mem("eval"),
     params:
         model=model_cfg,
-        settings=layout.eval_settings(config),
+        settings=W.eval_settings(config),
         ids=lambda w: {"model": w.model, "eval_calib": w.eval_calib},
         device=config["device"],
-    resources:
-        gpu=gpus_per_job(config),
-        mem_mb=host_mem("eval"),
-    log:
-        "results/logs/{model}/eval-{eval_calib}/fp.log",
-    benchmark:
-        "results/benchmarks/{model}/eval-{eval_calib}/fp.tsv"
     script:
         "../scripts/eval_fp.py"
 
@@ -30,35 +32,39 @@ rule eval:
     input:
         unpack(eval_inputs),
     output:
-        "results/{model}/{calib}/{run}/eval.parquet",
+        paths.EVAL,
+    log:
+        paths.LOGS["eval"],
+    benchmark:
+        paths.BENCHMARKS["eval"]
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    resources:
+        gpu=W.gpus_per_job(config),
+        mem_mb=host_mem("eval"),
     params:
         model=model_cfg,
-        settings=layout.eval_settings(config),
-        ids=run_ids,
+        settings=W.eval_settings(config),
+        ids=eval_ids,
         device=config["device"],
-    resources:
-        gpu=gpus_per_job(config),
-        mem_mb=host_mem("eval"),
-    log:
-        "results/logs/{model}/{calib}/{run}/eval.log",
-    benchmark:
-        "results/benchmarks/{model}/{calib}/{run}/eval.tsv"
     script:
         "../scripts/eval.py"
 
 
-# Optional (lmms_eval.enabled): benchmarks with an lmms-eval install; never run in CI.
+# Optional (lmms_eval.enabled): benchmarks with an lmms-eval install.
 rule lmms_eval:
     input:
-        "results/{model}/{calib}/{run}/checkpoint",
+        paths.CHECKPOINT,
     output:
-        directory("results/{model}/{calib}/{run}/lmms_eval"),
-    params:
-        cmd=lmms_command,
+        directory(paths.LMMS),
+    log:
+        paths.LOGS["lmms_eval"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     resources:
         gpu=config["lmms_eval"]["gpus"],
-    log:
-        "results/logs/{model}/{calib}/{run}/lmms_eval.log",
+    params:
+        cmd=lmms_command,
     shell:
         "rm -rf {output}.tmp && {params.cmd} > {log} 2>&1 && mv {output}.tmp {output}"
 
@@ -67,12 +73,14 @@ rule lmms_eval_fp:
     input:
         model_dir,
     output:
-        directory("results/{model}/fp/lmms_eval"),
-    params:
-        cmd=lmms_command,
+        directory(paths.LMMS_FP),
+    log:
+        paths.LOGS["lmms_eval_fp"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     resources:
         gpu=config["lmms_eval"]["gpus"],
-    log:
-        "results/logs/{model}/fp/lmms_eval.log",
+    params:
+        cmd=lmms_command,
     shell:
         "rm -rf {output}.tmp && {params.cmd} > {log} 2>&1 && mv {output}.tmp {output}"

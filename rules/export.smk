@@ -6,20 +6,21 @@ rule export:
     input:
         unpack(export_inputs),
     output:
-        directory("results/{model}/{calib}/{run}/checkpoint"),
+        directory(paths.CHECKPOINT),
+    log:
+        paths.LOGS["export"],
+    benchmark:
+        paths.BENCHMARKS["export"]
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    resources:
+        gpu=W.gpus_per_job(config),
+        mem_mb=host_mem("export"),
     params:
         model=model_cfg,
-        run=export_run,
-        ignore=config["export"]["ignore"],
+        run=export_params,
         max_shard_size=config["export"]["max_shard_size"],
-        meta=run_names,
+        names=names,
         device=config["device"],
-    resources:
-        gpu=gpus_per_job(config),
-        mem_mb=host_mem("export"),
-    log:
-        "results/logs/{model}/{calib}/{run}/export.log",
-    benchmark:
-        "results/benchmarks/{model}/{calib}/{run}/export.tsv"
     script:
         "../scripts/export.py"

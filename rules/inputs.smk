@@ -1,13 +1,15 @@
 rule inputs:
     """Apply the model's processor and chat template to every calibration row."""
     input:
-        calib="results/calib/{calib}.parquet",
+        calib=paths.CALIB,
         model=model_dir,
     output:
-        "results/{model}/{calib}/inputs.safetensors",
+        paths.INPUTS,
+    log:
+        paths.LOGS["inputs"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     params:
         model=model_cfg,
-    log:
-        "results/logs/{model}/{calib}/inputs.log",
     script:
         "../scripts/inputs.py"

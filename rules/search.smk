@@ -4,22 +4,24 @@
 rule grads:
     """Modality gradient statistics and reweight ratios (only runs with reweight need them)."""
     input:
-        inputs="results/{model}/{calib}/inputs.safetensors",
+        inputs=paths.INPUTS,
         model=model_dir,
     output:
-        "results/{model}/{calib}/grads.safetensors",
+        paths.GRADS,
+    log:
+        paths.LOGS["grads"],
+    benchmark:
+        paths.BENCHMARKS["grads"]
+    priority: 2  # heads the longest chains (grads → search → merge → export → eval)
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    resources:
+        gpu=W.gpus_per_job(config),
+        mem_mb=host_mem("grads"),
     params:
         model=model_cfg,
         device=config["device"],
         batch_size=config["search"]["grads_batch_size"],
-    resources:
-        gpu=gpus_per_job(config),
-        mem_mb=host_mem("grads"),
-    log:
-        "results/logs/{model}/{calib}/grads.log",
-    benchmark:
-        "results/benchmarks/{model}/{calib}/grads.tsv"
-    priority: 2  # heads the longest chains (grads → search → merge → export → eval)
     script:
         "../scripts/grads.py"
 
@@ -27,76 +29,74 @@ rule grads:
 rule acts:
     """fp inputs of the first decoder layer of every search chunk."""
     input:
-        inputs="results/{model}/{calib}/inputs.safetensors",
+        inputs=paths.INPUTS,
         model=model_dir,
     output:
-        directory("results/{model}/{calib}/acts"),
+        directory(paths.ACTS),
+    log:
+        paths.LOGS["acts"],
+    benchmark:
+        paths.BENCHMARKS["acts"]
+    priority: 2
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    resources:
+        gpu=W.gpus_per_job(config),
+        mem_mb=host_mem("acts"),
     params:
         model=model_cfg,
         device=config["device"],
         starts=chunk_starts,
-    resources:
-        gpu=gpus_per_job(config),
-        mem_mb=host_mem("acts"),
-    log:
-        "results/logs/{model}/{calib}/acts.log",
-    benchmark:
-        "results/benchmarks/{model}/{calib}/acts.tsv"
-    priority: 2
     script:
         "../scripts/acts.py"
 
 
-# One job per chunk of `search.layers_per_job` consecutive layers. Chunks start from the fp layer
-# inputs (acts) and are independent, except for `distort` runs: there chunk k starts from the
-# quantized outputs chunk k-1 left, so a run's chunks form a chain.
-for _model, _first, _end in search_chunks(config):
-    for _distort in distort_modes(config):
-        _hands_on = _distort and _end < n_layers(config["models"][_model])
-
-        rule:
-            name:
-                f"search_{rule_name(_model)}_{_first:03d}" + ("_distort" if _distort else "")
-            input:
-                inputs=f"results/{_model}/{{calib}}/inputs.safetensors",
-                start=boundary_file(_model, _first) if _distort and _first else f"results/{_model}/{{calib}}/acts",
-                model=config["models"][_model]["path"],
-                grads=grads_input(_model),
-            output:
-                layers=[layer_file(_model, i) for i in range(_first, _end)],
-                **({"boundary": boundary_file(_model, _end)} if _hands_on else {}),
-            wildcard_constraints:
-                run=runs_with(config, _distort),
-            params:
-                model=config["models"][_model],
-                run=run_cfg,
-                layers=list(range(_first, _end)),
-                meta=scale_meta(_model),
-                device=config["device"],
-                # distort: the linears the checkpoint leaves fp stay fp in the forward to the next layer
-                **({"ignore": config["export"]["ignore"]} if _distort else {}),
-            resources:
-                gpu=gpus_per_job(config),
-                mem_mb=host_mem("search", _model),
-            log:
-                f"results/logs/{_model}/{{calib}}/{{run}}/search_{_first:03d}.log",
-            benchmark:
-                f"results/benchmarks/{_model}/{{calib}}/{{run}}/search_{_first:03d}.tsv"
-            priority: 1
-            script:
-                "../scripts/search.py"
+# One job per chunk of `search.layers_per_job` consecutive layers ({chunk}: its first layer). Chunks
+# start from the fp layer inputs (acts) and are independent, except in distort runs: there a chunk
+# starts from the quantized outputs the previous chunk left in its folder, so the chunks form a chain.
+rule search:
+    """Scale search of one chunk of decoder layers: one scale file per layer."""
+    input:
+        inputs=paths.INPUTS,
+        start=search_start,
+        model=model_dir,
+        grads=grads_input,
+    output:
+        directory(paths.SCALES),
+    log:
+        paths.LOGS["search"],
+    benchmark:
+        paths.BENCHMARKS["search"]
+    wildcard_constraints:
+        run=W.name_pattern([name for name, spec in RUNS.items() if spec.has_scales]),
+    priority: 1
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    resources:
+        gpu=W.gpus_per_job(config),
+        mem_mb=host_mem("search"),
+    params:
+        model=model_cfg,
+        run=search_params,
+        layers=chunk_layers,
+        names=names,
+        device=config["device"],
+    script:
+        "../scripts/search.py"
 
 
 rule merge:
     """All layer files of a run → scale_cache.pt and a table of chosen α and losses."""
     input:
-        layer_files,
+        chunk_folders,
     output:
-        cache="results/{model}/{calib}/{run}/scale_cache.pt",
-        table="results/{model}/{calib}/{run}/search.parquet",
-    params:
-        expect=merge_meta,
+        cache=paths.SCALE_CACHE,
+        table=paths.SEARCH_TABLE,
     log:
-        "results/logs/{model}/{calib}/{run}/merge.log",
+        paths.LOGS["merge"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    params:
+        expect=scale_meta,
     script:
         "../scripts/merge.py"

@@ -7,16 +7,18 @@ rule summary:
         summary_inputs,
     output:
         csv=report(
-            "results/summary.csv",
+            paths.SUMMARY_CSV,
             caption="../workflow/report/summary.rst",
             category="Summary",
             labels={"table": "summary"},
         ),
-        parquet="results/summary.parquet",
-    params:
-        rows=lambda w: layout.summary_rows(config),
+        parquet=paths.SUMMARY_PARQUET,
     log:
-        "results/logs/summary.log",
+        paths.LOGS["summary"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    params:
+        rows=lambda w: W.summary_rows(config),
     script:
         "../scripts/summary.py"
 
@@ -27,31 +29,41 @@ rule plots:
         unpack(plot_inputs),
     output:
         hidden_error=report(
-            "results/plots/{model}/{calib}/hidden_error.png",
+            paths.PLOT.replace("{figure}", "hidden_error"),
             caption="../workflow/report/hidden_error.rst",
             category="Plots",
             subcategory="{model} / {calib}",
-            labels={"model": "{model}", "calib": "{calib}", "figure": "per-layer output error"},
+            labels={
+                "model": "{model}",
+                "calib": "{calib}",
+                "figure": "per-layer output error",
+            },
         ),
         alpha=report(
-            "results/plots/{model}/{calib}/alpha.png",
+            paths.PLOT.replace("{figure}", "alpha"),
             caption="../workflow/report/alpha.rst",
             category="Plots",
             subcategory="{model} / {calib}",
             labels={"model": "{model}", "calib": "{calib}", "figure": "chosen alpha"},
         ),
         metrics=report(
-            "results/plots/{model}/{calib}/metrics.png",
+            paths.PLOT.replace("{figure}", "metrics"),
             caption="../workflow/report/metrics.rst",
             category="Plots",
             subcategory="{model} / {calib}",
-            labels={"model": "{model}", "calib": "{calib}", "figure": "metrics by run"},
+            labels={
+                "model": "{model}",
+                "calib": "{calib}",
+                "figure": "metrics by run",
+            },
         ),
-    params:
-        runs=lambda w: list(layout.plot_runs(config)),
-        methods=lambda w: layout.plot_runs(config),
-        search_runs=lambda w: layout.search_runs(config),
     log:
-        "results/logs/plots/{model}/{calib}.log",
+        paths.LOGS["plots"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
+    params:
+        runs=lambda w: list(W.plot_runs(config)),
+        methods=lambda w: W.plot_runs(config),
+        search_runs=lambda w: W.search_runs(config),
     script:
         "../scripts/plots.py"

@@ -1,10 +1,7 @@
-from pathlib import Path
-
+from vlmquant.models.loading import open_model
 from vlmquant.search.pipeline import run_acts
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    out = Path(snakemake.output[0])
-    starts = list(snakemake.params.starts)
-    run_acts(dict(snakemake.params.model), snakemake.input.inputs, starts,
-             [out / f"layer_{i:03d}.safetensors" for i in starts], device=snakemake.params.device)
+    run_acts(open_model(snakemake.params.model, snakemake.params.device), snakemake.input.inputs,
+             list(snakemake.params.starts), snakemake.output[0])

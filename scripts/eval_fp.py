@@ -1,7 +1,8 @@
 from vlmquant.eval.run import run_fp_reference
+from vlmquant.models.loading import open_model
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    run_fp_reference(dict(snakemake.params.model), snakemake.input.inputs, snakemake.output.ref,
-                     snakemake.output.table, dict(snakemake.params.settings), dict(snakemake.params.ids),
-                     device=snakemake.params.device)
+    run_fp_reference(open_model(snakemake.params.model, snakemake.params.device), snakemake.input.inputs,
+                     snakemake.output.ref, snakemake.output.table, dict(snakemake.params.settings),
+                     dict(snakemake.params.ids))

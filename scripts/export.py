@@ -1,8 +1,10 @@
 from vlmquant.export import export_checkpoint
+from vlmquant.models.loading import open_model
+from vlmquant.spec import RunSpec
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    export_checkpoint(dict(snakemake.params.model), dict(snakemake.params.run), snakemake.output[0],
-                      cache_path=snakemake.input.get("cache"), ignore=list(snakemake.params.ignore),
-                      max_shard_size=snakemake.params.max_shard_size, meta=dict(snakemake.params.meta),
-                      device=snakemake.params.device)
+    export_checkpoint(open_model(snakemake.params.model, snakemake.params.device),
+                      RunSpec.from_params(snakemake.wildcards.run, snakemake.params.run), snakemake.output[0],
+                      cache_path=snakemake.input.get("cache"), max_shard_size=snakemake.params.max_shard_size,
+                      names=dict(snakemake.params.names))

@@ -1,6 +1,7 @@
+from vlmquant.models.loading import open_model
 from vlmquant.search.pipeline import run_grads
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    run_grads(dict(snakemake.params.model), snakemake.input.inputs, snakemake.output[0],
-              device=snakemake.params.device, batch_size=snakemake.params.batch_size)
+    run_grads(open_model(snakemake.params.model, snakemake.params.device), snakemake.input.inputs,
+              snakemake.output[0], batch_size=snakemake.params.batch_size)

@@ -1,5 +1,7 @@
 from vlmquant.data.inputs import build_inputs
+from vlmquant.models.loading import open_model
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    build_inputs(snakemake.input.calib, dict(snakemake.params.model), snakemake.output[0], name=snakemake.wildcards.model)
+    build_inputs(snakemake.input.calib, open_model(snakemake.params.model, "cpu"), snakemake.output[0],
+                 name=snakemake.wildcards.model)

@@ -1,5 +1,6 @@
-from vlmquant.io.scales import merge
+from vlmquant.io.scales import chunk_layer_files, merge
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    merge(list(snakemake.input), snakemake.output.cache, snakemake.output.table, dict(snakemake.params.expect))
+    merge(chunk_layer_files(snakemake.input), snakemake.output.cache, snakemake.output.table,
+          dict(snakemake.params.expect))
