@@ -101,6 +101,7 @@ def run_job(args):
     from vlmquant.models import get_adapter
     from vlmquant.models.loading import load_layers
     from vlmquant.search.layer import search_layer
+    from vlmquant.spec import RunSpec
 
     folder, first, last = args.job[0], int(args.job[1]), int(args.job[2])
     chunk = list(range(first, last + 1))
@@ -110,7 +111,7 @@ def run_job(args):
     sync()
     load_s = time.perf_counter() - t
     hidden, kwargs, masks = layer_inputs(text_config(args.shape), args.samples, args.tokens, DEVICE, torch.bfloat16)
-    run = {"method": "mbq", "w_bit": 3, "w_group": 128, "n_grid": 20, "loss": "mae"}
+    run = RunSpec.from_config("mbq", {"method": "mbq", "w_bit": 3, "w_group": 128})
     t = time.perf_counter()
     for i in chunk:
         layer = layers.pop(i)

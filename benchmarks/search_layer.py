@@ -15,6 +15,7 @@ import torch
 
 from common import environment, layer_inputs, random_layer, sync, text_config, timer, write_json
 from vlmquant.models import get_adapter
+from vlmquant.spec import RunSpec
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.search import grid, layer as layer_mod
 from vlmquant.search.grid import group_loss, loss_tokens
@@ -42,16 +43,16 @@ def straightforward(layer, groups, records, masks, run, ratios):
         linears = [layer.get_submodule(n) for n in g.linears]
         a = rec["x"].abs().reshape(-1, rec["x"].shape[-1]).float().mean(0)
         best = None
-        for i in range(run["n_grid"]):
+        for i in range(run.n_grid):
             state = copy.deepcopy(layer.state_dict())
-            s = a.pow(i / run["n_grid"]).clamp(min=1e-4)
+            s = a.pow(i / run.n_grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             for lin in linears:
                 w = lin.weight.data.float() * s
-                lin.weight.data = (fake_quant_weight(w, run["w_bit"], run["w_group"]) / s).to(lin.weight.dtype)
+                lin.weight.data = (fake_quant_weight(w, run.w_bit, run.w_group) / s).to(lin.weight.dtype)
             o = block(*rec["args"], **rec["kwargs"])
             o = o[0] if isinstance(o, tuple) else o
-            loss = group_loss(rec["out"].float(), o.float(), masks, run["loss"], ratios[g.ratio])
+            loss = group_loss(rec["out"].float(), o.float(), masks, run.loss, ratios[g.site])
             if best is None or loss < best[0]:
                 best = (loss, i)
             layer.load_state_dict(state)
@@ -64,7 +65,7 @@ def instrumented(layer, groups, hidden, kwargs, masks, run, ratios):
     t = {"quantizer": 0.0, "loss": 0.0, "grid_forwards": 0.0}
     patched = {"scaled_fake_quant": "quantizer", "fake_quant_sym_rows_": "quantizer", "group_loss": "loss"}
     originals = {name: getattr(grid, name) for name in patched}
-    orig_search, orig_record = layer_mod.search_group, layer_mod.record_layer
+    orig_search, orig_record = grid.search_group, layer_mod.record_layer
 
     in_forward = []  # activation quantization inside a forward counts as forward time
 
@@ -93,13 +94,13 @@ def instrumented(layer, groups, hidden, kwargs, masks, run, ratios):
 
     for name in patched:
         setattr(grid, name, timed(name))
-    layer_mod.search_group, layer_mod.record_layer = search, record
+    grid.search_group, layer_mod.record_layer = search, record
     try:
         layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
     finally:
         for name, f in originals.items():
             setattr(grid, name, f)
-        layer_mod.search_group, layer_mod.record_layer = orig_search, orig_record
+        grid.search_group, layer_mod.record_layer = orig_search, orig_record
     t["other_in_search"] = t["search_total"] - t["grid_forwards"] - t["quantizer"] - t["loss"]
     return t
 
@@ -128,8 +129,10 @@ def main():
         raise SystemExit("16 + --vision + --caption must fit in --tokens")
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype, args.vision, args.caption)
     groups = get_adapter("qwen2_vl").resolve_groups(layer)
-    run = {"method": args.method, "w_bit": args.w_bit, "w_group": args.w_group, "n_grid": args.grid, "loss": "mae",
-           "a_bit": args.a_bit, "alpha": 0.5}
+    settings = {"method": args.method, "w_bit": args.w_bit, "loss": "mae"}
+    settings.update({"a_bit": args.a_bit} if args.a_bit else {"w_group": args.w_group})
+    settings.update({"alpha": 0.5} if args.method == "smoothquant" else {"n_grid": args.grid})
+    run = RunSpec.from_config(args.method, settings)
     ratios = {"attn": 2.0, "mlp": 1.5} if args.method == "mbq" else None
     if args.method == "smoothquant" and args.a_bit is None:
         raise SystemExit("smoothquant needs --a-bit")

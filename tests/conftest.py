@@ -23,6 +23,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def run_spec(name, ignore=(), **cfg):
+    """A RunSpec from `runs.<name>` settings given as keywords (and export.ignore patterns)."""
+    from vlmquant.spec import RunSpec
+
+    return RunSpec.from_config(name, cfg, ignore)
+
+
+def open_demo(path, family="qwen2_vl", device="cpu"):
+    """ModelRef of a demo model folder in fp32."""
+    from vlmquant.models.loading import open_model
+
+    return open_model({"family": family, "path": str(path), "dtype": "float32"}, device)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """results/demo as the demo rules build it: data/ and model-qwen2_vl/."""

@@ -26,9 +26,34 @@ def test_default_config_is_valid_and_filled(cfg):
     assert out["device"] == "auto"
     assert out["calib"]["demo"]["prompt"] == "Describe this image."
     assert out["runs"]["mbq-w3g128"]["reweight"] is True
-    assert out["runs"]["awq-w3g128"]["reweight"] is False
+    assert "reweight" not in out["runs"]["awq-w3g128"]  # awq has no such setting
     assert out["runs"]["mbq-w3g128"]["n_grid"] == 20
     assert targets(out)
+
+
+def test_runs_are_normalised_to_their_method_settings(cfg):
+    out = check(cfg)["runs"]
+    assert out["rtn-w3g128"] == {"method": "rtn", "w_bit": 3, "w_group": 128}
+    assert out["mbq-w3g128"] == {"method": "mbq", "w_bit": 3, "w_group": 128, "loss": "mae", "n_grid": 20,
+                                 "reweight": True}
+    assert out["mbq-w4a8"] == {"method": "mbq", "w_bit": 4, "a_bit": 8, "loss": "mae", "n_grid": 20, "reweight": True}
+    assert out["smoothquant-w8a8"] == {"method": "smoothquant", "w_bit": 8, "a_bit": 8, "loss": "mae", "alpha": 0.5}
+
+
+def test_family_is_read_from_the_model_folder(cfg, demo_model_path):
+    cfg["models"]["demo-qwen2vl"] = {"path": str(demo_model_path)}
+    assert check(cfg)["models"]["demo-qwen2vl"]["family"] == "qwen2_vl"
+    cfg["models"]["demo-qwen2vl"] = {"path": "results/demo/model-llava"}  # a demo model not built yet
+    assert check(cfg)["models"]["demo-qwen2vl"]["family"] == "llava"
+
+
+def test_unknown_model_type_names_the_folder_and_the_families(cfg, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt5_vl"}')
+    cfg["models"]["demo-qwen2vl"] = {"path": str(tmp_path)}
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    msg = str(e.value)
+    assert f"models.demo-qwen2vl.path: {tmp_path} has model_type 'gpt5_vl'" in msg and "qwen2_vl" in msg
 
 
 def test_distort_false_is_the_same_run_as_no_distort(cfg):
@@ -44,14 +69,17 @@ def test_distort_false_is_the_same_run_as_no_distort(cfg):
     (lambda c: c["calib"]["demo"].update(sed=1), "calib.demo: Additional properties are not allowed ('sed'"),
     (lambda c: c["calib"]["demo"].update(format="fewshot"), "calib.demo.format: 'fewshot' is not one of"),
     (lambda c: c["models"]["demo-qwen2vl"].update(family="gpt5"), "models.demo-qwen2vl.family: 'gpt5' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(method="gptq"), "runs.rtn-w3g128.method: 'gptq' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(n_grid=10), "runs.rtn-w3g128.n_grid: rtn does not use n_grid"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(w_group=64), "runs.mbq-w4a8.w_group: weight-activation runs (a_bit)"),
     (lambda c: c.update(devise="cpu"), "Additional properties are not allowed ('devise'"),
     (lambda c: c["runs"]["mbq-w3g128"].update(w_bit=1), "runs.mbq-w3g128.w_bit: 1 is less than the minimum"),
     (lambda c: c["targets"].update(models=["nope"]), "targets.models: 'nope' is not defined"),
-    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: only mbq reweights"),
+    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: awq does not use reweight (only mbq reweights)"),
     (lambda c: c["runs"]["awq-w3g128"].update(method="smoothquant"), "runs.awq-w3g128.a_bit: smoothquant smooths"),
-    (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: only smoothquant takes alpha"),
+    (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: awq does not use alpha (only smoothquant takes it)"),
     (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", alpha=1.5), "runs.mbq-w4a8.alpha: 1.5 is greater"),
-    (lambda c: c["runs"]["rtn-w3g128"].update(distort=True), "runs.rtn-w3g128.distort: rtn has no search"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(distort=True), "runs.rtn-w3g128.distort: rtn does not use distort"),
     (lambda c: c["runs"]["awq-w3g128"].update(distort="yes"), "runs.awq-w3g128.distort: 'yes' is not of type 'boolean'"),
 ])
 def test_bad_config_names_the_key(cfg, edit, needle):

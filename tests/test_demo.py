@@ -7,8 +7,10 @@ import transformers
 from PIL import Image
 
 from vlmquant.demo.dataset import PHOTO_SOURCES, load_corpus, photo_path, write_demo_data
-from vlmquant.demo.model import DEMO_PROMPT, build_demo_model, make_demo_model
+from vlmquant.demo.model import build_demo_model, make_demo_model
+from vlmquant.models import family_names, get_adapter
 from vlmquant.models.processing import load_processor
+from vlmquant.models.tiny import DEMO_PROMPT
 
 
 def read_tree(root):
@@ -69,13 +71,9 @@ def test_text_corpus():
 
 # ---- demo models ----
 
-PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "llava": "LlavaProcessor",
-                     "llava_onevision": "LlavaOnevisionProcessor", "internvl": "InternVLProcessor"}
-
-
 def load_demo(path, family):
     model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
-    processor = load_processor(path, getattr(transformers, PROCESSOR_CLASSES[family]))
+    processor = load_processor(path, getattr(transformers, get_adapter(family).processor_class))
     return model, processor
 
 
@@ -167,7 +165,7 @@ def test_qwen2_vl_tokenizer_and_template(qwen_dir, photo):
     assert processor.tokenizer.decode(reply) == "A tabby cat.<|im_end|>"
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "llava_onevision", "internvl"])
+@pytest.mark.parametrize("family", [f for f in family_names() if f != "qwen2_vl"])
 def test_other_families_build_reload_forward(family, tmp_path, photo):
     model, processor = make_demo_model(family)
     path = build_demo_model(tmp_path / family, family)

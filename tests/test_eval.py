@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 import yaml
 
-from conftest import REPO
+from conftest import REPO, open_demo, run_spec
 from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.metrics import ErrorSums, kl_topk, rest_logmass, select_positions, weight_error
@@ -22,9 +22,8 @@ from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.quant.model import apply_scale_cache, decoder_linears
-from vlmquant.report.layout import check_eval_config, final_targets
 from vlmquant.search.capture import load_samples, model_inputs
-from vlmquant.workflow import check_config
+from vlmquant.workflow import check_config, targets
 
 ADAPTER = get_adapter("qwen2_vl")
 SETTINGS = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}  # the demo config's eval settings
@@ -36,8 +35,8 @@ def pipe(tmp_path_factory, demo_root):
 
 
 @pytest.fixture(scope="module")
-def model_cfg(pipe):
-    return {"family": "qwen2_vl", "path": str(pipe.model_dir), "dtype": "auto"}
+def model(pipe):
+    return open_demo(pipe.model_dir)
 
 
 def table(pipe, run):
@@ -149,14 +148,14 @@ def test_fp_reference_contents(pipe):
     assert meta["settings"] == SETTINGS and meta["n_layers"] == 4
 
 
-def test_fp_model_evaluated_as_a_checkpoint_has_zero_error(pipe, model_cfg, tmp_path):
+def test_fp_model_evaluated_as_a_checkpoint_has_zero_error(pipe, model, tmp_path):
     """The eval path against its own fp reference: every error exactly 0, NLL equal to the fp row."""
     fake = tmp_path / "fp-checkpoint"
     shutil.copytree(pipe.model_dir, fake)
     (fake / "quantization.json").write_text(json.dumps({"method": "fp", "w_bit": 32, "w_group": -1}))
     out = tmp_path / "eval.parquet"
     ids = {"model": MODEL, "calib": CALIB, "run": "fp-copy", "eval_calib": EVAL_CALIB}
-    run_eval(model_cfg, fake, pipe.eval_inputs, pipe.fp_ref, out, SETTINGS, ids, device="cpu")
+    run_eval(model, fake, pipe.eval_inputs, pipe.fp_ref, out, SETTINGS, ids)
     df, _ = read_table(out)
     fp, _ = table(pipe, "fp")
     assert value(df, "caption_nll", modality="caption") == pytest.approx(value(fp, "caption_nll", modality="caption"), rel=1e-9)
@@ -166,32 +165,31 @@ def test_fp_model_evaluated_as_a_checkpoint_has_zero_error(pipe, model_cfg, tmp_
     assert len(errs) == 4 * 2 + 4 * 2 and (errs.value == 0).all()
 
 
-def test_eval_refuses_mismatched_reference_and_incomplete_checkpoint(pipe, model_cfg, tmp_path):
+def test_eval_refuses_mismatched_reference_and_incomplete_checkpoint(pipe, model, tmp_path):
     ids = {"model": MODEL, "calib": CALIB, "run": "mbq-w3g128", "eval_calib": EVAL_CALIB}
     ckpt = pipe.run_dir("mbq-w3g128") / "checkpoint"
     with pytest.raises(VlmquantError, match="eval.hidden_positions=16, this eval 8"):
-        run_eval(model_cfg, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "a.parquet",
-                 {**SETTINGS, "hidden_positions": 8}, ids, device="cpu")
+        run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "a.parquet",
+                 {**SETTINGS, "hidden_positions": 8}, ids)
     other_inputs = pipe / f"results/{MODEL}/{CALIB}/inputs.safetensors"
     with pytest.raises(VlmquantError, match="computed on other inputs"):
-        run_eval(model_cfg, ckpt, other_inputs, pipe.fp_ref, tmp_path / "b.parquet", SETTINGS, ids, device="cpu")
+        run_eval(model, ckpt, other_inputs, pipe.fp_ref, tmp_path / "b.parquet", SETTINGS, ids)
     half = tmp_path / "half"
     shutil.copytree(ckpt, half)
     (half / "quantization.json").unlink()
     with pytest.raises(VlmquantError, match="not a complete vlmquant checkpoint"):
-        run_eval(model_cfg, half, pipe.eval_inputs, pipe.fp_ref, tmp_path / "c.parquet", SETTINGS, ids, device="cpu")
+        run_eval(model, half, pipe.eval_inputs, pipe.fp_ref, tmp_path / "c.parquet", SETTINGS, ids)
     assert not any(p.suffix == ".parquet" for p in tmp_path.iterdir())
 
 
-def test_topk_reference_gives_a_lower_bound_of_the_exact_kl(pipe, model_cfg, tmp_path):
+def test_topk_reference_gives_a_lower_bound_of_the_exact_kl(pipe, model, tmp_path):
     settings = {**SETTINGS, "kl_top_k": 50}
     ids = {"model": MODEL, "eval_calib": EVAL_CALIB}
-    run_fp_reference(model_cfg, pipe.eval_inputs, tmp_path / "fp.safetensors", tmp_path / "fp.parquet", settings, ids,
-                     device="cpu")
+    run_fp_reference(model, pipe.eval_inputs, tmp_path / "fp.safetensors", tmp_path / "fp.parquet", settings, ids)
     ref, _ = load_reference(tmp_path / "fp.safetensors")
     assert ref["cap.topk_idx"].shape[1] == 50
-    run_eval(model_cfg, pipe.run_dir("rtn-w3g128") / "checkpoint", pipe.eval_inputs, tmp_path / "fp.safetensors",
-             tmp_path / "eval.parquet", settings, {**ids, "calib": CALIB, "run": "rtn-w3g128"}, device="cpu")
+    run_eval(model, pipe.run_dir("rtn-w3g128") / "checkpoint", pipe.eval_inputs, tmp_path / "fp.safetensors",
+             tmp_path / "eval.parquet", settings, {**ids, "calib": CALIB, "run": "rtn-w3g128"})
     coarse, _ = read_table(tmp_path / "eval.parquet")
     exact, _ = table(pipe, "rtn-w3g128")
     kl_c, kl_e = value(coarse, "kl", modality="caption"), value(exact, "kl", modality="caption")
@@ -254,7 +252,7 @@ def checked(edit=None):
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     if edit:
         edit(cfg)
-    return check_eval_config(check_config(copy.deepcopy(cfg), REPO / "workflow/schemas/config.schema.yaml"))
+    return check_config(copy.deepcopy(cfg), REPO / "workflow/schemas/config.schema.yaml")
 
 
 def test_eval_export_lmms_config_defaults():
@@ -267,9 +265,9 @@ def test_eval_export_lmms_config_defaults():
                            "mem_mb": None}
     assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": None}
     assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
-    assert not any("lmms_eval" in t for t in final_targets(cfg))
+    assert not any("lmms_eval" in t for t in targets(cfg))
     cfg["lmms_eval"]["enabled"] = True
-    assert {t for t in final_targets(cfg) if "lmms_eval" in t} == {
+    assert {t for t in targets(cfg) if "lmms_eval" in t} == {
         f"results/{MODEL}/{CALIB}/{r}/lmms_eval" for r in RUNS} | {f"results/{MODEL}/fp/lmms_eval"}
 
 
@@ -287,23 +285,23 @@ def test_bad_eval_export_lmms_config_names_the_key(edit, needle):
         checked(edit)
 
 
-def test_weight_activation_run_exports_per_channel_weights_and_quantizes_inputs_at_eval(pipe, model_cfg, tmp_path):
+def test_weight_activation_run_exports_per_channel_weights_and_quantizes_inputs_at_eval(pipe, model, tmp_path):
     """W4A8 (RTN): symmetric per-output-channel weights in the checkpoint; eval quantizes linear inputs."""
     from vlmquant.export import export_checkpoint, read_quant_info
 
     adapter = get_adapter("qwen2_vl")
-    run = {"method": "rtn", "w_bit": 4, "w_group": 128, "a_bit": 8}
     ckpt = tmp_path / "w4a8"
-    export_checkpoint(model_cfg, run, ckpt, device="cpu", meta={"model": MODEL, "calib": CALIB, "run": "rtn-w4a8"})
+    export_checkpoint(model, run_spec("rtn-w4a8", method="rtn", w_bit=4, a_bit=8), ckpt,
+                      names={"model": MODEL, "calib": CALIB, "run": "rtn-w4a8"})
     assert read_quant_info(ckpt)["a_bit"] == 8
     for _, lin in decoder_linears(adapter.load_model(ckpt), adapter):
         q = lin.weight / (lin.weight.abs().amax(1, keepdim=True) / 7)  # 4 bits symmetric: integers in [-7, 7]
         torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-3)
     ids = {"model": MODEL, "calib": CALIB, "run": "rtn-w4a8", "eval_calib": EVAL_CALIB}
-    run_eval(model_cfg, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "wa.parquet", SETTINGS, ids, device="cpu")
+    run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "wa.parquet", SETTINGS, ids)
     info = json.loads((ckpt / "quantization.json").read_text())
     (ckpt / "quantization.json").write_text(json.dumps({**info, "a_bit": None}))  # the same weights, fp activations
-    run_eval(model_cfg, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "w.parquet", SETTINGS, ids, device="cpu")
+    run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "w.parquet", SETTINGS, ids)
     (wa, meta), (w, _) = read_table(tmp_path / "wa.parquet"), read_table(tmp_path / "w.parquet")
     assert meta["a_bit"] == 8
     kl_wa, kl_w = value(wa, "kl", modality="caption"), value(w, "kl", modality="caption")

@@ -14,18 +14,23 @@ from safetensors.torch import load_file, save_file
 from e2e_pipeline import CALIB, MODEL, full_run
 from vlmquant.data.calib import read_calib
 from vlmquant.errors import VlmquantError
-from vlmquant.export import export_checkpoint, read_quant_info, resolve_ignore
+from vlmquant.export import export_checkpoint, read_quant_info
 from vlmquant.export.checkpoint import set_safetensors_metadata, shard_files
 from vlmquant.io import ragged
 from vlmquant.io.provenance import sha256_file
 from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import Checkpoint
-from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quantize
+from vlmquant.quant.fold import fold_scales
+from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quantize, resolve_ignore
 from vlmquant.search.capture import load_samples, model_inputs
 
+from conftest import open_demo, run_spec
+
 ADAPTER = get_adapter("qwen2_vl")
-RUN_CFG = {"method": "mbq", "w_bit": 3, "w_group": 128}
+RUN = run_spec("mbq-w3g128", method="mbq", w_bit=3, w_group=128)
+RTN = run_spec("rtn-w3g128", method="rtn", w_bit=3, w_group=128)
+NAMES = {"model": MODEL, "calib": CALIB, "run": "mbq-w3g128"}
 LAYER_PREFIX = "model.layers."  # how the demo (transformers-saved Qwen2-VL) checkpoints name decoder layers
 
 
@@ -35,8 +40,8 @@ def pipe(tmp_path_factory, demo_root):
 
 
 @pytest.fixture(scope="module")
-def model_cfg(pipe):
-    return {"family": "qwen2_vl", "path": str(pipe.model_dir), "dtype": "auto"}
+def model(pipe):
+    return open_demo(pipe.model_dir)
 
 
 def cache_of(pipe, run="mbq-w3g128"):
@@ -61,7 +66,7 @@ def in_memory(pipe, run):
     model = fp_model(pipe)
     if run != "rtn-w3g128":
         apply_scale_cache(model, ADAPTER, load_cache(cache_of(pipe, run)))
-    pseudo_quantize(model, ADAPTER, {"w_bit": 3, "w_group": 128})
+    pseudo_quantize(model, ADAPTER, RTN)
     return model
 
 
@@ -157,10 +162,9 @@ def test_quantization_metadata_in_json_and_shards(pipe, run):
         assert json.loads(meta["vlmquant"]) == info
 
 
-def test_sharded_export_with_metadata_in_every_shard(pipe, model_cfg, tmp_path):
+def test_sharded_export_with_metadata_in_every_shard(pipe, model, tmp_path):
     out = tmp_path / "checkpoint"
-    info = export_checkpoint(model_cfg, RUN_CFG, out, cache_of(pipe), max_shard_size="4MB",
-                             meta={"model": MODEL, "calib": CALIB, "run": "mbq-w3g128"}, device="cpu")
+    info = export_checkpoint(model, RUN, out, cache_of(pipe), max_shard_size="4MB", names=NAMES)
     shards = shard_files(out)
     assert len(shards) >= 4 and all((out / s).stat().st_size <= 5_000_000 for s in shards)
     for shard in shards:
@@ -204,10 +208,10 @@ def test_ignore_patterns_resolve():
             resolve_ignore(names, [bad])
 
 
-def test_ignored_modules_stay_fp(pipe, model_cfg, tmp_path):
+def test_ignored_modules_stay_fp(pipe, model, tmp_path):
     out = tmp_path / "checkpoint"
-    ignore = ["mlp.down_proj", "layers.0.self_attn.q_proj"]
-    info = export_checkpoint(model_cfg, RUN_CFG, out, cache_of(pipe), ignore=ignore, device="cpu")
+    spec = run_spec("mbq-w3g128", ["mlp.down_proj", "layers.0.self_attn.q_proj"], method="mbq", w_bit=3)
+    info = export_checkpoint(model, spec, out, cache_of(pipe))
     assert set(info["ignored_modules"]) == {f"layers.{i}.mlp.down_proj" for i in range(4)} | {"layers.0.self_attn.q_proj"}
     # up_proj → down_proj scales only serve down_proj: skipped when it is ignored
     assert info["skipped_scale_groups"] == [f"layers.{i}.mlp.up_proj" for i in range(4)]
@@ -222,16 +226,16 @@ def test_ignored_modules_stay_fp(pipe, model_cfg, tmp_path):
     assert torch.equal(got[q], fp[q] * s)
     assert got[q][:, :128].unique().numel() > 8
     # the reference: the same filtered cache folded in memory, the rest quantized
-    model = fp_model(pipe)
+    ref = fp_model(pipe)
     kept = [e for e in cache["scale"] if not e[0].endswith("mlp.up_proj")]
-    apply_scale_cache(model, ADAPTER, {"scale": kept})
-    pseudo_quantize(model, ADAPTER, RUN_CFG, ignore=info["ignored_modules"])
-    up = model.get_submodule("model.language_model.layers.2.mlp.up_proj").weight
+    fold_scales(ref.model.language_model, kept)
+    pseudo_quantize(ref, ADAPTER, spec, exclude=info["ignored_modules"])
+    up = ref.get_submodule("model.language_model.layers.2.mlp.up_proj").weight
     assert torch.equal(got[f"{LAYER_PREFIX}2.mlp.up_proj.weight"], up)
     batch = eval_batch(pipe)
     loaded = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out).eval()
     with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+        assert torch.equal(loaded(**batch).logits, ref(**batch).logits)
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -246,7 +250,7 @@ def bad_caches(pipe):
     shorter = [(p, ls, s[:-1] if p.endswith("input_layernorm") else s) for p, ls, s in entries]
     dropped = [e for e in entries if not e[0].startswith("layers.3.")]
     return {
-        "layer_name": ({**cache, "scale": renamed}, "layers.7.input_layernorm.*does not exist"),
+        "layer_name": ({**cache, "scale": renamed}, "layers.7.input_layernorm.* is not in this model.s 4 decoder layers"),
         "module_name": ({**cache, "scale": renamed_module}, "mlp.upper_proj.*does not exist"),
         "shape": ({**cache, "scale": shorter}, "input channels, the cache has 255 scales"),
         "layers": ({**cache, "scale": dropped}, r"covers decoder layers \[0, 1, 2\], the model has 4"),
@@ -257,29 +261,29 @@ def bad_caches(pipe):
 
 
 @pytest.mark.parametrize("case", ["layer_name", "module_name", "shape", "layers", "model", "bits"])
-def test_mismatched_scale_cache_is_a_clear_error_and_leaves_nothing(pipe, model_cfg, tmp_path, case):
+def test_mismatched_scale_cache_is_a_clear_error_and_leaves_nothing(pipe, model, tmp_path, case):
     cache, message = bad_caches(pipe)[case]
     path = tmp_path / "bad_cache.pt"
     torch.save(cache, path)
     out = tmp_path / "run" / "checkpoint"
     with pytest.raises(VlmquantError, match=message) as err:
-        export_checkpoint(model_cfg, RUN_CFG, out, path, meta={"model": MODEL}, device="cpu")
+        export_checkpoint(model, RUN, out, path, names={"model": MODEL})
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert not out.exists()
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
-def test_method_and_cache_must_agree(pipe, model_cfg, tmp_path):
+def test_method_and_cache_must_agree(pipe, model, tmp_path):
     with pytest.raises(VlmquantError, match="needs the run's scale cache"):
-        export_checkpoint(model_cfg, RUN_CFG, tmp_path / "a", None, device="cpu")
+        export_checkpoint(model, RUN, tmp_path / "a", None)
     bare = tmp_path.parent / f"{tmp_path.name}_bare_cache.pt"  # no metadata: the method check itself must catch it
     torch.save({"scale": load_cache(cache_of(pipe))["scale"]}, bare)
     with pytest.raises(VlmquantError, match="rtn uses no scale cache"):
-        export_checkpoint(model_cfg, {**RUN_CFG, "method": "rtn"}, tmp_path / "b", bare, device="cpu")
+        export_checkpoint(model, RTN, tmp_path / "b", bare)
     with pytest.raises(VlmquantError, match="scale cache was searched with method='mbq', the run has method='rtn'"):
-        export_checkpoint(model_cfg, {**RUN_CFG, "method": "rtn"}, tmp_path / "b", cache_of(pipe), device="cpu")
+        export_checkpoint(model, RTN, tmp_path / "b", cache_of(pipe))
     with pytest.raises(VlmquantError, match="layers.0.self_attn.q_proj.*groups of 100"):
-        export_checkpoint(model_cfg, {"method": "rtn", "w_bit": 3, "w_group": 100}, tmp_path / "c", device="cpu")
+        export_checkpoint(model, run_spec("rtn", method="rtn", w_bit=3, w_group=100), tmp_path / "c")
     assert not any(tmp_path.iterdir())
 
 
@@ -291,8 +295,10 @@ def die_after_first_shard(path, extra):
     real(path, extra)
     os.kill(os.getpid(), signal.SIGKILL)  # like a job killed mid-write: no cleanup runs
 ck.set_safetensors_metadata = die_after_first_shard
-ck.export_checkpoint({"family": "qwen2_vl", "path": sys.argv[1]}, {"method": "rtn", "w_bit": 3, "w_group": 128},
-                     sys.argv[2], max_shard_size="4MB", device="cpu")
+from vlmquant.models.loading import open_model
+from vlmquant.spec import RunSpec
+ck.export_checkpoint(open_model({"family": "qwen2_vl", "path": sys.argv[1]}, "cpu"),
+                     RunSpec.from_config("rtn", {"method": "rtn", "w_bit": 3}), sys.argv[2], max_shard_size="4MB")
 """
 
 
@@ -301,7 +307,7 @@ def kill_mid_export(model_dir, out):
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
 
 
-def test_killed_export_never_leaves_a_complete_looking_folder(pipe, model_cfg, tmp_path):
+def test_killed_export_never_leaves_a_complete_looking_folder(pipe, model, tmp_path):
     out = tmp_path / "rtn" / "checkpoint"
     kill_mid_export(pipe.model_dir, out)
     assert not out.exists()
@@ -310,6 +316,6 @@ def test_killed_export_never_leaves_a_complete_looking_folder(pipe, model_cfg, t
     with pytest.raises(VlmquantError, match="not a complete vlmquant checkpoint"):
         read_quant_info(partial)
     # the next export completes and clears the leftover
-    export_checkpoint(model_cfg, {"method": "rtn", "w_bit": 3, "w_group": 128}, out, device="cpu")
+    export_checkpoint(model, RTN, out)
     assert read_quant_info(out)["method"] == "rtn"
     assert not partial.exists() and [p.name for p in out.parent.iterdir()] == ["checkpoint"]

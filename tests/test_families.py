@@ -14,18 +14,19 @@ from vlmquant.eval.run import run_eval, run_fp_reference
 from vlmquant.eval.table import read_table
 from vlmquant.export import export_checkpoint
 from vlmquant.io import ragged
-from vlmquant.io.scales import load_cache, merge
-from vlmquant.models import get_adapter
-from vlmquant.models.loading import load_layers
+from vlmquant.io.scales import chunk_layer_files, load_cache, merge
+from vlmquant.models import family_names, get_adapter
 from vlmquant.quant.model import apply_scale_cache, pseudo_quantize
 from vlmquant.search import pipeline as P
 from vlmquant.search.capture import capture_layer_inputs, load_samples, model_inputs
 
+from conftest import open_demo, run_spec
 from test_calib import coco_cfg
 
-FAMILIES = ("qwen2_5_vl", "llava", "llava_onevision", "internvl")
-RUN = {"method": "mbq", "w_bit": 3, "w_group": 128, "reweight": True, "loss": "mae", "n_grid": 20}
-META = {"model": "demo", "calib": "demo", "run": "mbq", "run_config": RUN}
+FAMILIES = [f for f in family_names() if f != "qwen2_vl"]  # qwen2_vl: the demo, tested everywhere else
+RUN = run_spec("mbq", method="mbq", w_bit=3)
+NAMES = {"model": "demo", "calib": "demo", "run": "mbq"}
+META = {**NAMES, "run_config": RUN.search_params()}
 EVAL = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}
 N_LAYERS = 4
 
@@ -41,21 +42,27 @@ def staged(request, data, tmp_path_factory):
     its inputs, and the merged scale cache of one search job over all layers."""
     family = request.param
     d = tmp_path_factory.mktemp(family)
-    model_cfg = {"family": family, "path": str(build_demo_model(d / "model", family)), "dtype": "float32"}
+    model = open_demo(build_demo_model(d / "model", family), family)
     build_calib(coco_cfg(data, n_samples=4, seed=3), d / "calib.parquet")
-    build_inputs(d / "calib.parquet", model_cfg, d / "inputs.safetensors")
-    P.run_grads(model_cfg, d / "inputs.safetensors", d / "grads.safetensors", device="cpu")
-    P.run_acts(model_cfg, d / "inputs.safetensors", [0], [d / "acts0.safetensors"], device="cpu")
-    layers = list(range(N_LAYERS))
-    files = [d / f"layer_{i:03d}.safetensors" for i in layers]
-    P.run_search(model_cfg, RUN, d / "inputs.safetensors", d / "acts0.safetensors", d / "grads.safetensors",
-                 layers, files, META, device="cpu")
-    merge(files, d / "cache.pt", d / "search.parquet", META)
-    return d, model_cfg
+    build_inputs(d / "calib.parquet", model, d / "inputs.safetensors")
+    P.run_grads(model, d / "inputs.safetensors", d / "grads.safetensors")
+    P.run_acts(model, d / "inputs.safetensors", [0], d / "acts")
+    P.run_search(model, RUN, d / "inputs.safetensors", d / "acts", d / "grads.safetensors", list(range(N_LAYERS)),
+                 d / "chunk", NAMES)
+    merge(chunk_layer_files([d / "chunk"]), d / "cache.pt", d / "search.parquet", META)
+    return d, model
 
 
-def fp_model(model_cfg):
-    return get_adapter(model_cfg["family"]).load_model(model_cfg["path"])
+def test_adapter_module_is_named_after_its_model_type():
+    import transformers
+
+    for family in family_names():
+        adapter = get_adapter(family)
+        assert getattr(transformers, adapter.model_class).config_class.model_type == family == adapter.family
+
+
+def fp_model(model):
+    return model.load()
 
 
 def check_inputs(adapter, model, processor, rows, samples):
@@ -82,30 +89,30 @@ def check_inputs(adapter, model, processor, rows, samples):
 
 
 def test_inputs_mark_vision_and_caption_tokens(staged, data, tmp_path):
-    d, model_cfg = staged
-    adapter = get_adapter(model_cfg["family"])
-    model = fp_model(model_cfg)
-    processor = adapter.load_processor(model_cfg["path"])
+    d, ref = staged
+    adapter = ref.adapter
+    model = fp_model(ref)
+    processor = ref.processor()
     plain, _ = load_samples(d / "inputs.safetensors")
     check_inputs(adapter, model, processor, read_calib(d / "calib.parquet"), plain)
     # two images per sample (few-shot)
     build_calib(coco_cfg(data, format="few_shot", n_samples=2), tmp_path / "c.parquet")
-    build_inputs(tmp_path / "c.parquet", model_cfg, tmp_path / "inputs.safetensors")
+    build_inputs(tmp_path / "c.parquet", ref, tmp_path / "inputs.safetensors")
     two, _ = load_samples(tmp_path / "inputs.safetensors")
     check_inputs(adapter, model, processor, read_calib(tmp_path / "c.parquet"), two)
-    if model_cfg["family"] == "llava_onevision":
+    if adapter.family == "llava_onevision":
         # a single image in AnyRes tiles (different counts here), each of several images in one tile
         assert len({int(s["pixel_values"].shape[0]) for s in plain}) > 1
         assert all(s["batch_num_images"].tolist() == [2] and s["pixel_values"].shape[0] == 2 for s in two)
 
 
 def test_search_never_loses_to_rtn_and_scales_keep_fp_logits(staged):
-    d, model_cfg = staged
+    d, ref = staged
     table = pd.read_parquet(d / "search.parquet")
     assert len(table) == N_LAYERS * 4  # 4 query/key/value heads: v_proj → o_proj applies
     assert (table["loss"] <= table["rtn_loss"]).all()
-    adapter = get_adapter(model_cfg["family"])
-    model = fp_model(model_cfg)
+    adapter = ref.adapter
+    model = fp_model(ref)
     batch = model_inputs(ragged.collate(load_samples(d / "inputs.safetensors")[0]), "cpu", torch.float32)
     cache = load_cache(d / "cache.pt")
     with torch.no_grad():
@@ -117,10 +124,10 @@ def test_search_never_loses_to_rtn_and_scales_keep_fp_logits(staged):
 
 
 def test_lazy_layers_equal_from_pretrained(staged):
-    _, model_cfg = staged
-    adapter = get_adapter(model_cfg["family"])
-    full = adapter.layers(fp_model(model_cfg))
-    lazy = load_layers(adapter, model_cfg["path"], range(N_LAYERS), "cpu", torch.float32)
+    _, ref = staged
+    adapter = ref.adapter
+    full = adapter.layers(fp_model(ref))
+    lazy = ref.load_layers(range(N_LAYERS))
     for i, layer in lazy.items():
         want = full[i].state_dict()
         got = layer.state_dict()
@@ -128,24 +135,22 @@ def test_lazy_layers_equal_from_pretrained(staged):
 
 
 def test_export_reloads_and_evaluates(staged, tmp_path):
-    d, model_cfg = staged
-    adapter = get_adapter(model_cfg["family"])
+    d, model = staged
+    adapter = model.adapter
     out = tmp_path / "checkpoint"
-    run = {k: RUN[k] for k in ("method", "w_bit", "w_group")}
-    export_checkpoint(model_cfg, run, out, d / "cache.pt", meta=META, device="cpu")
+    export_checkpoint(model, RUN, out, d / "cache.pt", names=NAMES)
     loaded = getattr(transformers, adapter.model_class).from_pretrained(out).eval()
-    ref = fp_model(model_cfg)
+    ref = fp_model(model)
     apply_scale_cache(ref, adapter, load_cache(d / "cache.pt"))
-    pseudo_quantize(ref, adapter, run)
+    pseudo_quantize(ref, adapter, RUN)
     want, got = ref.state_dict(), loaded.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert adapter.load_processor(out).tokenizer.get_vocab() == adapter.load_processor(model_cfg["path"]).tokenizer.get_vocab()
+    assert adapter.load_processor(out).tokenizer.get_vocab() == model.processor().tokenizer.get_vocab()
     # eval: the fp reference and the checkpoint against it, on the calibration inputs
     ids = {"model": "demo", "eval_calib": "demo"}
-    run_fp_reference(model_cfg, d / "inputs.safetensors", tmp_path / "fp.safetensors", tmp_path / "fp.parquet", EVAL,
-                     ids, device="cpu")
-    run_eval(model_cfg, out, d / "inputs.safetensors", tmp_path / "fp.safetensors", tmp_path / "eval.parquet", EVAL,
-             {**ids, "calib": "demo", "run": "mbq"}, device="cpu")
+    run_fp_reference(model, d / "inputs.safetensors", tmp_path / "fp.safetensors", tmp_path / "fp.parquet", EVAL, ids)
+    run_eval(model, out, d / "inputs.safetensors", tmp_path / "fp.safetensors", tmp_path / "eval.parquet", EVAL,
+             {**ids, "calib": "demo", "run": "mbq"})
     df, _ = read_table(tmp_path / "eval.parquet")
     kl = df[df.metric == "kl"].value
     assert len(kl) == 1 and kl.iloc[0] > 0
@@ -155,7 +160,7 @@ def test_export_reloads_and_evaluates(staged, tmp_path):
 
 
 def test_folder_of_another_architecture_is_refused(staged):
-    _, model_cfg = staged
-    other = "llava" if model_cfg["family"] != "llava" else "internvl"
+    _, model = staged
+    other = "llava" if model.adapter.family != "llava" else "internvl"
     with pytest.raises(VlmquantError, match=f"family {other} needs"):
-        get_adapter(other).load_model(model_cfg["path"])
+        get_adapter(other).load_model(model.path)

@@ -10,6 +10,7 @@ from vlmquant.io import ragged
 from vlmquant.models import get_adapter
 from vlmquant.models.base import caption_mask
 
+from conftest import open_demo
 from test_calib import coco_cfg
 
 
@@ -17,8 +18,7 @@ from test_calib import coco_cfg
 def encoded(demo_data, demo_model_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inputs")
     build_calib(coco_cfg(demo_data, format="few_shot", n_samples=3), tmp / "c.parquet")
-    model = {"family": "qwen2_vl", "path": str(demo_model_path)}
-    build_inputs(tmp / "c.parquet", model, tmp / "inputs.safetensors")
+    build_inputs(tmp / "c.parquet", open_demo(demo_model_path), tmp / "inputs.safetensors")
     packed, meta = ragged.load(tmp / "inputs.safetensors")
     return read_calib(tmp / "c.parquet"), packed, meta
 
@@ -78,6 +78,6 @@ def test_missing_model_folder(encoded, tmp_path, demo_data):
     build_calib(coco_cfg(demo_data, n_samples=1), tmp_path / "c.parquet")
     out = tmp_path / "inputs.safetensors"
     with pytest.raises(VlmquantError) as e:
-        build_inputs(tmp_path / "c.parquet", {"family": "qwen2_vl", "path": str(tmp_path / "nope")}, out)
+        build_inputs(tmp_path / "c.parquet", open_demo(tmp_path / "nope"), out)
     assert "nope" in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
     assert not out.exists()

@@ -124,7 +124,7 @@ def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo
     names = [n for n, _ in decoder_linears(model, adapter)]
     lin = model.get_submodule("model.language_model." + names[0])
     x = torch.randn(2, 5, lin.in_features) * 3
-    with quantized_activations(model, adapter, 4, ignore=[names[1]]) as n:
+    with quantized_activations(model, adapter, 4, exclude=[names[1]]) as n:
         assert n == len(names) - 1
         torch.testing.assert_close(lin(x), F.linear(fake_quant_act_per_token(x, 4), lin.weight, lin.bias), rtol=0, atol=0)
         ignored = model.get_submodule("model.language_model." + names[1])

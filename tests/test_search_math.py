@@ -7,7 +7,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import fake_quant_act_per_token, fake_quant_weight, fake_quant_weight_per_channel_sym
-from vlmquant.search.apply import scale_linear_into_linears, scale_norm_into_linears
+from vlmquant.quant.fold import fold_scales, scale_linear_into_linears, scale_norm_into_linears
 from vlmquant.search.grid import group_loss, search_group, smooth_group, smoothquant_scales
 
 # ---- group_loss -------------------------------------------------------------------------
@@ -91,14 +91,33 @@ def test_scale_linear_into_linears_keeps_outputs(bias, prev_out):
     torch.testing.assert_close(head_after, head_before, rtol=0, atol=0)  # rows before the tail untouched
 
 
-def test_apply_shape_errors_leave_weights_alone():
-    norm, good, bad = Qwen2RMSNorm(8), nn.Linear(8, 4), nn.Linear(6, 4)
-    snapshot = [p.clone() for p in (norm.weight, good.weight)]
-    with pytest.raises(VlmquantError, match=r"\(4, 6\) does not take 8"):
-        scale_norm_into_linears(norm, [good, bad], torch.full((8,), 2.0))
-    assert torch.equal(norm.weight, snapshot[0]) and torch.equal(good.weight, snapshot[1])
-    with pytest.raises(VlmquantError, match="fewer than 8 output rows"):
-        scale_linear_into_linears(nn.Linear(8, 4), [good], torch.ones(8))
+def _root():
+    """A module with a two-layer decoder stack named like a model's layer root: layers.{i}.norm → a, b; a → c."""
+    layers = nn.ModuleList(nn.ModuleDict({"norm": Qwen2RMSNorm(8), "a": nn.Linear(8, 8), "b": nn.Linear(8, 4),
+                                          "c": nn.Linear(8, 4), "d": nn.Linear(6, 4)}) for _ in range(2))
+    root = nn.Module()
+    root.layers = layers
+    return root
+
+
+@pytest.mark.parametrize("entries, error", [
+    ([("layers.0.norm", ("layers.0.a", "layers.0.d"), torch.full((8,), 2.0))], "layers.0.d has 6 input channels"),
+    ([("layers.0.b", ("layers.0.c",), torch.ones(8))], "layers.0.b does not have 8 output channels"),
+    ([("layers.0.norm", ("layers.0.a",), torch.ones(4))], "layers.0.a has 8 input channels, the cache has 4"),
+    ([("layers.0.norm", ("layers.0.nope",), torch.ones(8))], "module 'layers.0.nope' does not exist"),
+    ([("layers.0.norm", ("layers.0.a",), torch.tensor([1.0] * 7 + [0.0]))], "entry 1 (layers.0.norm): scales must be finite and positive"),
+    ([("layers.0.norm", ("layers.0.a",), torch.tensor([1.0] * 7 + [float("nan")]))], "must be finite and positive"),
+    ([("layers.0.norm", ("layers.0.norm",), torch.ones(8))], "layers.0.norm is a Qwen2RMSNorm, not a linear layer"),
+    ([("layers.1.a", ("layers.1.c",), torch.ones(8))], "covers decoder layers [1], the model has 2"),
+])
+def test_scale_cache_resolution_names_the_entry_and_changes_nothing(entries, error):
+    root = _root()
+    ok = ("layers.1.norm", ("layers.1.a", "layers.1.b"), torch.full((8,), 3.0))  # valid, and listed first
+    snapshot = {k: v.clone() for k, v in root.state_dict().items()}
+    with pytest.raises(VlmquantError) as e:
+        fold_scales(root, [ok, *entries], "cache.pt", n_layers=2)
+    assert error in str(e.value) and str(e.value).startswith("cache.pt: ")
+    assert all(torch.equal(v, snapshot[k]) for k, v in root.state_dict().items())
 
 
 # ---- grid search -------------------------------------------------------------------------
@@ -193,7 +212,7 @@ def test_search_ignores_padding():
 def test_search_weight_activation_mode():
     norm, lins, x_in, x, forward, fp_out, masks = _group()
     before = [lin.weight.detach().clone() for lin in lins]
-    r = search_group(x, lins, forward, fp_out, masks, w_bit=4, w_group=128, act_bits=8)
+    r = search_group(x, lins, forward, fp_out, masks, w_bit=4, w_group=128, a_bit=8)
     assert all(torch.equal(lin.weight, b) for lin, b in zip(lins, before))
     assert all(len(lin._forward_pre_hooks) == 0 for lin in lins)
 
@@ -212,13 +231,13 @@ def test_smooth_group_keeps_smoothquant_scales_and_reports_rtn():
     before = [lin.weight.detach().clone() for lin in lins]
     with torch.no_grad():
         x[1, 9:] = 1e4  # padding positions of sample 1 must not enter max|X|
-    r = smooth_group(x, lins, forward, fp_out, masks, w_bit=4, act_bits=8, alpha=0.6)
+    r = smooth_group(x, lins, forward, fp_out, masks, w_bit=4, a_bit=8, alpha=0.6)
     assert all(torch.equal(lin.weight, b) for lin, b in zip(lins, before))
     assert all(len(lin._forward_pre_hooks) == 0 for lin in lins)
     x_max = x.reshape(-1, 64)[masks["valid"].reshape(-1)].abs().amax(0)
     torch.testing.assert_close(r.scales, smoothquant_scales(x_max, lins, 0.6))
     assert r.alpha == 0.6 and r.best_index == 1 and len(r.losses) == 2
-    rtn = search_group(x, lins, forward, fp_out, masks, w_bit=4, w_group=128, act_bits=8, n_grid=1)
+    rtn = search_group(x, lins, forward, fp_out, masks, w_bit=4, w_group=128, a_bit=8, n_grid=1)
     assert r.losses[0] == rtn.losses[0]
 
     def wa_forward(s):  # the folded, W-A quantized group: Q_a(h / s) . Q_w(W s)^T

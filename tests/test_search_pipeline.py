@@ -11,9 +11,9 @@ from vlmquant.data.inputs import build_inputs
 from vlmquant.errors import VlmquantError
 from vlmquant.export.checkpoint import quantize_in_memory
 from vlmquant.io import ragged
-from vlmquant.io.scales import load_cache, merge
+from vlmquant.io.scales import chunk_layer_files, load_cache, merge
 from vlmquant.models import get_adapter
-from vlmquant.models.loading import load_layers
+from vlmquant.models.loading import load_layers, open_model
 from vlmquant.quant.model import apply_scale_cache, quantized_activations
 from vlmquant.search import pipeline as P
 from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples, model_inputs,
@@ -22,36 +22,46 @@ from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.layer import search_layer
 
+from conftest import run_spec
 from test_calib import coco_cfg
 
-RUN = {"method": "mbq", "w_bit": 3, "w_group": 128, "reweight": True, "loss": "mae", "n_grid": 20}
-META = {"model": "demo", "calib": "demo", "run": "mbq", "run_config": RUN}
+RUN = run_spec("mbq", method="mbq", w_bit=3, w_group=128)
+NAMES = {"model": "demo", "calib": "demo", "run": "mbq"}
+META = {**NAMES, "run_config": RUN.search_params()}
+
+
+def meta_of(spec):
+    return {**NAMES, "run": spec.name, "run_config": spec.search_params()}
 
 
 @pytest.fixture(scope="module")
 def staged(demo_data, demo_model_path, tmp_path_factory):
     """inputs, grads and boundary activations of every layer for a 4-sample calibration set."""
     d = tmp_path_factory.mktemp("search")
-    model = {"family": "qwen2_vl", "path": str(demo_model_path), "dtype": "float32"}
+    model = open_model({"family": "qwen2_vl", "path": str(demo_model_path), "dtype": "float32"}, "cpu")
     build_calib(coco_cfg(demo_data, n_samples=4), d / "calib.parquet")
     build_inputs(d / "calib.parquet", model, d / "inputs.safetensors")
-    P.run_grads(model, d / "inputs.safetensors", d / "grads.safetensors", device="cpu")
-    P.run_acts(model, d / "inputs.safetensors", [0, 1, 2, 3], [d / f"acts{i}.safetensors" for i in range(4)], device="cpu")
+    P.run_grads(model, d / "inputs.safetensors", d / "grads.safetensors")
+    P.run_acts(model, d / "inputs.safetensors", [0, 1, 2, 3], d / "acts")
     return d, model
 
 
-def search_all(staged, out, per_job, run=RUN, meta=META, ignore=()):
-    """Search the 4 layers in chunks of per_job; distort chunks start from what the previous one left in out/."""
+def search_all(staged, out, per_job, spec=RUN):
+    """Search the 4 layers in chunks of per_job (folders out/chunk_NNN); distort chunks start from what the
+    previous chunk left in its folder."""
     d, model = staged
-    files = [out / f"layer_{i:03d}.safetensors" for i in range(4)]
+    folders = []
     for a in range(0, 4, per_job):
-        ids = list(range(a, min(a + per_job, 4)))
-        start = out / f"distorted{a}.safetensors" if run.get("distort") and a else d / f"acts{a}.safetensors"
-        boundary = out / f"distorted{ids[-1] + 1}.safetensors" if run.get("distort") and ids[-1] < 3 else None
-        P.run_search(model, run, d / "inputs.safetensors", start, d / "grads.safetensors" if run["reweight"] else None,
-                     ids, [files[i] for i in ids], meta, device="cpu", boundary_path=boundary, ignore=ignore)
-    merge(files, out / "cache.pt", out / "search.parquet", meta)
+        start = folders[-1] if spec.distort and a else d / "acts"
+        folders.append(out / f"chunk_{a:03d}")
+        P.run_search(model, spec, d / "inputs.safetensors", start, d / "grads.safetensors" if spec.needs_grads else None,
+                     list(range(a, min(a + per_job, 4))), folders[-1], {**NAMES, "run": spec.name})
+    merge(chunk_layer_files(folders), out / "cache.pt", out / "search.parquet", meta_of(spec))
     return out / "cache.pt"
+
+
+def acts(staged, layer):
+    return staged[0] / "acts" / f"layer_{layer:03d}.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +71,7 @@ def merged(staged, tmp_path_factory):
 
 def test_chunking_does_not_change_the_cache(staged, merged, tmp_path):
     assert search_all(staged, tmp_path, per_job=1).read_bytes() == merged.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "chunk_002").iterdir()) == ["layer_002.safetensors"]
 
 
 def test_cache_format_and_search_never_loses_to_rtn(merged):
@@ -79,9 +90,9 @@ def test_cache_format_and_search_never_loses_to_rtn(merged):
 
 def logits_change_when_applied(staged, cache):
     """Max relative change of the fp model's logits on the calibration set once `cache` is folded in."""
-    d, model_cfg = staged
-    adapter = get_adapter("qwen2_vl")
-    model = adapter.load_model(model_cfg["path"])
+    d, ref = staged
+    adapter = ref.adapter
+    model = ref.load()
     samples, _ = load_samples(d / "inputs.safetensors")
     batch = model_inputs(ragged.collate(samples), "cpu", torch.float32)
     with torch.no_grad():
@@ -97,15 +108,15 @@ def test_applied_scales_leave_fp_logits_unchanged(staged, merged):
 
 
 def test_gradient_stats_equal_direct_autograd(staged):
-    d, model_cfg = staged
-    adapter = get_adapter("qwen2_vl")
-    model = adapter.load_model(model_cfg["path"])
+    d, ref = staged
+    adapter = ref.adapter
+    model = ref.load()
     samples, _ = load_samples(d / "inputs.safetensors")
     one = samples[:1]
     stats, counts = gradient_stats(model, adapter, one, "cpu", torch.float32, batch_size=1)
 
     # direct: the model's own loss with labels = caption tokens, retain_grad on the outputs
-    model = adapter.load_model(model_cfg["path"])
+    model = ref.load()
     batch = ragged.collate(one)
     outs = {}
 
@@ -138,30 +149,29 @@ def test_reweight_ratios_recorded(staged):
 
 def test_w_group_must_divide_widths(staged, tmp_path):
     d, model = staged
-    run = dict(RUN, w_group=100)
-    out = [tmp_path / "l0.safetensors"]
     with pytest.raises(VlmquantError, match=r"decoder layer 0 self_attn.q_proj: weight of shape \(256, 256\) cannot"):
-        P.run_search(model, run, d / "inputs.safetensors", d / "acts0.safetensors", d / "grads.safetensors",
-                     [0], out, META, device="cpu")
-    assert not out[0].exists()
+        P.run_search(model, run_spec("mbq", method="mbq", w_bit=3, w_group=100), d / "inputs.safetensors", d / "acts",
+                     d / "grads.safetensors", [0], tmp_path / "out", NAMES)
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_finite_activations_name_the_layer(staged, tmp_path):
     d, model = staged
-    t = load_file(d / "acts2.safetensors")
+    t = load_file(acts(staged, 2))
     t["hidden"][0, 3, 5] = float("nan")
     from safetensors import safe_open
-    with safe_open(d / "acts2.safetensors", "pt") as f:
+    with safe_open(acts(staged, 2), "pt") as f:
         meta = f.metadata()
-    save_file(t, tmp_path / "bad.safetensors", metadata=meta)
+    (tmp_path / "bad").mkdir()
+    save_file(t, tmp_path / "bad/layer_002.safetensors", metadata=meta)
     with pytest.raises(VlmquantError, match="decoder layer 2"):
-        P.run_search(model, RUN, d / "inputs.safetensors", tmp_path / "bad.safetensors", d / "grads.safetensors",
-                     [2], [tmp_path / "l2.safetensors"], META, device="cpu")
-    assert not (tmp_path / "l2.safetensors").exists()
+        P.run_search(model, RUN, d / "inputs.safetensors", tmp_path / "bad", d / "grads.safetensors",
+                     [2], tmp_path / "out", NAMES)
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_refuses_files_of_another_run(staged, merged, tmp_path):
-    layer_files = [merged.parent / f"layer_{i:03d}.safetensors" for i in range(4)]
+    layer_files = chunk_layer_files([merged.parent / "chunk_000"])
     with pytest.raises(VlmquantError, match="layer_000.safetensors: scale file is for run='mbq', expected 'other'"):
         merge(layer_files, tmp_path / "c.pt", tmp_path / "t.parquet", dict(META, run="other"))
     with pytest.raises(VlmquantError, match="expected layer 0"):
@@ -170,17 +180,16 @@ def test_merge_refuses_files_of_another_run(staged, merged, tmp_path):
 
 
 def test_awq_needs_no_grads(staged, tmp_path):
-    run = dict(RUN, method="awq", reweight=False)
-    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=dict(META, run="awq", run_config=run))
+    cache = search_all(staged, tmp_path, per_job=2, spec=run_spec("awq", method="awq", w_bit=3))
     table = pd.read_parquet(cache.parent / "search.parquet")
     assert table["ratio"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
 
 
 def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
     """SmoothQuant: no grads, scales from maxima (not a grid point), fp logits unchanged once applied."""
-    run = {"method": "smoothquant", "w_bit": 8, "w_group": 128, "a_bit": 8, "alpha": 0.5, "reweight": False,
-           "loss": "mae", "n_grid": 20}
-    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=dict(META, run="sq", run_config=run))
+    spec = run_spec("sq", method="smoothquant", w_bit=8, a_bit=8)
+    assert spec.alpha == 0.5
+    cache = search_all(staged, tmp_path, per_job=2, spec=spec)
     table = pd.read_parquet(cache.parent / "search.parquet")
     assert len(table) == 16 and (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
     assert (table["loss"] != table["rtn_loss"]).all()  # the smoothed candidate is kept, whatever its loss
@@ -191,21 +200,21 @@ def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
 def test_token_wise_blocks_run_on_the_loss_tokens_only(staged, ratios):
     """MLP, o_proj and down_proj see only the tokens the loss reads (no padding; with a ratio only caption
     and vision tokens), with the same losses and α as running them on every token."""
-    d, model_cfg = staged
-    adapter = get_adapter("qwen2_vl")
-    layer = load_layers(adapter, model_cfg["path"], [1], "cpu", torch.float32)[1]
-    hidden, kwargs, _ = load_layer_inputs(d / "acts1.safetensors", "cpu", torch.float32)
+    d, ref = staged
+    adapter = ref.adapter
+    layer = ref.load_layers([1])[1]
+    hidden, kwargs, _ = load_layer_inputs(acts(staged, 1), "cpu", torch.float32)
     masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
     n_keep = int(loss_tokens(masks, ratios is not None).sum())
     assert 0 < n_keep < masks["valid"].numel()
-    run = dict(RUN, method="mbq" if ratios else "awq", reweight=bool(ratios))
+    run = RUN if ratios else run_spec("awq", method="awq", w_bit=3)
     groups = adapter.resolve_groups(layer, 1)
     assert [g.token_wise for g in groups] == [False, True, True, True]
     rows = []
     hook = layer.mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     selected, _ = search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
     hook.remove()
-    assert rows == [masks["valid"].numel()] + [n_keep] * RUN["n_grid"]  # the fp capture, then the grid
+    assert rows == [masks["valid"].numel()] + [n_keep] * RUN.n_grid  # the fp capture, then the grid
     whole, _ = search_layer(layer, [dataclasses.replace(g, token_wise=False) for g in groups], hidden, kwargs, masks,
                             run, ratios)
     assert [r.alpha for r in selected] == [r.alpha for r in whole]
@@ -214,59 +223,61 @@ def test_token_wise_blocks_run_on_the_loss_tokens_only(staged, ratios):
         torch.testing.assert_close(a.scales, b.scales, rtol=0, atol=0)
 
 
-DISTORT = {**RUN, "distort": True}
-W4A8_DISTORT = {"method": "mbq", "w_bit": 4, "w_group": 128, "a_bit": 8, "reweight": True, "loss": "mae", "n_grid": 10,
-                "distort": True}
+DISTORT = run_spec("distort", method="mbq", w_bit=3, distort=True)
 
 
-def layer_inputs_of_quantized_model(staged, run, cache, layer, ignore=()):
+def w4a8_distort(ignore=()):
+    return run_spec("distort", ignore, method="mbq", w_bit=4, a_bit=8, n_grid=10, distort=True)
+
+
+def layer_inputs_of_quantized_model(staged, spec, cache, layer):
     """Inputs of decoder layer `layer` in the model as export and eval quantize it."""
-    d, model_cfg = staged
-    adapter = get_adapter("qwen2_vl")
-    model = adapter.load_model(model_cfg["path"])
-    ignored = quantize_in_memory(model, adapter, run, load_cache(cache), ignore=ignore)["ignored"]
+    d, ref = staged
+    adapter = ref.adapter
+    model = ref.load()
+    ignored = quantize_in_memory(model, adapter, spec, load_cache(cache))["ignored"]
     layers = adapter.layers(model)
     samples, _ = load_samples(d / "inputs.safetensors")
-    with torch.no_grad(), quantized_activations(model, adapter, run.get("a_bit"), ignored):
+    with torch.no_grad(), quantized_activations(model, adapter, spec.a_bit, ignored):
         hidden, kwargs = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32)
         for i in range(layer):
             hidden = layer_forward(layers[i], hidden, kwargs)
     return hidden
 
 
-@pytest.mark.parametrize("run, ignore", [(DISTORT, ()), (W4A8_DISTORT, ()), (W4A8_DISTORT, ("mlp", "layers.0.self_attn.q_proj"))],
+@pytest.mark.parametrize("run", [DISTORT, w4a8_distort(), w4a8_distort(("mlp", "layers.0.self_attn.q_proj"))],
                          ids=["w3g128", "w4a8", "w4a8-ignore"])
-def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run, ignore):
-    meta = dict(META, run="distort", run_config=run)
-    cache = search_all(staged, tmp_path, per_job=2, run=run, meta=meta, ignore=ignore)
-    got, _, info = load_layer_inputs(tmp_path / "distorted2.safetensors", "cpu", torch.float32)
+def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run):
+    cache = search_all(staged, tmp_path, per_job=2, spec=run)
+    assert not (tmp_path / "chunk_002" / "next_inputs.safetensors").exists()  # the last chunk leaves none
+    got, _, info = load_layer_inputs(tmp_path / "chunk_000" / "next_inputs.safetensors", "cpu", torch.float32)
     assert info["layer"] == 2 and info["run"] == "distort"
-    torch.testing.assert_close(got, layer_inputs_of_quantized_model(staged, run, cache, 2, ignore))
-    if ignore:  # the linears export leaves fp change what the next layers see
+    torch.testing.assert_close(got, layer_inputs_of_quantized_model(staged, run, cache, 2))
+    if run.ignore:  # the linears export leaves fp change what the next layers see
         plain = tmp_path / "no_ignore"
-        plain.mkdir()
-        search_all(staged, plain, per_job=2, run=run, meta=meta)
-        assert not torch.equal(got, load_layer_inputs(plain / "distorted2.safetensors", "cpu", torch.float32)[0])
+        search_all(staged, plain, per_job=2, spec=w4a8_distort())
+        next_inputs = plain / "chunk_000" / "next_inputs.safetensors"
+        assert not torch.equal(got, load_layer_inputs(next_inputs, "cpu", torch.float32)[0])
     if run is DISTORT:  # same run as `merged` but for distort: layer 0 is searched on the same inputs, later ones not
         table, fp = pd.read_parquet(cache.parent / "search.parquet"), pd.read_parquet(merged.parent / "search.parquet")
         assert table[table.layer == 0].equals(fp[fp.layer == 0])
         assert not table.loc[table.layer > 0, "rtn_loss"].equals(fp.loc[fp.layer > 0, "rtn_loss"])
         assert (table["loss"] <= table["rtn_loss"]).all()
-        out = tmp_path / "one_per_job"
-        out.mkdir()
-        assert search_all(staged, out, per_job=1, run=run, meta=meta).read_bytes() == cache.read_bytes()
+        assert search_all(staged, tmp_path / "one_per_job", per_job=1, spec=run).read_bytes() == cache.read_bytes()
 
 
-def test_distort_chunks_refuse_fp_inputs(staged, tmp_path):
+def test_distort_chunks_refuse_fp_or_other_runs_inputs(staged, tmp_path):
     d, model = staged
-    meta = dict(META, run="distort", run_config=DISTORT)
-    with pytest.raises(VlmquantError, match="acts2.safetensors: holds fp or another run's layer inputs"):
-        P.run_search(model, DISTORT, d / "inputs.safetensors", d / "acts2.safetensors", d / "grads.safetensors",
-                     [2, 3], [tmp_path / "a", tmp_path / "b"], meta, device="cpu")
-    with pytest.raises(VlmquantError, match="only distort runs pass layer inputs"):
-        P.run_search(model, RUN, d / "inputs.safetensors", d / "acts0.safetensors", d / "grads.safetensors",
-                     [0], [tmp_path / "a"], META, device="cpu", boundary_path=tmp_path / "c")
-    assert not list(tmp_path.iterdir())
+    with pytest.raises(VlmquantError, match="acts/next_inputs.safetensors: not a decoder-layer inputs file"):
+        P.run_search(model, DISTORT, d / "inputs.safetensors", d / "acts", d / "grads.safetensors", [2, 3],
+                     tmp_path / "out", {**NAMES, "run": "distort"})
+    first = tmp_path / "chunk_000"
+    P.run_search(model, DISTORT, d / "inputs.safetensors", d / "acts", d / "grads.safetensors", [0, 1], first,
+                 {**NAMES, "run": "distort"})
+    with pytest.raises(VlmquantError, match="holds another run's layer inputs; distort run 'other'"):
+        P.run_search(model, DISTORT, d / "inputs.safetensors", first, d / "grads.safetensors", [2, 3],
+                     tmp_path / "out", {**NAMES, "run": "other"})
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.gpu
@@ -275,15 +286,13 @@ def test_gpu_path_picks_the_same_alpha_as_cpu(staged, tmp_path, run):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     d, model = staged
-    meta = dict(META, run_config=run)
-    (tmp_path / "cpu").mkdir()
-    cpu_cache = search_all(staged, tmp_path / "cpu", per_job=4, run=run, meta=meta)
-    files = [tmp_path / f"layer_{i:03d}.safetensors" for i in range(4)]
-    P.run_grads(model, d / "inputs.safetensors", tmp_path / "grads.safetensors", device="cuda")
-    P.run_acts(model, d / "inputs.safetensors", [0], [tmp_path / "acts0.safetensors"], device="cuda")
-    P.run_search(model, run, d / "inputs.safetensors", tmp_path / "acts0.safetensors", tmp_path / "grads.safetensors",
-                 [0, 1, 2, 3], files, meta, device="cuda")
-    merge(files, tmp_path / "cache.pt", tmp_path / "search.parquet", meta)
+    cpu_cache = search_all(staged, tmp_path / "cpu", per_job=4, spec=run)
+    gpu = open_model({"family": "qwen2_vl", "path": model.path, "dtype": "float32"}, "cuda")
+    P.run_grads(gpu, d / "inputs.safetensors", tmp_path / "grads.safetensors")
+    P.run_acts(gpu, d / "inputs.safetensors", [0], tmp_path / "acts")
+    P.run_search(gpu, run, d / "inputs.safetensors", tmp_path / "acts", tmp_path / "grads.safetensors",
+                 [0, 1, 2, 3], tmp_path / "chunk", {**NAMES, "run": run.name})
+    merge(chunk_layer_files([tmp_path / "chunk"]), tmp_path / "cache.pt", tmp_path / "search.parquet", meta_of(run))
     cpu = pd.read_parquet(cpu_cache.parent / "search.parquet")
     gpu = pd.read_parquet(tmp_path / "search.parquet")
     assert gpu["alpha"].tolist() == cpu["alpha"].tolist()
@@ -291,7 +300,7 @@ def test_gpu_path_picks_the_same_alpha_as_cpu(staged, tmp_path, run):
 
 
 def test_lean_forwards_match_the_model(demo_model_path):
-    from vlmquant.search.grads import SiluMul, lean_forwards, lean_mlp_forward
+    from vlmquant.search.lean import SiluMul, lean_forwards, lean_mlp_forward
 
     g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)

@@ -24,8 +24,9 @@ from vlmquant.workflow import BASE_MB, job_mem_mb, model_params
 MODEL = "demo-qwen2vl"
 RUN = "mbq-w3g128"
 CACHE = f"results/{MODEL}/demo/{RUN}/scale_cache.pt"
-CANCELLED = "search_demo_qwen2vl_000"
-MODEL_RULES = {"grads", "acts", "search_demo_qwen2vl_000", "search_demo_qwen2vl_002", "export", "eval_fp", "eval"}
+CANCELLED = "search_000"  # a job: its rule, and for search jobs the chunk
+MODEL_RULES = {"grads", "acts", "search", "export", "eval_fp", "eval"}
+MODEL_JOBS = MODEL_RULES - {"search"} | {"search_000", "search_002"}
 SLURM_DIR = REPO / "tests" / "slurm"
 # the test cluster: partition `debug`, 2 cores, no accounting database (job states from squeue, first after 1 s)
 SLURM_ARGS = ("--profile", "workflow/profiles/slurm", "--jobs", "4", "--default-resources", "slurm_partition=debug",
@@ -90,7 +91,7 @@ def test_rules_ask_for_the_estimate_or_the_config(workdir):
     assert mem == dict.fromkeys(MODEL_RULES, BASE_MB + math.ceil(1.5 * fp32_mb))
     workdir.edit(lambda c: (c["search"].update(mem_mb=5000), c["eval"].update(mem_mb=7000)))
     mem = {rule: int(r["mem_mb"]) for rule, r in planned_resources(workdir).items() if rule in MODEL_RULES}
-    assert {mem[r] for r in ("grads", "acts", "search_demo_qwen2vl_000")} == {5000}
+    assert {mem[r] for r in ("grads", "acts", "search")} == {5000}
     assert mem["eval"] == mem["eval_fp"] == 7000 and mem["export"] not in (5000, 7000)
 
 
@@ -124,8 +125,11 @@ def slurm_jobs():
     return {int(i): (state, comment) for i, state, comment in (line.split("|", 2) for line in out.splitlines())}
 
 
-def rule_of(comment):
-    return re.match(r"rule_(.+?)(_wildcards_.*)?$", comment).group(1)
+def job_of(comment):
+    """The job of a SLURM comment rule_<rule>[_wildcards_<w1>_<w2>…]: its rule, and for search jobs the chunk
+    (the last wildcard), e.g. search_000."""
+    rule, wildcards = re.match(r"rule_(.+?)(?:_wildcards_(.*))?$", comment).groups()
+    return f"{rule}_{wildcards.rsplit('_', 1)[1]}" if rule == "search" else rule
 
 
 class Detached:
@@ -161,21 +165,21 @@ class Detached:
 
 
 def submitted(run):
-    """{SLURM job id: rule} of the jobs a Snakemake run submitted ('… submitted with SLURM jobid N')."""
+    """{SLURM job id: job (job_of)} of the jobs a Snakemake run submitted ('… submitted with SLURM jobid N')."""
     jobs = slurm_jobs()
-    return {i: rule_of(jobs[i][1]) for i in map(int, re.findall(r"submitted with SLURM jobid (\d+)", run.text))}
+    return {i: job_of(jobs[i][1]) for i in map(int, re.findall(r"submitted with SLURM jobid (\d+)", run.text))}
 
 
-def cancel_when_running(run, rule, started, timeout=300):
-    """scancel the SLURM job of `rule` once the file `started` exists; returns its job id."""
+def cancel_when_running(run, job, started, timeout=300):
+    """scancel the SLURM job `job` (job_of) once the file `started` exists; returns its job id."""
     deadline = time.time() + timeout
     while run.proc.poll() is None and time.time() < deadline:
-        jobs = [i for i, (state, c) in slurm_jobs().items() if state == "RUNNING" and rule_of(c) == rule]
+        jobs = [i for i, (state, c) in slurm_jobs().items() if state == "RUNNING" and job_of(c) == job]
         if jobs and started.exists():
             subprocess.run(["scancel", str(jobs[0])], check=True)
             return jobs[0]
         time.sleep(0.2)
-    raise AssertionError(f"no running {rule} job to cancel:\n{run.text[-4000:]}")
+    raise AssertionError(f"no running {job} job to cancel:\n{run.text[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +217,7 @@ def test_jobs_ran_as_slurm_jobs(cluster):
     jobs = slurm_jobs()
     for i, rule in ids.items():
         assert jobs[i][0] == ("CANCELLED" if i == cancelled else "COMPLETED"), (i, rule, jobs[i])
-    assert set(ids.values()) == MODEL_RULES | {"calib", "inputs", "merge", "summary", "plots"}
+    assert set(ids.values()) == MODEL_JOBS | {"calib", "inputs", "merge", "summary", "plots"}
     assert {int(p.stem) for p in wd.file(".snakemake/slurm_logs").rglob("*.log")} == set(ids)
     assert pd.read_csv(wd.file("results/summary.csv")).run.tolist() == ["fp", RUN]
 
@@ -224,13 +228,13 @@ def test_cancelled_chunk_fails_the_first_run_alone(cluster):
     assert first.proc.returncode != 0
     assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in first.text
     ran = set(submitted(first).values())
-    assert "search_demo_qwen2vl_002" in ran and "merge" not in ran  # the other chunk, running alongside, finished
+    assert "search_002" in ran and "merge" not in ran  # the other chunk, running alongside, finished
 
 
 @pytest.mark.slow
 def test_rerun_runs_only_the_cancelled_chunk_and_what_depends_on_it(cluster):
     wd, first, second, cancelled = cluster
-    assert parse_job_stats(second.text) == {CANCELLED: 1, "merge": 1, "export": 1, "eval": 1, "summary": 1,
+    assert parse_job_stats(second.text) == {"search": 1, "merge": 1, "export": 1, "eval": 1, "summary": 1,
                                             "plots": 1, "all": 1}
     assert wd.planned() == {}
 
@@ -239,8 +243,11 @@ def test_rerun_runs_only_the_cancelled_chunk_and_what_depends_on_it(cluster):
 def test_scale_cache_matches_a_local_run(cluster, local):
     wd = cluster[0]
     assert wd.file(CACHE).read_bytes() == local.file(CACHE).read_bytes()
-    for layer in sorted(local.file(f"results/{MODEL}/demo/{RUN}/scales").glob("*.safetensors")):
-        assert wd.file(f"results/{MODEL}/demo/{RUN}/scales/{layer.name}").read_bytes() == layer.read_bytes()
+    scales = local.file(f"results/{MODEL}/demo/{RUN}/scales")
+    layers = sorted(scales.rglob("*.safetensors"))
+    assert len(layers) == 4
+    for layer in layers:
+        assert wd.file(f"results/{MODEL}/demo/{RUN}/scales/{layer.relative_to(scales)}").read_bytes() == layer.read_bytes()
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import snakemake_env
 from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
-from vlmquant.report.layout import FIGURES
 from vlmquant.report.summary import COLUMNS
+from vlmquant.workflow import FIGURES
 
 pytestmark = pytest.mark.slow
 DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
@@ -106,15 +106,14 @@ def test_export_settings_rerun_export_onwards(pipe):
 def test_search_setting_reruns_that_run_only(pipe):
     with pipe.edited_config(lambda c: c["runs"]["mbq-w3g128"].update(n_grid=10)):
         jobs = pipe.planned()
-    assert jobs == {"search_demo_qwen2vl_000": 1, "search_demo_qwen2vl_002": 1, "merge": 1, "export": 1, "eval": 1,
-                    **DOWNSTREAM_OF_EVAL}
+    assert jobs == {"search": 2, "merge": 1, "export": 1, "eval": 1, **DOWNSTREAM_OF_EVAL}
 
 
 def test_rtn_never_needs_grads_acts_or_search(pipe):
     with pipe.edited_config(lambda c: c["targets"].update(runs=["rtn-w3g128"])):
         jobs = pipe.planned("--forceall")
     assert jobs["export"] == 1 and jobs["eval"] == 1 and jobs["eval_fp"] == 1
-    assert not {"grads", "acts", "merge"} & set(jobs) and not any(r.startswith("search") for r in jobs)
+    assert not {"grads", "acts", "search", "merge"} & set(jobs)
 
 
 def test_report_builds(pipe):
@@ -146,8 +145,11 @@ def die_after_first_shard(path, extra):
     real(path, extra)
     os.kill(os.getpid(), signal.SIGKILL)
 ck.set_safetensors_metadata = die_after_first_shard
-ck.export_checkpoint({"family": "qwen2_vl", "path": "results/demo/model-qwen2_vl"},
-                     {"method": "rtn", "w_bit": 4, "w_group": 64}, sys.argv[1], max_shard_size="4MB", device="cpu")
+from vlmquant.models.loading import open_model
+from vlmquant.spec import RunSpec
+ck.export_checkpoint(open_model({"family": "qwen2_vl", "path": "results/demo/model-qwen2_vl"}, "cpu"),
+                     RunSpec.from_config("rtn-w4g64", {"method": "rtn", "w_bit": 4, "w_group": 64}), sys.argv[1],
+                     max_shard_size="4MB")
 """
 
 

@@ -12,7 +12,7 @@ from conftest import Workdir, snakemake_env
 pytestmark = pytest.mark.slow
 MBQ = "results/demo-qwen2vl/demo/mbq-w3g128/scale_cache.pt"
 AWQ = "results/demo-qwen2vl/demo/awq-w3g128/scale_cache.pt"
-SCALES = "results/demo-qwen2vl/demo/mbq-w3g128/scales"
+SCALES = "results/demo-qwen2vl/demo/mbq-w3g128/scales"  # chunk_NNN/ folders
 
 
 def one_layer_per_job(cfg):
@@ -38,7 +38,7 @@ def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_pat
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         # one job at a time: once a chunk is finished and the next one has started, kill everything
-        done = {p.name: p.stat().st_mtime_ns for p in scales.glob("layer_*.safetensors")}
+        done = {p.parent.name: p.stat().st_mtime_ns for p in scales.glob("chunk_*/layer_*.safetensors")}
         if done and len(list(logs.glob("search_*.log"))) == len(done) + 1:
             break
         time.sleep(0.02)
@@ -50,51 +50,56 @@ def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_pat
     wd.snakemake("--unlock")
     res = wd.snakemake(MBQ, "--rerun-incomplete")
     log = res.stdout + res.stderr
-    ran = {f"layer_{i:03d}.safetensors" for i in range(4) if f"rule search_demo_qwen2vl_{i:03d}:" in log}
-    assert ran == {f"layer_{i:03d}.safetensors" for i in range(4)} - set(done)
+    ran = {f"chunk_{i:03d}" for i in range(4) if f"{SCALES}/chunk_{i:03d}\n" in log}
+    assert ran == {f"chunk_{i:03d}" for i in range(4)} - set(done)
     for name, mtime in done.items():
-        assert wd.file(f"{SCALES}/{name}").stat().st_mtime_ns == mtime
+        assert wd.file(f"{SCALES}/{name}/layer_{name[-3:]}.safetensors").stat().st_mtime_ns == mtime
     for rule in ("rule calib:", "rule inputs:", "rule grads:", "rule acts:"):
         assert rule not in log
     assert wd.file(MBQ).read_bytes() == ref.file(MBQ).read_bytes()
 
-    # a different chunking gives the same bytes too (the layer files are simply reused)
+    # a different chunking reruns the search (other jobs), never what comes before it, and gives the same bytes
     ref.edit(lambda c: c["search"].update(layers_per_job=4))
-    assert ref.planned(MBQ).get("grads") is None
+    assert ref.planned(MBQ) == {"acts": 1, "search": 1, "merge": 1}  # acts: the chunks start at other layers
+    before = ref.file(MBQ).read_bytes()
+    ref.snakemake(MBQ)
+    assert ref.file(MBQ).read_bytes() == before
 
     # changing w_bit reruns search and merge only
     wd.edit(lambda c: c["runs"]["mbq-w3g128"].update(w_bit=4))
-    jobs = wd.planned(MBQ)
-    assert set(jobs) == {"merge"} | {f"search_demo_qwen2vl_{i:03d}" for i in range(4)}
+    assert wd.planned(MBQ) == {"search": 4, "merge": 1}
     # a run without reweight never touches grads, even from a fresh config change
     wd.edit(lambda c: c["runs"]["awq-w3g128"].update(n_grid=10))
     assert "grads" not in wd.planned(AWQ)
 
 
 def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_factory):
-    from vlmquant.io.scales import merge
+    from vlmquant.io.scales import chunk_layer_files, merge
+    from vlmquant.models.loading import open_model
     from vlmquant.search.pipeline import run_search
-    from vlmquant.workflow import check_config
+    from vlmquant.workflow import check_config, run_specs
 
     run_dir = "results/demo-qwen2vl/demo/mbq-distort"
     workdir.edit(lambda c: c["runs"].update({"mbq-distort": {"method": "mbq", "w_bit": 3, "distort": True}}))
     # chunk 2 of the distort run needs chunk 0's quantized outputs; chunks of other runs stay independent
-    assert "search_demo_qwen2vl_000_distort" in workdir.planned(f"{run_dir}/scales/layer_002.safetensors")
-    assert "search_demo_qwen2vl_000" not in workdir.planned(f"{SCALES}/layer_002.safetensors")
+    assert workdir.planned(f"{run_dir}/scales/chunk_002")["search"] == 2
+    assert workdir.planned(f"{SCALES}/chunk_002")["search"] == 1
     workdir.snakemake(f"{run_dir}/scale_cache.pt")
-    assert [p.name for p in workdir.file(f"{run_dir}/distorted").iterdir()] == ["layer_002.safetensors"]
+    assert sorted(p.name for p in workdir.file(f"{run_dir}/scales/chunk_000").glob("[!.]*")) == [
+        "layer_000.safetensors", "layer_001.safetensors", "next_inputs.safetensors"]
 
     cfg = check_config(workdir.config, workdir.file("workflow/schemas/config.schema.yaml"))
-    meta = {"model": "demo-qwen2vl", "calib": "demo", "run": "mbq-distort", "run_config": cfg["runs"]["mbq-distort"]}
-    model = {**cfg["models"]["demo-qwen2vl"], "path": str(workdir.file(cfg["models"]["demo-qwen2vl"]["path"]))}
+    spec = run_specs(cfg)["mbq-distort"]
+    names = {"model": "demo-qwen2vl", "calib": "demo", "run": "mbq-distort"}
+    model = open_model({**cfg["models"]["demo-qwen2vl"], "path": str(workdir.file(cfg["models"]["demo-qwen2vl"]["path"]))},
+                       "cpu")
     staged, out = workdir.file("results/demo-qwen2vl/demo"), tmp_path_factory.mktemp("one_job")
-    files = [out / f"layer_{i:03d}.safetensors" for i in range(4)]
-    run_search(model, cfg["runs"]["mbq-distort"], staged / "inputs.safetensors", staged / "acts/layer_000.safetensors",
-               staged / "grads.safetensors", [0, 1, 2, 3], files, meta, device="cpu")
-    merge(files, out / "cache.pt", out / "search.parquet", meta)
+    run_search(model, spec, staged / "inputs.safetensors", staged / "acts", staged / "grads.safetensors", [0, 1, 2, 3],
+               out / "chunk", names)
+    merge(chunk_layer_files([out / "chunk"]), out / "cache.pt", out / "search.parquet",
+          {**names, "run_config": spec.search_params()})
     assert (out / "cache.pt").read_bytes() == workdir.file(f"{run_dir}/scale_cache.pt").read_bytes()
 
     # the linears export leaves fp stay fp in a distort run's forwards: export.ignore reruns its search
     workdir.edit(lambda c: c["export"].update(ignore=["mlp.down_proj"]))
-    assert workdir.planned(f"{run_dir}/scale_cache.pt") == {"search_demo_qwen2vl_000_distort": 1,
-                                                            "search_demo_qwen2vl_002_distort": 1, "merge": 1}
+    assert workdir.planned(f"{run_dir}/scale_cache.pt") == {"search": 2, "merge": 1}
