@@ -1,14 +1,47 @@
 """Model inputs: a calibration Parquet run through a model's processor."""
+import logging
+
 from tqdm import tqdm
 
 from vlmquant.data.calib import read_calib
+from vlmquant.data.screens import check_text_for_special_tokens, special_tokens
+from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import get_adapter
 
+log = logging.getLogger(__name__)
+
+
+def check_row_text(row, tokenizer, where, tokens=None):
+    """Refuse a row whose turn texts contain a special token of the model's tokenizer (see
+    screens.check_text_for_special_tokens); `where` names the calibration file."""
+    tokens = special_tokens(tokenizer) if tokens is None else tokens
+    for k, turn in enumerate(row["turns"]):
+        check_text_for_special_tokens(turn["text"], tokenizer, f"{where}: sample {row['sample_id']}, "
+                                                               f"turn {k} ({turn['role']})", tokens)
+
+
+def encode_row(adapter, processor, config, row, where):
+    """adapter.encode, with any failure of the processor turned into one line naming the sample and
+    its image files (the traceback goes to the log)."""
+    try:
+        return adapter.encode(processor, config, row)
+    except VlmquantError:
+        raise
+    except Exception as e:
+        log.error("encoding sample %s failed", row["sample_id"], exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VlmquantError(f"{where}: sample {row['sample_id']} ({', '.join(row['file_names'])}): the "
+                            f"{adapter.family} processor failed ({type(e).__name__}: {first})") from e
+
 
 def build_inputs(calib_path, model_cfg, out_path, name="model"):
-    """Encode every row of `calib_path` with the model's processor; write a packed safetensors file."""
+    """Encode every row of `calib_path` with the model's processor; write a packed safetensors file.
+
+    Every row is screened for the tokenizer's special tokens before any is encoded; nothing is
+    written when a row fails.
+    """
     import transformers
 
     adapter = get_adapter(model_cfg["family"])
@@ -16,7 +49,11 @@ def build_inputs(calib_path, model_cfg, out_path, name="model"):
     config = transformers.AutoConfig.from_pretrained(model_cfg["path"],
                                                      trust_remote_code=model_cfg.get("trust_remote_code", False))
     rows = read_calib(calib_path)
-    samples = [adapter.encode(processor, config, row) for row in tqdm(rows, desc="encode", unit="sample")]
+    tokens = special_tokens(processor.tokenizer)
+    for row in rows:
+        check_row_text(row, processor.tokenizer, str(calib_path), tokens)
+    samples = [encode_row(adapter, processor, config, row, str(calib_path))
+               for row in tqdm(rows, desc="encode", unit="sample")]
     meta = {"model": name, "family": adapter.family, "path": str(model_cfg["path"]),
             "calib_sha256": sha256_file(calib_path), "sample_ids": [r["sample_id"] for r in rows],
             "packages": package_versions()}
