@@ -1,10 +1,11 @@
 """Calibration readers, deterministic sampling, formats, and bad input."""
+import hashlib
 import json
 import shutil
 
 import pytest
 
-from vlmquant.data.calib import build_calib, calib_metadata, read_calib, sample_rows
+from vlmquant.data.calib import build_calib, calib_metadata, draw, read_calib, sample_rows
 from vlmquant.data.readers import read_coco_captions, read_sharegpt, read_text_corpus
 from vlmquant.errors import VlmquantError
 
@@ -81,7 +82,6 @@ def test_parquet_columns_metadata_and_bytes(demo_data, tmp_path):
     r = rows[0]
     assert set(r) >= {"sample_id", "image_ids", "file_names", "images", "image_sha256", "turns"}
     assert r["images"][0] == (demo_data / "images" / r["file_names"][0]).read_bytes()
-    import hashlib
     assert r["image_sha256"][0] == hashlib.sha256(r["images"][0]).hexdigest()
     meta = calib_metadata(out)
     assert meta["config"]["n_samples"] == 4
@@ -169,10 +169,11 @@ def test_sampling_is_pinned_and_ignores_file_order(tmp_path):
     """The picks are sha256 ranks of the sample ids: these values hold on every Python version."""
     rows, cfg = sharegpt_pool(tmp_path)
     (tmp_path / "c.json").write_text(json.dumps(rows))
-    assert [s.sample_id for s in sample_rows(cfg)] == ["s1", "s2", "s6", "s8"]
-    assert [s.sample_id for s in sample_rows(dict(cfg, seed=1))] == ["s2", "s1", "s5", "s9"]
+    assert [s.sample_id for s in sample_rows(cfg)] == ["s5", "s0", "s6", "s7"]
+    assert [s.sample_id for s in sample_rows(dict(cfg, seed=1))] == ["s6", "s4", "s8", "s0"]
+    assert draw(0, "sample", "s5") == int(hashlib.sha256(b"0/sample/s5").hexdigest(), 16)
     (tmp_path / "c.json").write_text(json.dumps(rows[::-1]))
-    assert [s.sample_id for s in sample_rows(cfg)] == ["s1", "s2", "s6", "s8"]
+    assert [s.sample_id for s in sample_rows(cfg)] == ["s5", "s0", "s6", "s7"]
 
 
 def test_coco_caption_choice_ignores_file_order(demo_data, tmp_path):
@@ -244,7 +245,7 @@ def test_images_the_processors_refuse(demo_data, tmp_path, size, needle):
     from PIL import Image
 
     data, sample_id = coco_with_image(demo_data, tmp_path, Image.new("RGB", size))
-    expect_error(all_images_cfg(data), tmp_path, f"victim.png (sample {sample_id}): {needle}")
+    expect_error(all_images_cfg(data), tmp_path, f"sample {sample_id}: {data}/images/victim.png: {needle}")
 
 
 def test_unsupported_image_mode(demo_data, tmp_path):
@@ -253,7 +254,7 @@ def test_unsupported_image_mode(demo_data, tmp_path):
 
     img = Image.fromarray(np.full((64, 64), 0.5, np.float32), "F")
     data, sample_id = coco_with_image(demo_data, tmp_path, img, "TIFF", "victim.tif")
-    expect_error(all_images_cfg(data), tmp_path, f"victim.tif (sample {sample_id}): image mode F is not supported")
+    expect_error(all_images_cfg(data), tmp_path, f"sample {sample_id}: {data}/images/victim.tif: image mode F is not supported")
 
 
 def test_sixteen_bit_image_is_kept_as_its_bytes(demo_data, tmp_path):

@@ -153,7 +153,7 @@ def build_calib(cfg, out_path, name="calib"):
         raise VlmquantError(f"calib '{name}': image folder {images_dir} not found (calib.{name}.images)")
     columns = {field.name: [] for field in SCHEMA}
     for s in rows:
-        blobs = [read_image(images_dir / f, f"{images_dir / f} (sample {s.sample_id})") for f in s.file_names]
+        blobs = [read_image(images_dir / f, f"sample {s.sample_id}: {images_dir / f}") for f in s.file_names]
         columns["sample_id"].append(s.sample_id)
         columns["image_ids"].append(list(s.image_ids))
         columns["file_names"].append(list(s.file_names))

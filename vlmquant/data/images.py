@@ -4,10 +4,12 @@
 from it, so calibration sees the pixels inference sees:
 
 - transparency (RGBA, LA, PA, palette or greyscale/RGB with a tRNS colour) is composited onto
-  white with transformers' own `image_transforms.convert_to_rgb`, the function every image
-  processor applies to a PIL image when `do_convert_rgb` is set (all supported families set it;
-  vLLM's image loader also composites onto white). PIL's `convert("RGB")` would keep the hidden
-  colour of transparent pixels, usually black.
+  white, exactly as transformers 5.24's `image_transforms.convert_to_rgb` does (every image
+  processor applies it to a PIL image when `do_convert_rgb` is set, as all supported families
+  do) and as vLLM's image loader does. Done here with PIL rather than by calling transformers:
+  up to at least transformers 5.17 that function was a plain `convert("RGB")`, which keeps the
+  hidden colour of transparent pixels (usually black), and the calib and inputs stages must
+  give the same pixels whichever transformers is installed.
 - EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), as transformers does whenever it
   opens a file itself (`image_utils.load_image`, `load_image_as_tensor`): a photo is calibrated
   upright, the way its caption describes it. A PIL image handed to a processor is not rotated.
@@ -22,11 +24,11 @@ import contextlib
 import io
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vlmquant.errors import VlmquantError
 
-# modes transformers' convert_to_rgb turns into the right RGB image
+# modes PIL converts to the right RGB image (after compositing any transparency)
 RGB_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -60,6 +62,14 @@ def _sixteen_bit_to_8(img):
     return grey
 
 
+def _to_rgb(img):
+    """RGB with transparency composited onto white (transformers 5.24's convert_to_rgb)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, where: str) -> Image.Image:
     """The RGB image a processor sees for an image file's bytes (see the module docstring).
 
@@ -67,8 +77,6 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     Raises VlmquantError naming `where` (e.g. the file and sample id) for unreadable, truncated
     or unsupported images.
     """
-    from transformers.image_transforms import convert_to_rgb
-
     try:
         with _refuse_truncated(), Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -78,9 +86,11 @@ def decode_image(data: bytes, where: str) -> Image.Image:
                 img = _sixteen_bit_to_8(img)
             elif mode not in RGB_MODES:
                 raise VlmquantError(f"{where}: image mode {mode} is not supported; save it as 8-bit RGB")
-            return Image.fromarray(convert_to_rgb(img, return_numpy=True), "RGB")
+            return _to_rgb(img)
     except VlmquantError:
         raise
+    except UnidentifiedImageError:
+        raise VlmquantError(f"{where}: not a readable image (PIL cannot identify its format)") from None
     except Exception as e:  # PIL raises many types for bad files
         raise VlmquantError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
 
