@@ -96,3 +96,27 @@ def test_sharegpt_system_turn_and_two_images_encode(demo_data, demo_model_path, 
     assert text.index("<|vision_start|>") < first_answer < text.index("<|vision_start|>", first_answer)  # one each
     assert s["image_grid_thw"].shape[0] == 2 and text.count("<|vision_start|>") == 2
     assert tokenizer.decode(s["input_ids"][0][s["caption_mask"][0]]) == "An astronaut.A cup of coffee."
+
+
+@pytest.mark.xfail(strict=True, reason="until models/base.py Adapter.encode decodes with vlmquant.data.images.decode_image")
+def test_inputs_see_transparency_on_white(demo_model_path, tmp_path):
+    """An RGBA image's pixel_values in the inputs file are those of decode_image (white background)."""
+    import numpy as np
+    import torch
+
+    from vlmquant.data.images import decode_image
+    from vlmquant.io import ragged
+
+    a = np.zeros((64, 96, 4), np.uint8)
+    a[16:48, 16:48] = (255, 0, 0, 255)  # an opaque red square on a transparent background
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGBA").save(buf, "PNG")
+    row = {"sample_id": "t1", "image_ids": ["1"], "file_names": ["logo.png"], "images": [buf.getvalue()],
+           "image_sha256": ["0"], "turns": [{"role": "user", "text": "Describe.", "images": [0]},
+                                            {"role": "assistant", "text": "A red square.", "images": []}]}
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), tmp_path / "c.parquet")
+    build_inputs(tmp_path / "c.parquet", {"family": "qwen2_vl", "path": str(demo_model_path)}, tmp_path / "in.st")
+    packed, _ = ragged.load(tmp_path / "in.st")
+    image_processor = FAMILIES["qwen2_vl"]()[2].image_processor
+    expected = image_processor(images=[decode_image(buf.getvalue(), "x")], return_tensors="pt")["pixel_values"]
+    assert torch.equal(ragged.sample(packed, 0)["pixel_values"], expected)
