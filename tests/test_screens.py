@@ -56,7 +56,7 @@ def test_inputs_refuse_a_caption_with_the_models_token(demo_data, demo_model_pat
     assert not out.exists()
 
 
-def test_processor_failure_names_the_sample(demo_model_path, tmp_path):
+def test_processor_failure_names_the_sample(demo_model_path, tmp_path, caplog):
     """A row the calib screens never saw (written by hand) that the processor refuses: one line."""
     buf = io.BytesIO()
     Image.new("RGB", (4100, 20)).save(buf, "PNG")
@@ -68,8 +68,10 @@ def test_processor_failure_names_the_sample(demo_model_path, tmp_path):
     out = tmp_path / "inputs.safetensors"
     with pytest.raises(VlmquantError) as e:
         build_inputs(calib, {"family": "qwen2_vl", "path": str(demo_model_path)}, out)
-    assert str(e.value) == (f"{calib}: sample s9 (strip.png): the qwen2_vl processor failed (ValueError: absolute "
-                            f"aspect ratio must be smaller than 200, got 205.0)")
+    assert str(e.value) == (f"{calib}: sample s9 (strip.png) could not be encoded for qwen2_vl (ValueError: absolute "
+                            f"aspect ratio must be smaller than 200, got 205.0); traceback in the log")
+    (record,) = [r for r in caplog.records if r.name == "vlmquant.data.inputs"]
+    assert record.exc_info[0] is ValueError  # the full traceback reaches the job's log
     assert not out.exists()
 
 

@@ -23,17 +23,18 @@ def check_row_text(row, tokenizer, where, tokens=None):
 
 
 def encode_row(adapter, processor, config, row, where):
-    """adapter.encode, with any failure of the processor turned into one line naming the sample and
-    its image files (the traceback goes to the log)."""
+    """adapter.encode, with any failure (the processor refusing an image or text) turned into one
+    line naming the sample and its image files; the traceback goes to the log."""
     try:
         return adapter.encode(processor, config, row)
     except VlmquantError:
         raise
     except Exception as e:
         log.error("encoding sample %s failed", row["sample_id"], exc_info=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise VlmquantError(f"{where}: sample {row['sample_id']} ({', '.join(row['file_names'])}): the "
-                            f"{adapter.family} processor failed ({type(e).__name__}: {first})") from e
+        message = str(e).strip()
+        first = message.splitlines()[0] if message else ""
+        raise VlmquantError(f"{where}: sample {row['sample_id']} ({', '.join(row['file_names'])}) could not be "
+                            f"encoded for {adapter.family} ({type(e).__name__}: {first}); traceback in the log") from e
 
 
 def build_inputs(calib_path, model_cfg, out_path, name="model"):
