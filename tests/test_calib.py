@@ -1,10 +1,11 @@
 """Calibration readers, deterministic sampling, formats, and bad input."""
+import hashlib
 import json
 import shutil
 
 import pytest
 
-from vlmquant.data.calib import build_calib, calib_metadata, read_calib, sample_rows
+from vlmquant.data.calib import build_calib, calib_metadata, draw, read_calib, sample_rows
 from vlmquant.data.readers import read_coco_captions, read_sharegpt, read_text_corpus
 from vlmquant.errors import VlmquantError
 
@@ -19,7 +20,7 @@ def coco_cfg(data, **kw):
 
 def test_coco_reader_groups_captions_by_image(demo_data):
     raw = json.loads((demo_data / "captions_train.json").read_text())
-    recs = read_coco_captions(demo_data / "captions_train.json", "p")
+    recs = read_coco_captions(demo_data / "captions_train.json")
     assert len(recs) == len(raw["images"])
     by_id = {str(i["id"]): i["file_name"] for i in raw["images"]}
     n_caps = sum(len(c) for _, _, c in recs)
@@ -81,7 +82,6 @@ def test_parquet_columns_metadata_and_bytes(demo_data, tmp_path):
     r = rows[0]
     assert set(r) >= {"sample_id", "image_ids", "file_names", "images", "image_sha256", "turns"}
     assert r["images"][0] == (demo_data / "images" / r["file_names"][0]).read_bytes()
-    import hashlib
     assert r["image_sha256"][0] == hashlib.sha256(r["images"][0]).hexdigest()
     meta = calib_metadata(out)
     assert meta["config"]["n_samples"] == 4
@@ -155,3 +155,128 @@ def test_too_many_samples(demo_data, tmp_path):
 
 def test_unknown_format(demo_data, tmp_path):
     expect_error(coco_cfg(demo_data, format="fewshot"), tmp_path, "unknown format 'fewshot'")
+
+
+# --- sampling: a function of (seed, sample ids) only --------------------------------------------
+def sharegpt_pool(tmp_path, n=10):
+    rows = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "Q"}, {"from": "gpt", "value": f"A{i}"}]} for i in range(n)]
+    return rows, {"source": "sharegpt", "captions": str(tmp_path / "c.json"), "images": str(tmp_path),
+                  "n_samples": 4, "seed": 0, "format": "plain"}
+
+
+def test_sampling_is_pinned_and_ignores_file_order(tmp_path):
+    """The picks are sha256 ranks of the sample ids: these values hold on every Python version."""
+    rows, cfg = sharegpt_pool(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    assert [s.sample_id for s in sample_rows(cfg)] == ["s5", "s0", "s6", "s7"]
+    assert [s.sample_id for s in sample_rows(dict(cfg, seed=1))] == ["s6", "s4", "s8", "s0"]
+    assert draw(0, "sample", "s5") == int(hashlib.sha256(b"0/sample/s5").hexdigest(), 16)
+    (tmp_path / "c.json").write_text(json.dumps(rows[::-1]))
+    assert [s.sample_id for s in sample_rows(cfg)] == ["s5", "s0", "s6", "s7"]
+
+
+def test_coco_caption_choice_ignores_file_order(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    raw = json.loads((data / "captions_train.json").read_text())
+    before = sample_rows(all_images_cfg(data))
+    raw["images"], raw["annotations"] = raw["images"][::-1], raw["annotations"][::-1]
+    (data / "captions_train.json").write_text(json.dumps(raw))
+    after = {s.sample_id: s for s in sample_rows(all_images_cfg(data))}
+    # same images, same caption per image (captions are drawn by image id, not by position)
+    assert {s.sample_id: s.turns for s in before} == {k: s.turns for k, s in after.items()}
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("n_samples", 0, "n_samples must be an integer >= 1, got 0"),
+    ("n_samples", True, "n_samples must be an integer >= 1, got True"),
+    ("n_samples", 2.0, "n_samples must be an integer >= 1, got 2.0"),
+    ("seed", "0", "seed must be an integer, got '0'"),
+    ("source", "COCO", "unknown source 'COCO'; choose one of coco, sharegpt"),
+])
+def test_bad_settings(demo_data, tmp_path, key, value, needle):
+    expect_error(coco_cfg(demo_data, **{key: value}), tmp_path, "calib 'calib': " + needle)
+
+
+def test_few_shot_keeps_one_system_turn(tmp_path):
+    rows, cfg = sharegpt_pool(tmp_path, 4)
+    for r in rows:
+        r["conversations"].insert(0, {"from": "system", "value": f"System of {r['id']}."})
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    (row,) = sample_rows(dict(cfg, n_samples=1, format="few_shot"))
+    assert [t.role for t in row.turns] == ["system", "user", "assistant", "user", "assistant"]
+    assert row.turns[0].text == f"System of {row.sample_id.split('+')[0]}."
+    assert [t.images for t in row.turns] == [(), (0,), (), (1,), ()]
+
+
+def test_interleave_text_screens(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    (data / "short.jsonl").write_text('{"text": "only five words in here"}\n')
+    expect_error(coco_cfg(data, format="interleave", text=str(data / "short.jsonl")), tmp_path,
+                 "short.jsonl: 5 words of text, but interleave_tokens is 64")
+    (data / "bad.jsonl").write_text('{"text": "fine"}\n\n{"text": "see <image> here"}\n')
+    expect_error(coco_cfg(data, format="interleave", text=str(data / "bad.jsonl")), tmp_path,
+                 "bad.jsonl: line 3.text: contains the image placeholder '<image>'")
+
+
+def test_prompt_with_placeholder(demo_data, tmp_path):
+    expect_error(coco_cfg(demo_data, prompt="<image> Describe."), tmp_path,
+                 "calib 'calib': prompt: contains the image placeholder '<image>'")
+
+
+# --- images: screened at the calib stage, naming the file and the sample -------------------------
+def coco_with_image(demo_data, tmp_path, img, fmt="PNG", name="victim.png"):
+    """The demo set with its first image replaced by `img` (saved as `name`)."""
+    data = bad_copy(demo_data, tmp_path)
+    raw = json.loads((data / "captions_train.json").read_text())
+    first = raw["images"][0]
+    first["file_name"] = name
+    img.save(data / "images" / name, fmt)
+    (data / "captions_train.json").write_text(json.dumps(raw))
+    return data, f"coco-{first['id']}"
+
+
+@pytest.mark.parametrize("size,needle", [
+    ((4100, 20), "image is 4100x20 pixels; sides shorter than 32"),
+    ((32 * 201, 32), "image is 6432x32 pixels, aspect ratio 201.00, over 200"),
+    ((20, 20), "image is 20x20 pixels; sides shorter than 32"),
+])
+def test_images_the_processors_refuse(demo_data, tmp_path, size, needle):
+    from PIL import Image
+
+    data, sample_id = coco_with_image(demo_data, tmp_path, Image.new("RGB", size))
+    expect_error(all_images_cfg(data), tmp_path, f"sample {sample_id}: {data}/images/victim.png: {needle}")
+
+
+def test_unsupported_image_mode(demo_data, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(np.full((64, 64), 0.5, np.float32), "F")
+    data, sample_id = coco_with_image(demo_data, tmp_path, img, "TIFF", "victim.tif")
+    expect_error(all_images_cfg(data), tmp_path, f"sample {sample_id}: {data}/images/victim.tif: image mode F is not supported")
+
+
+def test_sixteen_bit_image_is_kept_as_its_bytes(demo_data, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    data, sample_id = coco_with_image(demo_data, tmp_path, img)
+    out = tmp_path / "c.parquet"
+    build_calib(all_images_cfg(data), out)
+    (row,) = [r for r in read_calib(out) if r["sample_id"] == sample_id]
+    assert row["images"] == [(data / "images" / "victim.png").read_bytes()]
+
+
+def test_missing_image_folder(demo_data, tmp_path):
+    expect_error(coco_cfg(demo_data, images=str(tmp_path / "nope")), tmp_path,
+                 f"calib 'calib': image folder {tmp_path / 'nope'} not found (calib.calib.images)")
+
+
+def test_duplicate_coco_ids_leave_no_output(demo_data, tmp_path):
+    data = bad_copy(demo_data, tmp_path)
+    raw = json.loads((data / "captions_train.json").read_text())
+    raw["images"][1]["id"] = str(raw["images"][0]["id"])
+    (data / "captions_train.json").write_text(json.dumps(raw))
+    expect_error(coco_cfg(data), tmp_path, "captions_train.json: images[1]: id", "repeats images[0]")

@@ -4,22 +4,26 @@ Row formats:
   plain       one image with its conversation (user: image + prompt, assistant: caption)
   few_shot    two plain samples concatenated into one conversation
   interleave  sample A, a user turn of ~`interleave_tokens` words of pure text, sample B
+
+Sampling is a function of (seed, sample ids) only, through sha256 (`draw`), so the same config
+gives the same rows on every Python version, whatever the order of the source file's records.
 """
-import io
+import hashlib
 import json
-import random
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
+from vlmquant.data.images import check_image_size, decode_image
 from vlmquant.data.readers import Sample, Turn, read_coco_captions, read_sharegpt, read_text_corpus
+from vlmquant.data.screens import check_text
 from vlmquant.errors import VlmquantError
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions, sha256_bytes, sha256_file
 
 FORMATS = {"plain": 1, "few_shot": 2, "interleave": 2}  # base samples per row
+SOURCES = ("coco", "sharegpt")
 
 SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -31,34 +35,46 @@ SCHEMA = pa.schema([
 ])
 
 
-def base_samples(cfg, rng):
-    """The source's samples, each a single-image conversation, in a fixed order."""
-    if cfg["source"] == "coco":
-        prompt = cfg["prompt"]
-        return [
-            Sample(f"coco-{image_id}", (image_id,), (file_name,),
-                   (Turn("user", prompt, (0,)), Turn("assistant", rng.choice(captions))))
-            for image_id, file_name, captions in read_coco_captions(cfg["captions"], prompt)
-        ]
-    return read_sharegpt(cfg["captions"])
+def draw(seed, kind, key):
+    """A uniform integer in [0, 2**256) determined by (seed, kind, key): sha256 of "seed/kind/key"
+    (unambiguous: seed is an int, kind a fixed word), the same on every Python version and platform."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{kind}/{key}".encode()).digest(), "big")
+
+
+def base_samples(cfg, seed, name="calib"):
+    """The source's samples, in the source's order; each COCO image gets one of its captions, drawn by seed."""
+    if cfg["source"] == "sharegpt":
+        return read_sharegpt(cfg["captions"])
+    prompt = cfg["prompt"]
+    check_text(prompt, f"calib '{name}': prompt", empty_ok=True)
+    samples = []
+    for image_id, file_name, captions in read_coco_captions(cfg["captions"]):
+        captions = sorted(captions)  # the draw does not depend on the file's order
+        caption = captions[draw(seed, "caption", image_id) % len(captions)]
+        turns = (Turn("user", prompt, (0,)), Turn("assistant", caption))
+        samples.append(Sample(f"coco-{image_id}", (image_id,), (file_name,), turns))
+    return samples
 
 
 def join(samples, middle_text=None):
-    """Concatenate samples into one row, renumbering image indices; optional pure-text user turn between."""
+    """Concatenate samples into one row, renumbering image indices; optional pure-text user turn between.
+
+    A conversation has one system turn, at its start: only the first sample's is kept.
+    """
     turns, image_ids, file_names = [], [], []
     for k, s in enumerate(samples):
         if k and middle_text is not None:
             turns.append(Turn("user", middle_text))
         offset = len(image_ids)
-        turns += [Turn(t.role, t.text, tuple(i + offset for i in t.images)) for t in s.turns]
+        turns += [Turn(t.role, t.text, tuple(i + offset for i in t.images)) for t in s.turns
+                  if not (k and t.role == "system")]
         image_ids += s.image_ids
         file_names += s.file_names
     return Sample("+".join(s.sample_id for s in samples), tuple(image_ids), tuple(file_names), tuple(turns))
 
 
-def text_span(paragraphs, n_words, rng):
-    """~n_words consecutive words of the corpus, starting at a random paragraph."""
-    start = rng.randrange(len(paragraphs))
+def text_span(paragraphs, n_words, start):
+    """n_words consecutive words of the corpus, from paragraph `start` on, wrapping around."""
     words = []
     for p in paragraphs[start:] + paragraphs[:start]:
         words += p.split()
@@ -67,57 +83,77 @@ def text_span(paragraphs, n_words, rng):
     return " ".join(words[:n_words])
 
 
+def _int(cfg, key, name, minimum=None):
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or minimum is not None and value < minimum:
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise VlmquantError(f"calib '{name}': {key} must be an integer{bound}, got {value!r}")
+    return value
+
+
 def sample_rows(cfg, name="calib"):
-    """Deterministic rows for a calibration config (`n_samples`, `seed`, `format`, source fields)."""
+    """Deterministic rows for a calibration config (`n_samples`, `seed`, `format`, source fields).
+
+    Base samples are ranked by draw(seed, "sample", sample_id); the first n_samples (pairs for
+    few_shot/interleave, in rank order) are taken. Raises VlmquantError when the pool is too small.
+    """
+    if cfg.get("source") not in SOURCES:
+        raise VlmquantError(f"calib '{name}': unknown source {cfg.get('source')!r}; choose one of {', '.join(SOURCES)}")
     fmt = cfg["format"]
     if fmt not in FORMATS:
         raise VlmquantError(f"calib '{name}': unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    rng = random.Random(cfg["seed"])
-    pool = base_samples(cfg, rng)
-    need = cfg["n_samples"] * FORMATS[fmt]
+    n_samples = _int(cfg, "n_samples", name, minimum=1)
+    seed = _int(cfg, "seed", name)
+    pool = base_samples(cfg, seed, name)
+    need = n_samples * FORMATS[fmt]
     if need > len(pool):
         raise VlmquantError(
-            f"calib '{name}': n_samples {cfg['n_samples']} in format {fmt} needs {need} samples, "
+            f"calib '{name}': n_samples {n_samples} in format {fmt} needs {need} samples, "
             f"but {cfg['captions']} has {len(pool)}")
-    picked = rng.sample(pool, need)
+    picked = sorted(pool, key=lambda s: draw(seed, "sample", s.sample_id))[:need]
     if fmt == "plain":
         return picked
-    middle = None
+    paragraphs = None
     if fmt == "interleave":
         if not cfg.get("text"):
             raise VlmquantError(f"calib '{name}': format interleave needs a 'text' corpus file")
+        n_words = _int(cfg, "interleave_tokens", name, minimum=1)
         paragraphs = read_text_corpus(cfg["text"])
-        if not paragraphs:
-            raise VlmquantError(f"{cfg['text']}: no text")
+        total = sum(len(p.split()) for p in paragraphs)
+        if total < n_words:
+            raise VlmquantError(f"{cfg['text']}: {total} words of text, but interleave_tokens is {n_words}; "
+                                f"use a larger corpus or fewer interleave_tokens")
     rows = []
-    for i in range(cfg["n_samples"]):
-        if fmt == "interleave":
-            middle = text_span(paragraphs, cfg["interleave_tokens"], rng)
-        rows.append(join(picked[2 * i: 2 * i + 2], middle))
+    for i in range(n_samples):
+        pair = picked[2 * i: 2 * i + 2]
+        middle = None
+        if paragraphs is not None:
+            start = draw(seed, "text", "+".join(s.sample_id for s in pair)) % len(paragraphs)
+            middle = text_span(paragraphs, n_words, start)
+        rows.append(join(pair, middle))
     return rows
 
 
-def read_image(path):
-    """The file's bytes, after checking it decodes as an image."""
+def read_image(path, where):
+    """The file's bytes, after checking that it decodes (images.decode_image) to a size every
+    supported processor takes (images.check_image_size). Errors name `where`."""
     path = Path(path)
     if not path.is_file():
-        raise VlmquantError(f"{path}: image file not found")
+        raise VlmquantError(f"{where}: image file not found")
     data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception as e:  # PIL raises many types for bad files
-        raise VlmquantError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    check_image_size(decode_image(data, where).size, where)
     return data
 
 
 def build_calib(cfg, out_path, name="calib"):
-    """Write the calibration Parquet for `cfg` to `out_path` atomically."""
+    """Write the calibration Parquet for `cfg` to `out_path` atomically; nothing is written on error."""
     rows = sample_rows(cfg, name)
     images_dir = Path(cfg["images"])
+    if not images_dir.is_dir():
+        raise VlmquantError(f"calib '{name}': image folder {images_dir} not found (calib.{name}.images)")
     columns = {field.name: [] for field in SCHEMA}
     for s in rows:
-        blobs = [read_image(images_dir / f) for f in s.file_names]
+        blobs = [read_image(images_dir / f, f"sample {s.sample_id}: {images_dir / f}") for f in s.file_names]
         columns["sample_id"].append(s.sample_id)
         columns["image_ids"].append(list(s.image_ids))
         columns["file_names"].append(list(s.file_names))

@@ -5,15 +5,14 @@ layers live (never the vision tower), the scale groups of a decoder layer, the i
 placeholder token, how a calibration row becomes processor inputs and masks, and the tiny
 random-init demo model of the family. Each family is one module of vlmquant/models/families/.
 """
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from PIL import Image
 
+from vlmquant.data.images import decode_image
 from vlmquant.errors import VlmquantError
 from vlmquant.models.processing import load_processor
 
@@ -116,7 +115,7 @@ class Adapter:
         order = [i for t in row["turns"] for i in t["images"]]
         if order != list(range(len(row["images"]))):
             raise VlmquantError(f"sample {row['sample_id']}: images must appear in order once each, got {order}")
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in row["images"]]
+        images = [decode_image(b, f"sample {row['sample_id']}: {name}") for b, name in zip(row["images"], row["file_names"])]
         text = processor.apply_chat_template(self.messages(row["turns"]), tokenize=False)
         enc = self.process(processor, text, images)
         ids = enc["input_ids"]
