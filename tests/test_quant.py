@@ -59,13 +59,25 @@ def test_group_levels_error_and_idempotence(bits):
     torch.testing.assert_close(fake_quant_weight(q, bits, 128), q, rtol=0, atol=1e-5)
 
 
-def test_half_inputs_quantized_in_fp32():
+def test_half_inputs_quantized_in_fp32_with_scales_of_their_dtype():
     torch.manual_seed(1)
     w = torch.randn(4, 64)
     for dtype in (torch.float16, torch.bfloat16):
         q = fake_quant_weight(w.to(dtype), 8, 32)
         assert q.dtype == dtype
-        torch.testing.assert_close(q, fake_quant_weight(w.to(dtype).float(), 8, 32).to(dtype), rtol=0, atol=0)
+        # fp32 math, each group's scale rounded to dtype first: q is (code - zero) x a scale of that dtype
+        g = w.to(dtype).float().view(-1, 32)
+        scale = ((g.amax(1, keepdim=True) - g.amin(1, keepdim=True)) / 255).to(dtype).float()
+        zero = (-g.amin(1, keepdim=True) / scale).round().clamp(0, 255)
+        code = ((g / scale).round() + zero).clamp(0, 255)
+        torch.testing.assert_close(q, ((code - zero) * scale).to(dtype).view(4, 64), rtol=0, atol=0)
+        # rounding the scale matters: without it some weights land a step away
+        unrounded = fake_quant_weight(w.to(dtype).float(), 8, 32).to(dtype)
+        assert (q != unrounded).any()
+        w_sym = w.to(dtype)
+        scale = (w_sym.float().abs().amax(1, keepdim=True) / 127).to(dtype).float()
+        code = (w_sym.float() / scale).round().clamp(-128, 127)
+        torch.testing.assert_close(fake_quant_weight_per_channel_sym(w_sym, 8), (code * scale).to(dtype), rtol=0, atol=0)
 
 
 def test_non_contiguous_input():
