@@ -1,7 +1,7 @@
 """Fake quantization (quantize, then dequantize back to floats).
 
 - `fake_quant_weight`: asymmetric min/max with a zero point, in groups of input columns
-  (weight-only W4/W3 runs).
+  (weight-only W4/W3 runs); `fake_quant_weight_sym`: symmetric abs-max, no zero point, same groups.
 - `fake_quant_weight_per_channel_sym` / `fake_quant_act_per_token`: symmetric abs-max per
   output row / per token (weight-activation W4A8/W8A8 runs); `InputQuantizer`, the per-token
   activation side as a forward pre-hook (search and eval).
@@ -116,6 +116,20 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     group = check_weight_groups(w.shape, group)
     work = w.detach().to(compute_dtype(w.dtype), memory_format=torch.contiguous_format, copy=True)
     return fake_quant_groups_(work, bits, group, w.dtype).to(w.dtype)
+
+
+def fake_quant_weight_sym(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric abs-max fake quant (no zero point) of a (out, in) weight in groups of `group` input columns.
+
+    Per group: scale = max(absmax, 1e-5) / (2^(bits-1) - 1) rounded to w's dtype,
+    out = clamp(round(w/scale), -2^(bits-1), 2^(bits-1) - 1) * scale. `group <= 0` means one group per
+    output row (= fake_quant_weight_per_channel_sym). Returns a new tensor of w's dtype and shape.
+    """
+    check_bits(bits, 2)
+    group = check_weight_groups(w.shape, group)
+    work = w.detach().to(compute_dtype(w.dtype), memory_format=torch.contiguous_format, copy=True)
+    fake_quant_sym_rows_(work.view(-1, group), bits, w.dtype)
+    return work.to(w.dtype)
 
 
 def fake_quant_weight_per_channel_sym(w: torch.Tensor, bits: int) -> torch.Tensor:
