@@ -181,6 +181,28 @@ def test_config_json_and_ignore_names(exported, demo, name):
     assert not any(n.startswith("re:") for n in q["ignore"])
 
 
+# vLLM's Qwen2-VL hf_to_vllm_mapper (orig_to_new_prefix): CompressedTensorsConfig.apply_vllm_mapper rewrites
+# every plain `ignore` entry with it (`re:` entries are left as they are); vLLM then matches exact names.
+VLLM_QWEN2_VL_PREFIXES = {"model.language_model.": "language_model.model.", "model.visual.": "visual.",
+                          "lm_head.": "language_model.lm_head.", "model.": "language_model.model."}
+
+
+def vllm_name(name):
+    for old in sorted(VLLM_QWEN2_VL_PREFIXES, key=len, reverse=True):
+        if name.startswith(old):
+            return VLLM_QWEN2_VL_PREFIXES[old] + name[len(old):]
+    return name
+
+
+def test_ignore_list_covers_vllm_module_names(exported, demo):
+    packed, _ = exported("w4a16-asym-g128", "bf16")
+    ignore = {vllm_name(n) for n in json.loads((packed / "config.json").read_text())["quantization_config"]["ignore"]}
+    vision = {f"visual.blocks.{b}.{m}" for b in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert vision | {"visual.merger.mlp.0", "visual.merger.mlp.2"} <= ignore
+    assert {f"language_model.model.{n}" for n in EXTRA_IGNORED} <= ignore
+    assert not {f"language_model.model.{n}" for n in demo["bf16"]["quantize"]} & ignore
+
+
 def tensors(folder):
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -268,3 +290,25 @@ def test_qwen2_vl_7b_w4_is_about_2_4_times_smaller():
     sizes = packed_size_from_config(qwen2_vl_7b_config(), ADAPTER, Scheme(4, 128))
     assert 8.28e9 < sizes["dense"] / 2 < 8.30e9  # Qwen2-VL-7B has 8.29 B parameters
     assert 2.35 < sizes["ratio"] < 2.45
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "llava_onevision", "internvl"])
+def test_other_families_round_trip(family, tmp_path):
+    """Each family's naming (saved vs in-memory) comes from transformers: the default load keeps its vision
+    tower dense and the checkpoint equals the pseudo one."""
+    adapter = get_adapter(family)
+    model_class = getattr(transformers, adapter.model_class)
+    model, _ = make_demo_model(family)
+    model = model.to(torch.bfloat16)
+    names = [n for n, _ in decoder_linears(model, adapter)]
+    scheme = Scheme(4, 128, True)
+    pseudo = copy.deepcopy(model)
+    root = layer_root(pseudo, adapter)
+    with torch.no_grad():
+        for n in names:
+            root.get_submodule(n).weight.copy_(fake_quant(root.get_submodule(n).weight, scheme))
+    pseudo.save_pretrained(tmp_path / "pseudo")
+    write_packed(model, adapter, names, scheme, tmp_path / "packed")
+    reference = model_class.from_pretrained(tmp_path / "pseudo", dtype=torch.bfloat16).eval()
+    loaded = model_class.from_pretrained(tmp_path / "packed", dtype=torch.bfloat16).eval()
+    assert_same_model(loaded, reference, {"input_ids": torch.tensor([[5, 17, 300, 42, 9]])})
