@@ -8,7 +8,7 @@
 
 Half-precision inputs are quantized in fp32 (round(w/scale) in bf16 is off by whole steps
 near the top of the range) and cast back; fp32/fp64 inputs are quantized in their own dtype.
-Weight quantizers round each scale to the weight's dtype before using it (`weight_qparams`), so
+Weight quantizers round each scale to the weight's dtype before using it (asym_qparams, sym_qparams), so
 the result is exactly (integer code - zero) x stored scale, as a packed checkpoint stores it
 (vlmquant.quant.codes); for fp32/fp64 weights the rounding changes nothing.
 The `..._` helpers work in place on a tensor already in the compute dtype, so the grid
