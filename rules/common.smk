@@ -76,6 +76,10 @@ def export_inputs(wildcards):
     return files
 
 
+def imported_cache(wildcards):
+    return RUNS[wildcards.run].scale_cache
+
+
 def export_params(wildcards):
     return RUNS[wildcards.run].export_params()
 
@@ -90,7 +94,7 @@ def eval_inputs(wildcards):
         "inputs": paths.INPUTS.format(model=ids["model"], calib=ids["eval_calib"]),
         "ref": paths.FP_REF.format(**ids),
         "model": model_dir(wildcards),
-        "checkpoint": W.fill(paths.CHECKPOINT, wildcards),
+        "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
     }
 
 

@@ -68,7 +68,7 @@ rule search:
     benchmark:
         paths.BENCHMARKS["search"]
     wildcard_constraints:
-        run=W.name_pattern([name for name, spec in RUNS.items() if spec.has_scales]),
+        run=W.name_pattern([name for name, spec in RUNS.items() if spec.searches]),
     priority: 1
     conda:
         "../workflow/envs/vlmquant.yaml"
@@ -94,6 +94,8 @@ rule merge:
         table=paths.SEARCH_TABLE,
     log:
         paths.LOGS["merge"],
+    wildcard_constraints:
+        run=W.name_pattern([name for name, spec in RUNS.items() if spec.searches]),
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:

@@ -300,7 +300,8 @@ def test_weight_activation_run_exports_per_channel_weights_and_quantizes_inputs_
     ids = {"model": MODEL, "calib": CALIB, "run": "rtn-w4a8", "eval_calib": EVAL_CALIB}
     run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "wa.parquet", SETTINGS, ids)
     info = json.loads((ckpt / "quantization.json").read_text())
-    (ckpt / "quantization.json").write_text(json.dumps({**info, "a_bit": None}))  # the same weights, fp activations
+    weight_only = {**info, "a_bit": None, "scheme": {**info["scheme"], "a_bit": None}}  # the same weights, fp activations
+    (ckpt / "quantization.json").write_text(json.dumps(weight_only))
     run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "w.parquet", SETTINGS, ids)
     (wa, meta), (w, _) = read_table(tmp_path / "wa.parquet"), read_table(tmp_path / "w.parquet")
     assert meta["a_bit"] == 8

@@ -319,3 +319,66 @@ def test_killed_export_never_leaves_a_complete_looking_folder(pipe, model, tmp_p
     export_checkpoint(model, RTN, out)
     assert read_quant_info(out)["method"] == "rtn"
     assert not partial.exists() and [p.name for p in out.parent.iterdir()] == ["checkpoint"]
+
+
+# ---- compressed-tensors checkpoints and imported caches ---------------------------------------
+
+
+@pytest.mark.parametrize("run", ["rtn-w3g128", "mbq-w3g128"])
+def test_packed_checkpoint_equals_the_pseudo_one(pipe, run):
+    """The workflow's compressed-tensors folder, loaded through transformers (dequantized on load), has
+    exactly the pseudo checkpoint's weights and logits; it stores packed int32 codes and is smaller."""
+    packed, pseudo = pipe.run_dir(run) / "packed", pipe.run_dir(run) / "checkpoint"
+    config = json.loads((packed / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert "lm_head" in config["ignore"] and any(n.startswith("visual.") for n in config["ignore"])
+    got, want = ADAPTER.load_model(packed), ADAPTER.load_model(pseudo)
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys() and all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+    batch = eval_batch(pipe)
+    with torch.no_grad():
+        assert torch.equal(got(**batch).logits, want(**batch).logits)
+    stored = tensors(packed)
+    assert stored[f"{LAYER_PREFIX}0.mlp.down_proj.weight_packed"].dtype == torch.int32
+    size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
+    assert size(packed) < 0.8 * size(pseudo)
+    assert read_quant_info(packed)["scale_cache_sha256"] == read_quant_info(pseudo)["scale_cache_sha256"]
+
+
+def test_imported_cache_gives_the_same_checkpoint(pipe, model, tmp_path):
+    """A run naming the MBQ run's cache (here in the reference's form: names under the model's decoder
+    prefix, no metadata) exports exactly the checkpoint of the run that searched it."""
+    from vlmquant.search.pipeline import run_import
+
+    searched = load_cache(cache_of(pipe))
+    reference = {"scale": [("model.language_model." + p, tuple("model.language_model." + n for n in ls), s)
+                           for p, ls, s in searched["scale"]]}
+    src = tmp_path / "mbq_reference.pt"
+    torch.save(reference, src)
+    spec = run_spec("imported", method="mbq", w_bit=3, scale_cache=str(src))
+    assert spec.has_scales and not spec.searches and not spec.needs_grads
+    names = {"model": MODEL, "calib": CALIB, "run": "imported"}
+    run_import(model, spec, src, tmp_path / "cache.pt", names)
+    imported = load_cache(tmp_path / "cache.pt")
+    assert [(p, ls) for p, ls, _ in imported["scale"]] == [(p, tuple(ls)) for p, ls, _ in searched["scale"]]
+    export_checkpoint(model, spec, tmp_path / "checkpoint", tmp_path / "cache.pt", names=names)
+    got, want = tensors(tmp_path / "checkpoint"), tensors(pipe.run_dir("mbq-w3g128") / "checkpoint")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {**c, "clip": [("layers.0.mlp.down_proj", torch.ones(1))]}, "weight-clipping entries"),
+    (lambda c: {"scale": [("vision.blocks.0.norm1", *c["scale"][0][1:])] + c["scale"][1:]},
+     "entry 0: 'vision.blocks.0.norm1' is not a decoder-layer module name"),
+    (lambda c: {"scale": c["scale"][:1] + [(c["scale"][1][0], c["scale"][1][1], c["scale"][1][2][:-1])]},
+     "has 256 input channels, the cache has 255 scales"),
+])
+def test_bad_imported_cache_is_one_line_and_leaves_nothing(pipe, model, tmp_path, edit, message):
+    from vlmquant.search.pipeline import run_import
+
+    src = tmp_path / "bad.pt"
+    torch.save(edit(load_cache(cache_of(pipe))), src)
+    spec = run_spec("imported", method="mbq", w_bit=3, scale_cache=str(src))
+    with pytest.raises(VlmquantError, match=message) as e:
+        run_import(model, spec, src, tmp_path / "cache.pt", {"model": MODEL})
+    assert "\n" not in str(e.value) and str(src) in str(e.value) and not (tmp_path / "cache.pt").exists()

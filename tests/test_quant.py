@@ -7,6 +7,7 @@ from vlmquant.quant.fake import (
     fake_quant_act_per_token,
     fake_quant_weight,
     fake_quant_weight_per_channel_sym,
+    fake_quant_weight_sym,
 )
 
 
@@ -59,13 +60,25 @@ def test_group_levels_error_and_idempotence(bits):
     torch.testing.assert_close(fake_quant_weight(q, bits, 128), q, rtol=0, atol=1e-5)
 
 
-def test_half_inputs_quantized_in_fp32():
+def test_half_inputs_quantized_in_fp32_with_scales_of_their_dtype():
     torch.manual_seed(1)
     w = torch.randn(4, 64)
     for dtype in (torch.float16, torch.bfloat16):
         q = fake_quant_weight(w.to(dtype), 8, 32)
         assert q.dtype == dtype
-        torch.testing.assert_close(q, fake_quant_weight(w.to(dtype).float(), 8, 32).to(dtype), rtol=0, atol=0)
+        # fp32 math, each group's scale rounded to dtype first: q is (code - zero) x a scale of that dtype
+        g = w.to(dtype).float().view(-1, 32)
+        scale = ((g.amax(1, keepdim=True) - g.amin(1, keepdim=True)) / 255).to(dtype).float()
+        zero = (-g.amin(1, keepdim=True) / scale).round().clamp(0, 255)
+        code = ((g / scale).round() + zero).clamp(0, 255)
+        torch.testing.assert_close(q, ((code - zero) * scale).to(dtype).view(4, 64), rtol=0, atol=0)
+        # rounding the scale matters: without it some weights land a step away
+        unrounded = fake_quant_weight(w.to(dtype).float(), 8, 32).to(dtype)
+        assert (q != unrounded).any()
+        w_sym = w.to(dtype)
+        scale = (w_sym.float().abs().amax(1, keepdim=True) / 127).to(dtype).float()
+        code = (w_sym.float() / scale).round().clamp(-128, 127)
+        torch.testing.assert_close(fake_quant_weight_per_channel_sym(w_sym, 8), (code * scale).to(dtype), rtol=0, atol=0)
 
 
 def test_non_contiguous_input():
@@ -117,6 +130,7 @@ def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo
     import torch.nn.functional as F
 
     from vlmquant.models import get_adapter
+    from vlmquant.quant.codes import Scheme
     from vlmquant.quant.model import decoder_linears, quantized_activations
 
     adapter = get_adapter("qwen2_vl")
@@ -124,7 +138,7 @@ def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo
     names = [n for n, _ in decoder_linears(model, adapter)]
     lin = model.get_submodule("model.language_model." + names[0])
     x = torch.randn(2, 5, lin.in_features) * 3
-    with quantized_activations(model, adapter, 4, exclude=[names[1]]) as n:
+    with quantized_activations(model, adapter, Scheme(8, -1, True, a_bit=4), exclude=[names[1]]) as n:
         assert n == len(names) - 1
         torch.testing.assert_close(lin(x), F.linear(fake_quant_act_per_token(x, 4), lin.weight, lin.bias), rtol=0, atol=0)
         ignored = model.get_submodule("model.language_model." + names[1])
@@ -133,3 +147,29 @@ def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo
         x.mul_(2)  # the same tensor changed in place is quantized again
         torch.testing.assert_close(lin(x), F.linear(fake_quant_act_per_token(x, 4), lin.weight, lin.bias), rtol=0, atol=0)
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_group_sym_hand_values():
+    w = torch.tensor([[0.62, -1.4, 0.25, 1.13, 0.3, 0.0, -0.1, 0.05]])
+    # 4 bits, levels -8..7, scale = absmax / 7 per group of 4.
+    # group 1: scale 0.2; w/scale = 3.1, -7, 1.25, 5.65 -> 3, -7, 1, 6
+    # group 2: scale 0.3/7; w/scale = 7, 0, -2.33, 1.17 -> 7, 0, -2, 1
+    s2 = 0.3 / 7
+    expected = torch.tensor([[0.6, -1.4, 0.2, 1.2, 0.3, 0.0, -2 * s2, s2]])
+    torch.testing.assert_close(fake_quant_weight_sym(w, 4, 4), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_sym_levels_and_per_channel(dtype):
+    torch.manual_seed(4)
+    w = (torch.randn(8, 256) * torch.rand(8, 1)).to(dtype)
+    q = fake_quant_weight_sym(w, 3, 128)
+    assert q.dtype == dtype
+    for g, qg in zip(w.float().view(-1, 128), q.view(-1, 128)):
+        scale = (g.abs().amax() / 3).to(dtype).float()  # the scale is rounded to the weight's dtype
+        code = (g / scale).round().clamp(-4, 3)
+        assert torch.equal(qg, (code * scale).to(dtype))
+        assert qg.unique().numel() <= 8
+    assert torch.equal(fake_quant_weight_sym(w, 4, -1), fake_quant_weight_per_channel_sym(w, 4))
+    with pytest.raises(VlmquantError, match="groups of 128"):
+        fake_quant_weight_sym(torch.zeros(4, 100), 4, 128)

@@ -238,7 +238,7 @@ def layer_inputs_of_quantized_model(staged, spec, cache, layer):
     ignored = quantize_in_memory(model, adapter, spec, load_cache(cache))["ignored"]
     layers = adapter.layers(model)
     samples, _ = load_samples(d / "inputs.safetensors")
-    with torch.no_grad(), quantized_activations(model, adapter, spec.a_bit, ignored):
+    with torch.no_grad(), quantized_activations(model, adapter, spec.scheme, ignored):
         hidden, kwargs = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32)
         for i in range(layer):
             hidden = layer_forward(layers[i], hidden, kwargs)

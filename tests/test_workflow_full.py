@@ -62,7 +62,7 @@ def test_summary_stage_times(summary):
     assert times.loc["fp"].time_eval_s > 0 and times.loc["fp"].drop(["time_eval_s", "time_total_s"]).isna().all()
     for run in RUNS:
         t = times.loc[run]
-        assert t.time_export_s > 0 and t.time_eval_s > 0
+        assert t.time_export_s > 0 and t.time_pack_s > 0 and t.time_eval_s > 0
         assert math.isnan(t.time_grads_s) == (run != "mbq-w3g128")  # only MBQ reweights
         assert math.isnan(t.time_search_s) == math.isnan(t.time_acts_s) == (run == "rtn-w3g128")
         assert t.time_total_s == pytest.approx(t.drop("time_total_s").sum(skipna=True))
@@ -100,13 +100,13 @@ def test_eval_setting_reruns_only_eval_and_summary(pipe, key, value):
 def test_export_settings_rerun_export_onwards(pipe):
     for edit in (lambda c: c["export"].update(max_shard_size="4MB"), lambda c: c["export"].update(ignore=["mlp.down_proj"])):
         with pipe.edited_config(edit):
-            assert pipe.planned() == {"export": 3, "eval": 3, **DOWNSTREAM_OF_EVAL}
+            assert pipe.planned() == {"export": 3, "pack": 3, "eval": 3, **DOWNSTREAM_OF_EVAL}
 
 
 def test_search_setting_reruns_that_run_only(pipe):
     with pipe.edited_config(lambda c: c["runs"]["mbq-w3g128"].update(n_grid=10)):
         jobs = pipe.planned()
-    assert jobs == {"search": 2, "merge": 1, "export": 1, "eval": 1, **DOWNSTREAM_OF_EVAL}
+    assert jobs == {"search": 2, "merge": 1, "export": 1, "pack": 1, "eval": 1, **DOWNSTREAM_OF_EVAL}
 
 
 def test_rtn_never_needs_grads_acts_or_search(pipe):

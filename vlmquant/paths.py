@@ -19,7 +19,8 @@ RUN = "results/{model}/{calib}/{run}"
 SCALES = RUN + "/scales/chunk_{chunk}"  # folder: layer_NNN.safetensors (+ next_inputs.safetensors for distort runs)
 SCALE_CACHE = RUN + "/scale_cache.pt"
 SEARCH_TABLE = RUN + "/search.parquet"
-CHECKPOINT = RUN + "/checkpoint"
+CHECKPOINT = RUN + "/checkpoint"  # pseudo-quantized (weights rounded, stored in the model dtype)
+PACKED = RUN + "/packed"  # compressed-tensors (packed codes and scales, for serving)
 EVAL = RUN + "/eval.parquet"
 LMMS = RUN + "/lmms_eval"
 
@@ -46,7 +47,9 @@ LOGS = {
     "acts": "results/logs/{model}/{calib}/acts.log",
     "search": "results/logs/{model}/{calib}/{run}/search_{chunk}.log",
     "merge": "results/logs/{model}/{calib}/{run}/merge.log",
+    "import_scales": "results/logs/{model}/{calib}/{run}/import_scales.log",
     "export": "results/logs/{model}/{calib}/{run}/export.log",
+    "pack": "results/logs/{model}/{calib}/{run}/pack.log",
     "eval_fp": "results/logs/{model}/eval-{eval_calib}/fp.log",
     "eval": "results/logs/{model}/{calib}/{run}/eval.log",
     "lmms_eval": "results/logs/{model}/{calib}/{run}/lmms_eval.log",
@@ -59,6 +62,7 @@ BENCHMARKS = {
     "acts": "results/benchmarks/{model}/{calib}/acts.tsv",
     "search": "results/benchmarks/{model}/{calib}/{run}/search_{chunk}.tsv",
     "export": "results/benchmarks/{model}/{calib}/{run}/export.tsv",
+    "pack": "results/benchmarks/{model}/{calib}/{run}/pack.tsv",
     "eval_fp": "results/benchmarks/{model}/eval-{eval_calib}/fp.tsv",
     "eval": "results/benchmarks/{model}/{calib}/{run}/eval.tsv",
 }

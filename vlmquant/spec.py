@@ -3,26 +3,34 @@
 Stages take a RunSpec instead of loose settings. Its `search_params` and `export_params` are what
 the rules pass to the jobs, so a setting reruns exactly the stages it affects.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from vlmquant.errors import VlmquantError
 from vlmquant.methods import COMMON, METHODS, Method, get_method
+from vlmquant.quant.codes import Scheme, check_scheme
 
-DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": False}
+DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": False, "w_sym": False, "w_type": "int"}
+FORMATS = ("pseudo", "compressed-tensors")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A validated run. w_group -1: one group per output row; a_bit None: weight-only.
+    """A validated run. w_group -1: one group per output row; a_bit None: weight-only; w_sym: weight-only
+    weights without zero point; w_type "float": FP8 E4M3 weights and activations (w_bit = a_bit = 8).
 
-    ignore: `export.ignore` patterns (decoder linears the checkpoint keeps fp); a distort run's search
-    keeps them fp too.
+    formats: the checkpoints it exports ("pseudo", "compressed-tensors"). scale_cache: a scale cache made
+    elsewhere (ours or the MBQ reference's) that replaces the search. ignore: `export.ignore` patterns
+    (decoder linears the checkpoint keeps fp); a distort run's search keeps them fp too.
     """
     name: str
     method: str
     w_bit: int
     w_group: int = 128
     a_bit: int | None = None
+    w_sym: bool = False
+    w_type: str = "int"
+    formats: tuple[str, ...] = ("pseudo",)
+    scale_cache: str | None = None
     loss: str = "mae"
     n_grid: int = 20
     reweight: bool = False
@@ -41,14 +49,26 @@ class RunSpec:
                 raise VlmquantError(_unused(name, key, method))
         if cfg.get("a_bit") is None and method.needs_a_bit:
             raise VlmquantError(f"config: runs.{name}.a_bit: {method.needs_a_bit}")
-        if cfg.get("a_bit") is not None and "w_group" in cfg:
-            raise VlmquantError(f"config: runs.{name}.w_group: weight-activation runs (a_bit) quantize weights per "
-                                "output channel; remove w_group")
+        weight_activation = cfg.get("a_bit") is not None
+        for key in ("w_group", "w_sym"):
+            if weight_activation and key in cfg:
+                raise VlmquantError(f"config: runs.{name}.{key}: weight-activation runs (a_bit) quantize weights "
+                                    f"symmetric per output channel; remove {key}")
+        if cfg.get("w_type") == "float" and (cfg["w_bit"] != 8 or cfg.get("a_bit") != 8):
+            raise VlmquantError(f"config: runs.{name}.w_type: float is FP8 (E4M3) weights and activations; "
+                                "set w_bit 8 and a_bit 8")
+        if "scale_cache" in cfg and not method.scales:
+            raise VlmquantError(f"config: runs.{name}.scale_cache: {method.name} uses no scales")
         values = {**DEFAULTS, **dict(method.defaults), "reweight": method.reweight, **cfg}
         if values["reweight"] and not method.reweight:
             raise VlmquantError(_unused(name, "reweight", method))
-        known = {f.name for f in fields(cls)} - {"name", "ignore"}
-        return cls(name=name, ignore=tuple(ignore), **{k: v for k, v in values.items() if k in known})
+        known = {f.name for f in fields(cls)} - {"name", "ignore", "formats"}
+        spec = cls(name=name, ignore=tuple(ignore), **{k: v for k, v in values.items() if k in known})
+        packed = spec.packed_form()
+        formats = tuple(cfg.get("formats", FORMATS if packed is None else ("pseudo",)))
+        if "compressed-tensors" in formats and packed is not None:
+            raise VlmquantError(f"config: runs.{name}.formats: {packed}")
+        return replace(spec, formats=formats)
 
     @property
     def method_def(self) -> Method:
@@ -56,25 +76,47 @@ class RunSpec:
 
     @property
     def has_scales(self):
-        """The run makes a scale cache: it has search jobs and its export folds scales."""
+        """The run has a scale cache (searched or imported) and its export folds it."""
         return self.method_def.scales
 
     @property
+    def searches(self):
+        """The run's scale cache comes from its own search jobs (not from `scale_cache`)."""
+        return self.has_scales and self.scale_cache is None
+
+    @property
     def needs_grads(self):
-        return self.has_scales and self.reweight
+        return self.searches and self.reweight
 
     @property
     def weight_activation(self):
         return self.a_bit is not None
 
+    @property
+    def scheme(self) -> Scheme:
+        """How the run quantizes weights (and activations), in the search, the checkpoints and the eval."""
+        fp8 = self.w_type == "float"
+        return Scheme(self.w_bit, -1 if self.weight_activation else self.w_group, self.w_sym or self.weight_activation,
+                      self.w_type, self.a_bit, "float" if fp8 else "int")
+
+    def packed_form(self):
+        """None when the scheme has a compressed-tensors form, else the one-line reason it has none."""
+        try:
+            check_scheme(self.scheme)
+        except VlmquantError as e:
+            return str(e)
+        return None
+
     def config(self):
-        """The settings that define the run: COMMON plus the method's own (a_bit and alpha only when set,
-        distort only when true, w_group not for weight-activation runs)."""
-        keys = [k for k in (*COMMON, *self.method_def.settings) if k != "method"]
+        """The settings that define the run's scales and weights: COMMON plus the method's own, but formats (a
+        setting at its default-off value is left out: a_bit, alpha, scale_cache None; distort, w_sym False;
+        w_type int; w_group for weight-activation runs)."""
+        keys = [k for k in (*COMMON, *self.method_def.settings) if k not in ("method", "formats")]
         out = {"method": self.method}
         for k in keys:
             v = getattr(self, k)
-            if v is None or (k == "distort" and not v) or (k == "w_group" and self.weight_activation):
+            if (v is None or v is False) and k != "reweight" or (k == "w_type" and v == "int") \
+                    or (k == "w_group" and self.weight_activation):
                 continue
             out[k] = v
         return out
@@ -87,13 +129,11 @@ class RunSpec:
     def export_params(self):
         """What a checkpoint depends on besides the scale cache: the quantizer and export.ignore. The search
         settings are recorded in the checkpoint through the cache's metadata."""
-        out = {"method": self.method, "w_bit": self.w_bit, "ignore": list(self.ignore)}
-        out.update({"a_bit": self.a_bit} if self.weight_activation else {"w_group": self.w_group})
-        return out
+        return {**{k: v for k, v in self.config().items() if k in COMMON}, "ignore": list(self.ignore)}
 
     @classmethod
     def from_params(cls, name, params):
-        """Back from `search_params()` / `config()` (a job's params) to the spec."""
+        """Back from `search_params()` / `export_params()` / `config()` (a job's params) to the spec."""
         params = dict(params)
         ignore = params.pop("ignore", ())
         return cls.from_config(name, params, ignore)

@@ -23,6 +23,7 @@ from vlmquant.models import family_names, folder_family, n_layers
 from vlmquant.spec import RunSpec
 
 FIGURES = ("hidden_error", "alpha", "metrics")
+CHECKPOINTS = {"pseudo": paths.CHECKPOINT, "compressed-tensors": paths.PACKED}  # runs.<name>.formats
 EVAL_SETTINGS = ("batch_size", "kl_top_k", "hidden_positions")
 # lmms-eval's model names of our families (`lmms_eval.model` overrides)
 LMMS_MODELS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
@@ -156,13 +157,14 @@ def target_triples(config):
 
 
 def targets(config):
-    """What `rule all` builds: every target run's scale cache and checkpoint, the summary table, the plots,
-    and the lmms-eval results when enabled."""
+    """What `rule all` builds: every target run's scale cache and checkpoints (its formats), the summary table,
+    the plots, and the lmms-eval results when enabled."""
     specs = run_specs(config)
     out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET]
     for m, c, r in target_triples(config):
         ids = dict(model=m, calib=c, run=r)
-        out += ([paths.SCALE_CACHE.format(**ids)] if specs[r].has_scales else []) + [paths.CHECKPOINT.format(**ids)]
+        out += [paths.SCALE_CACHE.format(**ids)] if specs[r].has_scales else []
+        out += [template.format(**ids) for fmt, template in CHECKPOINTS.items() if fmt in specs[r].formats]
         if config["lmms_eval"]["enabled"]:
             out.append(paths.LMMS.format(**ids))
     t = config["targets"]
@@ -177,8 +179,11 @@ def run_benchmarks(config, model, calib, run):
     """{stage: [benchmark files]} of the jobs that produced one run's eval table."""
     spec = run_specs(config)[run]
     ids = dict(model=model, calib=calib, run=run)
-    out = {"export": [paths.BENCHMARKS["export"].format(**ids)], "eval": [paths.BENCHMARKS["eval"].format(**ids)]}
-    if spec.has_scales:
+    out = {stage: [paths.BENCHMARKS[stage].format(**ids)] for stage, fmt in (("export", "pseudo"),
+                                                                               ("pack", "compressed-tensors"))
+           if fmt in spec.formats}
+    out["eval"] = [paths.BENCHMARKS["eval"].format(**ids)]
+    if spec.searches:
         out["acts"] = [paths.BENCHMARKS["acts"].format(**ids)]
         out["search"] = [paths.BENCHMARKS["search"].format(**ids, chunk=paths.chunk_id(a)) for a, _ in chunks(config, model)]
         if spec.needs_grads:
@@ -207,7 +212,13 @@ def plot_runs(config):
 def search_runs(config):
     """Target runs with a scale search (their α goes into the plots)."""
     specs = run_specs(config)
-    return [r for r in config["targets"].get("runs", []) if specs[r].has_scales]
+    return [r for r in config["targets"].get("runs", []) if specs[r].searches]
+
+
+def evaluated_checkpoint(spec):
+    """The checkpoint the eval reads: the pseudo one, or the packed one (dequantized on load) when the run
+    exports no pseudo checkpoint."""
+    return paths.CHECKPOINT if "pseudo" in spec.formats else paths.PACKED
 
 
 # --- lmms-eval --------------------------------------------------------------------------------------

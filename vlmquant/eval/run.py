@@ -31,6 +31,7 @@ from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models.loading import Checkpoint
+from vlmquant.quant.codes import Scheme
 from vlmquant.quant.model import decoder_linears, quantized_activations
 from vlmquant.search.capture import load_samples, model_inputs
 
@@ -198,7 +199,8 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     nll_sum = kl_sum = top1 = 0.0
     n_cap = n_hid = 0
     # weight-activation runs: activations are quantized at run time
-    with quantized_activations(model, adapter, quant.get("a_bit"), quant.get("ignored_modules", ())):
+    scheme = Scheme(**quant["scheme"]) if quant.get("scheme") else None
+    with quantized_activations(model, adapter, scheme, quant.get("ignored_modules", ())):
         for out in forward_batches(model, adapter, samples, selection, settings["batch_size"], device, dtype):
             n, m = out["target"].numel(), out["hid_pos"].numel()
             for key, mine, span in (("cap.sample", out["cap_sample"], (n_cap, n)), ("cap.pos", out["cap_pos"], (n_cap, n)),

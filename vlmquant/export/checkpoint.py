@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import struct
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -56,14 +57,15 @@ def check_cache_meta(cache, spec, names, source):
 
 
 @torch.no_grad()
-def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
-    """Fold `cache` into `model` and fake-quantize its decoder linears, in place. Checks first, then changes.
+def fold_for_export(model, adapter, spec, cache=None, source="scale cache"):
+    """Fold `cache` into `model` in place, checks first: the shared first step of every checkpoint format.
 
     The cache is resolved against the model once (quant.fold.resolve_scales). Scale groups whose
     linears are all ignored (spec.ignore) are skipped: their scales only serve the quantization of
     those linears. A partly ignored group is applied (to keep the fp function), so its ignored
     linears hold scaled, unquantized weights.
-    Returns {"quantized", "ignored", "skipped_groups", "applied"}.
+    Returns {"quantized", "ignored", "skipped_groups", "applied"}: decoder-linear names (relative to the
+    layer root) to quantize and to keep fp, the prev names of skipped groups, the folded entries.
     """
     if not spec.has_scales and cache is not None:
         raise VlmquantError(f"{source}: method {spec.method} uses no scale cache")
@@ -73,12 +75,11 @@ def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
     ignored = resolve_ignore(names, spec.ignore)
     quantized = [n for n in names if n not in ignored]
     root = layer_root(model, adapter)
-    if not spec.weight_activation:
-        for n in quantized:
-            try:
-                check_weight_groups(tuple(root.get_submodule(n).weight.shape), spec.w_group)
-            except VlmquantError as e:
-                raise VlmquantError(f"{n}: {e}") from None
+    for n in quantized:
+        try:
+            check_weight_groups(tuple(root.get_submodule(n).weight.shape), spec.scheme.w_group)
+        except VlmquantError as e:
+            raise VlmquantError(f"{n}: {e}") from None
     applied, skipped = [], []
     if cache is not None:
         if not isinstance(cache, dict):
@@ -86,9 +87,49 @@ def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
         folds = resolve_scales(root, cache.get("scale"), source, n_layers=len(adapter.layers(model)))
         applied, skipped = groups_to_fold(folds, ignored)
         fold(applied)
-    pseudo_quantize(model, adapter, spec, exclude=ignored)
     return {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped,
             "applied": [(f.prev_name, f.linear_names, f.s) for f in applied]}
+
+
+def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
+    """fold_for_export, then fake-quantize the decoder linears to quantize: the pseudo checkpoint, in memory."""
+    result = fold_for_export(model, adapter, spec, cache, source)
+    pseudo_quantize(model, adapter, spec, exclude=result["ignored"])
+    return result
+
+
+def load_and_fold(model, spec, cache_path=None, names=None):
+    """The fp model of `model` (ModelRef) loaded, the run's scale cache checked against it and folded in.
+
+    Returns (model, fold_for_export's result, the provenance every checkpoint format records).
+    """
+    names = dict(names or {})
+    source = str(cache_path) if cache_path else "scale cache"
+    cache = None
+    if cache_path is not None:
+        cache = load_cache(cache_path)
+        check_cache_meta(cache, spec, names, source)
+    log.info("loading %s (%s, %s)", model.path, model.dtype, model.device)
+    fp = model.load()
+    result = fold_for_export(fp, model.adapter, spec, cache, source)
+    log.info("%d decoder linears to quantize, %d ignored, %d scale groups skipped",
+             len(result["quantized"]), len(result["ignored"]), len(result["skipped_groups"]))
+    src = Path(model.path)
+    info = {
+        **{k: names[k] for k in ("model", "calib", "run") if k in names},
+        "method": spec.method, "w_bit": spec.w_bit, "w_group": None if spec.weight_activation else spec.w_group,
+        "a_bit": spec.a_bit, "w_sym": spec.w_sym, "w_type": spec.w_type,
+        # every setting that made the weights: the search's (from the cache) or the run's own
+        "run_config": (cache.get("meta") or {}).get("run_config", spec.config()) if cache else spec.config(),
+        "source_model": str(src),
+        "source_config_sha256": sha256_file(src / "config.json"),
+        "scale_cache": str(cache_path) if cache_path else None,
+        "scale_cache_sha256": sha256_file(cache_path) if cache_path else None,
+        "ignore": list(spec.ignore),
+        "ignored_modules": result["ignored"],
+        "skipped_scale_groups": result["skipped_groups"],
+    }
+    return fp, result, info
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -158,42 +199,23 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
 
     spec: the run's RunSpec (its ignore: export.ignore); names: {"model", "calib", "run"}.
     """
-    names = dict(names or {})
-    source = str(cache_path) if cache_path else "scale cache"
-    cache = None
-    if cache_path is not None:
-        cache = load_cache(cache_path)
-        check_cache_meta(cache, spec, names, source)
-    log.info("loading %s (%s, %s)", model.path, model.dtype, model.device)
-    fp = model.load()
-    result = quantize_in_memory(fp, model.adapter, spec, cache, source)
-    log.info("quantized %d decoder linears, ignored %d, skipped %d scale groups",
-             len(result["quantized"]), len(result["ignored"]), len(result["skipped_groups"]))
-    src = Path(model.path)
+    fp, result, info = load_and_fold(model, spec, cache_path, names)
+    pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
+    scheme = spec.scheme
     info = {
-        "format": FORMAT, "version": 1,
-        "method": spec.method, "w_bit": spec.w_bit, "w_group": None if spec.weight_activation else spec.w_group,
-        "a_bit": spec.a_bit,
-        "quantizer": (f"weights symmetric abs-max per output channel; activations {spec.a_bit}-bit symmetric "
-                      "abs-max per token at every quantized linear's input, applied at run time "
-                      "(vlmquant.quant.model.quantized_activations)" if spec.weight_activation else
-                      "asymmetric min/max with zero point, groups of w_group input columns")
-                     + " (weights stored dequantized, in the model dtype)",
-        **{k: names[k] for k in ("model", "calib", "run") if k in names},
-        # every setting that made the weights: the search's (from the cache) or the run's own
-        "run_config": (cache.get("meta") or {}).get("run_config", spec.config()) if cache else spec.config(),
-        "source_model": str(src),
-        "source_config_sha256": sha256_file(src / "config.json"),
-        "scale_cache": str(cache_path) if cache_path else None,
-        "scale_cache_sha256": sha256_file(cache_path) if cache_path else None,
+        "format": FORMAT, "version": 1, **info,
+        "scheme": asdict(scheme),
+        "quantizer": (f"weights {scheme.w_type} {scheme.w_bit}-bit {'symmetric' if scheme.symmetric else 'asymmetric'}"
+                      f" ({'per output channel' if scheme.w_group <= 0 else f'groups of {scheme.w_group}'})"
+                      + (f"; activations {scheme.a_type} {scheme.a_bit}-bit per token at every quantized linear's "
+                         "input, applied at run time (vlmquant.quant.model.quantized_activations)"
+                         if scheme.a_bit else "") + "; weights stored dequantized, in the model dtype"),
         "dtype": str(model.dtype).removeprefix("torch."),
         "n_quantized": len(result["quantized"]),
-        "ignore": list(spec.ignore),
-        "ignored_modules": result["ignored"],
-        "skipped_scale_groups": result["skipped_groups"],
         "modules_relative_to": model.adapter.layers_path.rsplit(".", 1)[0],
         "packages": package_versions(),
     }
+    src = Path(model.path)
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:
         fp.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -61,13 +61,17 @@ def merge(layer_paths, cache_path, table_path, expect):
             rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]),
                          "alpha": float(tensors["alpha"][k]), "loss": float(losses[best]),
                          "rtn_loss": float(losses[0]), "ratio": g["ratio"]})
-    cache = {"scale": entries, "meta": {**expect, "n_layers": len(layer_paths)}}
-    buf = io.BytesIO()  # via a buffer: torch.save names the archive after the file, which is temporary
-    torch.save(cache, buf)
-    with atomic_path(cache_path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    save_cache({"scale": entries, "meta": {**expect, "n_layers": len(layer_paths)}}, cache_path)
     with atomic_path(table_path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
+
+
+def save_cache(cache, path):
+    """Write a scale cache dict with torch.save, atomically (it loads with torch.load(weights_only=True))."""
+    buf = io.BytesIO()  # via a buffer: torch.save names the archive after the file, which is temporary
+    torch.save(cache, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def load_cache(path):

@@ -5,7 +5,7 @@ from vlmquant.search.grid import grid_search
 METHOD = Method(
     name="awq",
     summary="activation-aware scale search, every token weighted alike",
-    settings=("loss", "n_grid", "distort"),
+    settings=("loss", "n_grid", "distort", "scale_cache"),
     scales=True,
     group=grid_search,
 )

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # settings every run has; a method adds the ones it reads (Method.settings)
-COMMON = ("method", "w_bit", "w_group", "a_bit")
+COMMON = ("method", "w_bit", "w_group", "a_bit", "w_sym", "w_type", "formats")
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,7 @@ class Method:
 
     name: the config value. summary: one line for the docs and the schema.
     settings: the run keys beyond COMMON that the method reads; any other key is a config error.
+    Methods with scales also take `scale_cache` (a cache made elsewhere, instead of the search).
     scales: the method makes a scale cache (runs grads if reweighting, acts, search, merge).
     reweight: default of `reweight` (only methods listing it in `settings` take it).
     defaults: defaults of its own settings that the schema does not give (e.g. smoothquant's alpha).

@@ -6,7 +6,7 @@ from vlmquant.search.grid import grid_search
 METHOD = Method(
     name="mbq",
     summary="modality-balanced scale search: the vision-token loss reweighted by gradient ratios",
-    settings=("loss", "n_grid", "reweight", "distort"),
+    settings=("loss", "n_grid", "reweight", "distort", "scale_cache"),
     scales=True,
     reweight=True,
     group=grid_search,

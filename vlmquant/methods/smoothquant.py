@@ -5,7 +5,7 @@ from vlmquant.search.grid import smooth_search
 METHOD = Method(
     name="smoothquant",
     summary="scales from activation and weight maxima, no search (weight-activation runs)",
-    settings=("loss", "alpha", "distort"),
+    settings=("loss", "alpha", "distort", "scale_cache"),
     scales=True,
     defaults=(("alpha", 0.5),),
     needs_a_bit="smoothquant smooths activations for quantization; set a_bit (e.g. 8 for W8A8)",

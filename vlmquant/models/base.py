@@ -62,9 +62,14 @@ class Adapter:
 
     # --- loading -----------------------------------------------------------------------------
     def load_model(self, path, dtype=torch.float32, device="cpu", trust_remote_code=False):
-        self.check_folder(path)
+        """The model of a folder: an fp model, a pseudo checkpoint, or a compressed-tensors checkpoint
+        (dequantized on load: the call that loads every scheme in transformers 5.23-5.24)."""
+        config = self.check_folder(path)
         cls = getattr(transformers, self.model_class)
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        kwargs = {}
+        if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+            kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         return model.to(device).eval()
 
     def load_processor(self, path, trust_remote_code=False):
@@ -72,12 +77,13 @@ class Adapter:
         return load_processor(path, getattr(transformers, self.processor_class), trust_remote_code)
 
     def check_folder(self, path):
-        """A model folder whose config.json is of this family's transformers architecture."""
+        """The config.json dict of a model folder of this family's transformers architecture."""
         check_model_folder(path)
-        found = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-        if found != self.family:
-            raise VlmquantError(f"{path}: config.json has model_type {found!r}, family {self.family} needs "
-                                f"{self.family!r} (transformers' {self.model_class}); check models.<name>.family")
+        config = json.loads((Path(path) / "config.json").read_text())
+        if config.get("model_type") != self.family:
+            raise VlmquantError(f"{path}: config.json has model_type {config.get('model_type')!r}, family {self.family} "
+                                f"needs {self.family!r} (transformers' {self.model_class}); check models.<name>.family")
+        return config
 
     # --- structure ---------------------------------------------------------------------------
     def layers(self, model) -> torch.nn.ModuleList:

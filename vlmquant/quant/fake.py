@@ -1,13 +1,15 @@
 """Fake quantization (quantize, then dequantize back to floats).
 
 - `fake_quant_weight`: asymmetric min/max with a zero point, in groups of input columns
-  (weight-only W4/W3 runs).
+  (weight-only W4/W3 runs); `fake_quant_weight_sym`: symmetric abs-max, no zero point, same groups.
 - `fake_quant_weight_per_channel_sym` / `fake_quant_act_per_token`: symmetric abs-max per
-  output row / per token (weight-activation W4A8/W8A8 runs); `InputQuantizer`, the per-token
-  activation side as a forward pre-hook (search and eval).
+  output row / per token (weight-activation W4A8/W8A8 runs).
 
 Half-precision inputs are quantized in fp32 (round(w/scale) in bf16 is off by whole steps
 near the top of the range) and cast back; fp32/fp64 inputs are quantized in their own dtype.
+Weight quantizers round each scale to the weight's dtype before using it (asym_qparams, sym_qparams), so
+the result is exactly (integer code - zero) x stored scale, as a packed checkpoint stores it
+(vlmquant.quant.codes); for fp32/fp64 weights the rounding changes nothing.
 The `..._` helpers work in place on a tensor already in the compute dtype, so the grid
 search can reuse one buffer.
 """
@@ -43,13 +45,41 @@ def check_bits(bits: int, low: int = 1) -> None:
         raise VlmquantError(f"bits={bits!r} is not an integer in [{low}, 16]")
 
 
-def fake_quant_groups_(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """In place: asymmetric min/max fake quant of a contiguous (out, in) tensor, groups along in."""
+def round_scale_(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """In place: round `scale` to the nearest value of `scale_dtype` (the dtype it is stored in), keeping
+    its own dtype. None, or a dtype at least as precise as the scale's: unchanged."""
+    if scale_dtype is not None and torch.finfo(scale_dtype).bits < torch.finfo(scale.dtype).bits:
+        scale.copy_(scale.to(scale_dtype))
+    return scale
+
+
+def asym_qparams(wg: torch.Tensor, bits: int, scale_dtype: torch.dtype | None = None):
+    """(scale, zero) of asymmetric min/max quantization of every row of wg (n_groups, group), each (n_groups, 1).
+
+    scale = max(max - min, 1e-5) / (2^bits - 1), rounded to `scale_dtype`; zero = clamp(round(-min/scale), 0,
+    2^bits - 1), a whole number in wg's dtype. The one rule for fake quant and integer codes.
+    """
+    qmax = 2**bits - 1
+    lo, hi = torch.aminmax(wg, dim=1, keepdim=True)  # (n_groups, 1) each
+    scale = round_scale_((hi - lo).clamp_(min=1e-5).div_(qmax), scale_dtype)
+    zero = (-lo / scale).round_().clamp_(0, qmax)
+    return scale, zero
+
+
+def sym_qparams(t: torch.Tensor, bits: int, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Scale (..., 1) of symmetric abs-max quantization of every row (last dim) of t:
+    max(absmax, 1e-5) / (2^(bits-1) - 1), rounded to `scale_dtype`."""
+    lo, hi = torch.aminmax(t, dim=-1, keepdim=True)
+    absmax = torch.maximum(hi, lo.neg())  # (..., 1)
+    return round_scale_(absmax.clamp_(min=1e-5).div_(2 ** (bits - 1) - 1), scale_dtype)
+
+
+def fake_quant_groups_(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """In place: asymmetric min/max fake quant of a contiguous (out, in) tensor, groups along in
+    (scales rounded to `scale_dtype`, see asym_qparams)."""
     qmax = 2**bits - 1
     wg = w.view(-1, group)  # (out * in / group, group)
-    lo, hi = torch.aminmax(wg, dim=1, keepdim=True)  # (n_groups, 1) each
-    scale = (hi - lo).clamp_(min=1e-5).div_(qmax)
-    zero = (-lo / scale).round_().clamp_(0, qmax)
+    scale, zero = asym_qparams(wg, bits, scale_dtype)
     # clamp(round(w/scale) + zero, 0, qmax) - zero, without two passes over w
     wg.div_(scale).round_().clamp_(-zero, qmax - zero).mul_(scale)
     return w
@@ -65,12 +95,11 @@ def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, bits: int, group: int) -
     return fake_quant_groups_(ws, bits, group).div_(s).to(w.dtype)
 
 
-def fake_quant_sym_rows_(t: torch.Tensor, bits: int) -> torch.Tensor:
-    """In place: symmetric abs-max fake quant of every row (last dim) of t."""
+def fake_quant_sym_rows_(t: torch.Tensor, bits: int, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """In place: symmetric abs-max fake quant of every row (last dim) of t (scales rounded to
+    `scale_dtype`, see sym_qparams)."""
     qpos = 2 ** (bits - 1) - 1
-    lo, hi = torch.aminmax(t, dim=-1, keepdim=True)
-    absmax = torch.maximum(hi, lo.neg())  # (..., 1)
-    scale = absmax.clamp_(min=1e-5).div_(qpos)
+    scale = sym_qparams(t, bits, scale_dtype)
     t.div_(scale).round_().clamp_(-qpos - 1, qpos).mul_(scale)
     return t
 
@@ -78,26 +107,41 @@ def fake_quant_sym_rows_(t: torch.Tensor, bits: int) -> torch.Tensor:
 def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Asymmetric min/max fake quant of a (out, in) weight in groups of `group` input columns.
 
-    Per group: scale = max(max - min, 1e-5) / (2^bits - 1), zero = clamp(round(-min/scale)),
+    Per group: scale = max(max - min, 1e-5) / (2^bits - 1) rounded to w's dtype, zero = clamp(round(-min/scale)),
     q = clamp(round(w/scale) + zero, 0, 2^bits - 1), out = (q - zero) * scale.
     `group <= 0` means one group per output row. Returns a new tensor of w's dtype and shape.
     """
     check_bits(bits, 1)
     group = check_weight_groups(w.shape, group)
     work = w.detach().to(compute_dtype(w.dtype), memory_format=torch.contiguous_format, copy=True)
-    return fake_quant_groups_(work, bits, group).to(w.dtype)
+    return fake_quant_groups_(work, bits, group, w.dtype).to(w.dtype)
+
+
+def fake_quant_weight_sym(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Symmetric abs-max fake quant (no zero point) of a (out, in) weight in groups of `group` input columns.
+
+    Per group: scale = max(absmax, 1e-5) / (2^(bits-1) - 1) rounded to w's dtype,
+    out = clamp(round(w/scale), -2^(bits-1), 2^(bits-1) - 1) * scale. `group <= 0` means one group per
+    output row (= fake_quant_weight_per_channel_sym). Returns a new tensor of w's dtype and shape.
+    """
+    check_bits(bits, 2)
+    group = check_weight_groups(w.shape, group)
+    work = w.detach().to(compute_dtype(w.dtype), memory_format=torch.contiguous_format, copy=True)
+    fake_quant_sym_rows_(work.view(-1, group), bits, w.dtype)
+    return work.to(w.dtype)
 
 
 def fake_quant_weight_per_channel_sym(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric abs-max fake quant of a (out, in) weight, one scale per output row.
 
-    scale = max(absmax, 1e-5) / (2^(bits-1) - 1), q = clamp(round(w/scale), -2^(bits-1), 2^(bits-1) - 1).
+    scale = max(absmax, 1e-5) / (2^(bits-1) - 1) rounded to w's dtype,
+    q = clamp(round(w/scale), -2^(bits-1), 2^(bits-1) - 1).
     """
     check_bits(bits, 2)
     if w.dim() != 2:
         raise VlmquantError(f"weight of shape {tuple(w.shape)} is not 2-D (out, in); only linear weights can be quantized")
     work = w.detach().to(compute_dtype(w.dtype), copy=True)
-    return fake_quant_sym_rows_(work, bits).to(w.dtype)
+    return fake_quant_sym_rows_(work, bits, w.dtype).to(w.dtype)
 
 
 def fake_quant_act_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -105,28 +149,3 @@ def fake_quant_act_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     check_bits(bits, 2)
     work = x.detach().to(compute_dtype(x.dtype), copy=True)
     return fake_quant_sym_rows_(work, bits).to(x.dtype)
-
-
-class InputQuantizer:
-    """Forward pre-hook that fake-quantizes a linear's input per token with `bits`, as the scaled model
-    sees it, Q_a(x/s)·s, when `s` (C_in,) is set. Linears that share one input tensor (q/k/v, gate/up)
-    quantize it once: the result is kept for that tensor, its version and `s`, until `reset()`."""
-
-    def __init__(self, bits: int):
-        check_bits(bits, 2)
-        self.bits, self.s, self.last = bits, None, {}
-
-    def __call__(self, module, args):
-        x, last = args[0], self.last
-        if last.get("x") is not x or last["version"] != x._version or last["s"] is not self.s:
-            work = x.detach().to(compute_dtype(x.dtype), copy=True)
-            if self.s is not None:
-                work /= self.s
-            q = fake_quant_sym_rows_(work, self.bits)
-            if self.s is not None:
-                q.mul_(self.s)
-            self.last = {"x": x, "version": x._version, "s": self.s, "q": q.to(x.dtype)}
-        return (self.last["q"], *args[1:])
-
-    def reset(self):
-        self.last = {}

@@ -6,7 +6,7 @@ import fnmatch
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.fake import InputQuantizer, fake_quant_weight, fake_quant_weight_per_channel_sym
+from vlmquant.quant.codes import InputQuantizer, fake_quant
 from vlmquant.quant.fold import fold_scales
 
 
@@ -66,13 +66,10 @@ def apply_scale_cache(model, adapter, cache, source="scale cache"):
 
 @torch.no_grad()
 def quantize_linears(linears, spec):
-    """Replace every linear's weight with its fake-quantized value: per output channel, symmetric, for
-    weight-activation runs (spec.a_bit set), else asymmetric in groups of spec.w_group."""
+    """Replace every linear's weight with its fake-quantized value under the run's scheme (spec.scheme):
+    the weights of the pseudo checkpoint, equal to the packed checkpoint's codes × scales."""
     for lin in linears:
-        if spec.a_bit:
-            lin.weight.copy_(fake_quant_weight_per_channel_sym(lin.weight, spec.w_bit))
-        else:
-            lin.weight.copy_(fake_quant_weight(lin.weight, spec.w_bit, spec.w_group))
+        lin.weight.copy_(fake_quant(lin.weight, spec.scheme))
 
 
 def pseudo_quantize(model, adapter, spec, exclude=()):
@@ -81,14 +78,14 @@ def pseudo_quantize(model, adapter, spec, exclude=()):
 
 
 @contextlib.contextmanager
-def quantized_inputs(linears, a_bit):
-    """While inside, every linear sees its input fake-quantized per token with `a_bit` bits, symmetric
-    abs-max: the runtime half of a weight-activation (W·A·) run. `a_bit` None (weight-only): no change.
+def quantized_inputs(linears, scheme):
+    """While inside, every linear sees its input fake-quantized per token as `scheme` (codes.Scheme) says:
+    the runtime half of a weight-activation (W·A·) run. A weight-only scheme or None: no change.
     Yields the number of hooked linears."""
-    if a_bit is None:
+    if scheme is None or scheme.a_bit is None:
         yield 0
         return
-    hook = InputQuantizer(a_bit)
+    hook = InputQuantizer(scheme)
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]
     try:
         yield len(handles)
@@ -98,7 +95,7 @@ def quantized_inputs(linears, a_bit):
         hook.reset()
 
 
-def quantized_activations(model, adapter, a_bit, exclude=()):
+def quantized_activations(model, adapter, scheme, exclude=()):
     """quantized_inputs over every decoder-layer linear of the model, minus the names in `exclude`
-    (a checkpoint's `ignored_modules`)."""
-    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, exclude)], a_bit)
+    (a checkpoint's `ignored_modules`). scheme: the checkpoint's (quantization.json `scheme`), or None."""
+    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, exclude)], scheme)

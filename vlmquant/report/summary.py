@@ -25,7 +25,7 @@ from vlmquant.eval.table import read_table
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions
 
-STAGES = ("grads", "acts", "search", "export", "eval")
+STAGES = ("grads", "acts", "search", "export", "pack", "eval")
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64}
 COLUMNS = ["model", "calib", "run", "method", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples", "n_caption_tokens",
            "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",

@@ -12,14 +12,8 @@ import torch
 
 from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.fake import (
-    InputQuantizer,
-    check_bits,
-    check_weight_groups,
-    compute_dtype,
-    scaled_fake_quant,
-    fake_quant_sym_rows_,
-)
+from vlmquant.quant.codes import InputQuantizer, fake_quant
+from vlmquant.quant.fake import check_bits, check_weight_groups, compute_dtype, fake_quant_sym_rows_, scaled_fake_quant
 
 
 @cuda_compiled
@@ -99,17 +93,16 @@ class GroupResult:
     best_index: int
 
 
-def _check_group(x, linears, w_bit, w_group, a_bit):
-    check_bits(w_bit, 1 if a_bit is None else 2)
-    if a_bit is not None:
-        check_bits(a_bit, 2)
+def _check_group(x, linears, scheme):
+    check_bits(scheme.w_bit, 1 if scheme.a_bit is None and not scheme.symmetric else 2)
+    if scheme.a_bit is not None:
+        check_bits(scheme.a_bit, 2)
     n_in = x.shape[-1]
     for lin in linears:
         w = lin.weight
         if w.dim() != 2 or w.shape[1] != n_in:
             raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the group input's {n_in} channels")
-        if a_bit is None:
-            check_weight_groups(w.shape, w_group)
+        check_weight_groups(w.shape, scheme.w_group)
 
 
 def _valid_rows(x, masks):
@@ -121,20 +114,21 @@ def _valid_rows(x, masks):
     return xv
 
 
-def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_group, loss, ratio, a_bit):
+def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, loss, ratio):
     """Block loss with each candidate scale vector s (C_in,) folded in and the weights fake-quantized.
 
-    Weight-only: Q(W·s) with groups of w_group, input x/s. a_bit: weights symmetric per output
-    channel, each linear's input quantized per token as the scaled model sees it, Q_a(x/s)·s.
-    The linears' weights are restored on return.
+    The weights become Q(W·s)/s under `scheme` (codes.Scheme: groups, symmetry, int or FP8), the input
+    x/s; weight-activation schemes also quantize each linear's input per token as the scaled model sees
+    it, Q_a(x/s)·s. The linears' weights are restored on return.
     """
     weights = [lin.weight for lin in linears]
     device = weights[0].device
-    group = w_group if w_group > 0 else weights[0].shape[1]
     originals = [w.detach().clone() for w in weights]
-    if a_bit is not None:  # one flat buffer in the quantization dtype, viewed as each weight in turn
+    fast = scheme.w_type == "int" and (not scheme.symmetric or scheme.w_group <= 0)
+    group = scheme.w_group if scheme.w_group > 0 else weights[0].shape[1]
+    if scheme.symmetric and fast:  # one flat buffer in the quantization dtype, viewed as each weight in turn
         buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
-    quantize_input = InputQuantizer(a_bit) if a_bit is not None else None
+    quantize_input = InputQuantizer(scheme) if scheme.a_bit is not None else None
     hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if quantize_input else []
     losses = []
     try:
@@ -142,11 +136,13 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
             if quantize_input is not None:
                 quantize_input.s = s
             for w, w0 in zip(weights, originals):
-                if a_bit is None:
-                    w.copy_(scaled_fake_quant(w0, s, w_bit, group))
+                if not fast:  # symmetric groups, FP8: the export's own quantizer
+                    w.copy_(fake_quant(w0.to(compute_dtype(w0.dtype)) * s, scheme).div_(s))
+                elif not scheme.symmetric:
+                    w.copy_(scaled_fake_quant(w0, s, scheme.w_bit, group))
                 else:
                     ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
-                    w.copy_(fake_quant_sym_rows_(ws, w_bit).div_(s))
+                    w.copy_(fake_quant_sym_rows_(ws, scheme.w_bit).div_(s))
             losses.append(group_loss(fp_out, forward(), masks, loss, ratio))
             if quantize_input is not None:
                 quantize_input.reset()  # free the quantized input before the next candidate
@@ -159,7 +155,7 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, w_bit, w_gr
 
 
 @torch.no_grad()
-def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=20, loss="mae", ratio=None, a_bit=None,
+def search_group(x, linears, forward, fp_out, masks, *, scheme, n_grid=20, loss="mae", ratio=None,
                  stat_masks=None) -> GroupResult:
     """Grid-search the per-input-channel scales of one group.
 
@@ -168,11 +164,11 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
     current weights, returning a tensor shaped like fp_out. Weights are restored on return.
     masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel statistics).
     Candidates: s = a^α normalized, a = mean |x| per channel, α = 0, 1/n_grid, …; the α with the
-    strictly smallest loss wins (α = 0 is RTN). a_bit: weight-activation mode (candidate_losses).
+    strictly smallest loss wins (α = 0 is RTN). scheme: how weights (and activations) are quantized.
     """
     if n_grid < 1:
         raise VlmquantError(f"n_grid={n_grid} must be at least 1")
-    _check_group(x, linears, w_bit, w_group, a_bit)
+    _check_group(x, linears, scheme)
     xv = _valid_rows(x, masks if stat_masks is None else stat_masks)
     a = xv.abs_().mean(dim=0, dtype=torch.float32).to(linears[0].weight.device)  # (C_in,)
     del xv
@@ -180,23 +176,22 @@ def search_group(x, linears, forward, fp_out, masks, *, w_bit, w_group, n_grid=2
     for i in range(n_grid):
         s = a.pow(i / n_grid).clamp_(min=1e-4)
         grid.append(s / (s.max() * s.min()).sqrt())
-    losses = candidate_losses(linears, forward, fp_out, masks, grid, w_bit=w_bit, w_group=w_group, loss=loss,
-                              ratio=ratio, a_bit=a_bit)
+    losses = candidate_losses(linears, forward, fp_out, masks, grid, scheme=scheme, loss=loss, ratio=ratio)
     best = min(range(n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
     return GroupResult(scales=grid[best], alpha=best / n_grid, losses=losses, best_index=best)
 
 
 @torch.no_grad()
-def smooth_group(x, linears, forward, fp_out, masks, *, w_bit, a_bit, alpha=0.5, loss="mae", ratio=None,
+def smooth_group(x, linears, forward, fp_out, masks, *, scheme, alpha=0.5, loss="mae", ratio=None,
                  stat_masks=None) -> GroupResult:
     """SmoothQuant scales, no search: s_j = max|X_j|^α / max|W_j|^(1−α), the maxima over valid tokens
     and over the rows of all the group's linears. losses = [RTN (s = 1), smoothed]; the smoothed
     scales are kept whatever their loss. masks / stat_masks as in search_group."""
-    _check_group(x, linears, w_bit, -1, a_bit)
+    _check_group(x, linears, scheme)
     x_max = _valid_rows(x, masks if stat_masks is None else stat_masks).abs().amax(0).to(linears[0].weight.device)  # (C_in,)
     s = smoothquant_scales(x_max, linears, alpha)
-    losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], w_bit=w_bit, w_group=-1,
-                              loss=loss, ratio=ratio, a_bit=a_bit)
+    losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], scheme=scheme, loss=loss,
+                              ratio=ratio)
     return GroupResult(scales=s, alpha=alpha, losses=losses, best_index=1)
 
 
@@ -221,11 +216,11 @@ def smoothquant_scales(x_absmax: torch.Tensor, linears, alpha: float) -> torch.T
 
 def grid_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
     """Method.group of the searching methods (mbq, awq): search_group with the run's settings."""
-    return search_group(job.x, job.linears, job.forward, job.fp_out, job.masks, w_bit=spec.w_bit, w_group=spec.w_group,
-                        n_grid=spec.n_grid, loss=spec.loss, ratio=ratio, a_bit=spec.a_bit, stat_masks=job.stat_masks)
+    return search_group(job.x, job.linears, job.forward, job.fp_out, job.masks, scheme=spec.scheme, n_grid=spec.n_grid,
+                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks)
 
 
 def smooth_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
     """Method.group of smoothquant: smooth_group with the run's settings."""
-    return smooth_group(job.x, job.linears, job.forward, job.fp_out, job.masks, w_bit=spec.w_bit, a_bit=spec.a_bit,
-                        alpha=spec.alpha, loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks)
+    return smooth_group(job.x, job.linears, job.forward, job.fp_out, job.masks, scheme=spec.scheme, alpha=spec.alpha,
+                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks)

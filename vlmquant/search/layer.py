@@ -88,5 +88,5 @@ def quantized_forward(layer, index, groups, results, spec, hidden, kwargs):
     fold(groups_to_fold(folds, ignored)[0])
     linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignored]
     quantize_linears(linears, spec)
-    with quantized_inputs(linears, spec.a_bit):
+    with quantized_inputs(linears, spec.scheme):
         return layer_forward(layer, hidden, kwargs)

@@ -15,6 +15,8 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged, scales, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
+from vlmquant.models.loading import meta_model
+from vlmquant.quant.fold import resolve_scales
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples,
                                      save_layer_inputs, token_masks)
@@ -119,3 +121,52 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
         save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, kwargs,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
+
+
+# --- import ----------------------------------------------------------------------------------
+def decoder_relative(name, prefixes):
+    """`name` relative to the decoder-layer stack (layers.{i}.…): as it is, or without one of `prefixes`."""
+    if name.startswith("layers."):
+        return name
+    for p in sorted(prefixes, key=len, reverse=True):
+        if name.startswith(p + "layers."):
+            return name[len(p):]
+    return None
+
+
+def run_import(model, spec, src, out_path, names):
+    """A scale cache made elsewhere → this run's scale cache, checked against `model` (ModelRef).
+
+    src: {"scale": [(prev_op, (linears…), scales), …]} saved with torch.save, as this project writes it
+    or as the MBQ reference's run_mbq does; names relative to the decoder-layer stack (layers.{i}.…) or
+    prefixed with the model's path to it (model.layers., model.language_model.layers., …). Every entry must
+    resolve to this model's decoder modules with matching widths and finite positive scales
+    (quant.fold.resolve_scales on the model built on the meta device); a mismatch is one line naming the
+    entry. Weight clipping (a non-empty "clip" list) is not supported and refused.
+    """
+    cache = scales.load_cache(src)
+    where = str(src)
+    if not isinstance(cache, dict) or not isinstance(cache.get("scale"), (list, tuple)):
+        raise VlmquantError(f"{where}: not a scale cache (no 'scale' list)")
+    if cache.get("clip"):
+        raise VlmquantError(f"{where}: has weight-clipping entries ('clip'), which vlmquant does not apply")
+    root_path = model.adapter.layers_path.rsplit(".", 1)[0]
+    prefixes = {root_path + "."} | {p.rsplit(".", 1)[0] + "." for p in model.adapter.checkpoint_layer_prefixes}
+    entries = []
+    for k, entry in enumerate(cache["scale"]):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            raise VlmquantError(f"{where}: entry {k} is not (prev_op_name, linear names, scales)")
+        prev, linears, s = entry
+        fixed = [decoder_relative(n, prefixes) for n in (prev, *linears)]
+        if None in fixed:
+            bad = (prev, *linears)[fixed.index(None)]
+            raise VlmquantError(f"{where}: entry {k}: {bad!r} is not a decoder-layer module name (layers.N.… or "
+                                f"{', '.join(sorted(prefixes))}layers.N.…)")
+        if not isinstance(s, torch.Tensor):
+            raise VlmquantError(f"{where}: entry {k} ({prev}): scales are not a tensor")
+        entries.append((fixed[0], tuple(fixed[1:]), s.detach().float().cpu().contiguous()))
+    meta = meta_model(model.adapter, model.path, model.trust_remote_code)
+    resolve_scales(meta.get_submodule(root_path), entries, where, n_layers=len(model.adapter.layers(meta)))
+    scales.save_cache({"scale": entries, "meta": {**names, "run_config": spec.search_params(), "n_layers":
+                       len(model.adapter.layers(meta)), "imported_from": where, "imported_sha256": sha256_file(src)}},
+                      out_path)

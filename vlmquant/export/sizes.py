@@ -1,0 +1,70 @@
+"""Checkpoint sizes predicted from shapes: dense (model dtype) vs compressed-tensors packed, per scheme.
+
+Bytes of tensor data as compressed-tensors 0.20 stores a quantized linear (out, in), scale and zero
+point in `groups` = in / w_group groups per row (1 per channel):
+    pack-quantized   weight_packed int32 (out, ceil(in·b/32)) + weight_shape int64 (2,)
+                     + weight_scale (out, groups) in the model dtype
+                     + asymmetric: weight_zero_point int32 (ceil(out·b/32), groups), packed along out
+    int-/float-quantized   weight int8 / float8_e4m3fn (out, in) + weight_scale (out, groups)
+Everything else (vision tower, projector, embeddings, lm_head, norms, biases, ignored linears) stays in
+the model dtype. Safetensors headers (a few kB per shard) and non-weight files are not counted.
+"""
+import math
+
+import torch
+
+from vlmquant.quant.codes import PACK_QUANTIZED, Scheme
+from vlmquant.quant.model import decoder_linears, layer_root
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, scheme: Scheme, dtype_bytes: int) -> int:
+    """Bytes compressed-tensors stores for one quantized (out, in) linear weight (bias not included)."""
+    groups = in_features // scheme.w_group if scheme.w_group > 0 else 1
+    scale = out_features * groups * dtype_bytes
+    if scheme.format != PACK_QUANTIZED:
+        return out_features * in_features + scale
+    packed = out_features * math.ceil(in_features * scheme.w_bit / 32) * 4 + 2 * 8
+    zero = 0 if scheme.symmetric else math.ceil(out_features * scheme.w_bit / 32) * 4 * groups
+    return packed + scale + zero
+
+
+def packed_size(model, adapter, scheme: Scheme, quantize=None, dtype_bytes=2) -> dict:
+    """{"dense": bytes, "packed": bytes, "ratio": dense / packed} of `model` (any device, meta included) with the
+    decoder linears `quantize` (relative names; None: all) stored under `scheme`, the rest in `dtype_bytes`."""
+    root = layer_root(model, adapter)
+    linears = dict(decoder_linears(model, adapter))
+    quantize = set(linears) if quantize is None else set(quantize)
+    weights = {id(root.get_submodule(n).weight): root.get_submodule(n) for n in quantize}
+    dense = packed = 0
+    for p in {id(p): p for p in model.parameters()}.values():  # tied weights once, as save_pretrained
+        dense += p.numel() * dtype_bytes
+        lin = weights.get(id(p))
+        packed += (quantized_linear_bytes(lin.out_features, lin.in_features, scheme, dtype_bytes) if lin is not None
+                   else p.numel() * dtype_bytes)
+    return {"dense": dense, "packed": packed, "ratio": dense / packed}
+
+
+def packed_size_from_config(config, adapter, scheme: Scheme, quantize=None, dtype_bytes=2) -> dict:
+    """packed_size of the family's model built from `config` on the meta device (no weights, no memory)."""
+    import transformers
+
+    cls = getattr(transformers, adapter.model_class)
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    return packed_size(model, adapter, scheme, quantize, dtype_bytes)
+
+
+# the shapes of Qwen/Qwen2-VL-7B-Instruct's config.json (8.29 B parameters), for estimates without the weights
+QWEN2_VL_7B = dict(
+    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, in_channels=3,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    tie_word_embeddings=False)
+
+
+def qwen2_vl_7b_config():
+    """A transformers Qwen2VLConfig with Qwen2-VL-7B's shapes."""
+    import transformers
+
+    return transformers.Qwen2VLConfig(**QWEN2_VL_7B)
