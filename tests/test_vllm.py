@@ -39,7 +39,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmquant.demo.model import build_demo_model
+from vlmquant.models.tiny import build_demo_model
 from vlmquant.export.checkpoint import read_quant_info
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import DEMO_PROMPT
