@@ -4,6 +4,10 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from vlmquant.workflow import check_yaml
+
+check_yaml("config.yaml")  # a syntax error with its line (Snakemake's own message has none)
+
 
 configfile: "config.yaml"
 

@@ -8,6 +8,8 @@ from vlmquant import workflow as W
 config = W.check_config(
     config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
 )
+if workflow.is_main_process:  # reads the calibration sources: once, not in every cluster job
+    W.check_calib_sets(config)
 RUNS = W.run_specs(config)
 
 
@@ -29,8 +31,16 @@ def model_dir(wildcards):
     return config["models"][wildcards.model]["path"]
 
 
+def model_files(wildcards):
+    return W.model_files(model_dir(wildcards))
+
+
+def processor_files(wildcards):
+    return W.model_files(model_dir(wildcards), weights=False)
+
+
 def calib_sources(wildcards):
-    return W.calib_sources(config["calib"][wildcards.calib])
+    return W.calib_sources(config["calib"][wildcards.calib], wildcards.calib)
 
 
 def calib_cfg(wildcards):
@@ -70,7 +80,7 @@ def scale_meta(wildcards):
 
 
 def export_inputs(wildcards):
-    files = {"model": model_dir(wildcards)}
+    files = {"model": model_files(wildcards)}
     if RUNS[wildcards.run].has_scales:
         files["cache"] = W.fill(paths.SCALE_CACHE, wildcards)
     return files
@@ -93,8 +103,10 @@ def eval_inputs(wildcards):
     return {
         "inputs": paths.INPUTS.format(model=ids["model"], calib=ids["eval_calib"]),
         "ref": paths.FP_REF.format(**ids),
-        "model": model_dir(wildcards),
+        "model": model_files(wildcards),
         "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
+        "eval_set": paths.CALIB.format(calib=ids["eval_calib"]),
+        "search_set": paths.CALIB.format(calib=ids["calib"]),
     }
 
 
