@@ -6,7 +6,8 @@ min_version("9.0")
 
 from vlmquant.workflow import check_yaml
 
-check_yaml("config.yaml")  # a syntax error with its line (Snakemake's own message has none)
+# a YAML syntax error with its line (Snakemake's own message has none)
+check_yaml("config.yaml")
 
 
 configfile: "config.yaml"

@@ -8,7 +8,8 @@ from vlmquant import workflow as W
 config = W.check_config(
     config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
 )
-if workflow.is_main_process:  # reads the calibration sources: once, not in every cluster job
+# reads the calibration sources: once, not in every cluster job
+if workflow.is_main_process:
     W.check_calib_sets(config)
 RUNS = W.run_specs(config)
 
