@@ -101,14 +101,16 @@ def eval_ids(wildcards):
 
 def eval_inputs(wildcards):
     ids = eval_ids(wildcards)
-    return {
+    files = {
         "inputs": paths.INPUTS.format(model=ids["model"], calib=ids["eval_calib"]),
         "ref": paths.FP_REF.format(**ids),
         "model": model_files(wildcards),
         "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
-        "eval_set": paths.CALIB.format(calib=ids["eval_calib"]),
-        "search_set": paths.CALIB.format(calib=ids["calib"]),
     }
+    if RUNS[wildcards.run].has_scales:  # the eval set must not overlap the set the scales came from
+        files["eval_set"] = paths.CALIB.format(calib=ids["eval_calib"])
+        files["search_set"] = paths.CALIB.format(calib=ids["calib"])
+    return files
 
 
 def summary_inputs(wildcards):
