@@ -499,8 +499,8 @@ def gpus_per_job(config):
 def model_params(path):
     """Parameter count from the safetensors headers of a model folder (0 for a demo model not built yet)."""
     files = sorted(Path(path).glob("*.safetensors"))
-    if not files and not (Path(path) / "config.json").is_file():
-        return 0  # a demo model (check_config has resolved the path); it is a few MB
+    if not files and demo_output(path):
+        return 0  # a demo model not built yet; it is a few MB
     if not files:
         raise VlmquantError(f"config: models: {path} has no *.safetensors files (model folder missing?)")
     n = 0
