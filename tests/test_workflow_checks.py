@@ -45,9 +45,11 @@ def error(cfg):
 
 
 @pytest.fixture
-def user_data(tmp_path, demo_data):
-    """The demo's data at a user path (not built by the demo rules): data/{captions_*.json, images/}."""
+def user_data(tmp_path, demo_data, monkeypatch):
+    """The demo's data at a user path (not built by the demo rules): data/{captions_*.json, images/}; the
+    working directory is tmp_path (the workflow keeps the sets' file lists under results/calib/)."""
     shutil.copytree(demo_data, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
     return tmp_path / "data"
 
 
@@ -205,6 +207,21 @@ def test_calib_inputs_are_the_images_the_set_uses(cfg, user_data):
     assert set(want) < set(all_images)  # not the whole folder
     demo = calib_sources(check(yaml.safe_load((REPO / "config.yaml").read_text()))["calib"]["demo"], "demo")
     assert demo == {"captions": "results/demo/data/captions_train.json", "images": "results/demo/data/images"}
+
+
+def test_calib_file_list_is_kept_until_the_source_or_settings_change(cfg, user_data, tmp_path):
+    use_data(cfg, user_data)
+    out = check(cfg)["calib"]["demo"]
+    first = calib_sources(out, "demo")["images"]
+    kept = tmp_path / "results/calib/demo.files.json"
+    assert json.loads(kept.read_text())["files"] == first
+    other = sorted({p.name for p in (user_data / "images").iterdir()} - {os.path.basename(f) for f in first})[0]
+    kept.write_text(kept.read_text().replace(os.path.basename(first[0]), other))  # marks the kept list
+    assert calib_sources(out, "demo")["images"][0].endswith(other)  # same key: the kept list is used
+    captions = user_data / "captions_train.json"
+    captions.write_text(captions.read_text() + "\n")  # the source changed: drawn again
+    assert calib_sources(out, "demo")["images"] == first
+    assert len(calib_sources({**out, "n_samples": 3}, "demo")["images"]) == 3
 
 
 def test_model_inputs_are_its_files(demo_model_path, tmp_path):

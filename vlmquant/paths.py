@@ -17,6 +17,7 @@ DEMO_FILES = {  # the outputs of rule demo_data
 }
 
 CALIB = "results/calib/{calib}.parquet"
+CALIB_FILES = "results/calib/{calib}.files.json"  # the image files a set uses, kept for the workflow's load
 INPUTS = "results/{model}/{calib}/inputs.safetensors"
 GRADS = "results/{model}/{calib}/grads.safetensors"
 ACTS = "results/{model}/{calib}/acts"  # folder: layer_NNN.safetensors, the fp inputs of each chunk's first layer

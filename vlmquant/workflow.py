@@ -173,25 +173,30 @@ def model_files(path, weights=True):
     return [str(p) for p in files if weights or not p.name.endswith(WEIGHT_SUFFIXES)]
 
 
-def _stat_key(path):
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=64)
-def _selected_files(cfg_json, name, stamp):
-    from vlmquant.data.calib import sample_rows
-
-    cfg = json.loads(cfg_json)
-    return tuple(str(Path(cfg["images"]) / f) for f in sorted({f for row in sample_rows(cfg, name)
-                                                                 for f in row.file_names}))
-
-
 def calib_images(cfg, name):
     """The image files calibration set `name` uses (its rows' images, drawn as the calib stage draws them).
-    Raises VlmquantError naming the key and the first missing file."""
-    stamp = tuple(_stat_key(cfg[k]) for k in ("captions", "text") if cfg.get(k))
-    files = list(_selected_files(json.dumps(cfg, sort_keys=True), name, stamp))
+
+    Drawing them reads the whole source (seconds for COCO train), so the list is kept in paths.CALIB_FILES
+    under a key of the set's settings and the size and time of its source files, and read from there while
+    these are unchanged. Raises VlmquantError naming the key and the first missing file.
+    """
+    from vlmquant.io.atomic import atomic_path
+
+    stamp = [[os.stat(cfg[k]).st_size, os.stat(cfg[k]).st_mtime_ns] for k in ("captions", "text") if cfg.get(k)]
+    key = hashlib.sha256(json.dumps([cfg, stamp], sort_keys=True).encode()).hexdigest()
+    cache = Path(paths.CALIB_FILES.format(calib=name))
+    try:
+        kept = json.loads(cache.read_text())
+        files = kept["files"] if kept["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    if files is None:
+        from vlmquant.data.calib import sample_rows
+
+        used = sorted({f for row in sample_rows(cfg, name) for f in row.file_names})
+        files = [str(Path(cfg["images"]) / f) for f in used]
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps({"key": key, "files": files}))
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise VlmquantError(f"config: calib.{name}.images: {missing[0]} not found "
@@ -326,12 +331,12 @@ def check_w_groups(config):
         if g == -1 or name not in targets:
             continue
         for m in config["targets"].get("models", []):
-            for width, key in quantized_widths(config["models"][m]).items():
+            widths = quantized_widths(config["models"][m])
+            for width, key in widths.items():
                 if width % g:
-                    divisors = [d for d in (16, 32, 64, 128, 256) if all(w % d == 0 for w in quantized_widths(
-                        config["models"][m]))]
+                    fits = [d for d in (16, 32, 64, 128, 256) if all(w % d == 0 for w in widths)]
                     raise VlmquantError(f"config: runs.{name}.w_group: {g} does not divide {key} = {width} of model "
-                                        f"{m!r}; use -1 or one of {divisors or 'none of 16…256'}")
+                                        f"{m!r}; use -1" + (f" or one of {fits}" if fits else ""))
 
 
 def name_pattern(names):
