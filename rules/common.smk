@@ -48,6 +48,10 @@ def calib_cfg(wildcards):
     return W.calib_params(config["calib"][wildcards.calib])
 
 
+def calib_labels(wildcards):
+    return config["calib"][wildcards.calib]["labels"]
+
+
 def names(wildcards):
     return {"model": wildcards.model, "calib": wildcards.calib, "run": wildcards.run}
 

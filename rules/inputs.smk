@@ -11,5 +11,6 @@ rule inputs:
         "../workflow/envs/vlmquant.yaml"
     params:
         model=model_cfg,
+        labels=calib_labels,
     script:
         "../scripts/inputs.py"

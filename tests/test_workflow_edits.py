@@ -103,7 +103,8 @@ def test_calib_reruns_for_another_image_folder_or_captions_file(user_data_dir):
 
 
 def test_model_files_changed_in_place_rerun_the_jobs_that_read_them(tmp_path, demo_root):
-    """A user model folder: new weights of the same shapes rerun acts, not inputs; a tokenizer file reruns both."""
+    """A user model folder: new weights of the same shapes rerun acts, not inputs; a tokenizer file reruns both,
+    and so does the calib set's `labels`."""
     from vlmquant.models.tiny import build_demo_model
 
     (tmp_path / "wd").mkdir()
@@ -119,3 +120,6 @@ def test_model_files_changed_in_place_rerun_the_jobs_that_read_them(tmp_path, de
     tokenizer = wd.file("models/tiny/tokenizer_config.json")
     tokenizer.write_text(tokenizer.read_text() + "\n")  # Snakemake compares small files' checksums too
     assert wd.planned(ACTS) == {"inputs": 1, "acts": 1}
+    wd.snakemake(ACTS)
+    with wd.edited_config(lambda c: c["calib"]["demo"].update(labels="turn")):  # the model inputs, not the Parquet
+        assert wd.planned(ACTS) == {"inputs": 1, "acts": 1}

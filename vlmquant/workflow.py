@@ -345,8 +345,9 @@ def name_pattern(names):
 
 
 def calib_params(cfg):
-    """The calibration settings that affect the Parquet (the text corpus only for interleave)."""
-    unused = () if cfg["format"] == "interleave" else ("text", "interleave_tokens")
+    """The calibration settings that affect the Parquet (the text corpus only for interleave; `labels`
+    acts on the model inputs)."""
+    unused = ("labels",) if cfg["format"] == "interleave" else ("labels", "text", "interleave_tokens")
     return {k: v for k, v in cfg.items() if k not in unused}
 
 
