@@ -102,12 +102,14 @@ def test_inputs_mark_vision_and_caption_tokens(staged, demo_data, tmp_path):
         assert all(s["batch_num_images"].tolist() == [2] and s["pixel_values"].shape[0] == 2 for s in two)
 
 
-def test_gradient_ratios_exist_for_every_layer_kind(staged):
+def test_gradients_reach_every_layer_kind(staged):
+    """The attention and MLP sites of every layer (o_proj or a linear attention's out_proj, down_proj or a MoE
+    block) see caption gradients; vision positions reach the loss through the layers after them only."""
     d, _ = staged
     g = load_file(d / "grads.safetensors")
     for site in ("attn", "mlp"):
-        for key in ("vis", "cap", "ratio"):
-            assert g[f"{site}.{key}"].shape == (N_LAYERS,) and (g[f"{site}.{key}"] > 0).all()
+        assert (g[f"{site}.cap"] > 0).all() and (g[f"{site}.vis"][:-1] > 0).all() and g[f"{site}.vis"][-1] == 0
+        assert torch.isfinite(g[f"{site}.ratio"]).all()
 
 
 def test_search_never_loses_to_rtn_and_scales_keep_fp_logits(staged):
