@@ -175,6 +175,8 @@ def test_random_scales_fold_into_routers_and_experts_exactly(family_demo, family
     fold_scales(layer, entries)
     torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-5)
     assert not torch.equal(layer.mlp.gate.weight, router)
+    with pytest.raises(VlmquantError, match="are per expert, but post_attention_layernorm is not a fused experts"):
+        fold_scales(layer, [("post_attention_layernorm", ("mlp.gate",), torch.ones(8, 256))])
 
 
 def rewrite(src, dst, fn):

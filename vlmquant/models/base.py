@@ -157,7 +157,10 @@ class Adapter:
                     except AttributeError:
                         raise VlmquantError(f"{self.family}: decoder layer {index} has no module '{n}'") from None
                 why = group_mismatch(layer, g)
-                (skipped.append((g, why)) if why else out.append(g))
+                if why:
+                    skipped.append((g, why))
+                else:
+                    out.append(g)
         return out, skipped
 
     def resolve_groups(self, layer, index=0):

@@ -95,7 +95,8 @@ def resolve_scales(root, entries, source="scale cache", n_layers=None):
         n = s.shape[-1]
         lead = tuple(s.shape[:-1])  # () or (E,)
         if lead and not (isinstance(prev, torch.Tensor) and prev.dim() == 3 and prev.shape[0] == lead[0]):
-            raise VlmquantError(f"{source}: entry {k} ({prev_name}): scales are not a 1-D tensor")
+            raise VlmquantError(f"{source}: entry {k} ({prev_name}): scales of shape {tuple(s.shape)} are per expert, "
+                                f"but {prev_name} is not a fused experts weight with {lead[0]} experts")
         for name, lin in zip(linear_names, linears):
             w = consumer_weight(lin)
             if w is None or w.dim() not in (2, 3) or (isinstance(lin, torch.nn.Module) and w.dim() != 2):
