@@ -24,6 +24,6 @@ def test_moe_search_benchmark_runs_and_matches_the_straightforward_expert_loop(t
                    cwd=REPO / "benchmarks", check=True, capture_output=True)
     result = json.loads(out.read_text())
     assert result["same_alpha"] and result["differing_experts"] == 0 and result["seconds_per_layer"] > 0
-    assert list(result["seconds_by_group"]) == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
-                                                "mlp.experts.gate_up_proj (per expert)"]
+    assert sorted(result["seconds_by_group"]) == ["input_layernorm", "mlp.experts.gate_up_proj (per expert)",
+                                                  "post_attention_layernorm", "self_attn.v_proj"]
     assert len(result["alpha"][3]) == 8 and result["tokens_per_expert_min_max"][0] > 0

@@ -144,7 +144,7 @@ def test_moe_layer_search_equals_the_straightforward_expert_loop(family_demo, mo
     P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path)
     hidden, args, _ = load_layer_inputs(tmp_path / "layer_000.safetensors", "cpu", torch.float32)
     masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
-    run, ratios = run_spec("mbq", method="mbq", w_bit=3, n_grid=10), {"attn": 1.5, "mlp": 2.0}
+    run, ratios = run_spec("mbq", method="mbq", w_bit=3, n_grid=4), {"attn": 1.5, "mlp": 2.0}
     layer = ref.load_layers([0])[0]
     groups = ref.adapter.resolve_groups(layer, 0)
     fast, _ = search_layer(layer, groups[2:], hidden, args.kwargs(0), masks, run, ratios)
