@@ -111,7 +111,8 @@ def eval_inputs(wildcards):
         "model": model_files(wildcards),
         "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
     }
-    if RUNS[wildcards.run].has_scales:  # the eval set must not overlap the set the scales came from
+    # the eval set must not overlap the set the scales came from
+    if RUNS[wildcards.run].has_scales:
         files["eval_set"] = paths.CALIB.format(calib=ids["eval_calib"])
         files["search_set"] = paths.CALIB.format(calib=ids["calib"])
     return files

@@ -59,6 +59,30 @@ def demo_data(demo_root):
     return demo_root / "data"
 
 
+@pytest.fixture(scope="session")
+def family_demo(tmp_path_factory, demo_data):
+    """family → (folder, ModelRef) of that family's demo model (fp32, CPU) with calib.parquet (4 COCO samples,
+    seed 5) and inputs.safetensors in the folder, each built once per session."""
+    from vlmquant.data.calib import build_calib
+    from vlmquant.data.inputs import build_inputs
+    from vlmquant.models.tiny import build_demo_model
+
+    from test_calib import coco_cfg
+
+    built = {}
+
+    def get(family):
+        if family not in built:
+            d = tmp_path_factory.mktemp(family)
+            model = open_demo(build_demo_model(d / "model", family), family)
+            build_calib(coco_cfg(demo_data, n_samples=4, seed=5), d / "calib.parquet")
+            build_inputs(d / "calib.parquet", model, d / "inputs.safetensors")
+            built[family] = d, model
+        return built[family]
+
+    return get
+
+
 class Workdir:
     """A copy of the workflow in a temporary folder, with the demo prebuilt under results/demo."""
 

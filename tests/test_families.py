@@ -1,14 +1,15 @@
 """Every non-default model family on its demo model: inputs, the search pipeline, lazy loading,
-export and eval, called as library functions."""
+export and eval, called as library functions. Family-specific behaviour: test_families_today.py
+(Qwen3-VL, Qwen3.5, Gemma 3) and test_moe.py (mixture of experts)."""
 import pandas as pd
 import pytest
 import torch
 import transformers
 
+from safetensors.torch import load_file
+
 from vlmquant.data.calib import build_calib, read_calib
 from vlmquant.data.inputs import build_inputs
-from vlmquant.demo.dataset import write_demo_data
-from vlmquant.models.tiny import build_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.run import run_eval, run_fp_reference
 from vlmquant.eval.table import read_table
@@ -20,33 +21,26 @@ from vlmquant.quant.model import apply_scale_cache, pseudo_quantize
 from vlmquant.search import pipeline as P
 from vlmquant.search.capture import capture_layer_inputs, load_samples, model_inputs
 
-from conftest import open_demo, run_spec
+from conftest import run_spec
 from test_calib import coco_cfg
 
 FAMILIES = [f for f in family_names() if f != "qwen2_vl"]  # qwen2_vl: the demo, tested everywhere else
-RUN = run_spec("mbq", method="mbq", w_bit=3)
+RUN = run_spec("mbq", method="mbq", w_bit=3, n_grid=10)
+CHEAP = run_spec("awq", method="awq", w_bit=3, n_grid=2)  # for properties any run has (chunking)
 NAMES = {"model": "demo", "calib": "demo", "run": "mbq"}
 META = {**NAMES, "run_config": RUN.search_params()}
 EVAL = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}
 N_LAYERS = 4
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_demo_data(tmp_path_factory.mktemp("families") / "data")
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
-def staged(request, data, tmp_path_factory):
+def staged(request, family_demo):
     """One family's demo model, a 4-sample calibration set (seed 5: OneVision tile counts differ),
-    its inputs, and the merged scale cache of one search job over all layers."""
-    family = request.param
-    d = tmp_path_factory.mktemp(family)
-    model = open_demo(build_demo_model(d / "model", family), family)
-    build_calib(coco_cfg(data, n_samples=4, seed=5), d / "calib.parquet")
-    build_inputs(d / "calib.parquet", model, d / "inputs.safetensors")
+    its inputs, gradients, the fp inputs of every layer, and the merged scale cache of one search job over
+    all layers."""
+    d, model = family_demo(request.param)
     P.run_grads(model, d / "inputs.safetensors", d / "grads.safetensors")
-    P.run_acts(model, d / "inputs.safetensors", [0], d / "acts")
+    P.run_acts(model, d / "inputs.safetensors", list(range(N_LAYERS)), d / "acts")
     P.run_search(model, RUN, d / "inputs.safetensors", d / "acts", d / "grads.safetensors", list(range(N_LAYERS)),
                  d / "chunk", NAMES)
     merge(chunk_layer_files([d / "chunk"]), d / "cache.pt", d / "search.parquet", META)
@@ -74,8 +68,10 @@ def check_inputs(adapter, model, processor, rows, samples):
     filled = (hidden != text).any(-1)  # (B, T)
     valid = batch["attention_mask"].bool()
     assert torch.equal(filled & valid, batch["vision_mask"].bool())
+    bos = processor.tokenizer.bos_token_id
     for row, s in zip(rows, samples):
         ids, cap = s["input_ids"][0], s["caption_mask"][0]
+        assert bos is None or ids[1] != bos  # a chat template writing <bos>: encoded without a second one
         assert torch.equal(s["vision_mask"][0], torch.isin(ids, torch.tensor(adapter.image_token_ids(model.config))))
         captions = [t["text"] for t in row["turns"] if t["role"] == "assistant"]
         starts = (cap & ~torch.cat([torch.tensor([False]), cap[:-1]])).nonzero()[:, 0].tolist()
@@ -88,7 +84,7 @@ def check_inputs(adapter, model, processor, rows, samples):
         assert not (cap & s["vision_mask"][0]).any()
 
 
-def test_inputs_mark_vision_and_caption_tokens(staged, data, tmp_path):
+def test_inputs_mark_vision_and_caption_tokens(staged, demo_data, tmp_path):
     d, ref = staged
     adapter = ref.adapter
     model = fp_model(ref)
@@ -96,7 +92,7 @@ def test_inputs_mark_vision_and_caption_tokens(staged, data, tmp_path):
     plain, _ = load_samples(d / "inputs.safetensors")
     check_inputs(adapter, model, processor, read_calib(d / "calib.parquet"), plain)
     # two images per sample (few-shot)
-    build_calib(coco_cfg(data, format="few_shot", n_samples=2), tmp_path / "c.parquet")
+    build_calib(coco_cfg(demo_data, format="few_shot", n_samples=2), tmp_path / "c.parquet")
     build_inputs(tmp_path / "c.parquet", ref, tmp_path / "inputs.safetensors")
     two, _ = load_samples(tmp_path / "inputs.safetensors")
     check_inputs(adapter, model, processor, read_calib(tmp_path / "c.parquet"), two)
@@ -106,11 +102,23 @@ def test_inputs_mark_vision_and_caption_tokens(staged, data, tmp_path):
         assert all(s["batch_num_images"].tolist() == [2] and s["pixel_values"].shape[0] == 2 for s in two)
 
 
+def test_gradients_reach_every_layer_kind(staged):
+    """The attention and MLP sites of every layer (o_proj or a linear attention's out_proj, down_proj or a MoE
+    block) see caption gradients; vision positions reach the loss through the layers after them only."""
+    d, _ = staged
+    g = load_file(d / "grads.safetensors")
+    for site in ("attn", "mlp"):
+        assert (g[f"{site}.cap"] > 0).all() and (g[f"{site}.vis"][:-1] > 0).all() and g[f"{site}.vis"][-1] == 0
+        assert torch.isfinite(g[f"{site}.ratio"]).all()
+
+
 def test_search_never_loses_to_rtn_and_scales_keep_fp_logits(staged):
     d, ref = staged
     table = pd.read_parquet(d / "search.parquet")
-    assert len(table) == N_LAYERS * 4  # 4 query/key/value heads: v_proj → o_proj applies
-    assert (table["loss"] <= table["rtn_loss"]).all()
+    layers = ref.load_layers(range(N_LAYERS))
+    # one row per group (4 query/key/value heads: v_proj → o_proj applies), one per expert in per-expert groups
+    assert table.groupby(["layer", "group"]).ngroups == sum(len(ref.adapter.resolve_groups(l, i)) for i, l in layers.items())
+    assert table["note"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
     adapter = ref.adapter
     model = fp_model(ref)
     batch = model_inputs(ragged.collate(load_samples(d / "inputs.safetensors")[0]), "cpu", torch.float32)
@@ -121,6 +129,23 @@ def test_search_never_loses_to_rtn_and_scales_keep_fp_logits(staged):
         after = model(**batch).logits
     assert ((after - before).abs().max() / before.abs().max()).item() <= 1e-3
     assert any(not torch.allclose(s, torch.ones_like(s)) for _, _, s in cache["scale"])
+
+
+def test_chunked_and_unchunked_searches_give_identical_caches(staged, tmp_path):
+    """Each layer's search starts from the acts file of its chunk (layer kwargs per type, deepstack additions
+    after the layers it runs): one job over all layers and one job per layer write the same cache."""
+    d, model = staged
+    caches = []
+    for per_job in (N_LAYERS, 1):
+        folders = []
+        for a in range(0, N_LAYERS, per_job):
+            folders.append(tmp_path / f"{per_job}" / f"chunk_{a:03d}")
+            P.run_search(model, CHEAP, d / "inputs.safetensors", d / "acts", None, list(range(a, a + per_job)),
+                         folders[-1], {**NAMES, "run": "awq"})
+        merge(chunk_layer_files(folders), tmp_path / f"{per_job}.pt", tmp_path / f"{per_job}.parquet",
+              {**NAMES, "run": "awq", "run_config": CHEAP.search_params()})
+        caches.append((tmp_path / f"{per_job}.pt").read_bytes())
+    assert caches[0] == caches[1]
 
 
 def test_lazy_layers_equal_from_pretrained(staged):
@@ -140,11 +165,24 @@ def test_export_reloads_and_evaluates(staged, tmp_path):
     out = tmp_path / "checkpoint"
     export_checkpoint(model, RUN, out, d / "cache.pt", names=NAMES)
     loaded = getattr(transformers, adapter.model_class).from_pretrained(out).eval()
+    fp = fp_model(model).state_dict()
     ref = fp_model(model)
     apply_scale_cache(ref, adapter, load_cache(d / "cache.pt"))
+    folded = {k: v.clone() for k, v in ref.state_dict().items()}
     pseudo_quantize(ref, adapter, RUN)
     want, got = ref.state_dict(), loaded.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # vision tower, projector, embeddings, lm_head, final norm: every tensor as in the fp model
+    decoder = adapter.layers_path + "."
+    assert all(torch.equal(got[k], fp[k]) for k in fp if not k.startswith(decoder))
+    # routers and keep_fp linears: scaled with their group, never quantized; fused experts quantized
+    kept = [k for k in fp if k.startswith(decoder) and k.rsplit(".", 1)[0].split(".", 4)[4] in
+            ("mlp.gate", *adapter.keep_fp)]
+    assert all(torch.equal(got[k], folded[k]) for k in kept)
+    experts = [k for k in fp if k.endswith(tuple(adapter.expert_weights)) and k.startswith(decoder)]
+    assert all(not torch.equal(got[k], folded[k]) for k in experts)
+    assert bool(kept) == (adapter.family in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")) and \
+        bool(experts) == adapter.family.endswith("_moe")
     assert adapter.load_processor(out).tokenizer.get_vocab() == model.processor().tokenizer.get_vocab()
     # eval: the fp reference and the checkpoint against it, on the calibration inputs
     ids = {"model": "demo", "eval_calib": "demo"}

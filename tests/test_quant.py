@@ -90,8 +90,8 @@ def test_non_contiguous_input():
 def test_bad_group_and_bits():
     with pytest.raises(VlmquantError, match=r"weight of shape \(256, 100\) cannot be split into groups of 128 along the input dim; choose w_group dividing 100"):
         fake_quant_weight(torch.zeros(256, 100), 4, 128)
-    with pytest.raises(VlmquantError, match="not 2-D"):
-        fake_quant_weight(torch.zeros(4, 4, 4), 4, 4)
+    with pytest.raises(VlmquantError, match=r"not 2-D \(out, in\) or fused experts"):
+        fake_quant_weight(torch.zeros(2, 4, 4, 4), 4, 4)
     with pytest.raises(VlmquantError, match="bits"):
         fake_quant_weight(torch.zeros(4, 4), 0, 4)
     with pytest.raises(VlmquantError, match="bits"):

@@ -16,8 +16,7 @@ from vlmquant.models import get_adapter
 from vlmquant.models.loading import load_layers, open_model
 from vlmquant.quant.model import apply_scale_cache, quantized_activations
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples, model_inputs,
-                                     token_masks)
+from vlmquant.search.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
 from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.layer import search_layer
@@ -203,7 +202,8 @@ def test_token_wise_blocks_run_on_the_loss_tokens_only(staged, ratios):
     d, ref = staged
     adapter = ref.adapter
     layer = ref.load_layers([1])[1]
-    hidden, kwargs, _ = load_layer_inputs(acts(staged, 1), "cpu", torch.float32)
+    hidden, args, _ = load_layer_inputs(acts(staged, 1), "cpu", torch.float32)
+    kwargs = args.kwargs(1)
     masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
     n_keep = int(loss_tokens(masks, ratios is not None).sum())
     assert 0 < n_keep < masks["valid"].numel()
@@ -239,9 +239,9 @@ def layer_inputs_of_quantized_model(staged, spec, cache, layer):
     layers = adapter.layers(model)
     samples, _ = load_samples(d / "inputs.safetensors")
     with torch.no_grad(), quantized_activations(model, adapter, spec.scheme, ignored):
-        hidden, kwargs = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32)
+        hidden, args = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32, adapter)
         for i in range(layer):
-            hidden = layer_forward(layers[i], hidden, kwargs)
+            hidden = args.forward(layers[i], i, hidden)
     return hidden
 
 

@@ -43,13 +43,19 @@ from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
 from vlmquant.quant.codes import Scheme, check_scheme, quantize_weight
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.quant.model import decoder_linears, layer_root
+from vlmquant.quant.model import decoder_experts, decoder_linears, layer_root
 
 log = logging.getLogger(__name__)
 
 FORMAT = "compressed-tensors"
-# linears that serving engines fuse into one layer (vLLM packed_modules_mapping: qkv_proj, gate_up_proj)
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# linears that serving engines fuse into one layer (vLLM packed_modules_mapping: qkv_proj, gate_up_proj, and
+# Qwen3.5's linear attention in_proj_qkvz)
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"))
+# Fused MoE experts (3-D parameters, quantized in the pseudo checkpoint) are written unquantized: vLLM reads
+# quantized experts one tensor per expert (…mlp.experts.{e}.gate_proj.weight_packed, as llm-compressor writes
+# them), which transformers cannot load back to check. vLLM asks whether a MoE layer is ignored by probing
+# `<layer>.0.gate_proj`, `.0.up_proj`, `.0.down_proj` against `ignore`; this pattern keeps them fp there.
+EXPERTS_IGNORE = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
 
 def require_compressed_tensors():
@@ -175,6 +181,11 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     full = [prefix + n for n in quantize]
     ct = ct_scheme(scheme)
     ignore = ignore_list(model, full)
+    experts = [n for n, _ in decoder_experts(model, adapter)]
+    if experts:
+        log.warning("%d fused MoE expert weights are written unquantized (folded, in the model dtype): the "
+                    "compressed-tensors export does not pack 3-D experts", len(experts))
+        ignore.append(EXPERTS_IGNORE)
     if scheme.experimental:
         log.warning("scheme %s: experimental packed form (vLLM runs 3-bit weights only through one CUDA kernel "
                     "family)", scheme.name)
@@ -191,6 +202,7 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
         "a_bit": scheme.a_bit, "a_type": scheme.a_type if scheme.a_bit else None,
         "dtype": str(model.dtype).removeprefix("torch."),
         "quantized_modules": sorted(quantize), "ignored_decoder_modules": sorted(set(names) - set(quantize)),
+        "unquantized_experts": experts,
         "ignore": ignore,
         "modules_relative_to": prefix.rstrip("."),
         "packages": ct_versions(),

@@ -10,7 +10,9 @@ import torch
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "labels", "vision_mask", "caption_mask")
+# token_type_ids: Gemma 3's image-token marks (its bidirectional image attention is built from them)
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "labels", "vision_mask",
+              "caption_mask")
 PAD = {"labels": -100}
 
 

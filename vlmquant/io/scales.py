@@ -2,11 +2,18 @@
 
 Layer file (safetensors, `layer_NNN.safetensors` in a search chunk's folder): `scale.{k}` (C_in,) fp32
 per group k, `alpha` (G,), `losses` (G, n_candidates: the grid, or RTN and SmoothQuant's scales),
-`best` (G,) index of the kept candidate; metadata: layer index, model, run settings, and per group
-its names and reweight ratio ρ (`ratio`, null without reweighting).
+`best` (G,) index of the kept candidate; metadata: layer index, model, run settings, per group its
+names (prev, every consumer folding scales) and reweight ratio ρ (`ratio`, null without reweighting),
+and the groups of the layer's kind that did not apply, with the reason (`skipped`).
+A per-expert group (fused MoE experts) k has `scale.{k}` (E, I) and per expert `experts.{k}.alpha`
+(E,), `experts.{k}.losses` (E, n_candidates), `experts.{k}.best` (E,), `experts.{k}.tokens` (E,)
+(routed calibration tokens in its loss; 0: α stays 0); its `alpha` is the mean over experts with
+tokens, its `losses` the sum over experts, its `best` −1.
 Scale cache (torch.save, loads with weights_only=True):
   {"scale": [(prev_op_name, (linear names…), scales_fp32), …], "meta": {...}}
-with names relative to the decoder-layer stack (`layers.{i}.…`).
+with names relative to the decoder-layer stack (`layers.{i}.…`); scales (C,), or (E, C) for a per-expert group.
+Search table (merge): one row per group and layer, one per expert for a per-expert group (`expert`,
+`tokens`), one with a `note` and no α for a group that did not apply.
 """
 import io
 from pathlib import Path
@@ -21,14 +28,34 @@ from vlmquant.io import tensors as tensor_file
 from vlmquant.io.atomic import atomic_path
 
 
+def rtn_losses(result):
+    """The α = 0 (RTN) loss of a group result, as a list: one, or one per expert."""
+    losses = result.losses
+    return losses[:, 0].tolist() if isinstance(losses, torch.Tensor) and losses.dim() == 2 else [losses[0]]
+
+
 def save_layer(path, index, groups, results, ratios, meta):
-    """Write one layer's search results. groups: ScaleGroups; results: GroupResults; ratios: per group or None."""
+    """Write one layer's search results. groups: ScaleGroups; results: GroupResults (ExpertsResults for
+    per-expert groups); ratios: per group or None."""
     tensors = {f"scale.{k}": r.scales.detach().float().cpu().contiguous() for k, r in enumerate(results)}
-    tensors["alpha"] = torch.tensor([r.alpha for r in results], dtype=torch.float32)
-    tensors["losses"] = torch.tensor([r.losses for r in results], dtype=torch.float32)
-    tensors["best"] = torch.tensor([r.best_index for r in results], dtype=torch.int64)
+    alpha, losses, best = [], [], []
+    for k, r in enumerate(results):
+        if hasattr(r, "tokens"):  # per expert
+            tensors.update({f"experts.{k}.alpha": r.alpha.float(), f"experts.{k}.losses": r.losses.float(),
+                            f"experts.{k}.best": r.best.long(), f"experts.{k}.tokens": r.tokens.long()})
+            seen = r.tokens > 0
+            alpha.append(float(r.alpha[seen].mean()) if seen.any() else float("nan"))
+            losses.append(r.losses.sum(0).tolist())
+            best.append(-1)
+        else:
+            alpha.append(r.alpha)
+            losses.append(list(r.losses))
+            best.append(r.best_index)
+    tensors["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors["best"] = torch.tensor(best, dtype=torch.int64)
     info = {**meta, "layer": index,
-            "groups": [{"prev": g.prev, "linears": list(g.linears), "block": g.block, "ratio": ratio}
+            "groups": [{"prev": g.prev, "linears": list(g.consumers), "block": g.block, "ratio": ratio}
                        for g, ratio in zip(groups, ratios)]}
     tensor_file.save(path, tensors, info)
 
@@ -53,17 +80,38 @@ def merge(layer_paths, cache_path, table_path, expect):
                                     "(from another model or run; delete it and rerun)")
         if info["layer"] != want:
             raise VlmquantError(f"{path}: holds layer {info['layer']}, expected layer {want}")
+        prefix = f"layers.{want}."
         for k, g in enumerate(info["groups"]):
-            prefix = f"layers.{want}."
             entries.append((prefix + g["prev"], tuple(prefix + n for n in g["linears"]), tensors[f"scale.{k}"]))
-            losses = tensors["losses"][k]
-            best = int(tensors["best"][k])
-            rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]),
-                         "alpha": float(tensors["alpha"][k]), "loss": float(losses[best]),
-                         "rtn_loss": float(losses[0]), "ratio": g["ratio"]})
+            row = {"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]), "ratio": g["ratio"]}
+            if f"experts.{k}.alpha" in tensors:
+                e_best, e_losses = tensors[f"experts.{k}.best"], tensors[f"experts.{k}.losses"]
+                for e, tokens in enumerate(tensors[f"experts.{k}.tokens"].tolist()):
+                    rows.append({**row, **table_row(float(tensors[f"experts.{k}.alpha"][e]), e_losses[e],
+                                                    int(e_best[e]), e, tokens,
+                                                    None if tokens else "no calibration token routed: α = 0 (RTN)")})
+            else:
+                losses = tensors["losses"][k]
+                rows.append({**row, **table_row(float(tensors["alpha"][k]), losses, int(tensors["best"][k]))})
+        for g in info.get("skipped", []):
+            rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]), "ratio": None,
+                         **table_row(None, None, None, note=f"skipped: {g['reason']}")})
     save_cache({"scale": entries, "meta": {**expect, "n_layers": len(layer_paths)}}, cache_path)
     with atomic_path(table_path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), tmp)
+
+
+TABLE_SCHEMA = pa.schema([("layer", pa.int64()), ("group", pa.string()), ("linears", pa.string()),
+                          ("alpha", pa.float64()), ("loss", pa.float64()), ("rtn_loss", pa.float64()),
+                          ("ratio", pa.float64()), ("expert", pa.int64()), ("tokens", pa.int64()),
+                          ("note", pa.string())])
+
+
+def table_row(alpha, losses, best, expert=None, tokens=None, note=None):
+    """The search-table columns of one group (or expert): chosen α, its loss, the RTN loss (α = 0)."""
+    return {"alpha": alpha, "loss": None if losses is None else float(losses[best]),
+            "rtn_loss": None if losses is None else float(losses[0]), "expert": expert, "tokens": tokens,
+            "note": note}
 
 
 def save_cache(cache, path):

@@ -19,6 +19,8 @@ class Method:
     defaults: defaults of its own settings that the schema does not give (e.g. smoothquant's alpha).
     needs_a_bit: a one-line reason when the method only makes sense for weight-activation runs.
     group: picks one scale group's scales, (GroupSearch, RunSpec, ratio ρ or None) → GroupResult.
+    experts: picks every expert's scales of a fused MoE block's per-expert group, (search.experts.ExpertsSearch,
+    RunSpec, ratio) → ExpertsResult; None: the method does not search mixture-of-experts layers.
     """
     name: str
     summary: str
@@ -28,3 +30,4 @@ class Method:
     defaults: tuple[tuple[str, object], ...] = ()
     needs_a_bit: str = ""
     group: Callable | None = None
+    experts: Callable | None = None

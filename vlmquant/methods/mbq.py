@@ -1,6 +1,7 @@
 """MBQ (arXiv 2412.19509 §3): per-group α grid search, the vision tokens' share of the loss reweighted by
 the layer's gradient ratio ρ = max(vis/cap, median) (DESIGN.md algorithm steps 1-3)."""
 from vlmquant.methods.base import Method
+from vlmquant.search.experts import grid_search_experts
 from vlmquant.search.grid import grid_search
 
 METHOD = Method(
@@ -10,4 +11,5 @@ METHOD = Method(
     scales=True,
     reweight=True,
     group=grid_search,
+    experts=grid_search_experts,
 )

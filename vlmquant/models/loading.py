@@ -3,6 +3,7 @@
 The model is built on the meta device (no memory), then chosen submodules are moved to the
 target device and filled from the checkpoint, tensor by tensor.
 """
+import contextlib
 import fcntl
 import json
 import logging
@@ -92,27 +93,80 @@ class Checkpoint:
                 return p
         raise VlmquantError(f"{self.path}: no tensors under any of {', '.join(candidates)}")
 
-    def load_into(self, module, prefix, device, dtype):
-        """Fill `module` (on meta or any device) with the tensors under `prefix.` of the checkpoint."""
+    def shape(self, key):
+        with safe_open(self.path / self.files[key], "pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def load_into(self, module, prefix, device, dtype, expert_layouts=("fused",)):
+        """Fill `module` (on meta or any device) with the tensors under `prefix.` of the checkpoint.
+
+        Fused expert weights (…experts.gate_up_proj (E, 2I, H), …experts.down_proj (E, H, I)) are read in
+        any of `expert_layouts` (Adapter.expert_layouts): "fused" as the module holds them, "transposed"
+        ((E, H, 2I) and (E, I, H): the Qwen3-VL-MoE releases), "per_expert" (experts.{e}.gate_proj.weight,
+        up_proj, down_proj: what transformers 5.24 saves for Qwen3.5-MoE). Another layout is a VlmquantError
+        naming the tensor.
+        """
         module.to_empty(device=device).to(dtype)  # meta params carry the config's dtype; compute in `dtype`
         names = dict(module.named_parameters()) | dict(module.named_buffers())
-        by_file = {}
+        reads = {}  # name → (checkpoint keys, their tensors → the parameter)
         for name in names:
-            key = f"{prefix}.{name}"
-            if key not in self.files:
-                raise VlmquantError(f"{self.path}: tensor {key} not found in the checkpoint")
-            by_file.setdefault(self.files[key], []).append(name)
-        with torch.no_grad():
-            for file, keys in by_file.items():
-                with safe_open(self.path / file, "pt", device=str(device)) as f:
-                    for name in keys:
-                        t = f.get_tensor(f"{prefix}.{name}")
-                        target = names[name]
-                        if t.shape != target.shape:
-                            raise VlmquantError(f"{self.path}: {prefix}.{name} has shape {tuple(t.shape)}, "
-                                                f"the model expects {tuple(target.shape)}")
-                        target.copy_(t.to(dtype if t.is_floating_point() else t.dtype))
+            parent, _, leaf = name.rpartition(".")
+            if f"{parent.rpartition('.')[2]}.{leaf}" in EXPERT_WEIGHTS:
+                shapes = {n: tuple(names[f"{parent}.{n}"].shape) for n in ("gate_up_proj", "down_proj")}
+                reads[name] = self._expert_read(prefix, parent, leaf, shapes, expert_layouts)
+            elif f"{prefix}.{name}" in self.files:
+                reads[name] = [f"{prefix}.{name}"], lambda t: t[0]
+            else:
+                raise VlmquantError(f"{self.path}: tensor {prefix}.{name} not found in the checkpoint")
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            opened = {}
+            for name, (keys, combine) in reads.items():
+                tensors = []
+                for key in keys:
+                    file = self.files[key]
+                    if file not in opened:
+                        opened[file] = stack.enter_context(safe_open(self.path / file, "pt", device=str(device)))
+                    tensors.append(opened[file].get_tensor(key))
+                t = combine(tensors)
+                target = names[name]
+                if t.shape != target.shape:
+                    raise VlmquantError(f"{self.path}: {prefix}.{name} has shape {tuple(t.shape)}, "
+                                        f"the model expects {tuple(target.shape)}")
+                target.copy_(t.to(dtype if t.is_floating_point() else t.dtype))
         return module
+
+    def _expert_read(self, prefix, parent, leaf, shapes, layouts):
+        """(keys, combine) of the fused expert weight `parent.leaf`; shapes: the module's gate_up_proj and down_proj."""
+        keys = {n: f"{prefix}.{parent}.{n}" for n in shapes}
+        if keys[leaf] not in self.files:
+            return self._per_expert(f"{prefix}.{parent}", leaf, shapes[leaf][0], layouts)
+        if "transposed" not in layouts or not all(k in self.files for k in keys.values()):
+            return [keys[leaf]], lambda t: t[0]
+        # gate_up_proj (E, 2I, H) and down_proj (E, H, I) are never both square, so the pair of shapes tells the
+        # layout even where one of them is square (transformers decides tensor by tensor, by shape alone)
+        stored = {n: self.shape(k) for n, k in keys.items()}
+        if stored != shapes and stored == {n: (e, n_in, out) for n, (e, out, n_in) in shapes.items()}:
+            return [keys[leaf]], lambda t: t[0].transpose(1, 2)
+        return [keys[leaf]], lambda t: t[0]
+
+    def _per_expert(self, parent, leaf, n_experts, layouts):
+        parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+        keys = [f"{parent}.{e}.{p}.weight" for e in range(n_experts) for p in parts]
+        missing = [k for k in keys if k not in self.files]
+        if missing:
+            raise VlmquantError(f"{self.path}: tensor {parent}.{leaf} not found in the checkpoint, nor per expert "
+                                f"({missing[0]})")
+        if "per_expert" not in layouts:
+            raise VlmquantError(f"{self.path}: {parent} holds one tensor per expert ({keys[0]}), a layout "
+                                "transformers does not load for this model (it would leave the experts random); "
+                                "save the experts fused")
+        n = len(parts)
+        # gate_up_proj[e] = gate_proj ‖ up_proj along the output dim (gate rows first), as transformers merges them
+        return keys, lambda t: torch.stack([torch.cat(t[e * n:(e + 1) * n]) for e in range(n_experts)])
+
+
+# fused expert parameters (transformers 5 MoE blocks), relative to a decoder layer's experts module
+EXPERT_WEIGHTS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def meta_model(adapter, path, trust_remote_code=False):
@@ -135,7 +189,7 @@ def load_layers(adapter, path, indices, device, dtype, trust_remote_code=False):
     for i in indices:
         if not 0 <= i < len(layers):
             raise VlmquantError(f"{path}: layer {i} requested, the model has {len(layers)} decoder layers")
-        out[i] = ckpt.load_into(layers[i], f"{prefix}.{i}", device, dtype).eval()
+        out[i] = ckpt.load_into(layers[i], f"{prefix}.{i}", device, dtype, adapter.expert_layouts).eval()
     return out
 
 

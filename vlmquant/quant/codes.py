@@ -91,7 +91,8 @@ def check_scheme(s: Scheme) -> None:
 
 
 def fake_quant(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """The pseudo-quantized weight of a (out, in) weight under `scheme`, in w's dtype."""
+    """The pseudo-quantized weight of a (out, in) weight (or fused experts (E, out, in), each expert like a
+    linear) under `scheme`, in w's dtype."""
     if scheme.w_type == "float":
         return fake_quant_weight_fp8(w)
     if scheme.symmetric:
@@ -130,6 +131,9 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     divide its input width.
     """
     check_scheme(scheme)
+    if w.dim() != 2:
+        raise VlmquantError(f"weight of shape {tuple(w.shape)} is not 2-D (out, in); packed codes are written for "
+                            "linear weights only")
     group = check_weight_groups(tuple(w.shape), scheme.w_group)
     n_out = w.shape[0]
     work = w.detach().to(compute_dtype(w.dtype), memory_format=torch.contiguous_format, copy=True)

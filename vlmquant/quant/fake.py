@@ -25,10 +25,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_weight_groups(shape, group: int) -> int:
-    """Return the group size for a (out, in) weight (`group <= 0`: the whole row)."""
-    if len(shape) != 2:
-        raise VlmquantError(f"weight of shape {tuple(shape)} is not 2-D (out, in); only linear weights can be quantized")
-    n_in = shape[1]
+    """Return the group size for a (out, in) weight, or fused experts (E, out, in) quantized per expert like a
+    stack of linears (`group <= 0`: the whole row)."""
+    if len(shape) not in (2, 3):
+        raise VlmquantError(f"weight of shape {tuple(shape)} is not 2-D (out, in) or fused experts (E, out, in); only "
+                            "linear weights can be quantized")
+    n_in = shape[-1]
     if group <= 0:
         return n_in
     if n_in % group:
@@ -75,8 +77,8 @@ def sym_qparams(t: torch.Tensor, bits: int, scale_dtype: torch.dtype | None = No
 
 
 def fake_quant_groups_(w: torch.Tensor, bits: int, group: int, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """In place: asymmetric min/max fake quant of a contiguous (out, in) tensor, groups along in
-    (scales rounded to `scale_dtype`, see asym_qparams)."""
+    """In place: asymmetric min/max fake quant of a contiguous (..., out, in) tensor, groups along in
+    (scales rounded to `scale_dtype`, see asym_qparams); (E, out, in) experts all in one op."""
     qmax = 2**bits - 1
     wg = w.view(-1, group)  # (out * in / group, group)
     scale, zero = asym_qparams(wg, bits, scale_dtype)
@@ -89,6 +91,7 @@ def fake_quant_groups_(w: torch.Tensor, bits: int, group: int, scale_dtype: torc
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Q(w·s)/s in w's dtype: the weight a scale search tries for per-input-channel scales s.
 
+    w: (out, C_in), or fused experts (E, out, C_in) with s (C_in,) shared or (E, 1, C_in) per expert.
     Same math as fake_quant_groups_ on w·s, in the compute dtype (fused with VLMQUANT_COMPILE=1).
     """
     ws = w.to(compute_dtype(w.dtype)) * s  # (out, C_in), one fresh tensor; the rest is in place
@@ -105,7 +108,8 @@ def fake_quant_sym_rows_(t: torch.Tensor, bits: int, scale_dtype: torch.dtype | 
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Asymmetric min/max fake quant of a (out, in) weight in groups of `group` input columns.
+    """Asymmetric min/max fake quant of a (out, in) weight (or (E, out, in) experts, each expert's rows alike)
+    in groups of `group` input columns.
 
     Per group: scale = max(max - min, 1e-5) / (2^bits - 1) rounded to w's dtype, zero = clamp(round(-min/scale)),
     q = clamp(round(w/scale) + zero, 0, 2^bits - 1), out = (q - zero) * scale.
@@ -118,7 +122,8 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 def fake_quant_weight_sym(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Symmetric abs-max fake quant (no zero point) of a (out, in) weight in groups of `group` input columns.
+    """Symmetric abs-max fake quant (no zero point) of a (out, in) weight (or (E, out, in) experts) in groups
+    of `group` input columns.
 
     Per group: scale = max(absmax, 1e-5) / (2^(bits-1) - 1) rounded to w's dtype,
     out = clamp(round(w/scale), -2^(bits-1), 2^(bits-1) - 1) * scale. `group <= 0` means one group per

@@ -38,12 +38,14 @@ def fake_quant_fp8_rows_(t: torch.Tensor, scale_dtype: torch.dtype | None = None
 
 
 def fake_quant_weight_fp8(w: torch.Tensor) -> torch.Tensor:
-    """FP8 E4M3 fake quant of a (out, in) weight, one scale per output row (rounded to w's dtype).
+    """FP8 E4M3 fake quant of a (out, in) weight (or (E, out, in) experts), one scale per output row (rounded to
+    w's dtype).
 
     Returns a new tensor of w's dtype and shape: fp8(clamp(w / scale)) * scale.
     """
-    if w.dim() != 2:
-        raise VlmquantError(f"weight of shape {tuple(w.shape)} is not 2-D (out, in); only linear weights can be quantized")
+    if w.dim() not in (2, 3):
+        raise VlmquantError(f"weight of shape {tuple(w.shape)} is not 2-D (out, in) or fused experts (E, out, in); "
+                            "only linear weights can be quantized")
     work = w.detach().to(compute_dtype(w.dtype), copy=True)
     return fake_quant_fp8_rows_(work, w.dtype).to(w.dtype)
 

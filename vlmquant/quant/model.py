@@ -7,6 +7,7 @@ import torch
 
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.codes import InputQuantizer, fake_quant
+from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold_scales
 
 
@@ -43,12 +44,33 @@ def resolve_ignore(names, patterns, strict=True):
     return ignored
 
 
+def never_quantized(name, adapter):
+    """Is the decoder module `name` (layers.{i}.…) one of the adapter's keep_fp linears (routers' gates…)?"""
+    parts = name.split(".", 2)
+    return len(parts) == 3 and parts[2] in adapter.keep_fp
+
+
 def decoder_linears(model, adapter, exclude=()):
-    """[(name relative to the layer root, module)] of every nn.Linear in the decoder layers, minus the
-    names in `exclude` (exact names, e.g. a checkpoint's `ignored_modules`)."""
+    """[(name relative to the layer root, module)] of every nn.Linear in the decoder layers that may be
+    quantized (not the adapter's keep_fp), minus the names in `exclude` (exact names, e.g. a checkpoint's
+    `ignored_modules`)."""
     exclude = set(exclude)
     return [(name, m) for name, m in layer_root(model, adapter).named_modules()
-            if name.startswith("layers.") and isinstance(m, torch.nn.Linear) and name not in exclude]
+            if name.startswith("layers.") and isinstance(m, torch.nn.Linear) and name not in exclude
+            and not never_quantized(name, adapter)]
+
+
+def decoder_experts(model, adapter):
+    """[(name relative to the layer root, parameter)] of the fused expert weights (E, out, in) of the decoder
+    layers (adapter.expert_weights), quantized per expert like linears."""
+    out = []
+    for i, layer in enumerate(adapter.layers(model)):
+        for name in adapter.expert_weights:
+            try:
+                out.append((f"layers.{i}.{name}", layer.get_parameter(name)))
+            except AttributeError:
+                continue
+    return out
 
 
 def groups_to_fold(folds, ignored):
@@ -66,15 +88,29 @@ def apply_scale_cache(model, adapter, cache, source="scale cache"):
 
 @torch.no_grad()
 def quantize_linears(linears, spec):
-    """Replace every linear's weight with its fake-quantized value under the run's scheme (spec.scheme):
-    the weights of the pseudo checkpoint, equal to the packed checkpoint's codes × scales."""
+    """Replace every linear's weight (or fused expert parameter (E, out, in), per expert) with its fake-quantized
+    value under the run's scheme (spec.scheme): the weights of the pseudo checkpoint, equal to the packed
+    checkpoint's codes × scales."""
     for lin in linears:
-        lin.weight.copy_(fake_quant(lin.weight, spec.scheme))
+        w = lin if isinstance(lin, torch.Tensor) else lin.weight
+        w.copy_(fake_quant(w, spec.scheme))
 
 
 def pseudo_quantize(model, adapter, spec, exclude=()):
-    """Fake-quantize every decoder-layer linear of the model, minus the names in `exclude`."""
-    quantize_linears([lin for _, lin in decoder_linears(model, adapter, exclude)], spec)
+    """Fake-quantize every decoder-layer linear of the model, minus the names in `exclude`, and every fused expert
+    weight per expert. Raises VlmquantError for a weight-activation scheme on a model with fused experts (their
+    inputs cannot be quantized at run time) or a w_group not dividing an expert weight's input width."""
+    experts = decoder_experts(model, adapter)
+    if experts and spec.scheme.a_bit is not None:
+        raise VlmquantError(f"{experts[0][0]}: fused MoE experts: weight-activation runs (a_bit) are not supported: "
+                            "their inputs are computed inside transformers' fused forward, where no linear input can "
+                            "be quantized per token")
+    for name, w in experts:
+        try:
+            check_weight_groups(tuple(w.shape), spec.scheme.w_group)
+        except VlmquantError as e:
+            raise VlmquantError(f"{name}: {e}") from None
+    quantize_linears([lin for _, lin in decoder_linears(model, adapter, exclude)] + [w for _, w in experts], spec)
 
 
 @contextlib.contextmanager

@@ -97,9 +97,18 @@ def plot_hidden_error(eval_tables, out, title, styles):
     save(fig, out)
 
 
+def searched_alpha(df):
+    """One row per layer and searched group: per-expert rows averaged, skipped groups (no α) dropped."""
+    df = df[df["alpha"].notna()]
+    if "expert" not in df or df["expert"].isna().all():
+        return df
+    return df.groupby(["layer", "group", "linears"], as_index=False, sort=False)["alpha"].mean()
+
+
 def plot_alpha(search_tables, out, title, styles):
-    """search_tables: {run: path of search.parquet}; styles: run_styles of every run; one panel per scale group."""
-    data = {run: pd.read_parquet(p) for run, p in search_tables.items()}
+    """search_tables: {run: path of search.parquet}; styles: run_styles of every run; one panel per scale group (a
+    per-expert group: the mean α over its experts; groups that did not apply are left out)."""
+    data = {run: searched_alpha(pd.read_parquet(p)) for run, p in search_tables.items()}
     groups = []
     for df in data.values():
         groups += [g for g in df["group"].unique() if g not in groups]

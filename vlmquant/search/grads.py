@@ -2,7 +2,8 @@
 
 For each decoder layer's attention output projection and MLP output projection, the mean
 |∂loss/∂output| over vision positions and over caption positions of each sample, averaged
-over samples. loss = mean caption-token NLL of that sample. Only activation gradients are
+over samples. The sites are the first of Adapter.attn_out / mlp_out a layer has: a
+linear-attention layer's out_proj, a MoE block's output (no single down_proj). loss = mean caption-token NLL of that sample. Only activation gradients are
 computed: every parameter is frozen and the gradient enters at the token embeddings.
 """
 import torch
@@ -58,12 +59,12 @@ def gradient_stats(model, adapter, samples, device, dtype, batch_size=4):
             per_sample = (a * m).sum(1) / (m.sum(1) * g.shape[-1]).clamp(min=1)  # mean |g| per sample
             sums[site][key][i] += per_sample.double().sum()
 
-    handles = [layers[i].get_submodule(name).register_forward_hook(grad_hook(site, i))
-               for i in range(L) for site, name in (("attn", adapter.attn_out), ("mlp", adapter.mlp_out))]
+    handles = [adapter.site(layers[i], names).register_forward_hook(grad_hook(site, i))
+               for i in range(L) for site, names in (("attn", adapter.attn_out), ("mlp", adapter.mlp_out))]
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     try:
-        with lean_forwards(layers, adapter.mlp_out.rsplit(".", 1)[0]):
+        with lean_forwards(layers, "mlp"):
             for start in tqdm(range(0, B, batch_size), desc="grads", unit="batch"):
                 part = ragged.collate(samples[start:start + batch_size])
                 valid = part["attention_mask"].bool().to(device)

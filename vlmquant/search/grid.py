@@ -74,8 +74,10 @@ class GroupSearch:
     """One scale group's inputs to a method (Method.group).
 
     x: the linears' fp input (B, T, C_in), every token (channel statistics over `stat_masks`).
+    linears: the quantized consumers: nn.Linear modules, or fused expert parameters (E, out, C_in).
     forward: zero-arg callable running the group's block with the linears' current weights.
     fp_out: the block's fp output, at the tokens of `masks` (all, or only those the loss reads).
+    period: the scales repeat with this period (a norm weight shared by every head), or None.
     """
     x: torch.Tensor
     linears: list
@@ -83,6 +85,7 @@ class GroupSearch:
     fp_out: torch.Tensor
     masks: dict
     stat_masks: dict
+    period: int | None = None
 
 
 @dataclass
@@ -93,16 +96,44 @@ class GroupResult:
     best_index: int
 
 
+def weight_of(linear):
+    """The weight of a group's quantized consumer: an nn.Linear's, or a fused experts parameter itself."""
+    return linear if isinstance(linear, torch.Tensor) else linear.weight
+
+
 def _check_group(x, linears, scheme):
     check_bits(scheme.w_bit, 1 if scheme.a_bit is None and not scheme.symmetric else 2)
     if scheme.a_bit is not None:
         check_bits(scheme.a_bit, 2)
     n_in = x.shape[-1]
     for lin in linears:
-        w = lin.weight
-        if w.dim() != 2 or w.shape[1] != n_in:
+        w = weight_of(lin)
+        if w.dim() not in (2, 3) or w.shape[-1] != n_in:
             raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the group input's {n_in} channels")
+        if w.dim() == 3 and scheme.a_bit is not None:
+            raise VlmquantError("fused MoE experts: weight-activation runs (a_bit) are not supported: the experts' "
+                                "inputs are computed inside transformers' fused forward, where no linear input can "
+                                "be quantized per token")
         check_weight_groups(w.shape, scheme.w_group)
+
+
+def grid_scales(a: torch.Tensor, n_grid: int) -> list[torch.Tensor]:
+    """The candidates s = clamp(a^α, 1e-4) / sqrt(max(s)·min(s)), α = i / n_grid, i < n_grid, of channel means
+    a (C,), or (E, C) with max and min per row (one expert each)."""
+    out = []
+    for i in range(n_grid):
+        s = a.pow(i / n_grid).clamp_(min=1e-4)
+        out.append(s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt())
+    return out
+
+
+def pool_period(v: torch.Tensor, period: int | None, reduce: str = "mean") -> torch.Tensor:
+    """A channel statistic (C,) made periodic: reduced over the C / period repeats and tiled back (scales
+    shared by every head, whose norm has one weight per head channel); unchanged for period None."""
+    if period is None or period == v.shape[-1]:
+        return v
+    heads = v.view(-1, period)
+    return (heads.mean(0) if reduce == "mean" else heads.amax(0)).repeat(v.shape[-1] // period)
 
 
 def _valid_rows(x, masks):
@@ -121,11 +152,11 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, los
     x/s; weight-activation schemes also quantize each linear's input per token as the scaled model sees
     it, Q_a(x/s)·s. The linears' weights are restored on return.
     """
-    weights = [lin.weight for lin in linears]
+    weights = [weight_of(lin) for lin in linears]
     device = weights[0].device
     originals = [w.detach().clone() for w in weights]
     fast = scheme.w_type == "int" and (not scheme.symmetric or scheme.w_group <= 0)
-    group = scheme.w_group if scheme.w_group > 0 else weights[0].shape[1]
+    group = scheme.w_group if scheme.w_group > 0 else weights[0].shape[-1]
     if scheme.symmetric and fast:  # one flat buffer in the quantization dtype, viewed as each weight in turn
         buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
     quantize_input = InputQuantizer(scheme) if scheme.a_bit is not None else None
@@ -156,26 +187,24 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, los
 
 @torch.no_grad()
 def search_group(x, linears, forward, fp_out, masks, *, scheme, n_grid=20, loss="mae", ratio=None,
-                 stat_masks=None) -> GroupResult:
+                 stat_masks=None, period=None) -> GroupResult:
     """Grid-search the per-input-channel scales of one group.
 
-    x: the linears' fp input, (N, C_in) or (B, T, C_in). linears: modules with a .weight (out, C_in).
-    forward: zero-arg callable running the group's module on its fp inputs with the linears'
-    current weights, returning a tensor shaped like fp_out. Weights are restored on return.
-    masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel statistics).
-    Candidates: s = a^α normalized, a = mean |x| per channel, α = 0, 1/n_grid, …; the α with the
-    strictly smallest loss wins (α = 0 is RTN). scheme: how weights (and activations) are quantized.
+    x: the linears' fp input, (N, C_in) or (B, T, C_in). linears: modules with a .weight (out, C_in), or
+    fused expert parameters (E, out, C_in) sharing s. forward: zero-arg callable running the group's module
+    on its fp inputs with the linears' current weights, returning a tensor shaped like fp_out. Weights are
+    restored on return. masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel
+    statistics). Candidates: s = a^α normalized (grid_scales), a = mean |x| per channel (pooled over the
+    repeats of `period`, for scales shared by heads), α = 0, 1/n_grid, …; the α with the strictly smallest
+    loss wins (α = 0 is RTN). scheme: how weights (and activations) are quantized.
     """
     if n_grid < 1:
         raise VlmquantError(f"n_grid={n_grid} must be at least 1")
     _check_group(x, linears, scheme)
     xv = _valid_rows(x, masks if stat_masks is None else stat_masks)
-    a = xv.abs_().mean(dim=0, dtype=torch.float32).to(linears[0].weight.device)  # (C_in,)
+    a = pool_period(xv.abs_().mean(dim=0, dtype=torch.float32), period).to(weight_of(linears[0]).device)  # (C_in,)
     del xv
-    grid = []
-    for i in range(n_grid):
-        s = a.pow(i / n_grid).clamp_(min=1e-4)
-        grid.append(s / (s.max() * s.min()).sqrt())
+    grid = grid_scales(a, n_grid)
     losses = candidate_losses(linears, forward, fp_out, masks, grid, scheme=scheme, loss=loss, ratio=ratio)
     best = min(range(n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
     return GroupResult(scales=grid[best], alpha=best / n_grid, losses=losses, best_index=best)
@@ -183,44 +212,46 @@ def search_group(x, linears, forward, fp_out, masks, *, scheme, n_grid=20, loss=
 
 @torch.no_grad()
 def smooth_group(x, linears, forward, fp_out, masks, *, scheme, alpha=0.5, loss="mae", ratio=None,
-                 stat_masks=None) -> GroupResult:
+                 stat_masks=None, period=None) -> GroupResult:
     """SmoothQuant scales, no search: s_j = max|X_j|^α / max|W_j|^(1−α), the maxima over valid tokens
-    and over the rows of all the group's linears. losses = [RTN (s = 1), smoothed]; the smoothed
-    scales are kept whatever their loss. masks / stat_masks as in search_group."""
+    and over the rows of all the group's linears (and over the repeats of `period`). losses = [RTN (s = 1),
+    smoothed]; the smoothed scales are kept whatever their loss. masks / stat_masks as in search_group."""
     _check_group(x, linears, scheme)
-    x_max = _valid_rows(x, masks if stat_masks is None else stat_masks).abs().amax(0).to(linears[0].weight.device)  # (C_in,)
-    s = smoothquant_scales(x_max, linears, alpha)
+    x_max = _valid_rows(x, masks if stat_masks is None else stat_masks).abs().amax(0)  # (C_in,)
+    s = smoothquant_scales(x_max.to(weight_of(linears[0]).device), linears, alpha, period)
     losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], scheme=scheme, loss=loss,
                               ratio=ratio)
     return GroupResult(scales=s, alpha=alpha, losses=losses, best_index=1)
 
 
 @torch.no_grad()
-def smoothquant_scales(x_absmax: torch.Tensor, linears, alpha: float) -> torch.Tensor:
+def smoothquant_scales(x_absmax: torch.Tensor, linears, alpha: float, period=None) -> torch.Tensor:
     """SmoothQuant scales s_j = max|X_j|^α / max|W_j|^(1-α), fp32 (C_in,).
 
     x_absmax: (C_in,) max |x| per input channel over the calibration tokens; max|W_j| is the
-    largest |weight| in column j over all the linears' output rows. Both are clamped to >= 1e-5.
+    largest |weight| in column j over all the linears' output rows. Both are clamped to >= 1e-5;
+    with `period`, both maxima are taken over the repeats too (scales shared by heads).
     """
     n_in = x_absmax.shape[-1]
     w_max = torch.zeros(n_in, dtype=torch.float32, device=x_absmax.device)
     for lin in linears:
-        if lin.weight.shape[-1] != n_in:
-            raise VlmquantError(f"linear weight of shape {tuple(lin.weight.shape)} does not take the {n_in} channels of x_absmax")
-        w = lin.weight.detach()
+        w = weight_of(lin).detach()
+        if w.shape[-1] != n_in:
+            raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the {n_in} channels of x_absmax")
+        w = w.reshape(-1, n_in)
         col_max = torch.maximum(w.amax(dim=0), w.amin(dim=0).neg())  # (C_in,)
         w_max = torch.maximum(w_max, col_max.float().to(w_max.device))
-    x_max = x_absmax.float().clamp(min=1e-5)
-    return x_max.pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    x_max = pool_period(x_absmax.float(), period, "max").clamp(min=1e-5)
+    return x_max.pow(alpha) / pool_period(w_max, period, "max").clamp(min=1e-5).pow(1 - alpha)
 
 
 def grid_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
     """Method.group of the searching methods (mbq, awq): search_group with the run's settings."""
     return search_group(job.x, job.linears, job.forward, job.fp_out, job.masks, scheme=spec.scheme, n_grid=spec.n_grid,
-                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks)
+                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks, period=job.period)
 
 
 def smooth_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
     """Method.group of smoothquant: smooth_group with the run's settings."""
     return smooth_group(job.x, job.linears, job.forward, job.fp_out, job.masks, scheme=spec.scheme, alpha=spec.alpha,
-                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks)
+                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks, period=job.period)

@@ -1,35 +1,44 @@
 """Search all scale groups of one decoder layer on its fp inputs.
 
-One fp forward of the layer, with hooks, records every group's linear inputs and its
-block's inputs and output. Each group is then searched from the layer's fp weights
-(groups are independent); a token-wise block runs on only the tokens its loss reads. The
-next layer's input is the layer's fp output, or with `distort` the layer's output as the
-quantized model computes it (`quantized_forward`).
+One fp forward of the layer, with hooks, records every group's input and its block's inputs and
+output (for a per-expert group, what its MoE block's experts were called with: the tokens and their
+routing). Each group is then searched from the layer's fp weights (groups are independent); a
+token-wise block runs on only the tokens its loss reads. The next layer's input is the layer's fp
+output, or with `distort` the layer's output as the quantized model computes it (`quantized_forward`).
 """
 import torch
 
+from vlmquant.errors import VlmquantError
+from vlmquant.models.base import layer_part
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import groups_to_fold, quantize_linears, quantized_inputs, resolve_ignore
 from vlmquant.search.capture import layer_forward
+from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 
 
 @torch.no_grad()
 def record_layer(layer, groups, hidden, kwargs):
-    """fp forward with hooks → (next hidden, {group index: (x, block args, block kwargs, fp out)})."""
+    """fp forward with hooks → (next hidden, {group index: record}).
+
+    A record holds "x" (the group's input) and, but for per-expert groups, the block's "args", "kwargs"
+    and fp "out"; a per-expert group's "args" are its experts module's (hidden (N, H), top_k_index, weights).
+    """
     records, handles = {}, []
     for gi, g in enumerate(groups):
         rec = records.setdefault(gi, {})
 
-        def linear_hook(module, args, rec=rec):
+        def input_hook(module, args, rec=rec):
             rec["x"] = args[0]
+            rec["args"] = args
 
         def block_hook(module, args, kwargs, output, rec=rec):
             rec["args"], rec["kwargs"] = args, kwargs
             rec["out"] = output[0] if isinstance(output, tuple) else output
 
-        handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(linear_hook))
-        handles.append(layer.get_submodule(g.block).register_forward_hook(block_hook, with_kwargs=True))
+        handles.append(layer.get_submodule(g.inputs or g.linears[0]).register_forward_pre_hook(input_hook))
+        if not g.experts:
+            handles.append(layer.get_submodule(g.block).register_forward_hook(block_hook, with_kwargs=True))
     try:
         out = layer_forward(layer, hidden, kwargs)
     finally:
@@ -39,28 +48,47 @@ def record_layer(layer, groups, hidden, kwargs):
 
 
 def select_tokens(args, out, masks, reweight):
-    """A token-wise block's inputs and fp output, flattened to (N_keep, C), and the masks (N_keep,), at only
+    """A token-wise block's inputs and fp output, flattened to (1, N_keep, C), and the masks (N_keep,), at only
     the tokens its loss reads. Unchanged when that is every token or none (group_loss then says why)."""
     keep = loss_tokens(masks, reweight).to(out.device)
     n = int(keep.sum())
     if n in (0, keep.numel()):
         return args, out, masks
     idx = keep.nonzero().squeeze(1)
-    pick = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, idx)  # noqa: E731
+    pick = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, idx)[None]  # noqa: E731  (1, N_keep, C): MoE blocks take 3-D
     return (pick(args[0]), *args[1:]), pick(out), {k: v.reshape(-1).to(idx.device)[idx] for k, v in masks.items()}
+
+
+def group_period(layer, g, n_in):
+    """The period of the group's scales: a norm's width where its weight is shared by every head of a wider
+    input (Qwen3.5's gated norm in linear attention), else None."""
+    prev = layer_part(layer, g.prev)
+    if isinstance(prev, (torch.Tensor, torch.nn.Linear)):
+        return None
+    d = prev.weight.numel()
+    return d if d < n_in else None
 
 
 def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None):
     """Search every group of `layer` with the run's method. Returns (results per group, fp output of the layer).
 
-    spec: the RunSpec. ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None.
+    spec: the RunSpec. ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None. A per-expert group's result
+    is an ExpertsResult (its method's `experts` search), the others' a GroupResult.
     """
     out, records = record_layer(layer, groups, hidden, kwargs)
     results = []
     for gi, g in enumerate(groups):
         rec = records.pop(gi)
-        block = layer.get_submodule(g.block)
         ratio = ratios[g.site] if ratios else None
+        if g.experts:
+            if spec.method_def.experts is None:
+                raise VlmquantError(f"method {spec.method} does not search the experts of mixture-of-experts layers")
+            hidden_in, top_k_index = rec["args"][0], rec["args"][1]
+            job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio is not None)
+            results.append(spec.method_def.experts(job, spec, ratio))
+            del job, rec
+            continue
+        block = layer.get_submodule(g.block)
         args, fp_out, loss_masks = rec["args"], rec["out"], masks
         if g.token_wise:
             args, fp_out, loss_masks = select_tokens(args, fp_out, masks, ratio is not None)
@@ -70,23 +98,38 @@ def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None):
             return o[0] if isinstance(o, tuple) else o
 
         # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
-        job = GroupSearch(rec["x"], [layer.get_submodule(n) for n in g.linears], forward, fp_out, loss_masks, masks)
+        job = GroupSearch(rec["x"], [layer_part(layer, n) for n in g.linears], forward, fp_out, loss_masks, masks,
+                          group_period(layer, g, rec["x"].shape[-1]))
         results.append(spec.method_def.group(job, spec, ratio))
         del job, args, fp_out, loss_masks, rec
     return results, out
 
 
+def quantized_parts(layer, adapter, prefix, ignore):
+    """(linears to quantize, names of the ignored ones, fused expert weights to quantize) of one decoder layer as
+    export quantizes it: adapter.keep_fp linears are never quantized, `ignore` patterns (export.ignore) keep
+    linears fp. Names relative to the layer; prefix: the layer's name relative to the layer root."""
+    keep = set(adapter.keep_fp) if adapter else set()
+    named = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in keep]
+    ignored = {n.removeprefix(prefix) for n in resolve_ignore([prefix + n for n, _ in named], ignore, strict=False)}
+    experts = []
+    for name in (adapter.expert_weights if adapter else ()):
+        try:
+            experts.append(layer.get_parameter(name))
+        except AttributeError:
+            continue
+    return [m for n, m in named if n not in ignored], ignored, experts
+
+
 @torch.no_grad()
-def quantized_forward(layer, index, groups, results, spec, hidden, kwargs):
+def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapter=None):
     """Decoder layer `index`'s output as the exported model computes it: the searched scales folded, every
-    linear fake-quantized (inputs too for weight-activation runs). As in export, the linears spec.ignore
-    selects stay fp and a group whose linears are all ignored is not folded. Changes `layer`."""
-    prefix = f"layers.{index}."
-    names = [prefix + n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
-    ignored = {n.removeprefix(prefix) for n in resolve_ignore(names, spec.ignore, strict=False)}
-    folds = resolve_scales(layer, [(g.prev, g.linears, r.scales) for g, r in zip(groups, results)], "search")
+    linear fake-quantized (inputs too for weight-activation runs) and, with the family's `adapter`, its fused
+    expert weights per expert. As in export, the linears spec.ignore selects (and adapter.keep_fp) stay fp and
+    a group whose linears are all ignored is not folded. Changes `layer`."""
+    linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{index}.", spec.ignore)
+    folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(groups, results)], "search")
     fold(groups_to_fold(folds, ignored)[0])
-    linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignored]
-    quantize_linears(linears, spec)
+    quantize_linears(linears + experts, spec)
     with quantized_inputs(linears, spec.scheme):
         return layer_forward(layer, hidden, kwargs)

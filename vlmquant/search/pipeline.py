@@ -15,11 +15,12 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged, scales, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
+from vlmquant.models.base import layer_part
 from vlmquant.models.loading import meta_model
-from vlmquant.quant.fold import resolve_scales
+from vlmquant.quant.fold import consumer_weight, resolve_scales
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples,
-                                     save_layer_inputs, token_masks)
+from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
+                                     token_masks)
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios
 from vlmquant.search.layer import quantized_forward, search_layer
 
@@ -61,13 +62,13 @@ def run_acts(model, inputs_path, starts, out_dir):
     full = model.load()
     samples, _ = load_samples(inputs_path)
     layers = model.adapter.layers(full)
-    hidden, kwargs = capture_layer_inputs(full, layers, ragged.collate(samples), model.device, model.dtype)
+    hidden, args = capture_layer_inputs(full, layers, ragged.collate(samples), model.device, model.dtype, model.adapter)
     meta = {"inputs_sha256": sha256_file(inputs_path)}
     for i in tqdm(range(max(starts) + 1), desc="acts", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         if i in starts:
-            save_layer_inputs(layer_file(out_dir, i), hidden, kwargs, {**meta, "layer": i})
-        hidden = layer_forward(layers[i], hidden, kwargs)
+            save_layer_inputs(layer_file(out_dir, i), hidden, args, {**meta, "layer": i})
+        hidden = args.forward(layers[i], i, hidden)
 
 
 # --- search ---------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
     meta = {**names, "run_config": spec.search_params()}
     samples, _ = load_samples(inputs_path)
     masks = token_masks(ragged.collate(samples), model.device)
-    hidden, kwargs, info = load_layer_inputs(start, model.device, model.dtype)
+    hidden, args, info = load_layer_inputs(start, model.device, model.dtype)
     if info["layer"] != first:
         raise VlmquantError(f"{start}: holds the inputs of layer {info['layer']}, expected {first}")
     if chained and info.get("run") != names["run"]:
@@ -93,14 +94,14 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                             "needs those its previous chunk left")
     ratios = load_ratios(grads_path) if spec.needs_grads else None
     layers = model.load_layers(layer_ids)
-    plan = {}
+    plan, skipped = {}, {}
     for i in layer_ids:  # every check before any search work
-        groups = model.adapter.resolve_groups(layers[i], i)
+        groups, skipped[i] = model.adapter.layer_groups(layers[i], i)
         if not spec.weight_activation:
             for g in groups:
                 for name in g.linears:
                     try:
-                        check_weight_groups(tuple(layers[i].get_submodule(name).weight.shape), spec.w_group)
+                        check_weight_groups(tuple(consumer_weight(layer_part(layers[i], name)).shape), spec.w_group)
                     except VlmquantError as e:
                         raise VlmquantError(f"decoder layer {i} {name}: {e}") from None
         plan[i] = groups
@@ -109,17 +110,21 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         groups = plan[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = layers.pop(i)
-        results, out = search_layer(layer, groups, hidden, kwargs, masks, spec, layer_ratios)
-        hidden = quantized_forward(layer, i, groups, results, spec, hidden, kwargs) if spec.distort else out
+        results, out = search_layer(layer, groups, hidden, args.kwargs(i), masks, spec, layer_ratios)
+        if spec.distort:
+            out = quantized_forward(layer, i, groups, results, spec, hidden, args.kwargs(i), model.adapter)
+        hidden = args.after(i, out)
         del layer, out
         for g, r in zip(groups, results):
-            if not math.isfinite(r.losses[0]):
+            if not all(map(math.isfinite, scales.rtn_losses(r))):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
         scales.save_layer(layer_file(out_dir, i), i, groups, results,
-                          [layer_ratios[g.site] if layer_ratios else None for g in groups], meta)
+                          [layer_ratios[g.site] if layer_ratios else None for g in groups],
+                          {**meta, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
+                                               for g, why in skipped[i]]})
     if spec.distort and last + 1 < n_layers(model.path):
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
-        save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, kwargs,
+        save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
 
 

@@ -15,7 +15,7 @@ class LlavaOnevision(Adapter):
     video_processor = "LlavaOnevisionVideoProcessor"
     checkpoint_layer_prefixes = LLAVA_LAYER_PREFIXES
 
-    def process(self, processor, text, images):
+    def process(self, processor, text, images, **kwargs):
         """A sample's images go to the processor as one group (batch_num_images = [n]): a single
         image is cut into AnyRes tiles, each of several images is one tile, as OneVision does.
 
@@ -24,7 +24,7 @@ class LlavaOnevision(Adapter):
         (one image, or one tile each), so the tiles are stored flattened to (n_images * n_tiles,
         3, H, W): the model takes that form too, splitting it by the tile counts of image_sizes.
         """
-        enc = dict(processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+        enc = dict(processor(text=[text], images=[images] if images else None, return_tensors="pt", **kwargs))
         if images:
             pixels = enc["pixel_values"]
             if len(images) > 1 and pixels.shape[1] != 1:

@@ -1,0 +1,332 @@
+"""Mixture-of-experts layers (Qwen3-VL-MoE, Qwen3.5-MoE): fused 3-D experts quantized per expert in one op, the
+batched per-expert search against the straightforward per-expert loop, experts without tokens, folds into
+routers and experts, checkpoint layouts, and what the exports do with experts."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from vlmquant.errors import VlmquantError
+from vlmquant.io.scales import load_cache, merge, save_layer
+from vlmquant.models import get_adapter
+from vlmquant.models.base import in_width, layer_part
+from vlmquant.quant.codes import Scheme, fake_quant
+from vlmquant.quant.fake import scaled_fake_quant
+from vlmquant.quant.fold import fold_scales
+from vlmquant.quant.model import decoder_experts, pseudo_quantize
+from vlmquant.search import experts as X
+from vlmquant.search import pipeline as P
+from vlmquant.search.capture import load_layer_inputs, load_samples, token_masks
+from vlmquant.search.grid import group_loss, grid_scales, loss_tokens
+from vlmquant.search.layer import search_layer
+from vlmquant.io import ragged
+
+from conftest import open_demo, run_spec
+
+SCHEMES = (Scheme(3, 128), Scheme(4, 128, True), Scheme(4, -1, True), Scheme(8, -1, True, "float", 8, "float"))
+
+
+def experts_module(n_experts=8, hidden=256, width=128, seed=0):
+    """Qwen3-VL-MoE fused experts with random weights: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+    config = transformers.Qwen3VLMoeTextConfig(hidden_size=hidden, moe_intermediate_size=width, num_experts=n_experts,
+                                               num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    experts = transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe.Qwen3VLMoeTextExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.05)
+        experts.down_proj.normal_(0, 0.05)
+    return experts
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_fused_experts_fake_quantize_per_expert_in_one_op(scheme):
+    w = experts_module().down_proj.detach()  # (E, H, I)
+    assert torch.equal(fake_quant(w, scheme), torch.stack([fake_quant(w[e], scheme) for e in range(w.shape[0])]))
+    s = torch.rand(w.shape[0], 1, w.shape[2]) + 0.5  # per expert
+    assert torch.equal(scaled_fake_quant(w, s, 3, 128), torch.stack([scaled_fake_quant(w[e], s[e, 0], 3, 128)
+                                                                     for e in range(w.shape[0])]))
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+def test_expert_linear_equals_a_linear_per_expert(grouped, monkeypatch):
+    monkeypatch.setattr(X, "grouped_mm_runs", lambda x: grouped)
+    w = experts_module().gate_up_proj.detach()
+    counts = torch.tensor([5, 0, 3, 0, 0, 9, 1, 2])  # empty experts too
+    x = torch.randn(int(counts.sum()), 256)
+    offs = counts.cumsum(0).to(torch.int32)
+    want = torch.cat([F.linear(part, w[e]) for e, part in enumerate(x.split(counts.tolist()))])
+    assert torch.equal(X.expert_linear(x, w, offs), want)
+
+
+def routed_inputs(experts, n_tokens=300, seed=1, unused=(0,)):
+    """Hidden states with uneven channels, top-2 routing that never picks the `unused` experts, and masks: padding at
+    the end, caption and vision tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, 256, generator=g) * (torch.rand(256, generator=g) * 4)
+    logits = torch.randn(n_tokens, experts.num_experts, generator=g)
+    logits[:, list(unused)] = -1e9
+    top_k_index = logits.topk(2, dim=-1).indices
+    idx = torch.arange(n_tokens)
+    masks = {"valid": idx < n_tokens - 20, "vis": (idx >= 30) & (idx < 150), "cap": (idx >= 200) & (idx < 260)}
+    return hidden, top_k_index, masks
+
+
+@torch.no_grad()
+def straightforward_best(experts, hidden, top_k_index, masks, scheme, n_grid, loss, ratio):
+    """The reference: for each expert, its routed tokens, for each α its quantized down_proj and group_loss; the
+    index of the α each expert keeps."""
+    keep = loss_tokens(masks, ratio is not None)
+    out = []
+    for e in range(experts.num_experts):
+        tok = (top_k_index == e).any(-1) & masks["valid"]
+        if not (tok & keep).any():
+            out.append(0)
+            continue
+        gate, up = F.linear(hidden[tok], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+        k = keep[tok]
+        fp = F.linear(h[k], experts.down_proj[e])
+        sub = {m: v[tok][k] for m, v in masks.items()}
+        losses = []
+        for s in grid_scales(h.abs().mean(0), n_grid):
+            w = fake_quant(experts.down_proj[e] * s, scheme) / s
+            losses.append(group_loss(fp, F.linear(h[k], w), sub, loss, ratio))
+        out.append(min(range(n_grid), key=losses.__getitem__))
+    return out
+
+
+@pytest.mark.parametrize("loss,ratio", [("mae", None), ("mae", 2.0), ("mse", 1.5)], ids=["awq", "mbq", "mbq-mse"])
+def test_batched_expert_search_picks_the_alpha_of_the_per_expert_loop(loss, ratio):
+    """Every expert gets the α the loop over experts picks; expert 0, which no token is routed to, keeps α = 0
+    with scales of 1, and the search table says so."""
+    experts = experts_module()
+    hidden, top_k_index, masks = routed_inputs(experts)
+    scheme = Scheme(3, 128)
+    job = X.experts_job(experts, hidden, top_k_index, masks, ratio is not None)
+    result = X.search_experts(job, scheme=scheme, n_grid=10, loss=loss, ratio=ratio)
+    assert result.best.tolist() == straightforward_best(experts, hidden, top_k_index, masks, scheme, 10, loss, ratio)
+    assert torch.equal(result.alpha, result.best / 10)
+    assert result.tokens[0] == 0 and result.alpha[0] == 0 and torch.equal(result.scales[0], torch.ones(128))
+    assert (result.tokens[1:] > 0).all() and (result.alpha[1:] > 0).any()
+    assert (result.losses.gather(1, result.best[:, None]) <= result.losses[:, :1]).all()
+
+
+def test_an_expert_without_calibration_tokens_is_a_row_of_the_search_table(tmp_path):
+    experts = experts_module()
+    hidden, top_k_index, masks = routed_inputs(experts, unused=(0, 5))
+    result = X.search_experts(X.experts_job(experts, hidden, top_k_index, masks, False), scheme=Scheme(3, 128), n_grid=4)
+    group = get_adapter("qwen3_vl_moe").groups["moe"][1]
+    meta = {"model": "m", "run": "r"}
+    save_layer(tmp_path / "layer_000.safetensors", 0, [group], [result], [None], meta)
+    merge([tmp_path / "layer_000.safetensors"], tmp_path / "c.pt", tmp_path / "t.parquet", meta)
+    table = pd.read_parquet(tmp_path / "t.parquet")
+    assert table["expert"].tolist() == list(range(8)) and table["tokens"].tolist() == result.tokens.tolist()
+    unused = table[table.tokens == 0]
+    assert unused.expert.tolist() == [0, 5] and (unused.alpha == 0).all()
+    assert (unused.note == "no calibration token routed: α = 0 (RTN)").all() and table.note.isna().sum() == 6
+    (prev, linears, s), = load_cache(tmp_path / "c.pt")["scale"]
+    assert prev == "layers.0.mlp.experts.gate_up_proj" and linears == ("layers.0.mlp.experts.down_proj",)
+    assert s.shape == (8, 128) and torch.equal(s, result.scales)
+
+
+@torch.no_grad()
+def test_moe_layer_search_equals_the_straightforward_expert_loop(family_demo, monkeypatch, tmp_path):
+    """A Qwen3-VL-MoE layer: the MoE block's group through transformers' grouped_mm experts and the per-expert
+    groups through one grouped matmul per grid point pick the α of transformers' eager loop over experts with
+    a loop of per-expert matmuls."""
+    d, ref = family_demo("qwen3_vl_moe")
+    P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path)
+    hidden, args, _ = load_layer_inputs(tmp_path / "layer_000.safetensors", "cpu", torch.float32)
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    run, ratios = run_spec("mbq", method="mbq", w_bit=3, n_grid=4), {"attn": 1.5, "mlp": 2.0}
+    layer = ref.load_layers([0])[0]
+    groups = ref.adapter.resolve_groups(layer, 0)
+    fast, _ = search_layer(layer, groups[2:], hidden, args.kwargs(0), masks, run, ratios)
+    layer.mlp.experts.config._experts_implementation = "eager"
+    monkeypatch.setattr(X, "grouped_mm_runs", lambda x: False)
+    loop, _ = search_layer(layer, groups[2:], hidden, args.kwargs(0), masks, run, ratios)
+    assert fast[0].alpha == loop[0].alpha and fast[1].alpha.tolist() == loop[1].alpha.tolist()
+    torch.testing.assert_close(torch.tensor(fast[0].losses), torch.tensor(loop[0].losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast[1].losses, loop[1].losses, rtol=1e-5, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_random_scales_fold_into_routers_and_experts_exactly(family_demo, family):
+    """Scales in [1/4, 4] folded into every group of a MoE layer (norm → router, experts' gate/up, shared expert;
+    per expert up → down; shared expert up → down) leave its output unchanged; the router is scaled, not left."""
+    ref = family_demo(family)[1]
+    layer = ref.load_layers([0])[0]
+    x = torch.randn(2, 9, 256)
+    run = (lambda: layer.mlp(layer.post_attention_layernorm(x)))  # noqa: E731
+    before, router = run(), layer.mlp.gate.weight.clone()
+    g = torch.Generator().manual_seed(0)
+    entries = []
+    for grp in ref.adapter.resolve_groups(layer, 0)[2:]:
+        w = layer_part(layer, grp.linears[0])
+        shape = (w.shape[0], w.shape[2]) if grp.experts else (in_width(w),)
+        entries.append((grp.prev, grp.consumers, torch.exp(torch.empty(shape).uniform_(-1.4, 1.4, generator=g))))
+    fold_scales(layer, entries)
+    torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(layer.mlp.gate.weight, router)
+    with pytest.raises(VlmquantError, match="are per expert, but post_attention_layernorm is not a fused experts"):
+        fold_scales(layer, [("post_attention_layernorm", ("mlp.gate",), torch.ones(8, 256))])
+
+
+def rewrite(src, dst, fn):
+    """A copy of model folder `src` whose tensors are fn(dict of tensors)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(fn(load_file(src / "model.safetensors")), dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def transposed(t):
+    return {k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
+            for k, v in t.items()}
+
+
+def per_expert(t):
+    out = {}
+    for k, v in t.items():
+        base, _, leaf = k.rpartition(".")
+        if leaf == "gate_up_proj":
+            for e, w in enumerate(v):
+                out[f"{base}.{e}.gate_proj.weight"], out[f"{base}.{e}.up_proj.weight"] = w.chunk(2)
+        elif leaf == "down_proj" and base.endswith("experts"):
+            out.update({f"{base}.{e}.down_proj.weight": w for e, w in enumerate(v)})
+        else:
+            out[k] = v
+    return out
+
+
+def fused(t):
+    out, n = {}, {}
+    for k, v in sorted(t.items()):
+        parts = k.split(".")
+        if "experts" in parts and parts[-1] == "weight":
+            i = parts.index("experts")
+            base, e, proj = ".".join(parts[:i + 1]), int(parts[i + 1]), parts[i + 2]
+            n.setdefault(base, {}).setdefault(e, {})[proj] = v
+        else:
+            out[k] = v
+    for base, experts in n.items():
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
+                                                   for e in sorted(experts)])
+        out[f"{base}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in sorted(experts)])
+    return out
+
+
+def test_lazy_loader_reads_the_checkpoint_layouts_from_pretrained_reads(family_demo, tmp_path):
+    """Qwen3-VL-MoE: fused (what transformers saves) and transposed (the releases); one tensor per expert is
+    refused, as transformers would leave those experts random. Qwen3.5-MoE: per expert (what transformers 5.24
+    saves) and fused (the release)."""
+    for family, layouts, refused in (("qwen3_vl_moe", (transposed,), per_expert), ("qwen3_5_moe", (fused,), None)):
+        d, ref = family_demo(family)
+        want = ref.load_layers(range(4))
+        cls = getattr(transformers, ref.adapter.model_class)
+        for layout in layouts:
+            folder = rewrite(d / "model", tmp_path / f"{family}-{layout.__name__}", layout)
+            got = open_demo(folder, family).load_layers(range(4))
+            from_pretrained = ref.adapter.layers(cls.from_pretrained(folder))
+            for i in range(4):
+                for k, v in want[i].state_dict().items():
+                    assert torch.equal(got[i].state_dict()[k], v) and torch.equal(from_pretrained[i].state_dict()[k], v)
+        if refused:
+            folder = rewrite(d / "model", tmp_path / f"{family}-refused", refused)
+            with pytest.raises(VlmquantError, match=r"layers\.0\.mlp\.experts holds one tensor per expert \(.*experts\.0\."
+                                                    r"gate_proj\.weight\), a layout transformers does not load"):
+                open_demo(folder, family).load_layers([0])
+
+
+def test_weight_activation_runs_are_refused_for_fused_experts(family_demo):
+    ref = family_demo("qwen3_vl_moe")[1]
+    with pytest.raises(VlmquantError, match="layers.0.mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
+        pseudo_quantize(ref.load(), ref.adapter, run_spec("w8a8", method="rtn", w_bit=8, a_bit=8))
+    experts = experts_module()
+    job = X.experts_job(experts, *routed_inputs(experts), False)
+    with pytest.raises(VlmquantError, match="weight-activation runs"):
+        X.search_experts(job, scheme=Scheme(8, -1, True, a_bit=8))
+
+
+def packed_moe(family_demo, family, out):
+    """(ModelRef, the packed W4 RTN export of its fp model at `out`, its record, the pseudo-quantized model)."""
+    from vlmquant.export.packed import write_packed
+    from vlmquant.quant.model import decoder_linears
+
+    ref = family_demo(family)[1]
+    model = ref.load()
+    spec = run_spec("w4", method="rtn", w_bit=4)
+    record = write_packed(model, ref.adapter, [n for n, _ in decoder_linears(model, ref.adapter)], spec.scheme, out)
+    pseudo = ref.load()
+    pseudo_quantize(pseudo, ref.adapter, spec)
+    return ref, record, pseudo
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_packed_export_keeps_experts_fp_and_lists_them(family_demo, family, tmp_path):
+    """compressed-tensors export: linears packed, fused experts written unquantized and listed, vLLM kept from
+    expecting packed experts, routers' gates and Qwen3.5's b/a projections never quantized (listed in ignore);
+    Qwen3-VL-MoE loaded back: experts equal the fp model's, every other weight the pseudo-quantized model's."""
+    pytest.importorskip("compressed_tensors")
+    from vlmquant.export.packed import EXPERTS_IGNORE, load_dequantized
+
+    ref, record, pseudo = packed_moe(family_demo, family, tmp_path / "packed")
+    adapter = ref.adapter
+    assert record["unquantized_experts"] == [n for n, _ in decoder_experts(pseudo, adapter)]
+    assert len(record["unquantized_experts"]) == 2 * (3 if family == "qwen3_vl_moe" else 4)  # layer 3 of one is dense
+    ignore = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert EXPERTS_IGNORE in ignore
+    assert not any(n.endswith(adapter.keep_fp) for n in record["quantized_modules"])
+    assert all(f"model.language_model.layers.0.{n}" in ignore for n in adapter.keep_fp)
+    if family == "qwen3_5_moe":
+        return  # transformers 5.24 does not load it back: test_qwen3_5_moe_packed_checkpoints_load_in_transformers
+    loaded = load_dequantized(getattr(transformers, adapter.model_class), tmp_path / "packed").state_dict()
+    fp = ref.load().state_dict()
+    for k, v in pseudo.state_dict().items():
+        assert torch.equal(loaded[k], fp[k] if k.endswith(tuple(adapter.expert_weights)) else v), k
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="transformers 5.24: the per-expert → fused merge of "
+                   "Qwen3.5-MoE finds no tensors in a compressed-tensors checkpoint ('Concatenate on tensors destined "
+                   "for …experts.gate_up_proj. Ckpt contains: 0'), with or without dequantize")
+def test_qwen3_5_moe_packed_checkpoints_load_in_transformers(family_demo, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from vlmquant.export.packed import load_dequantized
+
+    packed_moe(family_demo, "qwen3_5_moe", tmp_path / "packed")
+    load_dequantized(transformers.Qwen3_5MoeForConditionalGeneration, tmp_path / "packed")
+
+
+def test_qwen3_5_linear_attention_projections_are_fused_for_serving():
+    pytest.importorskip("compressed_tensors")
+    from vlmquant.export.packed import check_fused
+
+    names = ["layers.0.linear_attn.in_proj_qkv", "layers.0.linear_attn.in_proj_z", "layers.0.linear_attn.out_proj"]
+    with pytest.raises(VlmquantError, match="in_proj_z ignored but layers.0.linear_attn.in_proj_qkv quantized"):
+        check_fused(names, [names[0], names[2]])
+    check_fused(names, [names[2]])
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
+    """Qwen3-VL-MoE (deepstack, MoE layers and a dense one) through Snakemake: grads, acts, two search chunks,
+    merge, both checkpoint formats, eval and the summary, with the per-expert rows in the search table."""
+    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
+                            c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"])))
+    workdir.snakemake()
+    summary = pd.read_csv(workdir.file("results/summary.csv"))
+    assert summary.run.tolist() == ["fp", "mbq-w3g128"] and set(summary.model) == {"demo-moe"}
+    assert summary.kl[1] > 0
+    run = workdir.file("results/demo-moe/demo/mbq-w3g128")
+    table = pd.read_parquet(run / "search.parquet")
+    experts = table[table.expert.notna()]
+    assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
+    packed = json.loads((run / "packed" / "quantization.json").read_text())
+    assert len(packed["unquantized_experts"]) == 6
