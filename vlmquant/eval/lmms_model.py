@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
@@ -38,8 +39,6 @@ def family_of(path):
     if not config.is_file():
         raise VlmquantError(f"{path}: no config.json (pretrained= must name a model folder)")
     model_type = json.loads(config.read_text()).get("model_type")
-    import transformers
-
     for family, adapter in ADAPTERS.items():
         if getattr(transformers, adapter.model_class).config_class.model_type == model_type:
             return family
@@ -53,6 +52,7 @@ class VlmquantVLM(lmms):
 
     is_simple = True
 
+    # lmms-eval passes batch_size, and device and max_batch_size where given on its command line
     def __init__(self, pretrained, family=None, device=None, dtype=None, batch_size=1, max_batch_size=None,
                  max_new_tokens=32, trust_remote_code=False):
         super().__init__()

@@ -33,9 +33,9 @@ def exact_match(prediction, answer):
 def write_task_yaml(parquet, out_dir, task=TASK):
     """Write `out_dir/<task>.yaml`: the template task over the Parquet file `parquet`.
 
-    Run it with `python -m lmms_eval --include_path <out_dir> --tasks <task> ...` (or
-    `--tasks <out_dir>/<task>.yaml`). Both paths are written absolute, so the file works from any
-    working directory. Raises VlmquantError if `parquet` lacks a column of COLUMNS. Returns the path.
+    Run it with `python -m lmms_eval --include_path <out_dir> --tasks <task> ...` (lmms-eval 0.7.3
+    does not accept the yaml's path as --tasks). Both paths are written absolute, so the file works
+    from any working directory. Raises VlmquantError if `parquet` lacks a column of COLUMNS. Returns the path.
     """
     import pyarrow.parquet as pq
 
