@@ -128,8 +128,8 @@ def test_read_metric_errors_name_what_is_missing(tmp_path):
 def lmms_python():
     """The interpreter that runs lmms-eval; skips the test where it has no lmms-eval."""
     code = ("import importlib.util, sys; from importlib.metadata import entry_points; "
-            "sys.exit(0 if 'vlmquant' in entry_points(group='lmms_eval.models').names else "
-            "1 if importlib.util.find_spec('lmms_eval') else 2)")
+            "sys.exit(2 if importlib.util.find_spec('lmms_eval') is None else "
+            "0 if 'vlmquant' in entry_points(group='lmms_eval.models').names else 1)")
     rc = subprocess.run([LMMS_PYTHON, "-c", code], env=lmms_env()).returncode
     if rc == 2:
         pytest.skip(f"lmms-eval is not installed for {LMMS_PYTHON} (set VLMQUANT_LMMS_PYTHON)")
