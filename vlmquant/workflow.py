@@ -55,10 +55,14 @@ def check_config(config, schema_path):
     for name, cfg in config["models"].items():
         if "family" in cfg:
             check_choice(f"models.{name}.family", cfg["family"], family_names())
-        cfg.setdefault("family", folder_family(cfg["path"], f"config: models.{name}.path"))
+        else:
+            cfg["family"] = folder_family(cfg["path"], f"config: models.{name}.path")
     for name, run in config["runs"].items():
         check_choice(f"runs.{name}.method", run["method"], METHODS)
-    config["runs"] = {name: RunSpec.from_config(name, run).config() for name, run in config["runs"].items()}
+    for name, run in config["runs"].items():
+        # RunSpec.config leaves out formats (no setting of the weights), which says what checkpoints to write
+        formats = {"formats": run["formats"]} if "formats" in run else {}
+        config["runs"][name] = {**RunSpec.from_config(name, run).config(), **formats}
     for kind in ("models", "calib", "runs"):
         for name in config["targets"].get(kind, []):
             if name not in config[kind]:
