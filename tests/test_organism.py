@@ -9,17 +9,29 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmquant.data.calib import build_calib
+from vlmquant.data.inputs import build_inputs
 from vlmquant.data.readers import read_sharegpt
-from vlmquant.organism import score, task, train
-from vlmquant.organism.model import load_organism
+from vlmquant.export.checkpoint import export_checkpoint
+from vlmquant.io.scales import chunk_layer_files, merge
+from vlmquant.models.loading import open_model
+from vlmquant.organism import MODEL_DIR, score, task, train
+from vlmquant.organism.model import copy_organism, load_organism
+from vlmquant.search import pipeline as P
 
-MODEL_DIR = Path(task.__file__).parent / "model"
+from conftest import run_spec
+
 RECORD = json.loads((MODEL_DIR / "training.json").read_text())
+N_CALIB = 32  # calibration pool of the quantization tests (the organism config draws 128 of 256)
+# the runs of config/organism.yaml
+RUNS = {"rtn-w3g128": dict(method="rtn", w_bit=3, w_group=128), "awq-w3g128": dict(method="awq", w_bit=3, w_group=128),
+        "mbq-w3g128": dict(method="mbq", w_bit=3, w_group=128), "rtn-w4a8": dict(method="rtn", w_bit=4, a_bit=8),
+        "awq-w4a8": dict(method="awq", w_bit=4, a_bit=8), "mbq-w4a8": dict(method="mbq", w_bit=4, a_bit=8)}
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return task.write_organism_data(tmp_path_factory.mktemp("organism"), n_calib=10, n_heldout=train.EVAL_ROWS)
+    return task.write_organism_data(tmp_path_factory.mktemp("organism"), n_calib=N_CALIB, n_heldout=train.EVAL_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,7 @@ def test_heldout_images_differ_from_train_and_calib():
 
 def test_organism_data_files(data_dir, tmp_path):
     calib = read_sharegpt(data_dir / "calib.jsonl")
-    assert len(calib) == 10 and calib[4].turns[0].text == task.CAPTION_PROMPT  # every fifth is a caption
+    assert len(calib) == N_CALIB and calib[4].turns[0].text == task.CAPTION_PROMPT  # every fifth is a caption
     assert calib[0].turns[1].text == task.layout("train", 0).questions[0].answer
     table = pq.read_table(data_dir / "heldout.parquet")
     assert table.schema.names == ["id", "image", "question", "answer", "kind"]
@@ -78,7 +90,7 @@ def test_organism_data_files(data_dir, tmp_path):
     assert task.image_hash(img.convert("RGB")) == task.image_hash(task.render(task.layout("heldout", 7)))
     assert (data_dir / "images" / json.loads((data_dir / "heldout.jsonl").read_text().splitlines()[7])["image"]
             ).read_bytes() == rows[7]["image"]
-    task.write_organism_data(tmp_path, n_calib=10, n_heldout=train.EVAL_ROWS)
+    task.write_organism_data(tmp_path, n_calib=N_CALIB, n_heldout=train.EVAL_ROWS)
     assert digests(tmp_path) == digests(data_dir)
 
 
@@ -149,3 +161,48 @@ def test_committed_weights_fit_the_budget():
     assert text["hidden_size"] % 128 == 0 and text["intermediate_size"] % 128 == 0
     assert (MODEL_DIR / "model.safetensors").stat().st_size <= 10 * 2**20
     assert config["architectures"] == ["Qwen2VLForConditionalGeneration"]
+
+
+def test_copy_is_the_packaged_model(tmp_path):
+    copy_organism(tmp_path / "model")
+    assert digests(tmp_path / "model") == digests(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def staged(data_dir, tmp_path_factory):
+    """The organism's calibration set (the calib split, through the sharegpt source like any calib set), its
+    inputs, gradients and the fp inputs of layer 0."""
+    d = tmp_path_factory.mktemp("organism_search")
+    model = open_model({"family": "qwen2_vl", "path": str(MODEL_DIR), "dtype": "float32"}, "cpu")
+    cfg = {"source": "sharegpt", "captions": str(data_dir / "calib.jsonl"), "images": str(data_dir / "images"),
+           "n_samples": N_CALIB, "seed": 0, "format": "plain"}
+    build_calib(cfg, d / "calib.parquet")
+    build_inputs(d / "calib.parquet", model, d / "inputs.safetensors")
+    P.run_grads(model, d / "inputs.safetensors", d / "grads.safetensors")
+    P.run_acts(model, d / "inputs.safetensors", [0], d / "acts")
+    return d, model
+
+
+@pytest.fixture(scope="module")
+def fp_accuracy(data_dir):
+    return score.accuracy(MODEL_DIR, data_dir / "heldout.parquet")["overall"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_quantized_checkpoint_scores_between_chance_and_fp(run, staged, data_dir, fp_accuracy, tmp_path):
+    """Each run of config/organism.yaml, calibrated on the calib split: its checkpoint answers the held-out
+    questions better than answering from the question alone, and no better than the fp model."""
+    d, model = staged
+    spec = run_spec(run, **RUNS[run])
+    names = {"model": "organism", "calib": "organism", "run": run}
+    cache = None
+    if spec.searches:
+        P.run_search(model, spec, d / "inputs.safetensors", d / "acts", d / "grads.safetensors" if spec.needs_grads
+                     else None, [0, 1, 2, 3], tmp_path / "chunk_000", names)
+        cache = tmp_path / "scale_cache.pt"
+        merge(chunk_layer_files([tmp_path / "chunk_000"]), cache, tmp_path / "search.parquet",
+              {**names, "run_config": spec.search_params()})
+    export_checkpoint(model, spec, tmp_path / "checkpoint", cache, names=names)
+    measured = score.accuracy(tmp_path / "checkpoint", data_dir / "heldout.parquet")["overall"]
+    blind = score.blind_baseline(score.task_rows(data_dir / "heldout.parquet"), n_train=5000)["overall"]
+    assert blind < measured <= fp_accuracy, (run, blind, measured, fp_accuracy)

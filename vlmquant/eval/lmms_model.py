@@ -1,25 +1,24 @@
 """An lmms-eval model for vlmquant checkpoints: `python -m lmms_eval --model vlmquant ...`.
 
-It loads a model folder (fp, or a pseudo-quantized checkpoint) with its family's transformers
-class and processor (vlmquant.models, image-only where torchvision is missing), applies the
-processor's chat template with the images before the question, and decodes greedily. Where the
-folder's quantization.json has an `a_bit` (weight-activation runs) the decoder linears' inputs
-are fake-quantized during generation, as in vlmquant's own eval.
+It loads a model folder (fp, a pseudo-quantized or a compressed-tensors checkpoint) with its
+family's adapter (vlmquant.models.families: transformers class, processor, image-only where
+torchvision is missing), applies the processor's chat template with the images before the
+question, and decodes greedily. Where the folder's quantization.json has a weight-activation
+scheme (W4A8, W8A8, FP8) the decoder linears' inputs are fake-quantized during generation, as in
+vlmquant's own eval.
 
 lmms-eval finds it through the `lmms_eval.models` entry point (`manifest` below). This module
 imports lmms_eval and is only imported by lmms-eval.
 """
 import json
-from pathlib import Path
 
 import torch
-import transformers
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from vlmquant.errors import VlmquantError
-from vlmquant.export.checkpoint import QUANT_FILE, read_quant_info
-from vlmquant.models import ADAPTERS, get_adapter
+from vlmquant.export.checkpoint import runtime_activations
+from vlmquant.models import folder_family, get_adapter
 from vlmquant.models.loading import resolve_device, resolve_dtype
 from vlmquant.quant.model import quantized_activations
 
@@ -33,19 +32,6 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.VlmquantVLM")
 
 
-def family_of(path):
-    """The vlmquant family whose transformers class reads `path`/config.json's model_type."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise VlmquantError(f"{path}: no config.json (pretrained= must name a model folder)")
-    model_type = json.loads(config.read_text()).get("model_type")
-    for family, adapter in ADAPTERS.items():
-        if getattr(transformers, adapter.model_class).config_class.model_type == model_type:
-            return family
-    raise VlmquantError(f"{config}: model_type {model_type!r} is none of vlmquant's families; "
-                        f"pass family=<{'|'.join(sorted(ADAPTERS))}> in --model_args")
-
-
 class VlmquantVLM(lmms):
     """model_args: pretrained=<folder>[,family=][,device=auto|cpu|cuda][,dtype=][,max_new_tokens=]
     [,trust_remote_code=]. batch_size: questions per generate call (left-padded)."""
@@ -56,14 +42,13 @@ class VlmquantVLM(lmms):
     def __init__(self, pretrained, family=None, device=None, dtype=None, batch_size=1, max_batch_size=None,
                  max_new_tokens=32, trust_remote_code=False):
         super().__init__()
-        self.adapter = get_adapter(family or family_of(pretrained))
+        self.adapter = get_adapter(family or folder_family(pretrained, "lmms-eval model_args pretrained"))
         self.device = resolve_device(device or "auto")
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = self.adapter.load_model(pretrained, self.dtype, self.device, trust_remote_code)
         self.processor = self.adapter.load_processor(pretrained, trust_remote_code)
         self.tokenizer = self.processor.tokenizer
-        quant = read_quant_info(pretrained) if (Path(pretrained) / QUANT_FILE).is_file() else {}
-        self.a_bit, self.ignored = quant.get("a_bit"), tuple(quant.get("ignored_modules", ()))
+        self.scheme, self.ignored = runtime_activations(pretrained)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -82,7 +67,7 @@ class VlmquantVLM(lmms):
         enc = self.processor(text=[self.prompt(c, len(imgs)) for c, imgs in zip(contexts, images)],
                              images=flat or None, padding=True, padding_side="left", return_tensors="pt")
         enc = enc.to(self.device)
-        with quantized_activations(self.model, self.adapter, self.a_bit, self.ignored):
+        with quantized_activations(self.model, self.adapter, self.scheme, self.ignored):
             ids = self.model.generate(**enc, do_sample=False, num_beams=int(gen_kwargs.get("num_beams", 1)),
                                       max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                                       eos_token_id=self.tokenizer.eos_token_id,

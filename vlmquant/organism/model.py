@@ -8,17 +8,20 @@ whose assistant turn is marked by {% generation %}. About 4.8 million parameters
 """
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from vlmquant.demo.model import QWEN_TOKENS, SYSTEM_PROMPT, chatml_template, qwen_image_processor, qwen_vision_ids
 from vlmquant.errors import VlmquantError
 from vlmquant.io.atomic import atomic_dir
-from vlmquant.models.processing import image_only, load_processor
-from vlmquant.organism import task
+from vlmquant.models import get_adapter
+from vlmquant.models.families.qwen2_vl import QWEN_TOKENS, qwen_image_processor, qwen_vision_ids
+from vlmquant.models.processing import image_only
+from vlmquant.models.tiny import SYSTEM_PROMPT, chatml_template
+from vlmquant.organism import MODEL_DIR, task
 
 BPE_VOCAB_SIZE = 512  # byte alphabet + merges; the task's words need fewer, so training stops early
 TEXT_SIZES = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -26,6 +29,7 @@ TEXT_SIZES = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, n
 VISION_SIZES = dict(depth=3, embed_dim=128, num_heads=4, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2)
 IMAGE_TEMPLATE = "<|vision_start|><|image_pad|><|vision_end|>"
+FAMILY = "qwen2_vl"
 
 
 def task_texts():
@@ -73,7 +77,7 @@ def make_tokenizer():
 
 def make_processor():
     return image_only(transformers.Qwen2VLProcessor)(image_processor=qwen_image_processor(), tokenizer=make_tokenizer(),
-                           chat_template=chatml_template(IMAGE_TEMPLATE))
+                                                     chat_template=chatml_template(IMAGE_TEMPLATE))
 
 
 def make_config(tokenizer):
@@ -113,13 +117,19 @@ def save_organism(model, processor, out_dir):
 
 
 def load_organism(path, device="cpu", dtype=torch.float32):
-    """A saved organism folder: (model on `device` in `dtype`, processor)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise VlmquantError(f"{path}: no config.json; build the organism with vlmquant.organism.train")
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    processor = load_processor(path, transformers.Qwen2VLProcessor)
-    return model.to(device).eval(), processor
+    """A model folder of the organism's family (the organism, or a checkpoint of it): (model on `device`
+    in `dtype`, processor), loaded by the qwen2_vl adapter. Raises VlmquantError for a folder without
+    config.json or of another family."""
+    adapter = get_adapter(FAMILY)
+    return adapter.load_model(path, dtype, device), adapter.load_processor(path)
+
+
+def copy_organism(out_dir):
+    """Copy the trained organism shipped in the package (MODEL_DIR) to `out_dir`, atomically; returns the Path."""
+    with atomic_dir(out_dir) as tmp:
+        for f in sorted(MODEL_DIR.iterdir()):
+            shutil.copy2(f, tmp / f.name)
+    return Path(out_dir)
 
 
 def adopt(src_dir, out_dir):

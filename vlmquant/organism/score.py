@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 from vlmquant.errors import VlmquantError
+from vlmquant.export.checkpoint import runtime_activations
+from vlmquant.models import get_adapter
 from vlmquant.organism import task
-from vlmquant.organism.model import load_organism
+from vlmquant.organism.model import FAMILY, load_organism
+from vlmquant.quant.model import quantized_activations
 
 HELDOUT_SIZE = 1000
 MAX_NEW_TOKENS = 5  # the longest answer ("bottom right") is 2 tokens, then <|im_end|>
@@ -74,7 +77,9 @@ def evaluate(model, processor, rows, batch_size=64):
 
 
 def accuracy(model_dir, parquet_or_split="heldout", device="cpu", limit=None, seed=0, batch_size=64):
-    """Exact-match accuracy of the model folder on a heldout.parquet or a task split.
+    """Exact-match accuracy of a model folder (the organism or a checkpoint of it) on a heldout.parquet
+    or a task split. A weight-activation checkpoint (quantization.json scheme with a_bit) answers with
+    its decoder-linear inputs fake-quantized, as vlmquant's eval and lmms-eval model run it.
 
     `limit` keeps the first rows only. Returns {"overall", "per_kind", "n"} (fractions in [0, 1]).
     Raises VlmquantError for a missing folder or file.
@@ -82,7 +87,10 @@ def accuracy(model_dir, parquet_or_split="heldout", device="cpu", limit=None, se
     if not Path(model_dir).is_dir():
         raise VlmquantError(f"{model_dir}: model folder not found")
     model, processor = load_organism(model_dir, device)
-    return evaluate(model, processor, task_rows(parquet_or_split, limit, seed), batch_size)
+    scheme, ignored = runtime_activations(model_dir)
+    rows = task_rows(parquet_or_split, limit, seed)
+    with quantized_activations(model, get_adapter(FAMILY), scheme, ignored):
+        return evaluate(model, processor, rows, batch_size)
 
 
 def blind_baseline(rows, n_train=20000, seed=0):
