@@ -99,7 +99,8 @@ def eval_inputs(wildcards):
 
 
 def summary_inputs(wildcards):
-    return [row["path"] for row in W.summary_rows(config)]
+    rows = W.summary_rows(config)
+    return [row["path"] for row in rows] + [row["lmms"] for row in rows if row["lmms"]]
 
 
 def plot_inputs(wildcards):
@@ -112,11 +113,22 @@ def plot_inputs(wildcards):
     }
 
 
-def lmms_command(wildcards, input, output):
-    family = config["models"][wildcards.model]["family"]
-    return W.lmms_eval_command(
-        config["lmms_eval"], family, input[0], f"{output[0]}.tmp"
-    )
+def lmms_task_input():
+    path = config["lmms_eval"]["include_path"]
+    return {"tasks": path} if path else {}
+
+
+def lmms_inputs(wildcards):
+    folder = W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards)
+    return {"model": folder, **lmms_task_input()}
+
+
+def lmms_fp_inputs(wildcards):
+    return {"model": model_dir(wildcards), **lmms_task_input()}
+
+
+def lmms_command(wildcards, input):
+    return W.lmms_eval_command(config["lmms_eval"], input.model)
 
 
 def host_mem(stage):

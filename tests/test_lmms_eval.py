@@ -1,16 +1,19 @@
-"""The lmms-eval task over a local Parquet file, our lmms-eval model, and reading its results.
+"""The lmms-eval task over a local Parquet file, our lmms-eval model, running lmms-eval and reading its results.
 
-The end-to-end tests run `python -m lmms_eval` offline on the demo model. They need an interpreter
-with lmms-eval and vlmquant installed (vlmquant's `lmms_eval.models` entry point registers the
-`vlmquant` model): this one, or the one named by $VLMQUANT_LMMS_PYTHON; otherwise they skip.
+The end-to-end tests run `python -m lmms_eval` offline on the demo model and on the trained organism.
+They need an interpreter with lmms-eval and vlmquant installed (vlmquant's `lmms_eval.models` entry
+point registers the `vlmquant` model; pip install -e ".[lmms]"): this one, or the one named by
+$VLMQUANT_LMMS_PYTHON; otherwise they skip.
 """
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,16 +24,20 @@ import yaml
 from PIL import Image
 
 from vlmquant.errors import VlmquantError
-from vlmquant.eval.lmms_results import read_metric
+from vlmquant.eval.lmms_results import read_metric, read_scores, run_lmms_eval
 from vlmquant.models import get_adapter
+from vlmquant.organism import MODEL_DIR, score, task
 from vlmquant.organism.lmms import TASK, TEMPLATE, exact_match, normalize_answer, write_task_yaml
+from vlmquant.quant.codes import Scheme
 from vlmquant.quant.model import quantized_activations
+from vlmquant.workflow import check_config, lmms_eval_command, summary_rows
 
 REPO = Path(__file__).resolve().parents[1]
 LMMS_PYTHON = os.environ.get("VLMQUANT_LMMS_PYTHON", sys.executable)
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "camera.png", "moon.png", "rocket.jpg")
 QUESTIONS = ("What is in this picture?", "What colour is the object?")
 MAX_NEW_TOKENS = 8  # the template's generation_kwargs
+A4 = Scheme(w_bit=8, w_group=-1, symmetric=True, a_bit=4)  # activations per token at 4 bits (weights untouched)
 
 
 def png(path):
@@ -123,6 +130,56 @@ def test_read_metric_errors_name_what_is_missing(tmp_path):
         read_metric(tmp_path, TASK, metric="accuracy")
 
 
+def test_read_scores_keeps_numeric_scores_only(tmp_path):
+    data = {"results": {TASK: {"alias": TASK, "exact_match,none": 0.75, "exact_match_stderr,none": 0.1,
+                               "exact_match,flexible": 1, "submission,none": "N/A", "mme_score,none": math.nan}}}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "20261201_101500_results.json").write_text(json.dumps(data))
+    assert read_scores(tmp_path) == {f"lmms.{TASK}.exact_match": 0.75, f"lmms.{TASK}.exact_match.flexible": 1.0}
+
+
+def test_lmms_eval_command_and_summary_rows():
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["lmms_eval"] = {"enabled": True, "tasks": ["vlmquant_vqa", "mme"], "include_path": "tasks", "limit": 8,
+                        "extra_args": ["--log_samples"]}
+    cfg = check_config(cfg, REPO / "workflow/schemas/config.schema.yaml")
+    assert lmms_eval_command(cfg["lmms_eval"], "results/m/c/r/checkpoint") == [
+        "", "-m", "lmms_eval", "--model", "vlmquant", "--model_args", "pretrained=results/m/c/r/checkpoint",
+        "--tasks", "vlmquant_vqa,mme", "--batch_size", "1", "--include_path", "tasks", "--limit", "8", "--log_samples"]
+    rows = summary_rows(cfg)
+    assert [r["lmms"] for r in rows] == ["results/demo-qwen2vl/fp/lmms_eval"] + [
+        f"results/demo-qwen2vl/demo/{r}/lmms_eval" for r in cfg["targets"]["runs"]]
+    cfg["lmms_eval"]["include_fp"] = False
+    assert [r["lmms"] for r in summary_rows(cfg)][:2] == [None, "results/demo-qwen2vl/demo/rtn-w3g128/lmms_eval"]
+
+
+STAND_IN = """import json, pathlib, sys
+out = pathlib.Path(sys.argv[sys.argv.index("--output_path") + 1])
+print("stand-in lmms-eval", sys.argv[1:-2])
+if sys.argv[1] == "ok":
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "20261201_101500_results.json").write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}}))
+sys.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("mode, rc, error", [("ok", 0, None), ("none", 0, "wrote no results file"),
+                                             ("ok", 3, "exited with status 3")])
+def test_run_lmms_eval_needs_a_results_file(mode, rc, error, tmp_path):
+    """lmms-eval exits 0 when the evaluation fails: only a results file counts as success."""
+    out, log = tmp_path / "results" / "lmms_eval", tmp_path / "log"
+    with open(log, "w") as f:
+        if error is None:
+            run_lmms_eval(["", "-c", STAND_IN, mode, str(rc)], out, offline=True, log=f)
+        else:
+            with pytest.raises(VlmquantError, match=error):
+                run_lmms_eval(["", "-c", STAND_IN, mode, str(rc)], out, offline=True, log=f)
+    assert "stand-in lmms-eval ['" + mode in log.read_text()
+    assert os.listdir(tmp_path / "results") == ([] if error else ["lmms_eval"])  # no temporary folder left
+    if error is None:
+        assert read_scores(out) == {"lmms.t.acc": 0.5}
+
+
 # --- end to end through python -m lmms_eval ----------------------------------------------------
 @pytest.fixture(scope="module")
 def lmms_python():
@@ -148,7 +205,8 @@ def lmms_env(hf_home=None):
 
 @pytest.fixture(scope="module")
 def predictions(demo_model_path, demo_data):
-    """Greedy answers of the demo model to the test questions: {a_bit: [str]} for fp (None) and A4."""
+    """Greedy answers of the demo model to the test questions: {a_bit: [str]} for fp (None) and A4
+    (activations quantized at run time as quantization.json's scheme A4 says)."""
     adapter = get_adapter("qwen2_vl")
     model, processor = adapter.load_model(demo_model_path), adapter.load_processor(demo_model_path)
     tok = processor.tokenizer
@@ -161,7 +219,7 @@ def predictions(demo_model_path, demo_data):
             text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                  tokenize=False)
             enc = processor(text=[text], images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt")
-            with torch.no_grad(), quantized_activations(model, adapter, a_bit):
+            with torch.no_grad(), quantized_activations(model, adapter, A4 if a_bit else None):
                 ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             out[a_bit].append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -182,7 +240,7 @@ def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_m
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(demo_model_path, checkpoint)
     if a_bit is not None:
-        (checkpoint / "quantization.json").write_text(json.dumps({"a_bit": a_bit, "ignored_modules": []}))
+        (checkpoint / "quantization.json").write_text(json.dumps({"scheme": asdict(A4), "ignored_modules": []}))
     write_task_yaml(write_questions(tmp_path / "q.parquet", images, answers), tmp_path / "task")
     out = tmp_path / "lmms_eval"
     cmd = [lmms_python, "-m", "lmms_eval", "--model", "vlmquant", "--model_args", f"pretrained={checkpoint},device=cpu",
@@ -194,3 +252,22 @@ def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_m
     except VlmquantError:
         raise AssertionError(res.stdout[-3000:] + res.stderr[-3000:]) from None
     assert accuracy == 0.5
+
+
+def test_lmms_eval_scores_the_organism(lmms_python, tmp_path, monkeypatch):
+    """The organism's task through lmms-eval, offline on CPU: the trained model scores its recorded accuracy
+    on the first held-out questions (the task as the organism_data rule writes it)."""
+    recorded = json.loads((MODEL_DIR / "training.json").read_text())["heldout_accuracy_first200"]
+    data = task.write_organism_data(tmp_path / "data", n_calib=1, n_heldout=recorded["n"])
+    write_task_yaml(data / "heldout.parquet", tmp_path / "task")
+    for key, value in lmms_env(tmp_path / "hf").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "lmms_eval"
+    cmd = [lmms_python, "-m", "lmms_eval", "--model", "vlmquant", "--model_args", f"pretrained={MODEL_DIR},device=cpu",
+           "--include_path", str(tmp_path / "task"), "--tasks", TASK, "--batch_size", "50"]
+    with open(tmp_path / "log", "w") as log:
+        run_lmms_eval(cmd, out, offline=True, log=log)
+    measured = read_metric(out, TASK)
+    assert measured == pytest.approx(recorded["overall"], abs=0.02)
+    assert measured > score.blind_baseline(score.task_rows(data / "heldout.parquet"), n_train=5000)["overall"] + 0.5
