@@ -9,6 +9,10 @@ This module imports nothing, so anything may import it.
 
 DEMO_DATA = "results/demo/data"
 DEMO_MODEL = "results/demo/model-{family}"
+# the model organism (config/organism.yaml): its task's files and the trained model shipped in the package
+ORGANISM_DATA = "results/demo/organism/data"  # calib.jsonl, heldout.jsonl, heldout.parquet, images/
+ORGANISM_TASK = "results/demo/organism/lmms_task"  # the lmms-eval task over heldout.parquet (--include_path)
+ORGANISM_MODEL = "results/demo/organism/model"
 
 CALIB = "results/calib/{calib}.parquet"
 INPUTS = "results/{model}/{calib}/inputs.safetensors"
@@ -41,6 +45,8 @@ NEXT_INPUTS = "next_inputs.safetensors"
 LOGS = {
     "demo_data": "results/logs/demo_data.log",
     "demo_model": "results/logs/demo_model-{family}.log",
+    "organism_data": "results/logs/organism_data.log",
+    "organism_model": "results/logs/organism_model.log",
     "calib": "results/logs/calib/{calib}.log",
     "inputs": "results/logs/{model}/{calib}/inputs.log",
     "grads": "results/logs/{model}/{calib}/grads.log",
