@@ -3,7 +3,8 @@
 - hidden_error.png: per-layer relative MSE of the decoder-layer outputs vs fp, vision and text
   positions side by side, one line per run.
 - alpha.png: the α the search chose per layer, one panel per scale group, one line per run.
-- metrics.png: caption NLL, KL, mean hidden error (vision, text) per run, fp included.
+- metrics.png: caption NLL, KL, mean hidden error (vision, text) per run, fp included, and each lmms-eval
+  score of the summary (e.g. the organism's task accuracy) when lmms_eval is enabled.
 """
 import matplotlib
 
@@ -11,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from vlmquant.eval.lmms_results import COLUMN_PREFIX  # noqa: E402
 from vlmquant.eval.table import read_table  # noqa: E402
 from vlmquant.io.atomic import atomic_path  # noqa: E402
 
@@ -111,9 +113,14 @@ def plot_metrics(summary, out, title):
               ("kl", "KL(fp ‖ quantized)", "nats per caption token"),
               ("hidden_err_vision", "hidden error, vision positions", "relative MSE, mean over layers"),
               ("hidden_err_text", "hidden error, text positions", "relative MSE, mean over layers"))
+    panels += tuple((col, f"{col.split('.')[1]} (lmms-eval)", col.split(".", 2)[2]) for col in summary.columns
+                    if col.startswith(COLUMN_PREFIX) and summary[col].notna().any())
     summary = summary.reset_index(drop=True)
     colors = [METHOD_COLORS.get(m, "C0") for m in summary.method]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    n_rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(10, 3.75 * n_rows), squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     for ax, (col, label, unit) in zip(axes.flat, panels):
         values = summary[col].astype(float)
         bars = ax.bar(range(len(summary)), values, color=colors)
