@@ -127,8 +127,10 @@ def lmms_fp_inputs(wildcards):
     return {"model": model_dir(wildcards), **lmms_task_input()}
 
 
-def lmms_command(wildcards, input):
-    return W.lmms_eval_command(config["lmms_eval"], input.model)
+def lmms_command(wildcards):
+    # from the wildcards, not `input`: params that read `input` are not recorded for the params rerun trigger
+    folder = (lmms_inputs if "run" in wildcards.keys() else lmms_fp_inputs)(wildcards)["model"]
+    return W.lmms_eval_command(config["lmms_eval"], folder)
 
 
 def host_mem(stage):

@@ -62,7 +62,7 @@ rule lmms_eval:
     log:
         paths.LOGS["lmms_eval"],
     conda:
-        "../workflow/envs/vlmquant.yaml"
+        "../workflow/envs/lmms.yaml"
     resources:
         gpu=W.lmms_gpus(config),
     params:
@@ -81,7 +81,7 @@ rule lmms_eval_fp:
     log:
         paths.LOGS["lmms_eval_fp"],
     conda:
-        "../workflow/envs/vlmquant.yaml"
+        "../workflow/envs/lmms.yaml"
     resources:
         gpu=W.lmms_gpus(config),
     params:

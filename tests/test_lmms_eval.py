@@ -130,12 +130,15 @@ def test_read_metric_errors_name_what_is_missing(tmp_path):
         read_metric(tmp_path, TASK, metric="accuracy")
 
 
-def test_read_scores_keeps_numeric_scores_only(tmp_path):
-    data = {"results": {TASK: {"alias": TASK, "exact_match,none": 0.75, "exact_match_stderr,none": 0.1,
-                               "exact_match,flexible": 1, "submission,none": "N/A", "mme_score,none": math.nan}}}
+def test_read_scores_keeps_the_tasks_numeric_scores(tmp_path):
+    # as lmms-eval 0.7.3 writes them (plus a second filter, a non-numeric and a NaN score)
+    scores = {"alias": TASK, "exact_match,none": 0.75, "exact_match_stderr,none": 0.1, "exact_match_stderr_clt,none": 0.1,
+              "exact_match_stderr_clustered,none": "N/A", "exact_match,flexible": 1, "mme_score,none": math.nan}
+    data = {"results": {TASK: scores, "other": dict(scores)}, "higher_is_better": {TASK: {"exact_match": True}}}
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "20261201_101500_results.json").write_text(json.dumps(data))
-    assert read_scores(tmp_path) == {f"lmms.{TASK}.exact_match": 0.75, f"lmms.{TASK}.exact_match.flexible": 1.0}
+    both = {"exact_match": 0.75, "exact_match.flexible": 1.0}
+    assert read_scores(tmp_path) == {f"lmms.{task}.{k}": v for task in (TASK, "other") for k, v in both.items()}
 
 
 def test_lmms_eval_command_and_summary_rows():

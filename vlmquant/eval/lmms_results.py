@@ -42,15 +42,22 @@ def read_metric(out_dir, task, metric="exact_match", filter_name="none"):
 
 
 def read_scores(out_dir):
-    """Every score of the newest results file under `out_dir`: {"lmms.<task>.<metric>[.<filter>]": float},
-    without standard errors, aliases and non-numeric entries (e.g. "N/A")."""
+    """Every score of the newest results file under `out_dir`: {"lmms.<task>.<metric>[.<filter>]": float}.
+
+    The metrics of a task are those its "higher_is_better" entry names (the task's metric_list); without
+    one, every metric but standard errors (*_stderr, *_stderr_clt, …). Aliases and non-numeric values
+    (e.g. "N/A") are left out.
+    """
     path = results_file(out_dir)
+    data = json.loads(path.read_text())
     out = {}
-    for task, values in json.loads(path.read_text()).get("results", {}).items():
+    for task, values in data.get("results", {}).items():
+        metrics = data.get("higher_is_better", {}).get(task)
         for key, value in values.items():
             metric, _, filter_name = key.partition(",")
-            if not filter_name or metric.endswith("_stderr") or isinstance(value, bool) \
-                    or not isinstance(value, (int, float)) or math.isnan(value):
+            wanted = metric in metrics if isinstance(metrics, dict) else "_stderr" not in metric
+            if not filter_name or not wanted or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or math.isnan(value):
                 continue
             out[f"{COLUMN_PREFIX}{task}.{metric}" + ("" if filter_name == "none" else f".{filter_name}")] = float(value)
     return out
