@@ -2,7 +2,7 @@ rule inputs:
     """Apply the model's processor and chat template to every calibration row."""
     input:
         calib=paths.CALIB,
-        model=model_dir,
+        model=processor_files,
     output:
         paths.INPUTS,
     log:

@@ -7,10 +7,10 @@ rule organism_data:
     """Calibration (train-split) and held-out questions as ShareGPT files with their images, the held-out
     Parquet and the lmms-eval task over it."""
     output:
-        calib=f"{paths.ORGANISM_DATA}/calib.jsonl",
-        heldout=f"{paths.ORGANISM_DATA}/heldout.jsonl",
+        calib=paths.ORGANISM_FILES["calib"],
+        heldout=paths.ORGANISM_FILES["heldout"],
         parquet=f"{paths.ORGANISM_DATA}/heldout.parquet",
-        images=directory(f"{paths.ORGANISM_DATA}/images"),
+        images=directory(paths.ORGANISM_FILES["images"]),
         task=directory(paths.ORGANISM_TASK),
     log:
         paths.LOGS["organism_data"],

@@ -9,12 +9,24 @@ This module imports nothing, so anything may import it.
 
 DEMO_DATA = "results/demo/data"
 DEMO_MODEL = "results/demo/model-{family}"
+DEMO_FILES = {  # the outputs of rule demo_data
+    "captions_train": DEMO_DATA + "/captions_train.json",
+    "captions_val": DEMO_DATA + "/captions_val.json",
+    "text": DEMO_DATA + "/text.jsonl",
+    "images": DEMO_DATA + "/images",
+}
 # the model organism (config/organism.yaml): its task's files and the trained model shipped in the package
 ORGANISM_DATA = "results/demo/organism/data"  # calib.jsonl, heldout.jsonl, heldout.parquet, images/
 ORGANISM_TASK = "results/demo/organism/lmms_task"  # the lmms-eval task over heldout.parquet (--include_path)
 ORGANISM_MODEL = "results/demo/organism/model"
+ORGANISM_FILES = {  # the outputs of rule organism_data that a config names
+    "calib": ORGANISM_DATA + "/calib.jsonl",
+    "heldout": ORGANISM_DATA + "/heldout.jsonl",
+    "images": ORGANISM_DATA + "/images",
+}
 
 CALIB = "results/calib/{calib}.parquet"
+CALIB_FILES = "results/calib/{calib}.files.json"  # the image files a set uses, kept for the workflow's load
 INPUTS = "results/{model}/{calib}/inputs.safetensors"
 GRADS = "results/{model}/{calib}/grads.safetensors"
 ACTS = "results/{model}/{calib}/acts"  # folder: layer_NNN.safetensors, the fp inputs of each chunk's first layer
@@ -34,6 +46,7 @@ LMMS_FP = "results/{model}/fp/lmms_eval"
 
 SUMMARY_CSV = "results/summary.csv"
 SUMMARY_PARQUET = "results/summary.parquet"
+SUMMARY_HTML = "results/summary.html"  # the table as shown in `snakemake --report`
 PLOT = "results/plots/{model}/{calib}/{figure}.png"
 
 # inside the folders above
