@@ -107,7 +107,8 @@ def eval_inputs(wildcards):
         "model": model_files(wildcards),
         "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
     }
-    if RUNS[wildcards.run].has_scales:  # the eval set must not overlap the set the scales came from
+    # the eval set must not overlap the set the scales came from
+    if RUNS[wildcards.run].has_scales:
         files["eval_set"] = paths.CALIB.format(calib=ids["eval_calib"])
         files["search_set"] = paths.CALIB.format(calib=ids["calib"])
     return files
@@ -144,7 +145,8 @@ def lmms_fp_inputs(wildcards):
 
 def lmms_command(wildcards):
     # from the wildcards, not `input`: params that read `input` are not recorded for the params rerun trigger
-    folder = (lmms_inputs if "run" in wildcards.keys() else lmms_fp_inputs)(wildcards)["model"]
+    inputs = lmms_inputs if "run" in wildcards.keys() else lmms_fp_inputs
+    folder = inputs(wildcards)["model"]
     return W.lmms_eval_command(config["lmms_eval"], folder)
 
 
