@@ -76,8 +76,7 @@ def check_config(config, schema_path):
     for name, cfg in config["models"].items():
         if "family" in cfg:
             check_choice(f"models.{name}.family", cfg["family"], family_names())
-        else:
-            cfg["family"] = folder_family(cfg["path"], f"config: models.{name}.path")
+        cfg.setdefault("family", folder_family(cfg["path"], f"config: models.{name}.path"))
     for name, run in config["runs"].items():
         check_choice(f"runs.{name}.method", run["method"], METHODS)
     for name, run in config["runs"].items():
