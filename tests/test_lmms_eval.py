@@ -229,6 +229,7 @@ def predictions(demo_model_path, demo_data):
     return images, out
 
 
+@pytest.mark.slow  # about 50 s here: lmms-eval in a subprocess
 @pytest.mark.parametrize("a_bit", [None, 4])
 def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_model_path, tmp_path):
     """Even questions are answered with the checkpoint's own greedy output (case and punctuation
@@ -257,6 +258,7 @@ def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_m
     assert accuracy == 0.5
 
 
+@pytest.mark.slow  # about 70 s here
 def test_lmms_eval_scores_the_organism(lmms_python, tmp_path, monkeypatch):
     """The organism's task through lmms-eval, offline on CPU: the trained model scores its recorded accuracy
     on the first held-out questions (the task as the organism_data rule writes it)."""

@@ -144,6 +144,7 @@ def test_training_forward_equals_the_per_image_forward(organism):
     torch.testing.assert_close(got[data["mask"]], expected[data["mask"]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # about 20 s here: 200 held-out questions
 def test_trained_model_scores_its_recorded_accuracy(data_dir):
     recorded = RECORD[f"heldout_accuracy_first{train.EVAL_ROWS}"]
     measured = score.accuracy(MODEL_DIR, data_dir / "heldout.parquet")
@@ -188,6 +189,7 @@ def fp_accuracy(data_dir):
     return score.accuracy(MODEL_DIR, data_dir / "heldout.parquet")["overall"]
 
 
+@pytest.mark.slow  # 35-90 s a run here: a search over the 4 layers and 200 held-out questions
 @pytest.mark.parametrize("run", RUNS)
 def test_quantized_checkpoint_scores_between_chance_and_fp(run, staged, data_dir, fp_accuracy, tmp_path):
     """Each run of config/organism.yaml, calibrated on the calib split: its checkpoint answers the held-out
