@@ -18,6 +18,7 @@ report: "workflow/report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/demo.smk"
+include: "rules/organism.smk"
 include: "rules/calib.smk"
 include: "rules/inputs.smk"
 include: "rules/search.smk"

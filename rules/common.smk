@@ -119,7 +119,8 @@ def eval_inputs(wildcards):
 
 
 def summary_inputs(wildcards):
-    return [row["path"] for row in W.summary_rows(config)]
+    rows = W.summary_rows(config)
+    return [row["path"] for row in rows] + [row["lmms"] for row in rows if row["lmms"]]
 
 
 def plot_inputs(wildcards):
@@ -132,11 +133,25 @@ def plot_inputs(wildcards):
     }
 
 
-def lmms_command(wildcards, input, output):
-    family = config["models"][wildcards.model]["family"]
-    return W.lmms_eval_command(
-        config["lmms_eval"], family, input[0], f"{output[0]}.tmp"
-    )
+def lmms_task_input():
+    path = config["lmms_eval"]["include_path"]
+    return {"tasks": path} if path else {}
+
+
+def lmms_inputs(wildcards):
+    folder = W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards)
+    return {"model": folder, **lmms_task_input()}
+
+
+def lmms_fp_inputs(wildcards):
+    return {"model": model_dir(wildcards), **lmms_task_input()}
+
+
+def lmms_command(wildcards):
+    # from the wildcards, not `input`: params that read `input` are not recorded for the params rerun trigger
+    inputs = lmms_inputs if "run" in wildcards.keys() else lmms_fp_inputs
+    folder = inputs(wildcards)["model"]
+    return W.lmms_eval_command(config["lmms_eval"], folder)
 
 
 def host_mem(stage):

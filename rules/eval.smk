@@ -51,36 +51,41 @@ rule eval:
         "../scripts/eval.py"
 
 
-# Optional (lmms_eval.enabled): benchmarks with an lmms-eval install.
+# Optional (lmms_eval.enabled): lmms-eval benchmarks of every checkpoint and the fp model; their scores
+# join the summary.
 rule lmms_eval:
+    """lmms-eval (`lmms_eval.tasks`) on one checkpoint; fails when lmms-eval writes no results file."""
     input:
-        paths.CHECKPOINT,
+        unpack(lmms_inputs),
     output:
         directory(paths.LMMS),
     log:
         paths.LOGS["lmms_eval"],
     conda:
-        "../workflow/envs/vlmquant.yaml"
+        "../workflow/envs/lmms.yaml"
     resources:
-        gpu=config["lmms_eval"]["gpus"],
+        gpu=W.lmms_gpus(config),
     params:
         cmd=lmms_command,
-    shell:
-        "rm -rf {output}.tmp && {params.cmd} > {log} 2>&1 && mv {output}.tmp {output}"
+        offline=config["lmms_eval"]["offline"],
+    script:
+        "../scripts/lmms_eval.py"
 
 
 rule lmms_eval_fp:
+    """lmms-eval on the fp model."""
     input:
-        model_dir,
+        unpack(lmms_fp_inputs),
     output:
         directory(paths.LMMS_FP),
     log:
         paths.LOGS["lmms_eval_fp"],
     conda:
-        "../workflow/envs/vlmquant.yaml"
+        "../workflow/envs/lmms.yaml"
     resources:
-        gpu=config["lmms_eval"]["gpus"],
+        gpu=W.lmms_gpus(config),
     params:
         cmd=lmms_command,
-    shell:
-        "rm -rf {output}.tmp && {params.cmd} > {log} 2>&1 && mv {output}.tmp {output}"
+        offline=config["lmms_eval"]["offline"],
+    script:
+        "../scripts/lmms_eval.py"

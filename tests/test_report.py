@@ -1,5 +1,6 @@
 """Report figures and the summary's relative columns on synthetic rows (no workflow run)."""
 import math
+import re
 
 import matplotlib.colors as mcolors
 import numpy as np
@@ -59,3 +60,19 @@ def test_metrics_figure_grows_with_the_runs_and_starts_at_zero(tmp_path, n_runs)
     with Image.open(out) as img:
         height = img.height
     assert height >= 120 * (2.2 + 0.62 * max(n_runs + 1, 3)) * 0.9  # 0.62 in of figure per run (dpi 120)
+
+
+def test_lmms_scores_in_the_table_and_the_metrics_figure(tmp_path):
+    """An lmms-eval score column (lmms.<task>.<metric>) follows top-1 agreement in summary.html and adds a
+    panel (a third row) to metrics.png."""
+    df = summary_rows(3).assign(top1_agreement=1.0, weight_err=0.1, time_total_s=np.nan)
+    df["lmms.vlmquant_vqa.exact_match"] = [0.95, 0.947, 0.952, 0.951]
+    headers = re.findall(r"<th>(.*?)</th>", summary_html(df))
+    assert headers[headers.index("top-1 agreement") + 1] == "vlmquant_vqa.exact_match"
+    assert ">0.947<" in summary_html(df)
+    out, plain = tmp_path / "lmms.png", tmp_path / "plain.png"
+    styles = run_styles(list(df.run), dict(zip(df.run, df.method)))
+    plot_metrics(df, out, "title", styles)
+    plot_metrics(df.drop(columns="lmms.vlmquant_vqa.exact_match"), plain, "title", styles)
+    with Image.open(out) as a, Image.open(plain) as b:
+        assert a.height > 1.4 * b.height

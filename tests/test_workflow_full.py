@@ -130,12 +130,9 @@ def test_report_builds(pipe):
 def test_lmms_eval_is_optional(pipe):
     assert not any("lmms_eval" in str(p) for p in (pipe / "results").rglob("*"))
     with pipe.edited_config(lambda c: c["lmms_eval"].update(enabled=True, tasks=["mme", "mmmu_val"], limit=8)):
-        res = pipe.snakemake("-n", "-p")
-    text = res.stdout + res.stderr
-    assert "lmms_eval           3" in text and "lmms_eval_fp        1" in text
-    ckpt = f"results/{MODEL}/{CALIB}/mbq-w3g128/checkpoint"
-    assert (f"python -m lmms_eval --model qwen2_vl --model_args pretrained={ckpt} --tasks mme,mmmu_val "
-            f"--batch_size 1 --output_path results/{MODEL}/{CALIB}/mbq-w3g128/lmms_eval.tmp --limit 8") in text
+        planned = pipe.planned()
+    # the lmms-eval jobs and what reads their scores (test_organism_workflow.py runs them)
+    assert planned == {"lmms_eval": 3, "lmms_eval_fp": 1, "summary": 1, "plots": 1, "all": 1}
 
 
 KILL_SCRIPT = """

@@ -15,6 +15,15 @@ DEMO_FILES = {  # the outputs of rule demo_data
     "text": DEMO_DATA + "/text.jsonl",
     "images": DEMO_DATA + "/images",
 }
+# the model organism (config/organism.yaml): its task's files and the trained model shipped in the package
+ORGANISM_DATA = "results/demo/organism/data"  # calib.jsonl, heldout.jsonl, heldout.parquet, images/
+ORGANISM_TASK = "results/demo/organism/lmms_task"  # the lmms-eval task over heldout.parquet (--include_path)
+ORGANISM_MODEL = "results/demo/organism/model"
+ORGANISM_FILES = {  # the outputs of rule organism_data that a config names
+    "calib": ORGANISM_DATA + "/calib.jsonl",
+    "heldout": ORGANISM_DATA + "/heldout.jsonl",
+    "images": ORGANISM_DATA + "/images",
+}
 
 CALIB = "results/calib/{calib}.parquet"
 CALIB_FILES = "results/calib/{calib}.files.json"  # the image files a set uses, kept for the workflow's load
@@ -49,6 +58,8 @@ NEXT_INPUTS = "next_inputs.safetensors"
 LOGS = {
     "demo_data": "results/logs/demo_data.log",
     "demo_model": "results/logs/demo_model-{family}.log",
+    "organism_data": "results/logs/organism_data.log",
+    "organism_model": "results/logs/organism_model.log",
     "calib": "results/logs/calib/{calib}.log",
     "inputs": "results/logs/{model}/{calib}/inputs.log",
     "grads": "results/logs/{model}/{calib}/grads.log",

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import shlex
 import sys
 import time
 import traceback
@@ -29,8 +28,7 @@ from vlmquant.models import family_names, folder_family, n_layers
 FIGURES = ("hidden_error", "alpha", "metrics")
 CHECKPOINTS = {"pseudo": paths.CHECKPOINT, "compressed-tensors": paths.PACKED}  # runs.<name>.formats
 EVAL_SETTINGS = ("batch_size", "kl_top_k", "hidden_positions")
-# lmms-eval's model names of our families (`lmms_eval.model` overrides)
-LMMS_MODELS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+LMMS_MODEL = "vlmquant"  # lmms-eval's name of vlmquant.eval.lmms_model (every family); `lmms_eval.model` overrides
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -81,7 +79,10 @@ def check_config(config, schema_path):
         cfg.setdefault("family", folder_family(cfg["path"], f"config: models.{name}.path"))
     for name, run in config["runs"].items():
         check_choice(f"runs.{name}.method", run["method"], METHODS)
-    config["runs"] = {name: RunSpec.from_config(name, run).config() for name, run in config["runs"].items()}
+    for name, run in config["runs"].items():
+        # RunSpec.config leaves out formats (no setting of the weights), which says what checkpoints to write
+        formats = {"formats": run["formats"]} if "formats" in run else {}
+        config["runs"][name] = {**RunSpec.from_config(name, run).config(), **formats}
     for kind in ("models", "calib", "runs"):
         for name in config["targets"].get(kind, []):
             if name not in config[kind]:
@@ -93,9 +94,6 @@ def check_config(config, schema_path):
     if eval_calib not in config["calib"]:
         raise VlmquantError(f"config: eval.calib: {eval_calib!r} is not defined under 'calib' "
                             "(name a held-out calibration set, disjoint from the search sets)")
-    if config["lmms_eval"]["enabled"] and not config["lmms_eval"]["model"]:
-        for m in config["targets"].get("models", []):
-            lmms_model(config["lmms_eval"], config["models"][m]["family"])
     check_paths(config)
     check_w_groups(config)
     if eval_calib in config["targets"].get("calib", []) and not config["eval"]["allow_overlap"]:
@@ -113,9 +111,11 @@ def run_specs(config):
 
 # --- the paths the config names -------------------------------------------------------------------
 def demo_output(path):
-    """Whether `path` is one the demo rules build (paths.DEMO_FILES, paths.DEMO_MODEL of a known family)."""
+    """Whether `path` is one the demo rules build (paths.DEMO_FILES, paths.DEMO_MODEL of a known family; the
+    organism's paths.ORGANISM_FILES and paths.ORGANISM_MODEL)."""
     path = os.path.normpath(path)
-    if path in {os.path.normpath(p) for p in paths.DEMO_FILES.values()}:
+    built = [*paths.DEMO_FILES.values(), *paths.ORGANISM_FILES.values(), paths.ORGANISM_MODEL]
+    if path in {os.path.normpath(p) for p in built}:
         return True
     model = re.fullmatch(re.escape(paths.DEMO_MODEL).replace(r"\{family\}", "(.+)"), Path(path).as_posix())
     return bool(model) and model.group(1) in family_names()
@@ -248,7 +248,8 @@ def source_hashes(cfg, name):
 
 
 def on_demo_data(cfg):
-    """A calibration set reading the demo's data (paths.DEMO_FILES), which rule demo_data builds."""
+    """A calibration set reading the demo's or the organism's data (paths.DEMO_FILES, paths.ORGANISM_FILES),
+    which rule demo_data or organism_data builds."""
     return any(demo_output(cfg[k]) for k in ("captions", "images"))
 
 
@@ -366,6 +367,10 @@ def model_depth(model_cfg):
     path = model_cfg["path"]
     if (Path(path) / "config.json").is_file():
         return n_layers(path)
+    if Path(path).as_posix() == paths.ORGANISM_MODEL:  # a copy of the packaged organism
+        from vlmquant.organism import MODEL_DIR
+
+        return n_layers(MODEL_DIR)
     from vlmquant.models.tiny import TEXT_SIZES  # demo paths only (folder_family has checked the path)
 
     return TEXT_SIZES["num_hidden_layers"]
@@ -443,15 +448,20 @@ def run_benchmarks(config, model, calib, run):
 
 
 def summary_rows(config):
-    """Every table of the summary: [{model, calib, run, path, bench}], the fp row of each model first."""
+    """Every table of the summary: [{model, calib, run, path, bench, lmms}], the fp row of each model first.
+    lmms: the lmms-eval results folder of the row when lmms_eval is enabled (for fp: with include_fp), else None."""
     eval_calib = config["eval"]["calib"]
+    lm = config["lmms_eval"]
     rows = []
     for m in config["targets"].get("models", []):
         fp = dict(model=m, eval_calib=eval_calib)
         rows.append({"model": m, "calib": None, "run": "fp", "path": paths.FP_TABLE.format(**fp),
-                     "bench": {"eval": [paths.BENCHMARKS["eval_fp"].format(**fp)]}})
+                     "bench": {"eval": [paths.BENCHMARKS["eval_fp"].format(**fp)]},
+                     "lmms": paths.LMMS_FP.format(model=m) if lm["enabled"] and lm["include_fp"] else None})
         rows += [{"model": m, "calib": c, "run": r, "path": paths.EVAL.format(model=m, calib=c, run=r),
-                  "bench": run_benchmarks(config, m, c, r)} for mm, c, r in target_triples(config) if mm == m]
+                  "bench": run_benchmarks(config, m, c, r),
+                  "lmms": paths.LMMS.format(model=m, calib=c, run=r) if lm["enabled"] else None}
+                 for mm, c, r in target_triples(config) if mm == m]
     return rows
 
 
@@ -473,21 +483,22 @@ def evaluated_checkpoint(spec):
 
 
 # --- lmms-eval --------------------------------------------------------------------------------------
-def lmms_model(lm, family):
-    model = lm["model"] or LMMS_MODELS.get(family)
-    if not model:
-        raise VlmquantError(f"config: lmms_eval.model: no default lmms-eval model for family {family!r}; set it")
-    return model
+def lmms_gpus(config):
+    """GPUs an lmms-eval job asks the scheduler for: none when the config runs models on the CPU."""
+    return 0 if config["device"] == "cpu" else config["lmms_eval"]["gpus"]
 
 
-def lmms_eval_command(lm, family, pretrained, output_path):
-    """The `python -m lmms_eval …` command line (a string for a shell rule)."""
+def lmms_eval_command(lm, pretrained):
+    """The `python -m lmms_eval …` command line of a model folder, as a list, without --output_path
+    (eval.lmms_results.run_lmms_eval adds it). An empty first item stands for the job's own interpreter."""
     model_args = f"pretrained={pretrained}" + (f",{lm['model_args']}" if lm["model_args"] else "")
-    cmd = [lm["python"], "-m", "lmms_eval", "--model", lmms_model(lm, family), "--model_args", model_args,
-           "--tasks", ",".join(lm["tasks"]), "--batch_size", str(lm["batch_size"]), "--output_path", str(output_path)]
+    cmd = [lm["python"], "-m", "lmms_eval", "--model", lm["model"] or LMMS_MODEL, "--model_args", model_args,
+           "--tasks", ",".join(lm["tasks"]), "--batch_size", str(lm["batch_size"])]
+    if lm["include_path"]:
+        cmd += ["--include_path", lm["include_path"]]
     if lm["limit"] is not None:
         cmd += ["--limit", str(lm["limit"])]
-    return shlex.join(cmd + list(lm["extra_args"]))
+    return cmd + list(lm["extra_args"])
 
 
 # --- scheduler resources ----------------------------------------------------------------------------

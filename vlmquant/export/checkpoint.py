@@ -28,6 +28,7 @@ from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir, atomic_path
 from vlmquant.io.provenance import dumps, package_versions, sha256_file
 from vlmquant.io.scales import load_cache
+from vlmquant.quant.codes import Scheme
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import decoder_linears, groups_to_fold, layer_root, pseudo_quantize, resolve_ignore
@@ -183,6 +184,18 @@ def read_quant_info(folder):
     if not path.is_file():
         raise VlmquantError(f"{folder}: no {QUANT_FILE} (not a complete vlmquant checkpoint; rerun the export)")
     return json.loads(path.read_text())
+
+
+def runtime_activations(folder):
+    """(scheme, ignored module names) with which a model folder's decoder-linear inputs are fake-quantized at
+    run time (quant.model.quantized_activations): its quantization.json `scheme` and `ignored_modules`; for a
+    folder without quantization.json (an fp model), (None, ()). Weight-only schemes quantize no activation."""
+    if not (Path(folder) / QUANT_FILE).is_file():
+        return None, ()
+    info = read_quant_info(folder)
+    if "scheme" not in info:
+        raise VlmquantError(f"{folder}/{QUANT_FILE}: no 'scheme' (written by an older vlmquant; rerun the export)")
+    return Scheme(**info["scheme"]), tuple(info.get("ignored_modules", ()))
 
 
 def remove_stale_temps(out_dir):

@@ -26,7 +26,8 @@ def get_adapter(family):
 
 def folder_family(path, key="models"):
     """The family of a model folder: its config.json's model_type, or for a demo path not built yet
-    (paths.DEMO_MODEL) the family in its name. Raises VlmquantError naming the folder."""
+    (paths.DEMO_MODEL) the family in its name, for the organism's (paths.ORGANISM_MODEL) qwen2_vl. Raises
+    VlmquantError naming the folder."""
     config = Path(path) / "config.json"
     if config.is_file():
         try:
@@ -40,6 +41,8 @@ def folder_family(path, key="models"):
     demo = re.fullmatch(re.escape(paths.DEMO_MODEL).replace(r"\{family\}", "(.+)"), Path(path).as_posix())
     if demo and demo.group(1) in family_names():
         return demo.group(1)
+    if Path(path).as_posix() == paths.ORGANISM_MODEL:
+        return "qwen2_vl"
     raise VlmquantError(f"{key}: {path} has no config.json (model folder missing?)")
 
 

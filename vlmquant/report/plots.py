@@ -4,7 +4,8 @@
   positions side by side, one line per run.
 - alpha.png: the α the search chose per layer, one panel per scale group, one line per run.
 - metrics.png: caption NLL (as its difference to fp), KL, mean hidden error (vision, text) per run, fp
-  included.
+  included, and each lmms-eval score of the summary (e.g. the organism's task accuracy) when lmms_eval
+  is enabled.
 Every run has its own colour, the same in all three figures; the runs of one method share its hue.
 """
 import matplotlib
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from vlmquant.eval.lmms_results import COLUMN_PREFIX  # noqa: E402
 from vlmquant.eval.table import read_table  # noqa: E402
 from vlmquant.io.atomic import atomic_path  # noqa: E402
 
@@ -151,10 +153,15 @@ def plot_metrics(summary, out, title, styles):
               ("kl", "KL(fp ‖ quantized)", "nats per caption token"),
               ("hidden_err_vision", "hidden error, vision positions", "relative MSE, mean over layers"),
               ("hidden_err_text", "hidden error, text positions", "relative MSE, mean over layers"))
+    panels += tuple((col, f"{col.split('.')[1]} (lmms-eval)", col.split(".", 2)[2]) for col in summary.columns
+                    if col.startswith(COLUMN_PREFIX) and summary[col].notna().any())
     summary = summary.reset_index(drop=True)
     colors = {run: style[0] for run, style in styles.items()}
     n = len(summary)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 2.2 + 0.62 * max(n, 3)), sharey=True)
+    n_rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(12, (1.1 + 0.31 * max(n, 3)) * n_rows), sharey=True, squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fp = summary[summary.run == "fp"].caption_nll
     for ax, (col, label, unit) in zip(axes.flat, panels):
         values = summary[col].astype(float)

@@ -5,6 +5,8 @@ Columns:
   row: bits of the model dtype), w_group (null per output channel), a_bit (null: weight-only), eval_calib,
   n_samples, n_caption_tokens,
   caption_nll, caption_ppl, kl, top1_agreement            caption positions of the eval set
+  lmms.<task>.<metric>                                    lmms-eval scores (e.g. lmms.vlmquant_vqa.exact_match, the
+                                                          organism's task accuracy), only with lmms_eval enabled
   hidden_err_vision, hidden_err_text                      relative MSE of the decoder-layer outputs, mean over layers
   hidden_err_vision_last, hidden_err_text_last            the same at the last decoder layer
   weight_err, weight_err_scaled                           relative Frobenius weight error, mean over layers
@@ -25,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmquant.errors import VlmquantError
+from vlmquant.eval.lmms_results import COLUMN_PREFIX, read_scores
 from vlmquant.eval.table import read_table
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions
@@ -95,11 +98,15 @@ def bench_seconds(paths):
 
 
 def summarize(tables, benchmarks):
-    """tables: [{"model", "calib", "run", "path"}] (fp: run "fp", calib None);
-    benchmarks: {(model, calib, run): {stage: [benchmark tsv paths]}} → DataFrame of COLUMNS."""
-    rows = []
+    """tables: [{"model", "calib", "run", "path", "lmms" (optional: lmms-eval results folder)}] (fp: run "fp",
+    calib None); benchmarks: {(model, calib, run): {stage: [benchmark tsv paths]}} → DataFrame of COLUMNS,
+    with the lmms-eval scores of any row inserted after top1_agreement (null where a row has none)."""
+    rows, scores = [], []
     for t in tables:
         row = table_row(t["path"])
+        if t.get("lmms"):
+            row.update(read_scores(t["lmms"]))
+            scores += [k for k in row if k.startswith(COLUMN_PREFIX) and k not in scores]
         for key in ("model", "calib", "run"):
             if row[key] != t[key]:
                 raise VlmquantError(f"{t['path']}: table is for {key}={row[key]!r}, expected {t[key]!r}")
@@ -109,7 +116,8 @@ def summarize(tables, benchmarks):
         times = [row[f"time_{s}_s"] for s in STAGES if not math.isnan(row[f"time_{s}_s"])]
         row["time_total_s"] = sum(times) if times else math.nan
         rows.append(row)
-    df = relative_columns(pd.DataFrame(rows, columns=COLUMNS))
+    at = COLUMNS.index("top1_agreement") + 1
+    df = relative_columns(pd.DataFrame(rows, columns=[*COLUMNS[:at], *scores, *COLUMNS[at:]]))
     df["w_bit"] = df["w_bit"].astype("Int64")
     df["w_group"] = df["w_group"].astype("Int64")
     df["a_bit"] = df["a_bit"].astype("Int64")
@@ -130,11 +138,16 @@ def relative_columns(df):
 
 
 def summary_html(df):
-    """The summary as an HTML page holding one table (HTML_COLUMNS), for `snakemake --report`."""
+    """The summary as an HTML page holding one table (HTML_COLUMNS and the lmms-eval scores after top-1
+    agreement), for `snakemake --report`."""
     def cell(v):
         return "" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    table = df[list(HTML_COLUMNS)].rename(columns=HTML_COLUMNS).astype(object).map(cell)
+    scores = [c for c in df.columns if c.startswith(COLUMN_PREFIX)]
+    at = list(HTML_COLUMNS).index("top1_agreement") + 1
+    columns = [*list(HTML_COLUMNS)[:at], *scores, *list(HTML_COLUMNS)[at:]]
+    headers = {**HTML_COLUMNS, **{c: c.removeprefix(COLUMN_PREFIX) for c in scores}}
+    table = df[columns].rename(columns=headers).astype(object).map(cell)
     body = table.to_html(index=False, border=0, classes="summary")
     style = ("body{font-family:sans-serif;font-size:13px;margin:8px}table{border-collapse:collapse}"
              "th,td{padding:3px 8px;text-align:right;border-bottom:1px solid #ddd;white-space:nowrap}"
