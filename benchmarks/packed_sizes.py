@@ -16,7 +16,8 @@ from vlmquant.models.tiny import make_demo_model
 from vlmquant.export.packed import write_packed
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen2_vl_7b_config
 from vlmquant.models import get_adapter
-from vlmquant.quant.codes import Scheme, quantize_weight
+from vlmquant.quant.codes import quantize_weight
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.model import decoder_linears
 
 ADAPTER = get_adapter("qwen2_vl")

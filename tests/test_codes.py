@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.codes import (FLOAT_QUANTIZED, INT_QUANTIZED, PACK_QUANTIZED, Scheme, fake_quant, quantize_weight,
-                                  check_scheme)
+from vlmquant.quant.codes import fake_quant, quantize_weight
+from vlmquant.quant.scheme import FLOAT_QUANTIZED, INT_QUANTIZED, PACK_QUANTIZED, Scheme, check_scheme
 from vlmquant.quant.fp8 import FP8_MAX, fake_quant_act_fp8, fake_quant_weight_fp8, fp8_scales
 from vlmquant.quant.model import quantize_linears
 from vlmquant.spec import RunSpec

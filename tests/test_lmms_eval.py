@@ -28,7 +28,7 @@ from vlmquant.eval.lmms_results import read_metric, read_scores, run_lmms_eval
 from vlmquant.models import get_adapter
 from vlmquant.organism import MODEL_DIR, score, task
 from vlmquant.organism.lmms import TASK, TEMPLATE, exact_match, normalize_answer, write_task_yaml
-from vlmquant.quant.codes import Scheme
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.model import quantized_activations
 from vlmquant.workflow import check_config, lmms_eval_command, summary_rows
 

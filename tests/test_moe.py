@@ -15,7 +15,8 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io.scales import load_cache, merge, save_layer
 from vlmquant.models import get_adapter
 from vlmquant.models.base import in_width, layer_part
-from vlmquant.quant.codes import Scheme, fake_quant
+from vlmquant.quant.codes import fake_quant
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fake import scaled_fake_quant
 from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.model import decoder_experts, pseudo_quantize

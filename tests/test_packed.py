@@ -14,7 +14,8 @@ from vlmquant.models.tiny import DEMO_PROMPT, make_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen2_vl_7b_config
 from vlmquant.models import get_adapter
-from vlmquant.quant.codes import Scheme, fake_quant
+from vlmquant.quant.codes import fake_quant
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fp8 import fake_quant_act_fp8
 from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.model import decoder_linears, layer_root

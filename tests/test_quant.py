@@ -130,7 +130,7 @@ def test_quantized_activations_hooks_every_kept_decoder_linear_and_restores(demo
     import torch.nn.functional as F
 
     from vlmquant.models import get_adapter
-    from vlmquant.quant.codes import Scheme
+    from vlmquant.quant.scheme import Scheme
     from vlmquant.quant.model import decoder_linears, quantized_activations
 
     adapter = get_adapter("qwen2_vl")

@@ -7,7 +7,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import fake_quant_act_per_token, fake_quant_weight, fake_quant_weight_per_channel_sym
-from vlmquant.quant.codes import Scheme
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fold import fold_scales, scale_linear_into_linears, scale_norm_into_linears
 from vlmquant.search.grid import group_loss, search_group, smooth_group, smoothquant_scales
 

@@ -43,7 +43,8 @@ from vlmquant.models.tiny import build_demo_model
 from vlmquant.export.checkpoint import read_quant_info
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import DEMO_PROMPT
-from vlmquant.quant.codes import INT_QUANTIZED, Scheme, fake_quant_act
+from vlmquant.quant.codes import fake_quant_act
+from vlmquant.quant.scheme import INT_QUANTIZED, Scheme
 from vlmquant.quant.model import decoder_linears, quantized_activations
 
 pytest.importorskip("compressed_tensors", reason="the packed export needs compressed-tensors")

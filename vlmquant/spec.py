@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from vlmquant.errors import VlmquantError
 from vlmquant.methods import COMMON, METHODS, Method, get_method
-from vlmquant.quant.codes import Scheme, check_scheme
+from vlmquant.quant.scheme import Scheme, check_scheme
 
 DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": False, "w_sym": False, "w_type": "int"}
 FORMATS = ("pseudo", "compressed-tensors")

@@ -297,7 +297,7 @@ def quantized_widths(model_cfg):
         cfg = json.loads((path / "config.json").read_text())
         cfg = cfg.get("text_config") or cfg.get("llm_config") or cfg
     else:
-        from vlmquant.models.tiny import TEXT_SIZES  # demo paths only (check_paths has checked the others)
+        from vlmquant.demo.sizes import TEXT_SIZES  # demo paths only (check_paths has checked the others)
 
         cfg = TEXT_SIZES
     widths = {}
@@ -371,7 +371,7 @@ def model_depth(model_cfg):
         from vlmquant.organism import MODEL_DIR
 
         return n_layers(MODEL_DIR)
-    from vlmquant.models.tiny import TEXT_SIZES  # demo paths only (folder_family has checked the path)
+    from vlmquant.demo.sizes import TEXT_SIZES  # demo paths only (folder_family has checked the path)
 
     return TEXT_SIZES["num_hidden_layers"]
 

@@ -31,7 +31,7 @@ from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models.loading import Checkpoint
-from vlmquant.quant.codes import Scheme
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.model import decoder_linears, quantized_activations
 from vlmquant.search.capture import load_samples, model_inputs
 

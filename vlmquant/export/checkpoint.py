@@ -28,7 +28,7 @@ from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir, atomic_path
 from vlmquant.io.provenance import dumps, package_versions, sha256_file
 from vlmquant.io.scales import load_cache
-from vlmquant.quant.codes import Scheme
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import decoder_linears, groups_to_fold, layer_root, pseudo_quantize, resolve_ignore

@@ -41,7 +41,8 @@ from vlmquant.export.checkpoint import (QUANT_FILE, copy_processor_files, load_a
                                        set_safetensors_metadata, shard_files)
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
-from vlmquant.quant.codes import Scheme, check_scheme, quantize_weight
+from vlmquant.quant.codes import quantize_weight
+from vlmquant.quant.scheme import Scheme, check_scheme
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.model import decoder_experts, decoder_linears, layer_root
 

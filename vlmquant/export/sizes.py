@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from vlmquant.quant.codes import PACK_QUANTIZED, Scheme
+from vlmquant.quant.scheme import PACK_QUANTIZED, Scheme
 from vlmquant.quant.model import decoder_linears, layer_root
 
 

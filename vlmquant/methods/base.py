@@ -1,7 +1,22 @@
 """What a quantization method is to the pipeline: which settings it takes, whether it makes a scale
 cache (and so runs the search stage), and how it picks one scale group's scales."""
+import importlib
 from dataclasses import dataclass
 from typing import Callable
+
+class Lazy:
+    """The function named "module:name", imported at its first call: the workflow loads the method registry
+    without importing torch."""
+
+    def __init__(self, target):
+        self.target, self._fn = target, None
+
+    def __call__(self, *args, **kwargs):
+        if self._fn is None:
+            module, name = self.target.split(":")
+            self._fn = getattr(importlib.import_module(module), name)
+        return self._fn(*args, **kwargs)
+
 
 # settings every run has; a method adds the ones it reads (Method.settings)
 COMMON = ("method", "w_bit", "w_group", "a_bit", "w_sym", "w_type", "formats")

@@ -1,8 +1,6 @@
 """MBQ (arXiv 2412.19509 §3): per-group α grid search, the vision tokens' share of the loss reweighted by
 the layer's gradient ratio ρ = max(vis/cap, median) (DESIGN.md algorithm steps 1-3)."""
-from vlmquant.methods.base import Method
-from vlmquant.search.experts import grid_search_experts
-from vlmquant.search.grid import grid_search
+from vlmquant.methods.base import Lazy, Method
 
 METHOD = Method(
     name="mbq",
@@ -10,6 +8,6 @@ METHOD = Method(
     settings=("loss", "n_grid", "reweight", "distort", "scale_cache"),
     scales=True,
     reweight=True,
-    group=grid_search,
-    experts=grid_search_experts,
+    group=Lazy("vlmquant.search.grid:grid_search"),
+    experts=Lazy("vlmquant.search.experts:grid_search_experts"),
 )

@@ -1,6 +1,5 @@
 """SmoothQuant: s_j = max|X_j|^α / max|W_j|^(1−α), α from the config, no search."""
-from vlmquant.methods.base import Method
-from vlmquant.search.grid import smooth_search
+from vlmquant.methods.base import Lazy, Method
 
 METHOD = Method(
     name="smoothquant",
@@ -9,5 +8,5 @@ METHOD = Method(
     scales=True,
     defaults=(("alpha", 0.5),),
     needs_a_bit="smoothquant smooths activations for quantization; set a_bit (e.g. 8 for W8A8)",
-    group=smooth_search,
+    group=Lazy("vlmquant.search.grid:smooth_search"),
 )

@@ -14,6 +14,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from vlmquant.demo.dataset import SPLITS, load_captions, load_corpus
+from vlmquant.demo.sizes import TEXT_SIZES, VISION_SIZES  # noqa: F401  (the families build from them)
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.models import get_adapter
 
@@ -23,10 +24,6 @@ PROMPTS = (DEMO_PROMPT, SYSTEM_PROMPT, "What is in this picture?", "Write a shor
            "Answer the question using a single word or phrase.")
 BPE_VOCAB_SIZE = 1536  # byte alphabet + merges; special tokens come on top
 
-# the text model of every family: 4 layers, width 256, MLP 768, 4 query and 4 key/value heads
-TEXT_SIZES = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=4096)
-VISION_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
 # jinja macro shared by the templates: a message's content as text, images as IMAGE. No
 # whitespace control and no literal newline right after a tag: transformers renders chat

@@ -1,0 +1,64 @@
+"""Quantization schemes: how a run's quantized linears are stored and served (no torch: the workflow reads
+them when it loads; the codes are in quant/codes.py)."""
+from dataclasses import dataclass
+
+from vlmquant.errors import VlmquantError
+
+PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED = "pack-quantized", "int-quantized", "float-quantized"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a run's quantized linears are stored.
+
+    w_bit: weight bits; w_group: > 0 groups of that many input columns, <= 0 one group per output
+    channel; symmetric: no zero point; w_type: "int" or "float" (FP8 E4M3, w_bit 8); a_bit/a_type:
+    dynamic per-token activation quantization at serving time (None: weight-only). Any scheme can be
+    fake-quantized (`fake_quant`); `check_scheme` says which have a packed form.
+    """
+    w_bit: int
+    w_group: int = 128
+    symmetric: bool = False
+    w_type: str = "int"
+    a_bit: int | None = None
+    a_type: str = "int"
+
+    @property
+    def name(self) -> str:
+        if self.w_type == "float":
+            return "fp8"
+        weights = f"w{self.w_bit}" + ("a16" if self.a_bit is None else f"a{self.a_bit}")
+        group = f"g{self.w_group}" if self.w_group > 0 else "ch"
+        return f"{weights}-{'sym' if self.symmetric else 'asym'}-{group}"
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors format its quantized linears are written in."""
+        if self.w_type == "float":
+            return FLOAT_QUANTIZED
+        return INT_QUANTIZED if self.a_bit == 8 and self.w_bit == 8 else PACK_QUANTIZED
+
+    @property
+    def experimental(self) -> bool:
+        """Packed forms that serving engines do not run everywhere (vLLM: 3-bit only through one CUDA kernel family)."""
+        return self.w_type == "int" and self.w_bit == 3
+
+
+def check_scheme(s: Scheme) -> None:
+    """Raise a one-line VlmquantError unless `s` is one of the packed forms above."""
+    what = f"scheme w_bit={s.w_bit} w_group={s.w_group} symmetric={s.symmetric} w_type={s.w_type} a_bit={s.a_bit}"
+    if s.w_type == "float":
+        if not (s.w_bit == 8 and s.a_bit == 8 and s.a_type == "float" and s.symmetric and s.w_group <= 0):
+            raise VlmquantError(f"{what}: FP8 is E4M3 weights per channel (w_bit 8, symmetric, w_group -1) with "
+                                "FP8 per-token activations (a_bit 8, a_type float)")
+        return
+    if s.w_type != "int" or s.a_type != "int":
+        raise VlmquantError(f"{what}: w_type/a_type must be 'int' or 'float'")
+    if s.a_bit is None:
+        if s.w_bit not in (3, 4, 8):
+            raise VlmquantError(f"{what}: weight-only packed export supports w_bit 3 (experimental), 4 or 8; "
+                                "export other widths as pseudo")
+        return
+    if s.a_bit != 8 or s.w_bit not in (4, 8) or not s.symmetric or s.w_group > 0:
+        raise VlmquantError(f"{what}: weight-activation packed export supports W8A8 and W4A8: symmetric int weights "
+                            "per channel (w_group -1) with int8 per-token activations")
