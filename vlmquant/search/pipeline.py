@@ -16,11 +16,13 @@ from vlmquant.io import ragged, scales, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
 from vlmquant.models.loading import meta_model
+from vlmquant.models.stream import (MB, StreamedModel, activation_budget, forward_micro_batched, layer_token_bytes,
+                                    micro_batch, use_streaming)
 from vlmquant.quant.fold import resolve_scales
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.search.capture import (capture_layer_inputs, layer_forward, load_layer_inputs, load_samples,
+from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples,
                                      save_layer_inputs, token_masks)
-from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios
+from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
 from vlmquant.search.layer import quantized_forward, search_layer
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,18 @@ def layer_file(folder, layer):
 
 # --- grads ------------------------------------------------------------------------------------
 def run_grads(model, inputs_path, out_path, batch_size=4):
-    """Gradient statistics and reweight ratios of `model` (ModelRef) on the inputs → a grads file."""
+    """Gradient statistics and reweight ratios of `model` (ModelRef) on the inputs → a grads file.
+
+    Streamed (model.stream), decoder layers are loaded one at a time and the activations the backward pass
+    needs are stored per layer (search.grads.streamed_gradient_stats, capped by model.max_batch_mb); resident,
+    the whole model runs forward and backward per batch. Both give the same statistics.
+    """
     samples, _ = load_samples(inputs_path)
-    stats, counts = gradient_stats(model.load(), model.adapter, samples, model.device, model.dtype, batch_size)
+    if use_streaming(model.stream, model):
+        cap = None if model.max_batch_mb is None else model.max_batch_mb * MB
+        stats, counts = streamed_gradient_stats(StreamedModel(model), samples, batch_size, cap)
+    else:
+        stats, counts = gradient_stats(model.load(), model.adapter, samples, model.device, model.dtype, batch_size)
     ratios = reweight_ratios(stats)
     out = {f"{site}.{k}": v for site, d in stats.items() for k, v in d.items()}
     out.update({f"{site}.ratio": r for site, r in ratios.items()})
@@ -57,17 +68,40 @@ def load_ratios(grads_path):
 # --- boundary activations -----------------------------------------------------------------------
 @torch.no_grad()
 def run_acts(model, inputs_path, starts, out_dir):
-    """fp inputs of the decoder layers in `starts` (the first layer of each search chunk) → out_dir/layer_NNN."""
-    full = model.load()
+    """fp inputs of the decoder layers in `starts` (the first layer of each search chunk) → out_dir/layer_NNN.
+
+    Layer-major: every sample goes through decoder layer i before layer i + 1. Streamed (model.stream), each
+    layer is loaded, run over the samples (in micro-batches when they do not fit memory.max_batch_mb or the
+    free memory) and dropped; resident, the whole model is loaded once. Both write the same files.
+    """
     samples, _ = load_samples(inputs_path)
-    layers = model.adapter.layers(full)
-    hidden, kwargs = capture_layer_inputs(full, layers, ragged.collate(samples), model.device, model.dtype)
+    batch = ragged.collate(samples)
+    if use_streaming(model.stream, model):
+        sm = StreamedModel(model)
+        hidden, kwargs = sm.capture(batch)
+        sm.phase("host")
+        get_layer, drop_layer = sm.layer, sm.drop
+        n, tokens = hidden.shape[:2]
+        budget = activation_budget(model.device, model.max_batch_mb, reserve=sm.layer_bytes() + 2 * hidden_bytes(hidden))
+        per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, model.dtype), budget)
+        log.info("acts: %d samples per layer forward (of %d)", per_batch, n)
+    else:
+        full = model.load()
+        layers = model.adapter.layers(full)
+        hidden, kwargs = capture_layer_inputs(full, layers, batch, model.device, model.dtype)
+        get_layer, drop_layer, per_batch = layers.__getitem__, lambda i: None, len(samples)
     meta = {"inputs_sha256": sha256_file(inputs_path)}
     for i in tqdm(range(max(starts) + 1), desc="acts", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         if i in starts:
             save_layer_inputs(layer_file(out_dir, i), hidden, kwargs, {**meta, "layer": i})
-        hidden = layer_forward(layers[i], hidden, kwargs)
+        if i < max(starts):
+            hidden = forward_micro_batched(get_layer(i), hidden, kwargs, per_batch)
+            drop_layer(i)
+
+
+def hidden_bytes(t):
+    return t.numel() * t.element_size()
 
 
 # --- search ---------------------------------------------------------------------------------
