@@ -178,12 +178,14 @@ class StreamedModel:
     def __init__(self, ref, path=None):
         self.ref, self.adapter, self.device, self.dtype = ref, ref.adapter, ref.device, ref.dtype
         self.path = str(path or ref.path)
-        self.skeleton = meta_model(self.adapter, self.path, ref.trust_remote_code)
+        self.skeleton = meta_model(self.adapter, self.path, ref.trust_remote_code).to(self.dtype)
         self.layers = self.adapter.layers(self.skeleton)
         self.n_layers = len(self.layers)
         self.checkpoint = Checkpoint(self.path)
         self.prefix = self.checkpoint.find_prefix(self.adapter.checkpoint_layer_prefixes)
         self.shell = self._load_shell()
+        # transformers' checkpoint key mapping of this folder, for saving the skeleton's tensors under their names
+        self.skeleton._weight_conversions = getattr(self.shell, "_weight_conversions", None)
         self.head = self.shell.get_output_embeddings()
         self.norm = final_norm(self.shell, self.adapter)
         self.tied = self.head.weight is self.shell.get_input_embeddings().weight
