@@ -38,7 +38,7 @@ def shard_bytes(size):
     raise VlmquantError(f"config: export.max_shard_size: {size!r} is not a size like 5GB, 500MB or 2GiB")
 
 
-def saved_names(model, state):
+def names_on_save(model, state):
     """{name in the model: name save_pretrained writes} of a state dict `state` (names as in the model), in the
     order save_pretrained writes them; VlmquantError when the family converts weights on save (several tensors
     into one), which the streamed export does not do."""
@@ -57,7 +57,7 @@ def saved_order(skeleton):
     """[(saved name, name in the model)] of every tensor save_pretrained writes for `skeleton` (on any device,
     meta included), tied copies removed, in its write order."""
     state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
-    return [(saved, name) for name, saved in saved_names(skeleton, state).items()]
+    return [(saved, name) for name, saved in names_on_save(skeleton, state).items()]
 
 
 def config_files(config, generation_config, dtype, architecture, folder):
@@ -121,7 +121,7 @@ def layer_state(model, layers_path, index, layer):
     """{saved name: tensor} of decoder layer `index` (a module holding its weights as they are to be saved), in
     save order (model: the whole model, for transformers' key mapping)."""
     state = {f"{layers_path}.{index}.{k}": v for k, v in layer.state_dict().items()}
-    names = saved_names(model, state)
+    names = names_on_save(model, state)
     return {names[k]: state[k] for k in names}
 
 
