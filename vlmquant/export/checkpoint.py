@@ -164,6 +164,7 @@ class StreamedExport:
     def __init__(self, model, spec, cache_path=None, names=None):
         cache, source = read_cache(spec, cache_path, names)
         self.sm = StreamedModel(model)
+        self.sm.shell  # loaded first: it gives the skeleton transformers' key mapping of the folder
         self.adapter, self.spec = model.adapter, spec
         folds, self.result = resolve_export(self.sm.skeleton, model.adapter, spec, cache, source)
         log_result(self.result)

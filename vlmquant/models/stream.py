@@ -17,6 +17,7 @@ Work that would not fit the activation budget runs in sample micro-batches: `mic
 samples per batch from a per-token estimate, `split_kwargs` cuts the decoder-layer keyword arguments.
 """
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -183,15 +184,11 @@ class StreamedModel:
         self.n_layers = len(self.layers)
         self.checkpoint = Checkpoint(self.path)
         self.prefix = self.checkpoint.find_prefix(self.adapter.checkpoint_layer_prefixes)
-        self.shell = self._load_shell()
-        # transformers' checkpoint key mapping of this folder, for saving the skeleton's tensors under their names
-        self.skeleton._weight_conversions = getattr(self.shell, "_weight_conversions", None)
-        self.head = self.shell.get_output_embeddings()
-        self.norm = final_norm(self.shell, self.adapter)
-        self.tied = self.head.weight is self.shell.get_input_embeddings().weight
         self._phase = None
 
-    def _load_shell(self):
+    @functools.cached_property
+    def shell(self):
+        """The model with a one-layer decoder stack, on the host (loaded on first use)."""
         config = transformers.AutoConfig.from_pretrained(self.path, trust_remote_code=self.ref.trust_remote_code)
         text = config.get_text_config()
         text.num_hidden_layers = 1
@@ -207,7 +204,21 @@ class StreamedModel:
                                         trust_remote_code=self.ref.trust_remote_code, **kwargs)
         self.adapter.layers(shell)[0].to_empty(device="meta")  # never run: capture stops in front of it
         shell.requires_grad_(False)
+        # transformers' checkpoint key mapping of this folder, for saving the skeleton's tensors under their names
+        self.skeleton._weight_conversions = getattr(shell, "_weight_conversions", None)
         return shell.eval()
+
+    @property
+    def head(self):
+        return self.shell.get_output_embeddings()
+
+    @property
+    def norm(self):
+        return final_norm(self.shell, self.adapter)
+
+    @property
+    def tied(self):
+        return self.head.weight is self.shell.get_input_embeddings().weight
 
     # --- phases: what of the shell sits on the device --------------------------------------------------
     def phase(self, name):

@@ -42,12 +42,12 @@ def run_grads(model, inputs_path, out_path, batch_size=4):
     """Gradient statistics and reweight ratios of `model` (ModelRef) on the inputs → a grads file.
 
     Streamed (model.stream), decoder layers are loaded one at a time and the activations the backward pass
-    needs are stored per layer (search.grads.streamed_gradient_stats, capped by model.max_batch_mb); resident,
+    needs are stored per layer (search.grads.streamed_gradient_stats, capped by model.grads_store_mb); resident,
     the whole model runs forward and backward per batch. Both give the same statistics.
     """
     samples, _ = load_samples(inputs_path)
     if use_streaming(model.stream, model):
-        cap = None if model.max_batch_mb is None else model.max_batch_mb * MB
+        cap = None if model.grads_store_mb is None else model.grads_store_mb * MB
         stats, counts = streamed_gradient_stats(StreamedModel(model), samples, batch_size, cap)
     else:
         stats, counts = gradient_stats(model.load(), model.adapter, samples, model.device, model.dtype, batch_size)
@@ -126,9 +126,12 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         raise VlmquantError(f"{start}: holds another run's layer inputs; distort run {names['run']!r} "
                             "needs those its previous chunk left")
     ratios = load_ratios(grads_path) if spec.needs_grads else None
-    layers = model.load_layers(layer_ids)
+    sm = StreamedModel(model)  # decoder layers loaded one at a time
+    layers = sm.layers  # on the meta device until loaded
     plan = {}
     for i in layer_ids:  # every check before any search work
+        if not 0 <= i < sm.n_layers:
+            raise VlmquantError(f"{model.path}: layer {i} requested, the model has {sm.n_layers} decoder layers")
         groups = model.adapter.resolve_groups(layers[i], i)
         if not spec.weight_activation:
             for g in groups:
@@ -138,14 +141,16 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                     except VlmquantError as e:
                         raise VlmquantError(f"decoder layer {i} {name}: {e}") from None
         plan[i] = groups
+    per_batch = search_micro_batch(sm, hidden, model.max_batch_mb)
     for i in tqdm(layer_ids, desc="search", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         groups = plan[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
-        layer = layers.pop(i)
-        results, out = search_layer(layer, groups, hidden, kwargs, masks, spec, layer_ratios)
-        hidden = quantized_forward(layer, i, groups, results, spec, hidden, kwargs) if spec.distort else out
+        layer = sm.layer(i)
+        results, out = search_layer(layer, groups, hidden, kwargs, masks, spec, layer_ratios, per_batch)
+        hidden = quantized_forward(layer, i, groups, results, spec, hidden, kwargs, per_batch) if spec.distort else out
         del layer, out
+        sm.drop(i)
         for g, r in zip(groups, results):
             if not math.isfinite(r.losses[0]):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
@@ -155,6 +160,21 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
         save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, kwargs,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
+
+
+def search_micro_batch(sm, hidden, max_batch_mb=None):
+    """Samples per micro-batch of a search job's layer forwards: what memory.max_batch_mb allows, else what the
+    free memory allows once a layer's weights, its output and the activations search_layer records for every
+    scale group (about five hidden-size and one MLP-size tensor over all tokens) are set aside."""
+    n, tokens = hidden.shape[:2]
+    text = sm.skeleton.config.get_text_config()
+    inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    records = n * tokens * (5 * text.hidden_size + inter) * hidden.element_size()
+    budget = activation_budget(sm.device, max_batch_mb, reserve=sm.layer_bytes() + hidden_bytes(hidden) + records)
+    per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, sm.dtype), budget)
+    if per_batch < n:
+        log.info("search: layer forwards in micro-batches of %d of %d samples", per_batch, n)
+    return per_batch
 
 
 # --- import ----------------------------------------------------------------------------------
