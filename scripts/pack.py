@@ -4,7 +4,7 @@ from vlmquant.spec import RunSpec
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    export_packed(open_model(snakemake.params.model, snakemake.params.device),
+    export_packed(open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"]),
                   RunSpec.from_params(snakemake.wildcards.run, snakemake.params.run), snakemake.output[0],
                   cache_path=snakemake.input.get("cache"), max_shard_size=snakemake.params.max_shard_size,
                   names=dict(snakemake.params.names))

@@ -4,7 +4,7 @@ from vlmquant.spec import RunSpec
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    run_search(open_model(snakemake.params.model, snakemake.params.device),
+    run_search(open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"]),
                RunSpec.from_params(snakemake.wildcards.run, snakemake.params.run), snakemake.input.inputs,
                snakemake.input.start, snakemake.input.grads or None, list(snakemake.params.layers),
                snakemake.output[0], dict(snakemake.params.names))
