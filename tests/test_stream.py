@@ -83,6 +83,18 @@ def test_streamed_acts_are_the_resident_files(runs):
     assert files(runs / "never/acts") == files(runs / "always/acts")
 
 
+def test_micro_batched_acts_match(staged, runs, tmp_path):
+    """One sample at a time through the shell (padded to the batch's length) and through every layer."""
+    d, model = staged
+    P.run_acts(dataclasses.replace(model, stream="always", max_batch_mb=1), d / "inputs.safetensors", [0, 3],
+               tmp_path / "acts")
+    for name in ("layer_000.safetensors", "layer_003.safetensors"):
+        a, b = load_file(runs / "never/acts" / name), load_file(tmp_path / "acts" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
 def test_streamed_grads_equal_resident(runs):
     a, b = load_file(runs / "never/grads.safetensors"), load_file(runs / "always/grads.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

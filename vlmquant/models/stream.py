@@ -25,6 +25,7 @@ import torch
 import transformers
 
 from vlmquant.errors import VlmquantError
+from vlmquant.io import ragged
 from vlmquant.models.loading import Checkpoint, meta_model
 from vlmquant.search.capture import capture_layer_inputs, layer_forward
 
@@ -128,6 +129,30 @@ def split_kwargs(kwargs, n, tokens, start, stop):
             return v if d is None else v.narrow(d, start, stop - start)
         return v
     return {k: cut(v) for k, v in kwargs.items()}
+
+
+def cat_kwargs(parts, tokens):
+    """Decoder-layer kwargs of consecutive sample batches [(n_samples, kwargs)] joined into those of all samples
+    (batched tensors concatenated along their sample_dim; the rest taken from the first batch)."""
+    def join(values, sizes):
+        first = values[0]
+        if isinstance(first, tuple):
+            return tuple(join([v[i] for v in values], sizes) for i in range(len(first)))
+        if isinstance(first, torch.Tensor):
+            d = sample_dim(first, sizes[0], tokens)
+            return first if d is None else torch.cat(values, d)
+        return first
+    sizes = [n for n, _ in parts]
+    return {k: join([kw[k] for _, kw in parts], sizes) for k in parts[0][1]}
+
+
+def pad_tokens(batch, tokens):
+    """A collated batch right-padded to `tokens` positions, as io.ragged.collate pads."""
+    out = dict(batch)
+    for k in ragged.TOKEN_KEYS:
+        if k in out and out[k].shape[1] < tokens:
+            out[k] = torch.nn.functional.pad(out[k], (0, tokens - out[k].shape[1]), value=ragged.PAD.get(k, 0))
+    return out
 
 
 @torch.no_grad()
@@ -245,6 +270,22 @@ class StreamedModel:
         """(hidden (B, T, C), decoder-layer kwargs) of a collated batch, in front of decoder layer 0."""
         self.phase("inputs")
         return capture_layer_inputs(self.shell, self.adapter.layers(self.shell), batch, self.device, self.dtype)
+
+    def capture_all(self, samples, per_batch):
+        """capture() of all samples collated into one batch, the shell run on `per_batch` samples at a time (each
+        part padded to the whole batch's length; the parts' layer kwargs concatenated along their sample dim)."""
+        n = len(samples)
+        if per_batch >= n:
+            return self.capture(ragged.collate(samples))
+        tokens = max(s["input_ids"].shape[1] for s in samples)
+        hidden, parts = None, []
+        for start in range(0, n, per_batch):
+            h, kwargs = self.capture(pad_tokens(ragged.collate(samples[start:start + per_batch]), tokens))
+            if hidden is None:
+                hidden = h.new_empty((n, *h.shape[1:]))
+            hidden[start:start + h.shape[0]] = h
+            parts.append((h.shape[0], kwargs))
+        return hidden, cat_kwargs(parts, tokens)
 
     # --- decoder layers --------------------------------------------------------------------------------
     def layer(self, i):

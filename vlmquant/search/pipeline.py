@@ -70,25 +70,27 @@ def load_ratios(grads_path):
 def run_acts(model, inputs_path, starts, out_dir):
     """fp inputs of the decoder layers in `starts` (the first layer of each search chunk) → out_dir/layer_NNN.
 
-    Layer-major: every sample goes through decoder layer i before layer i + 1. Streamed (model.stream), each
-    layer is loaded, run over the samples (in micro-batches when they do not fit memory.max_batch_mb or the
-    free memory) and dropped; resident, the whole model is loaded once. Both write the same files.
+    Layer-major: every sample goes through decoder layer i before layer i + 1. Streamed (model.stream auto or
+    always: reading only the layers in front of the last start is never slower), each layer is loaded, run over
+    the samples (in micro-batches when they do not fit memory.max_batch_mb or the free memory) and dropped;
+    resident (never), the whole model is loaded once. Both write the same files.
     """
     samples, _ = load_samples(inputs_path)
-    batch = ragged.collate(samples)
-    if use_streaming(model.stream, model):
+    if use_streaming("always" if model.stream == "auto" else model.stream, model):
         sm = StreamedModel(model)
-        hidden, kwargs = sm.capture(batch)
+        sm.phase("inputs")
+        n, tokens = len(samples), max(s["input_ids"].shape[1] for s in samples)
+        width = sm.skeleton.config.get_text_config().hidden_size * torch.tensor([], dtype=model.dtype).element_size()
+        budget = activation_budget(model.device, model.max_batch_mb, reserve=sm.layer_bytes() + 2 * n * tokens * width)
+        per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, model.dtype), budget)
+        log.info("acts: %d of %d samples per forward", per_batch, n)
+        hidden, kwargs = sm.capture_all(samples, per_batch)
         sm.phase("host")
         get_layer, drop_layer = sm.layer, sm.drop
-        n, tokens = hidden.shape[:2]
-        budget = activation_budget(model.device, model.max_batch_mb, reserve=sm.layer_bytes() + 2 * hidden_bytes(hidden))
-        per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, model.dtype), budget)
-        log.info("acts: %d samples per layer forward (of %d)", per_batch, n)
     else:
         full = model.load()
         layers = model.adapter.layers(full)
-        hidden, kwargs = capture_layer_inputs(full, layers, batch, model.device, model.dtype)
+        hidden, kwargs = capture_layer_inputs(full, layers, ragged.collate(samples), model.device, model.dtype)
         get_layer, drop_layer, per_batch = layers.__getitem__, lambda i: None, len(samples)
     meta = {"inputs_sha256": sha256_file(inputs_path)}
     for i in tqdm(range(max(starts) + 1), desc="acts", unit="layer"):
