@@ -38,6 +38,10 @@ DEPTH = {"7b": 28, "72b": 80, "demo": 4}
 VOCAB = {"7b": 152064, "72b": 152064}
 WORDS = ("red", "green", "blue", "striped", "round", "square", "bright", "dark", "small", "large", "soft", "sharp")
 SETTINGS = {"batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16}
+NOTES = {"library": "each stage a fresh process, one after another (seconds: inside the stage; process_seconds: with "
+                    "start-up and imports); total = sum of process_seconds",
+         "snakemake": "snakemake --cores all --resources gpu=1; jobs: the rules' benchmark files (s, max_rss); total: "
+                      "the whole snakemake call (calib, inputs and merge have no benchmark file)"}
 
 
 def build_model(folder, shape, device, image, seed=0):
@@ -72,6 +76,10 @@ def build_model(folder, shape, device, image, seed=0):
         tokenizer=tokenizer, chat_template=chatml_template(QWEN_IMAGE))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    path = folder / "processor_config.json"  # as the demo model: AutoProcessor works where torchvision is installed
+    processor_config = json.loads(path.read_text())
+    processor_config["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor"}
+    path.write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
     return sum(p.numel() for p in model.parameters())
 
 
@@ -101,7 +109,10 @@ def calib_cfg(data, n):
 
 
 def run_config(args):
-    return {"method": "mbq", "w_bit": args.w_bit, "w_group": 128}
+    """runs.mbq as check_config normalises it (the search's and merge's params)."""
+    from vlmquant.spec import RunSpec
+
+    return RunSpec.from_config("mbq", {"method": "mbq", "w_bit": args.w_bit, "w_group": 128}).search_params()
 
 
 # --- Snakemake ------------------------------------------------------------------------------------
@@ -114,7 +125,7 @@ def via_snakemake(args, work, model_dir, train, held):
         "models": {"e2e": {"path": str(model_dir), "family": "qwen2_vl"}},
         "calib": {"e2e": calib_cfg(train, args.samples), "e2e-holdout": calib_cfg(held, args.eval_samples)},
         "targets": {"models": ["e2e"], "calib": ["e2e"], "runs": ["mbq"]},
-        "runs": {"mbq": {**run_config(args), "formats": ["pseudo"]}},
+        "runs": {"mbq": {"method": "mbq", "w_bit": args.w_bit, "w_group": 128, "formats": ["pseudo"]}},
         "search": {"layers_per_job": args.layers_per_job or DEPTH[args.shape]},
         "eval": {"calib": "e2e-holdout", **SETTINGS},
     }
@@ -202,6 +213,7 @@ def main():
     ap.add_argument("--via", default="auto", choices=["auto", "snakemake", "library"])
     ap.add_argument("--work", default="/tmp/vlmquant-e2e")
     ap.add_argument("--keep-model", action="store_true", help="reuse the model folder of an earlier run in --work")
+    ap.add_argument("--keep-results", action="store_true", help="keep the run's results/ (checkpoint: the model's size)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
@@ -234,9 +246,10 @@ def main():
         offsets = f.get_tensor("offsets.tokens")
     result = {"settings": vars(args), "env": environment(), "via": via, "setup": setup, "jobs": jobs,
               "total_seconds": total, "tokens_per_sample": float((offsets[1:] - offsets[:-1]).float().mean()),
-              "note": "via library: each stage a fresh process (seconds: inside the stage; process_seconds: with "
-                      "start-up); total = sum of process_seconds, the stages run one after another"}
+              "note": NOTES[via]}
     write_json(args.out, result)
+    if not args.keep_results:
+        shutil.rmtree(run_dir)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ norm, a one-block vision tower) with random weights, the last two decoder layers
 the others sparse files of zeros (no disk space; a zero layer passes its input through). Synthetic text inputs
 (128 x 640 tokens by default; positions 16-271 counted as vision, the last 64 as caption) feed grads (MBQ
 statistics), acts, the search of the last chunk, the pseudo export (random scales folded), eval_fp and eval.
-Each stage runs in a fresh process (benchmarks/stages.py); with --search-cap-gib the chunk is searched again
-under that GPU memory cap, to compare its alphas with the uncapped run.
+Each stage runs in a fresh process (benchmarks/stages.py); with --search-cap-gib the chunk of the first depth
+is searched again under that GPU memory cap, to compare its alphas with the uncapped run. Disk: the random
+tensors (embeddings, LM head, two layers) plus the export (the whole model at that depth), removed after.
 
     python benchmarks/memory_depth.py --depths 8,16 --grads-store-mb 8192 --search-cap-gib 22 --out x.json
     python benchmarks/memory_depth.py --shape demo --depths 4,8 --samples 4 --tokens 96 --eval-samples 2 --out x.json
@@ -69,7 +70,7 @@ def make_folder(root, shape, n_layers, chunk, vocab, dtype):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         shell = transformers.Qwen2VLForConditionalGeneration._from_config(shell_cfg, dtype=dtype)
-    shell.save_pretrained(root / "shell")  # the non-layer tensors under the names checkpoints use
+    shell.save_pretrained(root / "shell", max_shard_size="1000GB")  # the non-layer tensors under the saved names
     del shell
     config.save_pretrained(root)
     (root / "shell/model.safetensors").rename(root / "shell.safetensors")
@@ -133,8 +134,8 @@ def alphas(folder):
     return {p.name: load_layer(p)[0]["alpha"].tolist() for p in sorted(Path(folder).glob("layer_*.safetensors"))}
 
 
-def depth_jobs(args, folder, n):
-    """[(label, job)] of every stage at one depth."""
+def depth_jobs(args, folder, n, capped=False):
+    """[(label, job)] of every stage at one depth (capped: and the search under --search-cap-gib)."""
     w = folder / "work"
     model = {"family": "qwen2_vl", "path": str(folder), "dtype": args.dtype}
     memory = {"stream": args.stream, "grads_store_mb": args.grads_store_mb, "max_batch_mb": args.max_batch_mb}
@@ -158,7 +159,7 @@ def depth_jobs(args, folder, n):
                   "ref": str(w / "fp.safetensors"), "table": str(w / "eval.parquet"), "settings": settings,
                   "ids": {"model": "m", "calib": "c", "run": "mbq", "eval_calib": "e"}}),
     ]
-    if args.search_cap_gib:
+    if capped:
         jobs.insert(3, ("search_capped", {**search, "cap_gib": args.search_cap_gib, "memory": {**memory, "max_batch_mb": None},
                                           "out": str(w / "scales_capped")}))
     return jobs
@@ -182,7 +183,8 @@ def main():
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     result = {"settings": vars(args), "env": environment(), "depths": {}}
-    for n in map(int, args.depths.split(",")):
+    for k, n in enumerate(map(int, args.depths.split(","))):
+        capped = bool(args.search_cap_gib) and k == 0
         folder = Path(args.root) / f"{args.shape}-{n}"
         shutil.rmtree(folder, ignore_errors=True)
         make_folder(folder, args.shape, n, [n - 2, n - 1], args.vocab, dtype)
@@ -192,10 +194,10 @@ def main():
         write_inputs(w / "eval_inputs.safetensors", args.eval_samples, args.tokens, args.vocab, seed=1)
         random_cache(w / "cache.pt", folder)
         out = result["depths"][n] = {}
-        for label, job in depth_jobs(args, folder, n):
+        for label, job in depth_jobs(args, folder, n, capped):
             out[label] = stages.run(job, log=w / f"{label}.log")
             print(n, label, json.dumps(out[label]), flush=True)
-        if args.search_cap_gib:
+        if capped:
             out["search_alphas"], out["search_capped_alphas"] = alphas(w / "scales"), alphas(w / "scales_capped")
             out["capped_same_alpha"] = out["search_alphas"] == out["search_capped_alphas"]
         shutil.rmtree(folder)  # the export alone is the size of the model

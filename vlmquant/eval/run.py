@@ -233,9 +233,9 @@ class WeightErrors:
 
     def table_rows(self):
         out = []
-        for layer, (num, den, num_s, den_s) in sorted(self.sums.items()):
-            out.append(("weight_rel_err", layer, None, math.sqrt(num / den)))
-            out.append(("weight_rel_err_scaled", layer, None, math.sqrt(num_s / den_s)))
+        for layer, (num, den, num_s, den_s) in sorted(self.sums.items()):  # NaN for an all-zero layer
+            out.append(("weight_rel_err", layer, None, math.sqrt(num / den) if den > 0 else math.nan))
+            out.append(("weight_rel_err_scaled", layer, None, math.sqrt(num_s / den_s) if den_s > 0 else math.nan))
         return out
 
 
