@@ -107,7 +107,7 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
     `exclude`, relative to the layer root) as quant.model.quantized_activations does on a whole model.
     on_layer(i, layer): called with each loaded decoder layer (the weight errors).
     """
-    parts = []
+    parts, exclude = [], set(exclude)
     for ids in batch_ids(len(samples), batch_size):
         batch, rows, cols = batch_positions(samples, selection, ids, sm.device)
         hidden, kwargs = sm.capture(batch)
@@ -117,7 +117,7 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
     for i in tqdm(range(sm.n_layers), desc="eval", unit="layer"):
         layer = sm.layer(i)
         linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
-                   and f"layers.{i}.{n}" not in set(exclude)]
+                   and f"layers.{i}.{n}" not in exclude]
         with quantized_inputs(linears, scheme):
             for p in parts:
                 out = layer_forward(layer, p["hidden"], p["kwargs"])  # (B, T, C)

@@ -66,13 +66,14 @@ def model_bytes(skeleton, dtype):
     return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in skeleton.parameters())
 
 
-def use_streaming(mode, ref):
+def use_streaming(mode, ref, every_layer=True):
     """Whether a stage streams decoder layers: mode always / never, or auto: stream unless the model's weights
-    take at most RESIDENT_SHARE of the device's free memory. Raises VlmquantError for another mode."""
+    take at most RESIDENT_SHARE of the device's free memory, and always for a stage that does not run every layer
+    (`every_layer` False: reading only what it runs is never slower). Raises VlmquantError for another mode."""
     if mode not in STREAM_MODES:
         raise VlmquantError(f"config: memory.stream: {mode!r} is not one of {', '.join(STREAM_MODES)}")
-    if mode != "auto":
-        return mode == "always"
+    if mode != "auto" or not every_layer:
+        return mode != "never"
     need = model_bytes(meta_model(ref.adapter, ref.path, ref.trust_remote_code), ref.dtype)
     free = device_free_bytes(ref.device)
     stream = need > RESIDENT_SHARE * free

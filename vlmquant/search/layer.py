@@ -2,7 +2,8 @@
 
 One fp forward of the layer, with hooks, records every group's linear inputs and its
 block's inputs and output. Each group is then searched from the layer's fp weights
-(groups are independent); a token-wise block runs on only the tokens its loss reads. The
+(groups are independent); a token-wise block runs on only the tokens its loss reads. Under a
+memory cap the forwards run in sample micro-batches and a loss sums over them (grid.block_loss). The
 next layer's input is the layer's fp output, or with `distort` the layer's output as the
 quantized model computes it (`quantized_forward`).
 """

@@ -76,7 +76,7 @@ def run_acts(model, inputs_path, starts, out_dir):
     resident (never), the whole model is loaded once. Both write the same files.
     """
     samples, _ = load_samples(inputs_path)
-    if use_streaming("always" if model.stream == "auto" else model.stream, model):
+    if use_streaming(model.stream, model, every_layer=False):
         sm = StreamedModel(model)
         sm.phase("inputs")
         n, tokens = len(samples), max(s["input_ids"].shape[1] for s in samples)
