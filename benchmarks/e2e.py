@@ -244,7 +244,7 @@ def main():
 
     with safe_open(run_dir / paths.INPUTS.format(model="e2e", calib="e2e"), "pt") as f:
         offsets = f.get_tensor("offsets.tokens")
-    result = {"settings": vars(args), "env": environment(), "via": via, "setup": setup, "jobs": jobs,
+    result = {"settings": vars(args), "env": environment(), "via": via, "setup": setup, "jobs": jobs, "order": list(jobs),
               "total_seconds": total, "tokens_per_sample": float((offsets[1:] - offsets[:-1]).float().mean()),
               "note": NOTES[via]}
     write_json(args.out, result)
