@@ -12,12 +12,13 @@ from conftest import open_demo, run_spec
 from test_calib import coco_cfg
 from vlmquant.data.calib import build_calib
 from vlmquant.data.inputs import build_inputs
+from vlmquant.demo.model import build_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.run import run_eval, run_fp_reference
 from vlmquant.export import export_checkpoint
 from vlmquant.io import ragged
 from vlmquant.io.scales import save_cache
-from vlmquant.models import stream
+from vlmquant.models import family_names, stream
 from vlmquant.models.base import Adapter
 from vlmquant.search import pipeline as P
 from vlmquant.search.capture import load_layer_inputs, load_samples, token_masks
@@ -187,3 +188,27 @@ def test_auto_streams_only_what_does_not_fit(staged, monkeypatch):
     assert stream.use_streaming("always", model) and not stream.use_streaming("never", model)
     with pytest.raises(VlmquantError, match="memory.stream: 'yes' is not one of auto, always, never"):
         stream.use_streaming("yes", model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in family_names() if f != "qwen2_vl"])
+def test_every_family_streams_to_the_resident_results(family, demo_data, tmp_path):
+    """grads, acts, the pseudo export and the fp reference of each other family's demo model, streamed and resident
+    (LLaVA-style checkpoint names, OneVision's image_newline parameter, InternVL tiles)."""
+    model = open_demo(build_demo_model(tmp_path / "model", family), family)
+    build_calib(coco_cfg(demo_data, n_samples=3, seed=5), tmp_path / "calib.parquet")
+    inputs = tmp_path / "inputs.safetensors"
+    build_inputs(tmp_path / "calib.parquet", model, inputs)
+    rtn = run_spec("rtn", method="rtn", w_bit=4, w_group=128)
+    for mode in MODES:
+        out, ref = tmp_path / mode, dataclasses.replace(model, stream=mode)
+        P.run_acts(ref, inputs, [0, 2], out / "acts")
+        P.run_grads(ref, inputs, out / "grads.safetensors", batch_size=2)
+        export_checkpoint(ref, rtn, out / "checkpoint", names={**NAMES, "run": "rtn"})
+        run_fp_reference(ref, inputs, out / "fp.safetensors", out / "fp.parquet", SETTINGS, {"model": "demo"})
+    never, always = tmp_path / "never", tmp_path / "always"
+    assert files(never / "acts") == files(always / "acts")
+    assert files(never / "checkpoint") == files(always / "checkpoint")
+    for name in ("grads.safetensors", "fp.safetensors"):
+        a, b = load_file(never / name), load_file(always / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
