@@ -4,6 +4,11 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from vlmquant.workflow import check_yaml
+
+# a YAML syntax error with its line (Snakemake's own message has none)
+check_yaml("config.yaml")
+
 
 configfile: "config.yaml"
 

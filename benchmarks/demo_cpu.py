@@ -2,13 +2,16 @@
 
 Each run starts from an empty working directory holding only config.yaml (the repository's),
 so the demo model, data, calibration sets and every stage are rebuilt. Per-job seconds come
-from the rules' `benchmark:` files. Installs are not timed.
+from the rules' `benchmark:` files. Installs are not timed. Each run also records the CPU seconds
+of Snakemake and all its jobs (user + system) and the 1-minute load average before and after:
+on a shared machine the wall time follows the load, the CPU seconds much less.
 
     python benchmarks/demo_cpu.py --runs 3 --out benchmarks/results/demo_cpu.json
 """
 import argparse
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -22,12 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def snakemake(work, cores):
+    """(wall seconds, CPU seconds of Snakemake and its jobs, 1-min load average before, after) of one run."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", str(cores), "-q"]
+    load, before = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
     if res.returncode:
         raise SystemExit(res.stdout[-3000:] + res.stderr[-5000:])
-    return time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu, load, os.getloadavg()[0]
 
 
 def job_seconds(work):
@@ -48,20 +56,22 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     work = Path(args.work)
-    walls = []
+    runs = []
     for _ in range(args.runs):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         shutil.copy(REPO / "config.yaml", work / "config.yaml")
-        walls.append(snakemake(work, args.cores))
+        runs.append(snakemake(work, args.cores))
     jobs = job_seconds(work)
     noop = [snakemake(work, args.cores) for _ in range(3)]
     write_json(args.out, {
         "settings": vars(args),
         "env": environment(),
-        "seconds_from_clean": walls,
-        "median_seconds_from_clean": statistics.median(walls),
-        "noop_rerun_seconds": noop,
+        "seconds_from_clean": [r[0] for r in runs],
+        "median_seconds_from_clean": statistics.median(r[0] for r in runs),
+        "cpu_seconds_from_clean": [round(r[1], 1) for r in runs],
+        "load_average_1min_before_after": [[round(r[2], 2), round(r[3], 2)] for r in runs],
+        "noop_rerun_seconds": [r[0] for r in noop],
         "last_run_job_seconds": jobs,
         "last_run_job_seconds_sum": sum(jobs.values()),
     })

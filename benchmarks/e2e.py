@@ -180,8 +180,8 @@ def dag(args, work, model_dir, train, held):
                                      "grads": at(paths.GRADS), "layers": c, "out": folder})
              for c, folder in zip(chunks, folders)]
     jobs += [
-        ("merge", {"stage": "merge", "chunks": folders, "cache": at(paths.SCALE_CACHE), "table": at(paths.SEARCH_TABLE),
-                   "expect": {**names, "run_config": run_config(args)}}),
+        ("merge", {"stage": "merge", "model": model, "chunks": folders, "cache": at(paths.SCALE_CACHE),
+                   "table": at(paths.SEARCH_TABLE), "expect": {**names, "run_config": run_config(args)}}),
         ("export", {**base, **run, "stage": "export", "cache": at(paths.SCALE_CACHE), "out": at(paths.CHECKPOINT)}),
         ("eval_fp", {**base, "stage": "eval_fp", "inputs": held_inputs, "ref": at(paths.FP_REF),
                      "table": at(paths.FP_TABLE), "settings": SETTINGS, "ids": {"model": "e2e", "eval_calib": "e2e-holdout"}}),

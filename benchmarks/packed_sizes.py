@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vlmquant.demo.model import make_demo_model
+from vlmquant.models.tiny import make_demo_model
 from vlmquant.export.packed import write_packed
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen2_vl_7b_config
 from vlmquant.models import get_adapter

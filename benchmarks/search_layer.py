@@ -10,6 +10,7 @@ achieved TFLOP/s (FLOPs as performed; `tflop_all_tokens` if every token were run
 """
 import argparse
 import copy
+import time
 
 import torch
 
@@ -106,6 +107,32 @@ def instrumented(layer, groups, hidden, kwargs, masks, run, ratios):
     return t
 
 
+KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "sm90_", "xmma", "nvjet", "matmul")), ("attention", ("flash", "fmha", "attention")),
+                ("reduce", ("reduce", "amin", "amax", "sum_", "norm")), ("copy/cast", ("copy", "cast", "convert")))
+
+
+def kernel_profile(fn, top=15):
+    """Device seconds of one call of fn by kernel kind (gemm, attention, reduce, copy/cast, other elementwise), the
+    top kernels, and the wall time the profiler saw: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kinds = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, needles in KERNEL_KINDS if any(n in name for n in needles)), "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return {"wall_seconds": wall, "device_seconds": sum(kinds.values()), "by_kind_seconds": kinds,
+            "top": [{"kernel": e.key[:120], "seconds": e.self_device_time_total / 1e6, "calls": e.count} for e in events[:top]]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b")
@@ -120,6 +147,7 @@ def main():
     ap.add_argument("--method", default="mbq", choices=["mbq", "smoothquant"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
+    ap.add_argument("--profile", action="store_true", help="GPU kernel times of one search (torch.profiler), by kernel")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,6 +198,9 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+    if args.profile and device == "cuda":
+        result["kernels"] = kernel_profile(lambda: layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios))
 
     if args.baseline:
         _, records = layer_mod.record_layer(layer, groups, hidden, kwargs)

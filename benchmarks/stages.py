@@ -55,22 +55,28 @@ def stage_acts(job):
 
 
 def stage_search(job):
+    from vlmquant.io.provenance import with_weights
     from vlmquant.search.pipeline import run_search
 
-    run_search(model_ref(job), spec(job), job["inputs"], job["start"], job.get("grads"), job["layers"], job["out"],
-               job["names"])
+    model = model_ref(job)
+    run_search(model, spec(job), job["inputs"], job["start"], job.get("grads"), job["layers"], job["out"],
+               with_weights(job["names"], model.path))
 
 
 def stage_merge(job):
+    from vlmquant.io.provenance import with_weights
     from vlmquant.io.scales import chunk_layer_files, merge
 
-    merge(chunk_layer_files(job["chunks"]), job["cache"], job["table"], job["expect"])
+    merge(chunk_layer_files(job["chunks"]), job["cache"], job["table"], with_weights(job["expect"], job["model"]["path"]))
 
 
 def stage_export(job):
     from vlmquant.export import export_checkpoint
+    from vlmquant.io.provenance import check_cache_weights
 
-    export_checkpoint(model_ref(job), spec(job), job["out"], cache_path=job.get("cache"),
+    model = model_ref(job)
+    check_cache_weights(job.get("cache"), model.path)
+    export_checkpoint(model, spec(job), job["out"], cache_path=job.get("cache"),
                       max_shard_size=job.get("max_shard_size", "5GB"), names=job["names"])
 
 

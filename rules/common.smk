@@ -8,6 +8,9 @@ from vlmquant import workflow as W
 config = W.check_config(
     config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
 )
+# reads the calibration sources: once, not in every cluster job
+if workflow.is_main_process:
+    W.check_calib_sets(config)
 RUNS = W.run_specs(config)
 
 
@@ -29,12 +32,24 @@ def model_dir(wildcards):
     return config["models"][wildcards.model]["path"]
 
 
+def model_files(wildcards):
+    return W.model_files(model_dir(wildcards))
+
+
+def processor_files(wildcards):
+    return W.model_files(model_dir(wildcards), weights=False)
+
+
 def calib_sources(wildcards):
-    return W.calib_sources(config["calib"][wildcards.calib])
+    return W.calib_sources(config["calib"][wildcards.calib], wildcards.calib)
 
 
 def calib_cfg(wildcards):
     return W.calib_params(config["calib"][wildcards.calib])
+
+
+def calib_labels(wildcards):
+    return config["calib"][wildcards.calib]["labels"]
 
 
 def names(wildcards):
@@ -70,7 +85,7 @@ def scale_meta(wildcards):
 
 
 def export_inputs(wildcards):
-    files = {"model": model_dir(wildcards)}
+    files = {"model": model_files(wildcards)}
     if RUNS[wildcards.run].has_scales:
         files["cache"] = W.fill(paths.SCALE_CACHE, wildcards)
     return files
@@ -90,12 +105,16 @@ def eval_ids(wildcards):
 
 def eval_inputs(wildcards):
     ids = eval_ids(wildcards)
-    return {
+    files = {
         "inputs": paths.INPUTS.format(model=ids["model"], calib=ids["eval_calib"]),
         "ref": paths.FP_REF.format(**ids),
-        "model": model_dir(wildcards),
+        "model": model_files(wildcards),
         "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
     }
+    if RUNS[wildcards.run].has_scales:  # the eval set must not overlap the set the scales came from
+        files["eval_set"] = paths.CALIB.format(calib=ids["eval_calib"])
+        files["search_set"] = paths.CALIB.format(calib=ids["calib"])
+    return files
 
 
 def summary_inputs(wildcards):

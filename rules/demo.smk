@@ -4,10 +4,10 @@
 
 rule demo_data:
     output:
-        captions_train=f"{paths.DEMO_DATA}/captions_train.json",
-        captions_val=f"{paths.DEMO_DATA}/captions_val.json",
-        text=f"{paths.DEMO_DATA}/text.jsonl",
-        images=directory(f"{paths.DEMO_DATA}/images"),
+        captions_train=paths.DEMO_FILES["captions_train"],
+        captions_val=paths.DEMO_FILES["captions_val"],
+        text=paths.DEMO_FILES["text"],
+        images=directory(paths.DEMO_FILES["images"]),
     log:
         paths.LOGS["demo_data"],
     conda:

@@ -5,7 +5,7 @@ rule eval_fp:
     """fp reference: caption log-probs (top-k), layer outputs at sampled positions, the fp table row."""
     input:
         inputs=lambda w: paths.INPUTS.format(model=w.model, calib=w.eval_calib),
-        model=model_dir,
+        model=model_files,
     output:
         ref=paths.FP_REF,
         table=paths.FP_TABLE,

@@ -56,7 +56,7 @@ rule import_scales:
     """A scale cache made elsewhere (runs.<name>.scale_cache), checked against the model, as the run's cache."""
     input:
         cache=imported_cache,
-        model=model_dir,
+        model=model_files,
     output:
         paths.SCALE_CACHE,
     log:

@@ -2,7 +2,7 @@ rule inputs:
     """Apply the model's processor and chat template to every calibration row."""
     input:
         calib=paths.CALIB,
-        model=model_dir,
+        model=processor_files,
     output:
         paths.INPUTS,
     log:
@@ -11,5 +11,6 @@ rule inputs:
         "../workflow/envs/vlmquant.yaml"
     params:
         model=model_cfg,
+        labels=calib_labels,
     script:
         "../scripts/inputs.py"

@@ -5,7 +5,7 @@ rule grads:
     """Modality gradient statistics and reweight ratios (only runs with reweight need them)."""
     input:
         inputs=paths.INPUTS,
-        model=model_dir,
+        model=model_files,
     output:
         paths.GRADS,
     log:
@@ -30,7 +30,7 @@ rule acts:
     """fp inputs of the first decoder layer of every search chunk."""
     input:
         inputs=paths.INPUTS,
-        model=model_dir,
+        model=model_files,
     output:
         directory(paths.ACTS),
     log:
@@ -59,7 +59,7 @@ rule search:
     input:
         inputs=paths.INPUTS,
         start=search_start,
-        model=model_dir,
+        model=model_files,
         grads=grads_input,
     output:
         directory(paths.SCALES),
@@ -88,7 +88,8 @@ rule search:
 rule merge:
     """All layer files of a run → scale_cache.pt and a table of chosen α and losses."""
     input:
-        chunk_folders,
+        chunks=chunk_folders,
+        model=model_files,
     output:
         cache=paths.SCALE_CACHE,
         table=paths.SEARCH_TABLE,
@@ -100,5 +101,6 @@ rule merge:
         "../workflow/envs/vlmquant.yaml"
     params:
         expect=scale_meta,
+        model=model_cfg,
     script:
         "../scripts/merge.py"

@@ -10,9 +10,15 @@ rule summary:
             paths.SUMMARY_CSV,
             caption="../workflow/report/summary.rst",
             category="Summary",
-            labels={"table": "summary"},
+            labels={"table": "summary (csv download)"},
         ),
         parquet=paths.SUMMARY_PARQUET,
+        html=report(
+            paths.SUMMARY_HTML,
+            caption="../workflow/report/summary.rst",
+            category="Summary",
+            labels={"table": "summary (table)"},
+        ),
     log:
         paths.LOGS["summary"],
     conda:

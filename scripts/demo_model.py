@@ -1,4 +1,4 @@
-from vlmquant.demo.model import build_demo_model
+from vlmquant.models.tiny import build_demo_model
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):

@@ -41,7 +41,7 @@ def open_demo(path, family="qwen2_vl", device="cpu"):
 def demo_root(tmp_path_factory):
     """results/demo as the demo rules build it: data/ and model-qwen2_vl/."""
     from vlmquant.demo.dataset import write_demo_data
-    from vlmquant.demo.model import build_demo_model
+    from vlmquant.models.tiny import build_demo_model
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_data(root / "data")

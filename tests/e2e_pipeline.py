@@ -38,6 +38,6 @@ def full_run(tmp_path_factory, demo_root):
     """The default workflow run to completion (once per process); returns a Pipeline."""
     if "default" not in _RUNS:
         pipe = Pipeline(tmp_path_factory.mktemp("full_pipeline"), demo_root)
-        pipe.snakemake()
+        pipe.first_run = pipe.snakemake()  # its terminal output (stdout, stderr)
         _RUNS["default"] = pipe
     return _RUNS["default"]

@@ -7,10 +7,9 @@ import transformers
 from PIL import Image
 
 from vlmquant.demo.dataset import PHOTO_SOURCES, load_corpus, photo_path, write_demo_data
-from vlmquant.demo.model import build_demo_model, make_demo_model
 from vlmquant.models import family_names, get_adapter
 from vlmquant.models.processing import load_processor
-from vlmquant.models.tiny import DEMO_PROMPT
+from vlmquant.models.tiny import DEMO_PROMPT, build_demo_model, make_demo_model
 
 
 def read_tree(root):

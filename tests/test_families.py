@@ -8,7 +8,7 @@ import transformers
 from vlmquant.data.calib import build_calib, read_calib
 from vlmquant.data.inputs import build_inputs
 from vlmquant.demo.dataset import write_demo_data
-from vlmquant.demo.model import build_demo_model
+from vlmquant.models.tiny import build_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.run import run_eval, run_fp_reference
 from vlmquant.eval.table import read_table

@@ -10,8 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vlmquant.demo.model import make_demo_model
-from vlmquant.models.tiny import DEMO_PROMPT
+from vlmquant.models.tiny import DEMO_PROMPT, make_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen2_vl_7b_config
 from vlmquant.models import get_adapter

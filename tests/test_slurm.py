@@ -25,7 +25,7 @@ MODEL = "demo-qwen2vl"
 RUN = "mbq-w3g128"
 CACHE = f"results/{MODEL}/demo/{RUN}/scale_cache.pt"
 CANCELLED = "search_000"  # a job: its rule, and for search jobs the chunk
-MODEL_RULES = {"grads", "acts", "search", "export", "eval_fp", "eval"}
+MODEL_RULES = {"grads", "acts", "search", "export", "pack", "eval_fp", "eval"}
 MODEL_JOBS = MODEL_RULES - {"search"} | {"search_000", "search_002"}
 SLURM_DIR = REPO / "tests" / "slurm"
 # the test cluster: partition `debug`, 2 cores, no accounting database (job states from squeue, first after 1 s)

@@ -12,7 +12,6 @@ from conftest import open_demo, run_spec
 from test_calib import coco_cfg
 from vlmquant.data.calib import build_calib
 from vlmquant.data.inputs import build_inputs
-from vlmquant.demo.model import build_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.run import run_eval, run_fp_reference
 from vlmquant.export import export_checkpoint
@@ -20,6 +19,7 @@ from vlmquant.io import ragged
 from vlmquant.io.scales import save_cache
 from vlmquant.models import family_names, stream
 from vlmquant.models.base import Adapter
+from vlmquant.models.tiny import build_demo_model
 from vlmquant.search import pipeline as P
 from vlmquant.search.capture import load_layer_inputs, load_samples, token_masks
 from vlmquant.search.grads import plan_store

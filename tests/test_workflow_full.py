@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -120,7 +121,7 @@ def test_report_builds(pipe):
     out = pipe / "results/report.html"
     pipe.snakemake("--report", "results/report.html")
     html = out.read_text()
-    for name in ("summary.csv", *[f"{f}.png" for f in FIGURES]):
+    for name in ("summary.csv", "summary.html", *[f"{f}.png" for f in FIGURES]):
         assert f'"name": "{name}"' in html, name
     assert '"category"' in html or "Summary" in html
     assert "held-out calibration set" in html and "demo-holdout" in html  # captions rendered with the config
@@ -194,4 +195,96 @@ def test_snakemake_killed_during_export_never_leaves_an_incomplete_checkpoint(pi
         pipe.snakemake(target, "--rerun-incomplete")
         assert (ckpt / "quantization.json").is_file() and not list(run_dir.glob(".checkpoint.*.tmp"))
     shutil.rmtree(run_dir)
+    assert pipe.planned() == {}
+
+
+def test_summary_table_relative_to_fp_and_rtn(pipe, summary):
+    s = pd.read_parquet(pipe / "results/summary.parquet").set_index("run")  # the csv rounds to 6 digits
+    assert s.loc["fp"].delta_nll_fp == 0 and math.isnan(s.loc["fp"].kl_ratio_rtn)
+    assert s.loc["rtn-w3g128"].delta_nll_rtn == 0 and s.loc["rtn-w3g128"].kl_ratio_rtn == 1
+    for run in RUNS:
+        assert s.loc[run].delta_nll_fp == pytest.approx(s.loc[run].caption_nll - s.loc["fp"].caption_nll, abs=1e-6)
+        assert s.loc[run].kl_ratio_rtn == pytest.approx(s.loc[run].kl / s.loc["rtn-w3g128"].kl, rel=1e-5)
+    html = (pipe / "results/summary.html").read_text()
+    assert html.count("<tr") == len(summary) + 1 and "ΔNLL vs RTN" in html and "KL / RTN" in html
+
+
+def test_every_output_has_the_usual_permissions(pipe):
+    mask = os.umask(0)
+    os.umask(mask)
+    wrong = [str(p.relative_to(pipe.path)) for p in (pipe / "results").rglob("*")
+             if not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~mask
+             and p != pipe / "results/demo"]  # a copy of pytest's 0700 temporary folder, not an output
+    assert not wrong
+    stages = {p.relative_to(pipe / "results").parts[-1] for p in (pipe / "results").rglob("*.safetensors")}
+    assert {"model.safetensors", "inputs.safetensors", "grads.safetensors", "fp.safetensors",
+            "layer_000.safetensors"} <= stages
+
+
+def test_terminal_shows_a_status_line_per_search_chunk(pipe):
+    err = pipe.first_run.stderr
+    for run in ("awq-w3g128", "mbq-w3g128"):
+        for chunk in ("000", "002"):
+            assert f"[search {MODEL}/{CALIB}/{run}/{chunk}] search: 2/2 [" in err, err[-3000:]
+
+
+def test_removed_run_folder_is_rebuilt_and_summary_follows_the_targets(pipe):
+    run_dir = pipe.run_dir("awq-w3g128")
+    keep = pipe.path / "awq-kept"
+    shutil.copytree(run_dir, keep, symlinks=True)
+    shutil.rmtree(run_dir)
+    try:
+        assert pipe.planned() == {"search": 2, "merge": 1, "export": 1, "pack": 1, "eval": 1, **DOWNSTREAM_OF_EVAL}
+        assert pipe.planned(f"results/{MODEL}/{CALIB}/awq-w3g128/scale_cache.pt") == {"search": 2, "merge": 1}
+    finally:
+        shutil.copytree(keep, run_dir, symlinks=True)  # copy2: the times come back too
+        shutil.rmtree(keep)
+    assert pipe.planned() == {}
+    with pipe.edited_config(lambda c: c["targets"].update(runs=["rtn-w3g128", "mbq-w3g128"])):
+        assert pipe.planned() == DOWNSTREAM_OF_EVAL
+        pipe.snakemake()
+        assert list(pd.read_csv(pipe / "results/summary.csv").run) == ["fp", "rtn-w3g128", "mbq-w3g128"]
+    pipe.snakemake()
+    assert list(pd.read_csv(pipe / "results/summary.csv").run) == ["fp", *RUNS]
+
+
+def test_forcerun_a_stage_reruns_it_and_what_follows(pipe):
+    """The docs' way to redo a stage (docs/running.md)."""
+    assert pipe.planned("--forcerun", "export") == {"export": 3, "eval": 3, **DOWNSTREAM_OF_EVAL}
+    cache = f"results/{MODEL}/{CALIB}/mbq-w3g128/scale_cache.pt"
+    assert pipe.planned("--forcerun", cache) == {"merge": 1, "export": 1, "pack": 1, "eval": 1,
+                                                 **DOWNSTREAM_OF_EVAL}
+
+
+def test_scale_cache_from_other_weights_is_refused_at_import_and_export(pipe, tmp_path):
+    """The demo model's weights replaced in place (Snakemake does not see inside a folder a rule built): the
+    weights fingerprint in the scale cache stops the import and the export with one line."""
+    from vlmquant.models.tiny import build_demo_model
+
+    weights = pipe.model_dir / "model.safetensors"
+    original = tmp_path / "original.safetensors"
+    shutil.copy2(weights, original)
+    other = build_demo_model(tmp_path / "other", seed=1)
+    run = "awq-imported"
+    cache = f"results/{MODEL}/{CALIB}/{run}/scale_cache.pt"
+
+    def add(c):
+        c["runs"][run] = {"method": "awq", "w_bit": 3, "w_group": 128,
+                          "scale_cache": f"results/{MODEL}/{CALIB}/awq-w3g128/scale_cache.pt"}
+    try:
+        with pipe.edited_config(add):
+            shutil.copyfile(other / "model.safetensors", weights)
+            res = pipe.snakemake(cache, check=False)
+            assert res.returncode != 0
+            assert (f"[import_scales {MODEL}/{CALIB}/{run}] error: results/{MODEL}/{CALIB}/awq-w3g128/scale_cache.pt: "
+                    "scale cache: was made from other weights than results/demo/model-qwen2_vl holds now") in res.stderr
+            shutil.copyfile(original, weights)
+            pipe.snakemake(cache)
+            shutil.copyfile(other / "model.safetensors", weights)
+            res = pipe.snakemake(f"results/{MODEL}/{CALIB}/{run}/checkpoint", check=False)
+            assert f"[export {MODEL}/{CALIB}/{run}] error: {cache}: scale cache: was made from other weights" in res.stderr
+            assert not (pipe / f"results/{MODEL}/{CALIB}/{run}/checkpoint").exists()
+    finally:
+        shutil.copyfile(original, weights)
+        shutil.rmtree(pipe.run_dir(run), ignore_errors=True)
     assert pipe.planned() == {}

@@ -9,8 +9,15 @@ This module imports nothing, so anything may import it.
 
 DEMO_DATA = "results/demo/data"
 DEMO_MODEL = "results/demo/model-{family}"
+DEMO_FILES = {  # the outputs of rule demo_data
+    "captions_train": DEMO_DATA + "/captions_train.json",
+    "captions_val": DEMO_DATA + "/captions_val.json",
+    "text": DEMO_DATA + "/text.jsonl",
+    "images": DEMO_DATA + "/images",
+}
 
 CALIB = "results/calib/{calib}.parquet"
+CALIB_FILES = "results/calib/{calib}.files.json"  # the image files a set uses, kept for the workflow's load
 INPUTS = "results/{model}/{calib}/inputs.safetensors"
 GRADS = "results/{model}/{calib}/grads.safetensors"
 ACTS = "results/{model}/{calib}/acts"  # folder: layer_NNN.safetensors, the fp inputs of each chunk's first layer
@@ -30,6 +37,7 @@ LMMS_FP = "results/{model}/fp/lmms_eval"
 
 SUMMARY_CSV = "results/summary.csv"
 SUMMARY_PARQUET = "results/summary.parquet"
+SUMMARY_HTML = "results/summary.html"  # the table as shown in `snakemake --report`
 PLOT = "results/plots/{model}/{calib}/{figure}.png"
 
 # inside the folders above

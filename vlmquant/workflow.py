@@ -1,16 +1,22 @@
-"""Glue between Snakemake and the library: config checks, run specs, search chunks, targets, the
-summary's inputs, scheduler resources, and the scripts' logging.
+"""Glue between Snakemake and the library: config checks, run specs, the files each job reads, search
+chunks, targets, the summary's inputs, scheduler resources, and the scripts' logging.
 
-Everything here is a pure function of the validated config (rules/common.smk calls it); paths come
-from vlmquant/paths.py. Nothing here imports torch, so the workflow loads fast.
+Everything here is a function of the validated config and the files it names (rules/common.smk calls
+it); paths come from vlmquant/paths.py. Module-level imports are light (the scripts import
+script_logging before anything else); the run specs and their methods are imported where used.
 """
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import math
+import os
 import re
 import shlex
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -18,9 +24,7 @@ from safetensors import safe_open
 
 from vlmquant import paths
 from vlmquant.errors import VlmquantError
-from vlmquant.methods import METHODS
 from vlmquant.models import family_names, folder_family, n_layers
-from vlmquant.spec import RunSpec
 
 FIGURES = ("hidden_error", "alpha", "metrics")
 CHECKPOINTS = {"pseudo": paths.CHECKPOINT, "compressed-tensors": paths.PACKED}  # runs.<name>.formats
@@ -30,6 +34,22 @@ LMMS_MODELS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 
 
 # --- config ---------------------------------------------------------------------------------------
+def check_yaml(path):
+    """A YAML syntax error in `path` as one line with its line and column (Snakemake's own message has
+    neither). A missing file is left to Snakemake."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise VlmquantError(f"{path}: {where}{problem} (YAML syntax)") from None
+
+
 def check_choice(key, value, choices):
     """A registry-backed choice (family, method): one line naming the key, as the schema's enums do."""
     if value not in choices:
@@ -44,6 +64,9 @@ def check_config(config, schema_path):
     """
     import jsonschema
     from snakemake.utils import validate
+
+    from vlmquant.methods import METHODS
+    from vlmquant.spec import RunSpec
 
     with open(schema_path) as f:
         schema = yaml.safe_load(f)
@@ -73,12 +96,247 @@ def check_config(config, schema_path):
     if config["lmms_eval"]["enabled"] and not config["lmms_eval"]["model"]:
         for m in config["targets"].get("models", []):
             lmms_model(config["lmms_eval"], config["models"][m]["family"])
+    check_paths(config)
+    check_w_groups(config)
+    if eval_calib in config["targets"].get("calib", []) and not config["eval"]["allow_overlap"]:
+        raise VlmquantError(f"config: eval.calib: {eval_calib!r} is also a search set (targets.calib); evaluate on "
+                            "held-out images, or set eval.allow_overlap: true")
     return config
 
 
 def run_specs(config):
     """{run name: RunSpec} of a checked config (export.ignore in every spec)."""
+    from vlmquant.spec import RunSpec
+
     return {name: RunSpec.from_config(name, run, config["export"]["ignore"]) for name, run in config["runs"].items()}
+
+
+# --- the paths the config names -------------------------------------------------------------------
+def demo_output(path):
+    """Whether `path` is one the demo rules build (paths.DEMO_FILES, paths.DEMO_MODEL of a known family)."""
+    path = os.path.normpath(path)
+    if path in {os.path.normpath(p) for p in paths.DEMO_FILES.values()}:
+        return True
+    model = re.fullmatch(re.escape(paths.DEMO_MODEL).replace(r"\{family\}", "(.+)"), Path(path).as_posix())
+    return bool(model) and model.group(1) in family_names()
+
+
+def check_paths(config):
+    """Every file and folder the config names exists (the demo rules' outputs excepted): one line naming
+    the key and the path. Without this, Snakemake keeps results whose inputs are gone ("Nothing to be
+    done") and drops the other edits made with the bad path."""
+    def need(key, path, kind):
+        if demo_output(path):
+            return
+        ok = Path(path).is_dir() if kind == "folder" else Path(path).is_file()
+        if not ok:
+            what = "not found" if not Path(path).exists() else f"is not a {kind}"
+            raise VlmquantError(f"config: {key}: {path} {what}")
+
+    for name, cfg in config["models"].items():
+        if demo_output(cfg["path"]):
+            continue
+        need(f"models.{name}.path", cfg["path"], "folder")
+        if not (Path(cfg["path"]) / "config.json").is_file():
+            raise VlmquantError(f"config: models.{name}.path: {cfg['path']} has no config.json (not a model folder)")
+        if not weight_files(cfg["path"]):
+            raise VlmquantError(f"config: models.{name}.path: {cfg['path']} has no *.safetensors weights")
+    for name, cfg in config["calib"].items():
+        need(f"calib.{name}.captions", cfg["captions"], "file")
+        need(f"calib.{name}.images", cfg["images"], "folder")
+        if cfg.get("text"):
+            need(f"calib.{name}.text", cfg["text"], "file")
+    for name, run in config["runs"].items():
+        if run.get("scale_cache"):
+            need(f"runs.{name}.scale_cache", run["scale_cache"], "file")
+
+
+# --- the files a job reads --------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+MODEL_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".py", *WEIGHT_SUFFIXES)  # + weights
+
+
+def weight_files(folder):
+    """The *.safetensors files and their index in a model folder, sorted."""
+    return sorted(str(p) for p in Path(folder).glob("*") if p.name.endswith(WEIGHT_SUFFIXES) and p.is_file())
+
+
+def model_files(path, weights=True):
+    """Inputs of a job that reads the model at `path`: every file that defines it (config, weights and their
+    index, tokenizer, processor, chat template, remote code; `weights=False`: all but the weights), so that
+    Snakemake's own triggers see a file changed in place (a folder's time does not change then). A folder the
+    demo rules build is its rule's output (Snakemake follows that rule), given as the folder."""
+    if demo_output(path):
+        return [path]
+    files = [p for p in sorted(Path(path).glob("*")) if p.is_file() and not p.name.startswith(".")
+             and p.name.endswith(MODEL_SUFFIXES) and p.name not in ("README.md",)]
+    return [str(p) for p in files if weights or not p.name.endswith(WEIGHT_SUFFIXES)]
+
+
+def calib_images(cfg, name):
+    """The image files calibration set `name` uses (its rows' images, drawn as the calib stage draws them).
+
+    Drawing them reads the whole source (seconds for COCO train), so the list is kept in paths.CALIB_FILES
+    under a key of the set's settings and the size and time of its source files, and read from there while
+    these are unchanged. Raises VlmquantError naming the key and the first missing file.
+    """
+    from vlmquant.io.atomic import atomic_path
+
+    stamp = [[os.stat(cfg[k]).st_size, os.stat(cfg[k]).st_mtime_ns] for k in ("captions", "text") if cfg.get(k)]
+    key = hashlib.sha256(json.dumps([cfg, stamp], sort_keys=True).encode()).hexdigest()
+    cache = Path(paths.CALIB_FILES.format(calib=name))
+    try:
+        kept = json.loads(cache.read_text())
+        files = kept["files"] if kept["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    if files is None:
+        from vlmquant.data.calib import sample_rows
+
+        used = sorted({f for row in sample_rows(cfg, name) for f in row.file_names})
+        files = [str(Path(cfg["images"]) / f) for f in used]
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps({"key": key, "files": files}))
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise VlmquantError(f"config: calib.{name}.images: {missing[0]} not found "
+                            f"({len(missing)} of the {len(files)} images the set uses are missing)")
+    return files
+
+
+def calib_sources(cfg, name="calib"):
+    """The input files of a calibration set: the captions file, the image files its rows use (so a changed
+    or replaced image reruns it, and a different image folder too), and the text corpus for interleave.
+    Sets on the demo's data take the demo rule's outputs (the captions file and the image folder)."""
+    files = {"captions": cfg["captions"]}
+    if on_demo_data(cfg):
+        files["images"] = cfg["images"]
+    else:
+        files["images"] = calib_images(cfg, name)
+    if cfg["format"] == "interleave":
+        files["text"] = cfg["text"]
+    return files
+
+
+# --- eval set vs search sets ------------------------------------------------------------------------
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_disjoint(eval_name, eval_images, search_name, search_images, allow=False):
+    """Refuse an eval set that shares images (by content: {sha256: file}) with a search set, naming both
+    sets and one shared image; `allow` (eval.allow_overlap) turns the error into a warning."""
+    shared = sorted(set(eval_images) & set(search_images))
+    if not shared:
+        return
+    first = shared[0]
+    message = (f"config: eval.calib: {eval_name!r} shares {len(shared)} of its {len(set(eval_images))} images with "
+               f"search set {search_name!r} (same content: {eval_images[first]} and {search_images[first]}); "
+               "evaluate on held-out images, or set eval.allow_overlap: true")
+    if not allow:
+        raise VlmquantError(message)
+    logging.getLogger(__name__).warning("%s (allowed by eval.allow_overlap)", message)
+
+
+def source_hashes(cfg, name):
+    """{sha256: file} of the images calibration set `name` uses, from its source files."""
+    return {file_sha256(f): f for f in calib_images(cfg, name)}
+
+
+def on_demo_data(cfg):
+    """A calibration set reading the demo's data (paths.DEMO_FILES), which rule demo_data builds."""
+    return any(demo_output(cfg[k]) for k in ("captions", "images"))
+
+
+def check_calib_sets(config):
+    """At load, for every calibration set in use (targets.calib, eval.calib) not on the demo's data: its
+    source is read and every image its rows use exists (what calib_sources lists), and eval.calib shares
+    no image with a target set (by content). Snakemake ignores errors raised inside input functions when
+    the output exists already, so anything an input function could raise is raised here first.
+    Sets on demo data are checked by the eval job on the calibration Parquets (check_eval_parquets)."""
+    e = config["eval"]["calib"]
+    used = dict.fromkeys([*config["targets"].get("calib", []), e])
+    for name in used:
+        if not on_demo_data(config["calib"][name]):
+            calib_images(config["calib"][name], name)
+    if on_demo_data(config["calib"][e]):
+        return
+    for c in config["targets"].get("calib", []):
+        if c != e and not on_demo_data(config["calib"][c]):
+            check_disjoint(e, source_hashes(config["calib"][e], e), c, source_hashes(config["calib"][c], c),
+                           config["eval"]["allow_overlap"])
+
+
+def check_eval_parquets(eval_calib, eval_path, calib, calib_path, allow=False):
+    """check_disjoint on two calibration Parquets (their image_sha256 and file_names columns)."""
+    import pyarrow.parquet as pq
+
+    def hashes(path):
+        t = pq.read_table(path, columns=["image_sha256", "file_names"]).to_pylist()
+        return {h: f for row in t for h, f in zip(row["image_sha256"], row["file_names"])}
+
+    if eval_calib != calib:
+        check_disjoint(eval_calib, hashes(eval_path), calib, hashes(calib_path), allow)
+
+
+# --- w_group ------------------------------------------------------------------------------------------
+GROUP_MULTIPLE = 16  # w_group: -1, or a positive multiple of this
+
+
+def quantized_widths(model_cfg):
+    """{input width: config key} of the language decoder's linears, from config.json (the text config):
+    hidden_size (q, k, v, gate, up), heads × head_dim (o), intermediate_size (down), and the MoE and
+    linear-attention widths where the config has them. A demo model not built yet: the demo's sizes."""
+    path = Path(model_cfg["path"])
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        cfg = cfg.get("text_config") or cfg.get("llm_config") or cfg
+    else:
+        from vlmquant.models.tiny import TEXT_SIZES  # demo paths only (check_paths has checked the others)
+
+        cfg = TEXT_SIZES
+    widths = {}
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+    keys = {"hidden_size": hidden, "num_attention_heads × head_dim": heads * head_dim if heads and head_dim else None,
+            "intermediate_size": cfg.get("intermediate_size"), "moe_intermediate_size": cfg.get("moe_intermediate_size"),
+            "shared_expert_intermediate_size": cfg.get("shared_expert_intermediate_size")}
+    if cfg.get("linear_num_value_heads") and cfg.get("linear_value_head_dim"):
+        keys["linear_num_value_heads × linear_value_head_dim"] = cfg["linear_num_value_heads"] * cfg["linear_value_head_dim"]
+    for key, width in keys.items():
+        if isinstance(width, int) and width > 0:
+            widths.setdefault(width, key)
+    return widths
+
+
+def check_w_groups(config):
+    """Every weight-only run's w_group is -1 or a positive multiple of GROUP_MULTIPLE, and divides every
+    quantized input width of every target model (quantized_widths), so a bad group fails at load, not
+    inside a search or export job. One line naming the run, the key and the width."""
+    from vlmquant.spec import RunSpec
+
+    targets = set(config["targets"].get("runs", []))
+    for name, run in config["runs"].items():
+        spec = RunSpec.from_config(name, run)
+        if spec.weight_activation:
+            continue
+        g = spec.w_group
+        if g != -1 and (g <= 0 or g % GROUP_MULTIPLE):
+            raise VlmquantError(f"config: runs.{name}.w_group: {g} is not supported; use -1 (one group per output "
+                                f"row) or a positive multiple of {GROUP_MULTIPLE} (32, 64 and 128 are served by vLLM)")
+        if g == -1 or name not in targets:
+            continue
+        for m in config["targets"].get("models", []):
+            widths = quantized_widths(config["models"][m])
+            for width, key in widths.items():
+                if width % g:
+                    fits = [d for d in (16, 32, 64, 128, 256) if all(w % d == 0 for w in widths)]
+                    raise VlmquantError(f"config: runs.{name}.w_group: {g} does not divide {key} = {width} of model "
+                                        f"{m!r}; use -1" + (f" or one of {fits}" if fits else ""))
 
 
 def name_pattern(names):
@@ -87,17 +345,10 @@ def name_pattern(names):
 
 
 def calib_params(cfg):
-    """The calibration settings that affect the Parquet (the text corpus only for interleave)."""
-    unused = () if cfg["format"] == "interleave" else ("text", "interleave_tokens")
+    """The calibration settings that affect the Parquet (the text corpus only for interleave; `labels`
+    acts on the model inputs)."""
+    unused = ("labels",) if cfg["format"] == "interleave" else ("labels", "text", "interleave_tokens")
     return {k: v for k, v in cfg.items() if k not in unused}
-
-
-def calib_sources(cfg):
-    """The input files of a calibration set."""
-    files = {"captions": cfg["captions"], "images": cfg["images"]}
-    if cfg["format"] == "interleave":
-        files["text"] = cfg["text"]
-    return files
 
 
 def eval_settings(config):
@@ -160,7 +411,7 @@ def targets(config):
     """What `rule all` builds: every target run's scale cache and checkpoints (its formats), the summary table,
     the plots, and the lmms-eval results when enabled."""
     specs = run_specs(config)
-    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET]
+    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML]
     for m, c, r in target_triples(config):
         ids = dict(model=m, calib=c, run=r)
         out += [paths.SCALE_CACHE.format(**ids)] if specs[r].has_scales else []
@@ -254,8 +505,8 @@ def gpus_per_job(config):
 def model_params(path):
     """Parameter count from the safetensors headers of a model folder (0 for a demo model not built yet)."""
     files = sorted(Path(path).glob("*.safetensors"))
-    if not files and not (Path(path) / "config.json").is_file():
-        return 0  # a demo model (check_config has resolved the path); it is a few MB
+    if not files and demo_output(path):
+        return 0  # a demo model not built yet; it is a few MB
     if not files:
         raise VlmquantError(f"config: models: {path} has no *.safetensors files (model folder missing?)")
     n = 0
@@ -286,22 +537,102 @@ def job_mem_mb(config, model, stage):
 
 
 # --- scripts ------------------------------------------------------------------------------------------
+STATUS_EVERY = 30.0  # seconds between two status lines of one running progress bar
+STATUS_MIN = 2  # seconds a progress bar must have run to be shown on the terminal
+PROGRESS = re.compile(r"\d+/\d+ \[(?:(\d+):)?(\d+):(\d+)")  # tqdm: "n/total [elapsed<remaining, rate]"
+BAR = re.compile(r"\s*\d+%\|[^|]*\|\s*")
+
+
+def job_label(snakemake):
+    """`rule wildcard values` of a Snakemake job (e.g. "search demo-qwen2vl/demo/mbq-w3g128/000")."""
+    wildcards = "/".join(str(v) for v in snakemake.wildcards) if snakemake.wildcards else ""
+    return f"{snakemake.rule} {wildcards}".strip()
+
+
+class StatusStream:
+    """A job's stderr: everything goes to the log; the final state of every progress bar that ran STATUS_MIN s
+    or more (and of a running one every STATUS_EVERY s) also goes to Snakemake's terminal as one line
+    `[job] desc: n/total [elapsed<remaining, rate]`."""
+
+    def __init__(self, log, terminal, label):
+        self.log, self.terminal, self.label = log, terminal, label
+        self.line, self.last = "", time.monotonic()
+
+    def write(self, text):
+        self.log.write(text)
+        for part in re.split(r"(\r|\n)", text):
+            if part == "\n":
+                self._status(final=True)
+                self.line = ""
+            elif part == "\r":
+                self._status(final=False)
+                self.line = ""
+            else:
+                self.line += part
+        return len(text)
+
+    def _status(self, final):
+        now = time.monotonic()
+        bar = PROGRESS.search(self.line)
+        if not bar:
+            return
+        h, m, sec = (int(x or 0) for x in bar.groups())
+        if 3600 * h + 60 * m + sec >= STATUS_MIN and (final or now - self.last >= STATUS_EVERY):
+            self.terminal.write(f"[{self.label}] {BAR.sub(' ', self.line).strip()}\n")
+            self.terminal.flush()
+            self.last = now
+
+    def flush(self):
+        self.log.flush()
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self.log.fileno()
+
+    @property
+    def encoding(self):
+        return self.log.encoding
+
+
 @contextlib.contextmanager
 def script_logging(snakemake):
-    """Route logging and stderr (tqdm) to the rule's log; turn VlmquantError into a one-line exit."""
+    """Run a job's body with logging and stderr (tqdm) in the rule's log, status lines on Snakemake's terminal.
+
+    Any error's traceback goes into the log; one line also goes to the terminal: a VlmquantError's own
+    line, or `Type: message (traceback in <log>)` for any other exception. The job then exits with 1.
+    """
     log_path = snakemake.log[0] if snakemake.log else None
-    stream = open(log_path, "w") if log_path else sys.stderr
-    handler = logging.StreamHandler(stream)
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    real_stderr = sys.stderr
+    terminal = sys.stderr
+    label = job_label(snakemake)
+    log = open(log_path, "w") if log_path else terminal
+    stream = StatusStream(log, terminal, label) if log_path else terminal
+    file_handler = logging.StreamHandler(stream)
+    file_handler.setLevel(logging.INFO)
+    handlers = [file_handler]
+    if log_path:  # warnings also where the user looks
+        terminal_handler = logging.StreamHandler(terminal)
+        terminal_handler.setLevel(logging.WARNING)
+        terminal_handler.setFormatter(logging.Formatter(f"[{label}] %(levelname)s: %(message)s"))
+        handlers.append(terminal_handler)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
     sys.stderr = stream
     try:
         yield
     except VlmquantError as e:
-        print(f"error: {e}", file=stream)
-        print(f"error: {e}", file=real_stderr)
+        print(f"error: {e}", file=log)
+        if log_path:
+            print(f"[{label}] error: {e}", file=terminal)
+        sys.exit(1)
+    except Exception as e:
+        traceback.print_exc(file=log)
+        if log_path:
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"[{label}] error: {type(e).__name__}: {first} (traceback in {log_path})", file=terminal)
         sys.exit(1)
     finally:
-        sys.stderr = real_stderr
+        sys.stderr = terminal
+        logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler(terminal)], force=True)
         if log_path:
-            stream.close()
+            log.close()

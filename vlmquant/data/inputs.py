@@ -21,11 +21,11 @@ def check_row_text(row, tokenizer, where, tokens=None):
                                                                f"turn {k} ({turn['role']})", tokens)
 
 
-def encode_row(adapter, processor, config, row, where):
+def encode_row(adapter, processor, config, row, where, labels="answer"):
     """adapter.encode, with any failure (the processor refusing an image or text) turned into one
     line naming the sample and its image files; the traceback goes to the log."""
     try:
-        return adapter.encode(processor, config, row)
+        return adapter.encode(processor, config, row, labels)
     except VlmquantError:
         raise
     except Exception as e:
@@ -36,8 +36,10 @@ def encode_row(adapter, processor, config, row, where):
                             f"encoded for {adapter.family} ({type(e).__name__}: {first}); traceback in the log") from e
 
 
-def build_inputs(calib_path, model, out_path, name="model"):
+def build_inputs(calib_path, model, out_path, name="model", labels="answer"):
     """Encode every row of `calib_path` with the processor of `model` (ModelRef); write a packed safetensors file.
+
+    `labels`: "answer" or "turn", the tokens caption_mask and labels mark (Adapter.encode).
 
     Every row is screened for the tokenizer's special tokens before any is encoded; nothing is
     written when a row fails.
@@ -47,9 +49,9 @@ def build_inputs(calib_path, model, out_path, name="model"):
     tokens = special_tokens(processor.tokenizer)
     for row in rows:
         check_row_text(row, processor.tokenizer, str(calib_path), tokens)
-    samples = [encode_row(adapter, processor, config, row, str(calib_path))
+    samples = [encode_row(adapter, processor, config, row, str(calib_path), labels)
                for row in tqdm(rows, desc="encode", unit="sample")]
     meta = {"model": name, "family": adapter.family, "path": str(model.path),
-            "calib_sha256": sha256_file(calib_path), "sample_ids": [r["sample_id"] for r in rows],
+            "calib_sha256": sha256_file(calib_path), "sample_ids": [r["sample_id"] for r in rows], "labels": labels,
             "packages": package_versions()}
     ragged.save(ragged.pack(samples), out_path, meta)

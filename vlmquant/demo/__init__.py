@@ -1,2 +1,2 @@
-"""Offline demo: calibration data from photos shipped in pip packages (dataset.py) and tiny
-random-init VLMs of real architectures (model.py)."""
+"""Offline demo data: photos shipped in pip packages, hand-written captions and a text corpus
+(dataset.py). The tiny demo models are built by vlmquant.models.tiny."""

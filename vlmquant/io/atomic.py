@@ -1,4 +1,8 @@
-"""Atomic outputs: write to a temporary sibling, rename into place only when complete."""
+"""Atomic outputs: write to a temporary sibling, rename into place only when complete.
+
+Whatever wrote the temporary file or folder (safetensors replaces a file with one of mode 0600), the
+output gets the usual permissions before the rename: files 0666 and folders 0777, less the umask.
+"""
 import contextlib
 import os
 import shutil
@@ -12,6 +16,16 @@ def _umask():
     return mask
 
 
+def usual_permissions(path):
+    """chmod a file, or a folder and everything in it, to 0666 (files) / 0777 (folders) less the umask."""
+    mask = _umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in items:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary file path next to `path`; rename it to `path` if the block succeeds.
@@ -22,9 +36,9 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
+        usual_permissions(tmp)  # mkstemp makes 0600, and the writer may have replaced the file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -42,9 +56,9 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        usual_permissions(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -116,20 +116,88 @@ class Adapter:
                  "content": [{"type": "image"}] * len(t["images"]) + [{"type": "text", "text": t["text"]}]}
                 for t in turns]
 
-    def encode(self, processor, config, row):
-        """One calibration row → processor tensors (batch dim 1) plus labels and masks, shape (1, T)."""
+    def encode(self, processor, config, row, labels="answer"):
+        """One calibration row → processor tensors (batch dim 1) plus labels and masks, shape (1, T).
+
+        `labels` picks the tokens the loss, the gradients and eval read (caption_mask): "answer", each
+        assistant turn's text; "turn", the whole assistant turn with the chat template's tokens around it
+        (what the MBQ reference labels). Spans come from the conversation's structure (label_spans),
+        never from searching the prompt for the answer's tokens.
+        """
         order = [i for t in row["turns"] for i in t["images"]]
         if order != list(range(len(row["images"]))):
             raise VlmquantError(f"sample {row['sample_id']}: images must appear in order once each, got {order}")
         images = [decode_image(b, f"sample {row['sample_id']}: {name}") for b, name in zip(row["images"], row["file_names"])]
-        text = processor.apply_chat_template(self.messages(row["turns"]), tokenize=False)
+        messages = self.messages(row["turns"])
+        text = processor.apply_chat_template(messages, tokenize=False)
         enc = self.process(processor, text, images)
         ids = enc["input_ids"]
         vision = torch.isin(ids, torch.tensor(self.image_token_ids(config)))
-        captions = [t["text"] for t in row["turns"] if t["role"] == "assistant"]
-        caption = caption_mask(processor.tokenizer, ids[0], captions, row["sample_id"])[None]
+        caption = torch.zeros_like(ids, dtype=torch.bool)
+        for start, end in self.label_spans(processor, config, row, messages, text, images, ids[0], labels):
+            caption[0, start:end] = True
         enc.update(labels=torch.where(caption, ids, -100), vision_mask=vision, caption_mask=caption)
         return enc
+
+    def label_spans(self, processor, config, row, messages, text, images, ids, labels="answer"):
+        """[(start, end)] token ranges of `ids` (the processed `text`) that each assistant turn labels.
+
+        A turn's characters are located by rendering the conversation up to it: the generation prompt
+        of messages[:k] is a prefix of `text`, the turn's text follows it and ends with what the template
+        writes after the content (the answer is the turn's last occurrence of its stripped text, so
+        template text inserted before it, such as an empty <think> block, is skipped). Characters map to
+        tokens by processing the text up to that point with the images before it and counting its tokens
+        other than image tokens (processors may give an image fewer tokens when a sample has more images,
+        as LLaVA-OneVision does); a token straddling a boundary belongs to the span. Raises VlmquantError (naming the sample) where the template does not
+        render a conversation's prefix as the start of the whole, or drops the answer.
+        """
+        sid, spans = row["sample_id"], []
+
+        def render(msgs, prompt):
+            return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+        def prefix(msgs, prompt):
+            head = render(msgs, prompt)
+            if not text.startswith(head):
+                raise VlmquantError(f"sample {sid}: the {self.family} chat template does not render the conversation "
+                                    f"before an assistant turn as the start of the whole; cannot place its labels")
+            return len(head)
+
+        n_images = 0
+        for k, turn in enumerate(row["turns"]):
+            if turn["role"] != "assistant":
+                n_images += len(turn["images"])
+                continue
+            answer = turn["text"].strip()
+            open_ = prefix(messages[:k], True)
+            own = render(messages[:k + 1], False)
+            rel = own.rfind(answer) if answer else -1
+            suffix = own[rel + len(answer):]
+            a = text.find(answer + suffix, open_) if rel >= 0 else -1
+            if a < 0:
+                raise VlmquantError(f"sample {sid}: the {self.family} chat template does not show assistant turn {k}'s "
+                                    f"text {answer[:40]!r} where the turn is rendered")
+            if labels == "turn":
+                first, last = prefix(messages[:k], False), a + len(answer) + len(suffix)
+            else:
+                first, last = a, a + len(answer)
+            imgs = images[:n_images]
+            spans.append((self.token_count(processor, config, text[:first], imgs, ids, straddle=False),
+                          self.token_count(processor, config, text[:last], imgs, ids, straddle=True)))
+        return spans
+
+    def token_count(self, processor, config, head, images, ids, straddle):
+        """Position in `ids` after the text prefix `head`: its non-image tokens are matched against those of
+        `ids` (all of them where they agree; else the common prefix, plus the straddling token when
+        `straddle`) and the position is taken after that many non-image tokens of `ids`."""
+        image_ids = torch.tensor(self.image_token_ids(config))
+        own = self.process(processor, head, images)["input_ids"][0]
+        own = own[~torch.isin(own, image_ids)]
+        text_pos = (~torch.isin(ids, image_ids)).nonzero()[:, 0]
+        n = min(len(own), len(text_pos))
+        same = int((own[:n] == ids[text_pos[:n]]).int().cumprod(0).sum())
+        m = same if same == len(own) or not straddle else same + 1
+        return int(text_pos[m - 1]) + 1 if m else 0
 
     def process(self, processor, text, images):
         """Processor tensors of one sample (batch dim 1). Tensors other than per-token ones must
@@ -141,31 +209,6 @@ class Adapter:
         """(transformers config, processor) of the family's tiny random-init demo model (models/tiny.py's
         sizes and tokenizer), built offline."""
         raise NotImplementedError(f"family {self.family} has no demo model")
-
-
-def caption_mask(tokenizer, ids, captions, sample_id):
-    """Mark each caption's tokens, searched in order in `ids`, as True."""
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    ids_list, start = ids.tolist(), 0
-    for text in captions:
-        for candidate in (text, " " + text):
-            toks = tokenizer(candidate, add_special_tokens=False)["input_ids"]
-            pos = find_sublist(ids_list, toks, start)
-            if pos >= 0:
-                break
-        else:
-            raise VlmquantError(f"sample {sample_id}: could not find the caption tokens of {text[:40]!r} in the prompt")
-        mask[pos:pos + len(toks)] = True
-        start = pos + len(toks)
-    return mask
-
-
-def find_sublist(seq, sub, start=0):
-    n = len(sub)
-    for i in range(start, len(seq) - n + 1):
-        if seq[i:i + n] == sub:
-            return i
-    return -1
 
 
 def check_model_folder(path):

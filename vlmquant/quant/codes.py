@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import (asym_qparams, check_bits, check_weight_groups, compute_dtype, fake_quant_act_per_token,
                                  fake_quant_sym_rows_, fake_quant_weight, fake_quant_weight_sym, sym_qparams)
@@ -150,6 +151,19 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     return QuantizedWeight(codes.view(n_out, -1), scale.view(n_out, -1).to(w.dtype), zero_point, group)
 
 
+@cuda_compiled
+def scaled_act_quant(x: torch.Tensor, s: torch.Tensor | None, bits: int, fp8: bool) -> torch.Tensor:
+    """Q_a(x/s)·s per token (rows of the last dim) in x's dtype: symmetric `bits`-bit integers or FP8 E4M3,
+    computed in fp32; s (C,) or None (no scales). One fused kernel with VLMQUANT_COMPILE=1 on CUDA."""
+    work = x.to(compute_dtype(x.dtype), copy=True)
+    if s is not None:
+        work = work.div_(s)
+    q = fake_quant_fp8_rows_(work) if fp8 else fake_quant_sym_rows_(work, bits)
+    if s is not None:
+        q = q.mul_(s)
+    return q.to(x.dtype)
+
+
 class InputQuantizer:
     """Forward pre-hook that fake-quantizes a linear's input per token as a weight-activation scheme does
     (symmetric `a_bit` integers, or FP8 E4M3 for a_type "float"), as the scaled model sees it,
@@ -157,23 +171,16 @@ class InputQuantizer:
     once: the result is kept for that tensor, its version and `s`, until `reset()`."""
 
     def __init__(self, scheme: Scheme):
-        if scheme.a_type == "float":
-            self.rows_ = fake_quant_fp8_rows_
-        else:
+        self.fp8 = scheme.a_type == "float"
+        if not self.fp8:
             check_bits(scheme.a_bit, 2)
-            self.rows_ = lambda t: fake_quant_sym_rows_(t, scheme.a_bit)
-        self.s, self.last = None, {}
+        self.bits, self.s, self.last = scheme.a_bit, None, {}
 
     def __call__(self, module, args):
         x, last = args[0], self.last
         if last.get("x") is not x or last["version"] != x._version or last["s"] is not self.s:
-            work = x.detach().to(compute_dtype(x.dtype), copy=True)
-            if self.s is not None:
-                work /= self.s
-            q = self.rows_(work)
-            if self.s is not None:
-                q.mul_(self.s)
-            self.last = {"x": x, "version": x._version, "s": self.s, "q": q.to(x.dtype)}
+            q = scaled_act_quant(x.detach(), self.s, self.bits, self.fp8)
+            self.last = {"x": x, "version": x._version, "s": self.s, "q": q}
         return (self.last["q"], *args[1:])
 
     def reset(self):

@@ -3,31 +3,53 @@
 - hidden_error.png: per-layer relative MSE of the decoder-layer outputs vs fp, vision and text
   positions side by side, one line per run.
 - alpha.png: the α the search chose per layer, one panel per scale group, one line per run.
-- metrics.png: caption NLL, KL, mean hidden error (vision, text) per run, fp included.
+- metrics.png: caption NLL (as its difference to fp), KL, mean hidden error (vision, text) per run, fp
+  included.
+Every run has its own colour, the same in all three figures; the runs of one method share its hue.
 """
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vlmquant.eval.table import read_table  # noqa: E402
 from vlmquant.io.atomic import atomic_path  # noqa: E402
 
-METHOD_COLORS = {"fp": "#7f7f7f", "rtn": "#d62728", "awq": "#1f77b4", "mbq": "#2ca02c",
-                 "smoothquant": "#9467bd"}
+# a hue family per method; the runs of one method get shades of it (colour by run, method by hue)
+METHOD_CMAPS = {"fp": "Greys", "rtn": "Reds", "awq": "Blues", "mbq": "Greens", "smoothquant": "Purples"}
+OTHER_CMAPS = ("Oranges", "YlOrBr", "PuRd", "BuGn")
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
+def run_colors(runs, methods):
+    """{run: RGBA}: every run its own colour, the runs of one method shades of that method's hue, from
+    mid to dark (the light end of a colour map is too pale on white). Methods without a family of their
+    own take the next of OTHER_CMAPS."""
+    by_method = {}
+    for run in runs:
+        by_method.setdefault(methods.get(run, ""), []).append(run)
+    spare = iter(OTHER_CMAPS * 4)
+    out = {}
+    for method, members in by_method.items():
+        cmap = matplotlib.colormaps[METHOD_CMAPS.get(method) or next(spare)]
+        n = len(members)
+        for k, run in enumerate(members):
+            out[run] = cmap(0.75 if n == 1 else 0.45 + 0.5 * k / (n - 1))
+    return out
+
+
 def run_styles(runs, methods):
-    """A (color, linestyle, marker) per run: color by method; line style and marker tell runs apart."""
+    """A (color, linestyle, marker) per run: colour by run (run_colors); line style and marker tell the runs
+    of one method apart once more, for print and colour-blind readers."""
+    colors = run_colors(runs, methods)
     seen, out = {}, {}
     for n, run in enumerate(runs):
-        m = methods.get(run, "")
-        k = seen.get(m, 0)
-        seen[m] = k + 1
-        out[run] = (METHOD_COLORS.get(m, f"C{n % 10}"), STYLES[k % len(STYLES)], MARKERS[n % len(MARKERS)])
+        k = seen.get(methods.get(run, ""), 0)
+        seen[methods.get(run, "")] = k + 1
+        out[run] = (colors[run], STYLES[k % len(STYLES)], MARKERS[n % len(MARKERS)])
     return out
 
 
@@ -37,16 +59,25 @@ def save(fig, path):
     plt.close(fig)
 
 
+def legend_right(fig, ax):
+    """The runs' legend outside the panels, on the right (legible with 10+ runs, covering no data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    width = 0.2 if handles else 0
+    fig.tight_layout(rect=(0, 0, 1 - width, 1))
+    if handles:
+        fig.legend(handles, labels, title="run", loc="center right", fontsize="small",
+                   ncols=1 if len(handles) <= 16 else 2)
+
+
 def no_data(ax, text):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def plot_hidden_error(eval_tables, out, title):
-    """eval_tables: {run: path of eval.parquet}."""
+def plot_hidden_error(eval_tables, out, title, styles):
+    """eval_tables: {run: path of eval.parquet}; styles: run_styles of every run."""
     data = {run: read_table(p) for run, p in eval_tables.items()}
-    styles = run_styles(list(data), {r: m.get("method") for r, (_, m) in data.items()})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, modality in zip(axes, ("vision", "text")):
         for run, (df, _) in data.items():
@@ -59,17 +90,15 @@ def plot_hidden_error(eval_tables, out, title):
         ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("relative MSE of layer output vs fp")
-    if data:
-        axes[1].legend(title="run", fontsize="small")
-    else:
+    if not data:
         no_data(axes[0], "no quantized runs")
     fig.suptitle(title)
-    fig.tight_layout()
+    legend_right(fig, axes[0])
     save(fig, out)
 
 
-def plot_alpha(search_tables, methods, out, title):
-    """search_tables: {run: path of search.parquet}; methods: {run: method}; one panel per scale group."""
+def plot_alpha(search_tables, out, title, styles):
+    """search_tables: {run: path of search.parquet}; styles: run_styles of every run; one panel per scale group."""
     data = {run: pd.read_parquet(p) for run, p in search_tables.items()}
     groups = []
     for df in data.values():
@@ -78,7 +107,6 @@ def plot_alpha(search_tables, methods, out, title):
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False, sharey=True)
-    styles = run_styles(list(data), methods)
     width = 0.08 * max(len(data) - 1, 0)  # runs side by side around each layer, so equal α stay visible
     for ax, group in zip(axes.flat, groups):
         for k, (run, df) in enumerate(data.items()):
@@ -95,53 +123,61 @@ def plot_alpha(search_tables, methods, out, title):
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
-    if groups:
-        axes.flat[0].legend(title="run", fontsize="small")
-    else:
+    if not groups:
         axes.flat[0].set_visible(True)
         no_data(axes.flat[0], "no scale-search runs (RTN only)")
     fig.suptitle(title)
-    fig.tight_layout()
+    legend_right(fig, axes.flat[0])
     save(fig, out)
 
 
-def plot_metrics(summary, out, title):
-    """summary: the summary rows of one model and calibration set (plus the model's fp row)."""
-    panels = (("caption_nll", "caption NLL", "nats per caption token"),
+def plot_metrics(summary, out, title, styles):
+    """summary: the summary rows of one model and calibration set (plus the model's fp row); styles: run_styles.
+
+    Horizontal bars, one per run (its name on the y axis, so 10+ runs stay legible), coloured by run.
+    Every value axis starts at 0: caption NLL is drawn as its difference to the fp model's (ΔNLL; the
+    fp value is in the panel title), so no axis is cut to make small differences visible.
+    """
+    panels = (("delta_nll_fp", "caption NLL − fp", "Δ nats per caption token"),
               ("kl", "KL(fp ‖ quantized)", "nats per caption token"),
               ("hidden_err_vision", "hidden error, vision positions", "relative MSE, mean over layers"),
               ("hidden_err_text", "hidden error, text positions", "relative MSE, mean over layers"))
     summary = summary.reset_index(drop=True)
-    colors = [METHOD_COLORS.get(m, "C0") for m in summary.method]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    colors = {run: style[0] for run, style in styles.items()}
+    n = len(summary)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 2.2 + 0.62 * max(n, 3)), sharey=True)
+    fp = summary[summary.run == "fp"].caption_nll
     for ax, (col, label, unit) in zip(axes.flat, panels):
         values = summary[col].astype(float)
-        bars = ax.bar(range(len(summary)), values, color=colors)
-        ax.bar_label(bars, labels=[f"{v:.5g}" for v in values], fontsize="x-small", padding=2)
-        ax.set_xticks(range(len(summary)), summary.run, rotation=30, ha="right")
+        y = range(n)[::-1]  # first row on top
+        bars = ax.barh(list(y), values.fillna(0), color=[colors[r] for r in summary.run], height=0.7)
+        ax.bar_label(bars, labels=["" if v != v else f"{v:.4g}" for v in values], fontsize="small", padding=3)
+        ax.set_yticks(list(y), summary.run, fontsize="small")
+        ax.axvline(0, color="0.2", linewidth=0.8)
+        if col == "delta_nll_fp" and len(fp):
+            label += f" (fp: {float(fp.iloc[0]):.4g})"
         ax.set_title(label, fontsize="medium")
-        ax.set_xlabel("run")
-        ax.set_ylabel(unit)
-        if col == "caption_nll" and len(values.dropna()):
-            lo, hi = values.min(), values.max()
-            pad = max((hi - lo) * 0.5, 1e-3 * abs(hi))
-            ax.set_ylim(lo - pad, hi + pad)  # differences are small next to the NLL itself
-        ax.margins(y=0.15)
-        ax.grid(True, axis="y", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=METHOD_COLORS.get(m, "C0")) for m in dict.fromkeys(summary.method)]
+        ax.set_xlabel(unit)
+        ax.margins(x=0.25)  # room for the value labels, on either side of 0
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.grid(True, axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[r]) for r in summary.run]
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    fig.legend(handles, list(dict.fromkeys(summary.method)), title="method", loc="center right", fontsize="small")
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.legend(handles, [f"{r} ({m})" for r, m in zip(summary.run, summary.method)], title="run (method)",
+               loc="center right", fontsize="small")
     save(fig, out)
 
 
 def make_plots(model, calib, eval_tables, search_tables, methods, summary_path, outs):
-    """The three figures of one model and calibration set. outs: {"hidden_error", "alpha", "metrics"}: paths."""
+    """The three figures of one model and calibration set. methods: {run: method} of every target run (their
+    colours); outs: {"hidden_error", "alpha", "metrics"}: paths."""
     summary = pd.read_parquet(summary_path)
     eval_calib = summary[summary.model == model].eval_calib.dropna()
     where = f"{model}, calibration {calib}, eval on {eval_calib.iloc[0] if len(eval_calib) else '?'}"
-    plot_hidden_error(eval_tables, outs["hidden_error"], f"Per-layer output error vs fp ({where})")
-    plot_alpha(search_tables, methods, outs["alpha"], f"Scale search: chosen α per layer and group ({model}, {calib})")
+    styles = run_styles(["fp", *methods], {"fp": "fp", **methods})
+    plot_hidden_error(eval_tables, outs["hidden_error"], f"Per-layer output error vs fp ({where})", styles)
+    plot_alpha(search_tables, outs["alpha"], f"Scale search: chosen α per layer and group ({model}, {calib})", styles)
     rows = summary[(summary.model == model) & ((summary.calib == calib) | (summary.run == "fp"))
                    & summary.run.isin(["fp", *eval_tables])]
-    plot_metrics(rows, outs["metrics"], f"Held-out metrics by run ({where})")
+    plot_metrics(rows, outs["metrics"], f"Held-out metrics by run ({where})", styles)

@@ -8,6 +8,10 @@ Columns:
   hidden_err_vision, hidden_err_text                      relative MSE of the decoder-layer outputs, mean over layers
   hidden_err_vision_last, hidden_err_text_last            the same at the last decoder layer
   weight_err, weight_err_scaled                           relative Frobenius weight error, mean over layers
+  delta_nll_fp                                            caption_nll minus the fp row's (same model)
+  delta_nll_rtn, kl_ratio_rtn                             caption_nll minus, and kl divided by, those of the RTN
+                                                          run with the same model, calib, w_bit, w_group and a_bit
+                                                          (null without one; 0 and 1 on that RTN row)
   time_<stage>_s                                          wall seconds from the stage's Snakemake benchmark file
                                                           (grads, acts, search = sum over chunk jobs, export, eval;
                                                           grads and acts are shared by the runs of a model and
@@ -30,7 +34,14 @@ DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64}
 COLUMNS = ["model", "calib", "run", "method", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples", "n_caption_tokens",
            "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
            "hidden_err_vision_last", "hidden_err_text_last", "weight_err", "weight_err_scaled",
-           *[f"time_{s}_s" for s in STAGES], "time_total_s"]
+           "delta_nll_fp", "delta_nll_rtn", "kl_ratio_rtn", *[f"time_{s}_s" for s in STAGES], "time_total_s"]
+# the columns of the report's table (summary.html), with their headers
+HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "method", "w_bit": "w bits",
+                "w_group": "group", "a_bit": "a bits", "caption_nll": "caption NLL", "delta_nll_fp": "ΔNLL vs fp",
+                "delta_nll_rtn": "ΔNLL vs RTN", "kl": "KL vs fp", "kl_ratio_rtn": "KL / RTN's",
+                "top1_agreement": "top-1 agreement", "hidden_err_vision": "hidden err. vision",
+                "hidden_err_text": "hidden err. text", "weight_err": "weight err.", "time_total_s": "time (s)"}
+SCHEME = ["model", "calib", "w_bit", "w_group", "a_bit"]
 
 
 def metric(df, name, modality=None, layer="model"):
@@ -98,7 +109,7 @@ def summarize(tables, benchmarks):
         times = [row[f"time_{s}_s"] for s in STAGES if not math.isnan(row[f"time_{s}_s"])]
         row["time_total_s"] = sum(times) if times else math.nan
         rows.append(row)
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = relative_columns(pd.DataFrame(rows, columns=COLUMNS))
     df["w_bit"] = df["w_bit"].astype("Int64")
     df["w_group"] = df["w_group"].astype("Int64")
     df["a_bit"] = df["a_bit"].astype("Int64")
@@ -107,9 +118,39 @@ def summarize(tables, benchmarks):
     return df
 
 
-def write_summary(df, csv_path, parquet_path):
+def relative_columns(df):
+    """Fill delta_nll_fp, delta_nll_rtn and kl_ratio_rtn (see the module docstring)."""
+    fp = df[df.run == "fp"].drop_duplicates("model").set_index("model").caption_nll
+    df["delta_nll_fp"] = df.caption_nll - df.model.map(fp)
+    rtn = df[df.method == "rtn"].drop_duplicates(SCHEME)
+    ref = df[SCHEME].merge(rtn[[*SCHEME, "caption_nll", "kl"]], on=SCHEME, how="left")  # row order kept
+    df["delta_nll_rtn"] = (df.caption_nll - ref.caption_nll.to_numpy()).where(df.run != "fp")
+    df["kl_ratio_rtn"] = (df.kl / ref.kl.to_numpy()).where(df.run != "fp")
+    return df
+
+
+def summary_html(df):
+    """The summary as an HTML page holding one table (HTML_COLUMNS), for `snakemake --report`."""
+    def cell(v):
+        return "" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    table = df[list(HTML_COLUMNS)].rename(columns=HTML_COLUMNS).astype(object).map(cell)
+    body = table.to_html(index=False, border=0, classes="summary")
+    style = ("body{font-family:sans-serif;font-size:13px;margin:8px}table{border-collapse:collapse}"
+             "th,td{padding:3px 8px;text-align:right;border-bottom:1px solid #ddd;white-space:nowrap}"
+             "th{background:#f0f0f0;position:sticky;top:0}td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}")
+    note = ("<p>ΔNLL: caption NLL minus that of fp, or of the RTN run with the same bits and group (negative: "
+            "better). KL / RTN's: below 1 when the run is closer to fp than RTN. Every column is in summary.csv.</p>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vlmquant summary</title><style>{style}"
+            f"</style></head><body>{body}{note}</body></html>\n")
+
+
+def write_summary(df, csv_path, parquet_path, html_path=None):
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
+    if html_path is not None:
+        with atomic_path(html_path) as tmp:
+            tmp.write_text(summary_html(df), encoding="utf-8")
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"vlmquant": dumps({"packages": package_versions()}).encode()})

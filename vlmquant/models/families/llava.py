@@ -1,7 +1,7 @@
 """LLaVA-1.5: CLIP ViT features (second-to-last layer, CLS dropped) projected into a Llama decoder.
 
 Prompts read "USER: <image>\\nprompt ASSISTANT: caption", so a caption's first token carries the
-space before it (base.caption_mask tries the caption with a leading space). The image token is
+space before it (Adapter.label_spans counts a straddling token in the span). The image token is
 the config's `image_token_index`, which transformers also exposes as `image_token_id`.
 """
 import transformers

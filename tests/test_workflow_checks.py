@@ -1,0 +1,337 @@
+"""What the workflow checks when it loads (paths, w_group, eval vs search sets, YAML syntax), the files a
+job reads, the weights fingerprint, the scripts' logging and output permissions. No Snakemake here."""
+import copy
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO
+from vlmquant.data.calib import build_calib, sample_rows
+from vlmquant.errors import VlmquantError
+from vlmquant.io import tensors
+from vlmquant.io.atomic import atomic_dir
+from vlmquant.io.provenance import check_cache_weights, check_weights, weights_fingerprint
+from vlmquant.io.scales import save_cache
+from vlmquant.workflow import (calib_sources, check_calib_sets, check_config, check_eval_parquets, check_yaml,
+                               model_files, quantized_widths)
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+@pytest.fixture
+def cfg():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def check(cfg):
+    return check_config(copy.deepcopy(cfg), SCHEMA)
+
+
+def error(cfg):
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.fixture
+def user_data(tmp_path, demo_data, monkeypatch):
+    """The demo's data at a user path (not built by the demo rules): data/{captions_*.json, images/}; the
+    working directory is tmp_path (the workflow keeps the sets' file lists under results/calib/)."""
+    shutil.copytree(demo_data, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "data"
+
+
+def use_data(cfg, data):
+    for name, split in (("demo", "train"), ("demo-holdout", "val")):
+        cfg["calib"][name].update(captions=str(data / f"captions_{split}.json"), images=str(data / "images"))
+    del cfg["calib"]["demo"]["text"]
+
+
+# --- paths --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["calib"]["demo"].update(captions="results/demo/data/captions_trian.json"),
+     "config: calib.demo.captions: results/demo/data/captions_trian.json not found"),
+    (lambda c: c["calib"]["demo"].update(images="/no/such/folder"), "config: calib.demo.images: /no/such/folder not found"),
+    (lambda c: c["calib"]["demo"].update(text="corpus.jsonl"), "config: calib.demo.text: corpus.jsonl not found"),
+    (lambda c: c["calib"]["demo"].update(images="config.yaml"), "config: calib.demo.images: config.yaml is not a folder"),
+    (lambda c: c["models"]["demo-qwen2vl"].update(path="/models/Qwen2-VL-7B"),
+     "config: models.demo-qwen2vl.path: /models/Qwen2-VL-7B has no config.json"),
+    (lambda c: c["runs"]["awq-w3g128"].update(scale_cache="caches/awq.pt"),
+     "config: runs.awq-w3g128.scale_cache: caches/awq.pt not found"),
+])
+def test_every_path_the_config_names_is_checked_at_load(cfg, edit, needle):
+    edit(cfg)
+    assert needle in error(cfg)
+
+
+def test_demo_outputs_need_not_exist_yet(cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing built here
+    out = check(cfg)
+    assert out["models"]["demo-qwen2vl"]["family"] == "qwen2_vl"
+    cfg["models"]["demo-qwen2vl"]["path"] = "results/demo/model-gpt5"  # not a family the demo rules build
+    assert "models.demo-qwen2vl.path: results/demo/model-gpt5" in error(cfg)
+
+
+def test_model_folder_without_weights_is_refused(cfg, tmp_path, demo_model_path):
+    shutil.copy(demo_model_path / "config.json", tmp_path / "config.json")
+    cfg["models"]["demo-qwen2vl"]["path"] = str(tmp_path)
+    assert error(cfg) == f"config: models.demo-qwen2vl.path: {tmp_path} has no *.safetensors weights"
+
+
+# --- YAML syntax --------------------------------------------------------------------------------------
+def test_yaml_syntax_error_names_its_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    lines = (REPO / "config.yaml").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if "n_samples: 8" in line)
+    lines[n] = lines[n].replace("n_samples: 8", "n_samples: 8: 9")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(VlmquantError) as e:
+        check_yaml(path)
+    assert str(e.value).startswith(f"{path}: line {n + 1}, column ") and "mapping values are not allowed" in str(e.value)
+    check_yaml(REPO / "config.yaml")
+    check_yaml(tmp_path / "absent.yaml")  # left to Snakemake
+
+
+# --- w_group ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group", [0, -5, 1, 2, 100, 24])
+def test_w_group_outside_what_the_quantizer_and_formats_take_is_refused(cfg, group):
+    cfg["runs"]["rtn-w3g128"]["w_group"] = group
+    assert error(cfg) == (f"config: runs.rtn-w3g128.w_group: {group} is not supported; use -1 (one group per output "
+                          "row) or a positive multiple of 16 (32, 64 and 128 are served by vLLM)")
+
+
+@pytest.mark.parametrize("group", [-1, 16, 64, 128, 256])
+def test_w_group_dividing_every_width_passes(cfg, group):
+    cfg["runs"]["awq-w3g128"]["w_group"] = group
+    assert check(cfg)["runs"]["awq-w3g128"]["w_group"] == group
+
+
+def test_w_group_not_dividing_a_width_fails_at_load(cfg, demo_model_path):
+    """The demo's widths: hidden 256 (q, k, v, gate, up, and o: 4 heads × 64), intermediate 768 (down)."""
+    cfg["models"]["demo-qwen2vl"]["path"] = str(demo_model_path)
+    assert quantized_widths(cfg["models"]["demo-qwen2vl"]) == {256: "hidden_size", 768: "intermediate_size"}
+    cfg["runs"]["awq-w3g128"]["w_group"] = 512
+    assert error(cfg) == ("config: runs.awq-w3g128.w_group: 512 does not divide hidden_size = 256 of model "
+                          "'demo-qwen2vl'; use -1 or one of [16, 32, 64, 128, 256]")
+    cfg["runs"]["awq-w3g128"]["w_group"] = 48  # a multiple of 16 dividing neither
+    assert "48 does not divide hidden_size = 256" in error(cfg)
+    cfg["targets"]["runs"] = ["rtn-w3g128"]  # a run outside the targets is not built: only its value is checked
+    assert check(cfg)
+
+
+def test_widths_of_moe_and_separate_head_dim(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "text_config": {
+        "hidden_size": 2048, "num_attention_heads": 32, "head_dim": 128, "intermediate_size": 6144,
+        "moe_intermediate_size": 768}}))
+    assert quantized_widths({"path": str(tmp_path)}) == {2048: "hidden_size", 4096: "num_attention_heads × head_dim",
+                                                         6144: "intermediate_size", 768: "moe_intermediate_size"}
+
+
+# --- eval set vs search sets --------------------------------------------------------------------------
+def test_eval_set_that_is_a_search_set_is_refused(cfg):
+    cfg["eval"]["calib"] = "demo"
+    assert error(cfg) == ("config: eval.calib: 'demo' is also a search set (targets.calib); evaluate on held-out "
+                          "images, or set eval.allow_overlap: true")
+    cfg["eval"]["allow_overlap"] = True
+    assert check(cfg)["eval"]["calib"] == "demo"
+
+
+def test_overlap_by_image_content_names_both_sets(cfg, user_data, tmp_path):
+    use_data(cfg, user_data)
+    out = check(cfg)
+    check_calib_sets(out)  # the demo's splits are disjoint
+    # the held-out set's images renamed: other names, same content
+    renamed = tmp_path / "renamed"
+    shutil.copytree(user_data / "images", renamed)
+    captions = json.loads((user_data / "captions_train.json").read_text())
+    out["calib"]["demo-holdout"].update(captions=str(user_data / "captions_train.json"), images=str(renamed), seed=7)
+    for f in captions["images"]:
+        (renamed / f["file_name"]).rename(renamed / f"copy-{f['file_name']}")
+        f["file_name"] = f"copy-{f['file_name']}"
+    (tmp_path / "copies.json").write_text(json.dumps(captions))
+    out["calib"]["demo-holdout"]["captions"] = str(tmp_path / "copies.json")
+    with pytest.raises(VlmquantError) as e:
+        check_calib_sets(out)
+    msg = str(e.value)
+    assert msg.startswith("config: eval.calib: 'demo-holdout' shares ") and "with search set 'demo'" in msg
+    assert str(renamed / "copy-") in msg and msg.endswith("or set eval.allow_overlap: true")
+    out["eval"]["allow_overlap"] = True
+    check_calib_sets(out)
+
+
+def test_eval_job_checks_the_parquets(cfg, user_data, tmp_path, caplog):
+    use_data(cfg, user_data)
+    out = check(cfg)
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    build_calib(out["calib"]["demo"], a, "demo")
+    build_calib(out["calib"]["demo-holdout"], b, "demo-holdout")
+    check_eval_parquets("demo-holdout", b, "demo", a)
+    shutil.copy(a, tmp_path / "c.parquet")
+    with pytest.raises(VlmquantError, match="'demo-holdout' shares 8 of its 8 images with search set 'demo'"):
+        check_eval_parquets("demo-holdout", tmp_path / "c.parquet", "demo", a)
+    with caplog.at_level(logging.WARNING):
+        check_eval_parquets("demo-holdout", b, "demo", b, allow=True)
+    assert "(allowed by eval.allow_overlap)" in caplog.text
+
+
+def test_missing_image_of_a_set_fails_at_load(cfg, user_data):
+    use_data(cfg, user_data)
+    out = check(cfg)
+    used = calib_sources(out["calib"]["demo"], "demo")["images"]
+    os.unlink(used[3])
+    with pytest.raises(VlmquantError, match=r"config: calib.demo.images: .*not found \(1 of the 8 images the set uses"):
+        check_calib_sets(out)
+
+
+# --- the files a job reads ----------------------------------------------------------------------------
+def test_calib_inputs_are_the_images_the_set_uses(cfg, user_data):
+    use_data(cfg, user_data)
+    out = check(cfg)
+    files = calib_sources(out["calib"]["demo"], "demo")
+    want = sorted({str(user_data / "images" / f) for row in sample_rows(out["calib"]["demo"], "demo")
+                   for f in row.file_names})
+    assert files == {"captions": str(user_data / "captions_train.json"), "images": want} and len(want) == 8
+    all_images = sorted(str(p) for p in (user_data / "images").iterdir())
+    assert set(want) < set(all_images)  # not the whole folder
+    demo = calib_sources(check(yaml.safe_load((REPO / "config.yaml").read_text()))["calib"]["demo"], "demo")
+    assert demo == {"captions": "results/demo/data/captions_train.json", "images": "results/demo/data/images"}
+
+
+def test_calib_file_list_is_kept_until_the_source_or_settings_change(cfg, user_data, tmp_path):
+    use_data(cfg, user_data)
+    out = check(cfg)["calib"]["demo"]
+    first = calib_sources(out, "demo")["images"]
+    kept = tmp_path / "results/calib/demo.files.json"
+    assert json.loads(kept.read_text())["files"] == first
+    other = sorted({p.name for p in (user_data / "images").iterdir()} - {os.path.basename(f) for f in first})[0]
+    kept.write_text(kept.read_text().replace(os.path.basename(first[0]), other))  # marks the kept list
+    assert calib_sources(out, "demo")["images"][0].endswith(other)  # same key: the kept list is used
+    captions = user_data / "captions_train.json"
+    captions.write_text(captions.read_text() + "\n")  # the source changed: drawn again
+    assert calib_sources(out, "demo")["images"] == first
+    assert len(calib_sources({**out, "n_samples": 3}, "demo")["images"]) == 3
+
+
+def test_model_inputs_are_its_files(demo_model_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(demo_model_path, folder)
+    (folder / "README.md").write_text("notes")
+    names = [os.path.basename(f) for f in model_files(str(folder))]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(names)
+    assert "README.md" not in names
+    processor = [os.path.basename(f) for f in model_files(str(folder), weights=False)]
+    assert set(processor) == set(names) - {"model.safetensors"}
+    assert model_files("results/demo/model-qwen2_vl") == ["results/demo/model-qwen2_vl"]
+
+
+# --- weights fingerprint ------------------------------------------------------------------------------
+def test_weights_fingerprint_follows_the_values_not_the_copy(demo_model_path, tmp_path):
+    a = tmp_path / "a"
+    shutil.copytree(demo_model_path, a, copy_function=shutil.copyfile)  # new times
+    assert weights_fingerprint(a) == weights_fingerprint(demo_model_path)
+    weights = load_file(a / "model.safetensors")
+    torch.manual_seed(1)
+    name = sorted(weights)[len(weights) // 2]
+    weights[name] = torch.randn_like(weights[name])  # same shapes, other values
+    save_file(weights, a / "model.safetensors", metadata={"format": "pt"})
+    assert weights_fingerprint(a) != weights_fingerprint(demo_model_path)
+    with pytest.raises(VlmquantError) as e:
+        check_weights(weights_fingerprint(demo_model_path), a, "cache.pt: scale cache")
+    assert str(e.value).startswith(f"cache.pt: scale cache: was made from other weights than {a} holds now")
+    check_weights(None, a, "old cache")  # no fingerprint recorded: accepted
+
+
+def test_scale_cache_from_other_weights_is_refused(demo_model_path, tmp_path):
+    cache = tmp_path / "scale_cache.pt"
+    save_cache({"scale": [], "meta": {"model": "m", "weights": "0" * 64}}, cache)
+    with pytest.raises(VlmquantError, match=f"{cache}: scale cache: was made from other weights"):
+        check_cache_weights(cache, demo_model_path)
+    save_cache({"scale": [], "meta": {"model": "m", "weights": weights_fingerprint(demo_model_path)}}, cache)
+    check_cache_weights(cache, demo_model_path)
+    check_cache_weights(None, demo_model_path)  # RTN: no cache
+
+
+# --- scripts' logging ---------------------------------------------------------------------------------
+JOB = """
+import sys, time, types
+from tqdm import tqdm
+from vlmquant.errors import VlmquantError
+from vlmquant.workflow import script_logging
+snakemake = types.SimpleNamespace(log=[sys.argv[1]], rule="search", wildcards=["m", "c", "r", "000"])
+with script_logging(snakemake):
+    import logging
+    logging.getLogger("x").info("loading")
+    for _ in tqdm(range(3), desc="search", unit="layer"):
+        time.sleep(0.7)
+    for _ in tqdm(range(3), desc="quick"):  # under STATUS_MIN seconds: the log only
+        pass
+    {body}
+"""
+
+
+def run_job(tmp_path, body):
+    log = tmp_path / "job.log"
+    res = subprocess.run([sys.executable, "-c", JOB.replace("{body}", body), str(log)], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return res, log.read_text()
+
+
+def test_any_error_lands_in_the_log_with_its_traceback(tmp_path):
+    res, log = run_job(tmp_path, "{}['missing']")
+    assert res.returncode == 1
+    assert "loading" in log and "Traceback (most recent call last)" in log and "KeyError: 'missing'" in log
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1] == f"[search m/c/r/000] error: KeyError: 'missing' (traceback in {tmp_path / 'job.log'})"
+    assert "Traceback" not in res.stderr
+
+
+def test_vlmquant_error_is_one_line_in_log_and_terminal(tmp_path):
+    res, log = run_job(tmp_path, "raise VlmquantError('calib.x: bad')")
+    assert res.returncode == 1
+    assert log.strip().endswith("error: calib.x: bad") and "Traceback" not in log
+    assert res.stderr.strip().splitlines()[-1] == "[search m/c/r/000] error: calib.x: bad"
+
+
+def test_progress_bars_end_as_one_status_line_on_the_terminal(tmp_path):
+    res, log = run_job(tmp_path, "pass")
+    assert res.returncode == 0
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("[search m/c/r/000] search: 3/3 [00:02<00:00") and "█" not in line
+    assert "search: 100%|" in log and "quick: 100%|" in log  # the bars themselves stay in the log
+
+
+# --- output permissions ---------------------------------------------------------------------------------
+def usual(path):
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if path.is_dir() else 0o666) & ~mask
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    tensors.save(tmp_path / "a.safetensors", {"x": torch.zeros(2)}, {})  # safetensors writes 0600
+    with atomic_dir(tmp_path / "folder") as tmp:
+        save_file({"x": torch.zeros(2)}, tmp / "model.safetensors")
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "f").write_text("x")
+        os.chmod(tmp / "sub" / "f", 0o600)
+    for p in (tmp_path / "a.safetensors", tmp_path / "folder", tmp_path / "folder/model.safetensors",
+              tmp_path / "folder/sub", tmp_path / "folder/sub/f"):
+        assert stat.S_IMODE(p.stat().st_mode) == usual(p), p
+
+
+def test_job_label_without_wildcards():
+    from vlmquant.workflow import job_label
+
+    assert job_label(types.SimpleNamespace(rule="summary", wildcards=[])) == "summary"
