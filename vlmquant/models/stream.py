@@ -13,8 +13,13 @@ plus activations, whatever the model's depth (DESIGN.md: memory grows with the c
 Stages choose between this and the whole model on the device with `memory.stream` (`use_streaming`):
 streamed and resident runs give the same results (tests compare them on the demo).
 
+The shell holds one decoder layer per layer type of the config (Gemma 3's sliding and global layers,
+Qwen3.5's linear and full attention), so that its capture gives every type's keyword arguments; the
+LayerArgs it returns are mapped onto the whole model's layers (`capture`).
+
 Work that would not fit the activation budget runs in sample micro-batches: `micro_batch` picks the
-samples per batch from a per-token estimate, `split_kwargs` cuts the decoder-layer keyword arguments.
+samples per batch from a per-token estimate, `split_args` / `split_kwargs` cut the decoder-layer arguments
+and `cat_args` joins them.
 """
 import contextlib
 import functools
@@ -27,7 +32,7 @@ import transformers
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
 from vlmquant.models.loading import Checkpoint, meta_model
-from vlmquant.search.capture import capture_layer_inputs, layer_forward
+from vlmquant.search.capture import LayerArgs, capture_layer_inputs, layer_forward
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +117,11 @@ def activation_budget(device, max_batch_mb, reserve=0):
 
 def sample_dim(t, n, tokens):
     """The batch dimension of a decoder-layer argument: the first dim of size n followed by one of size `tokens`
-    ((B, T, ...) hidden states and position embeddings, (3, B, T, ...) M-RoPE ones); None if unbatched."""
+    ((B, T, ...) hidden states and position embeddings, (3, B, T, ...) M-RoPE ones) or by 1 then `tokens`
+    (attention masks (B, 1, T, T)); None if unbatched."""
     for d in range(t.dim() - 1):
-        if t.shape[d] == n and t.shape[d + 1] == tokens:
+        if t.shape[d] == n and (t.shape[d + 1] == tokens or (t.shape[d + 1] == 1 and d + 2 < t.dim()
+                                                              and t.shape[d + 2] == tokens)):
             return d
     return None
 
@@ -134,17 +141,45 @@ def split_kwargs(kwargs, n, tokens, start, stop):
 
 def cat_kwargs(parts, tokens):
     """Decoder-layer kwargs of consecutive sample batches [(n_samples, kwargs)] joined into those of all samples
-    (batched tensors concatenated along their sample_dim; the rest taken from the first batch)."""
+    (batched tensors concatenated along their sample_dim; the rest taken from the first batch). Batches of one
+    sample each cannot tell a batched tensor from a broadcast one (position ids (1, T)): one equal in every
+    batch is taken as broadcast."""
     def join(values, sizes):
         first = values[0]
         if isinstance(first, tuple):
             return tuple(join([v[i] for v in values], sizes) for i in range(len(first)))
         if isinstance(first, torch.Tensor):
             d = sample_dim(first, sizes[0], tokens)
-            return first if d is None else torch.cat(values, d)
+            if d is None or (max(sizes) == 1 and all(torch.equal(v, first) for v in values[1:])):
+                return first
+            return torch.cat(values, d)
         return first
     sizes = [n for n, _ in parts]
     return {k: join([kw[k] for _, kw in parts], sizes) for k in parts[0][1]}
+
+
+def split_args(args, n, tokens, start, stop):
+    """search.capture.LayerArgs of samples start:stop out of n: every keyword-argument set cut (split_kwargs),
+    each addition's mask (B, T) by rows and its values (N, C) by the masked-token counts of those rows."""
+    added = {}
+    for i, (mask, values) in args.added.items():
+        counts = mask.sum(1)
+        added[i] = (mask[start:stop], values[int(counts[:start].sum()):int(counts[:stop].sum())])
+    return LayerArgs([split_kwargs(kw, n, tokens, start, stop) for kw in args.sets], args.of_layer, added)
+
+
+def cat_args(parts, tokens):
+    """LayerArgs of consecutive sample batches [(n_samples, LayerArgs)] joined into those of all samples: sets
+    by cat_kwargs, additions' masks by rows and values by tokens (a batch without an addition, no image, adds
+    nothing to its rows)."""
+    first = parts[0][1]
+    sets = [cat_kwargs([(k, a.sets[j]) for k, a in parts], tokens) for j in range(len(first.sets))]
+    added = {}
+    for i in sorted({i for _, a in parts for i in a.added}):
+        mask, values = next(a.added[i] for _, a in parts if i in a.added)
+        got = [a.added.get(i, (mask.new_zeros((k, tokens)), values[:0])) for k, a in parts]
+        added[i] = (torch.cat([m for m, _ in got]), torch.cat([v for _, v in got]))
+    return LayerArgs(sets, first.of_layer, added)
 
 
 def pad_tokens(batch, tokens):
@@ -211,24 +246,29 @@ class StreamedModel:
         self.checkpoint = Checkpoint(self.path)
         self.prefix = self.checkpoint.find_prefix(self.adapter.checkpoint_layer_prefixes)
         self._phase = None
+        types = getattr(self.skeleton.config.get_text_config(), "layer_types", None)
+        # the shell's decoder layers: one per layer type, in order of first use; shell_of[i]: decoder layer i's
+        self.shell_types = list(dict.fromkeys(types)) if types else None
+        self.shell_of = [self.shell_types.index(t) for t in types] if types else [0] * self.n_layers
 
     @functools.cached_property
     def shell(self):
         """The model with a one-layer decoder stack, on the host (loaded on first use)."""
         config = transformers.AutoConfig.from_pretrained(self.path, trust_remote_code=self.ref.trust_remote_code)
         text = config.get_text_config()
-        text.num_hidden_layers = 1
-        if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[:1]
+        text.num_hidden_layers = len(self.shell_types or [None])
+        if self.shell_types:
+            text.layer_types = self.shell_types
         folder = self.adapter.check_folder(self.path)
         kwargs = {}
         if (folder.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
             kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
         cls = getattr(transformers, self.adapter.model_class)
         with quiet_transformers():
-            shell = cls.from_pretrained(self.path, config=config, dtype=self.dtype,
+            # its layers (the checkpoint's first ones, of other types maybe) never run: mismatched shapes are fine
+            shell = cls.from_pretrained(self.path, config=config, dtype=self.dtype, ignore_mismatched_sizes=True,
                                         trust_remote_code=self.ref.trust_remote_code, **kwargs)
-        self.adapter.layers(shell)[0].to_empty(device="meta")  # never run: capture stops in front of it
+        self.adapter.layers(shell).to_empty(device="meta")  # never run: capture stops in front of them
         shell.requires_grad_(False)
         # transformers' checkpoint key mapping of this folder, for saving the skeleton's tensors under their names
         self.skeleton._weight_conversions = getattr(shell, "_weight_conversions", None)
@@ -268,32 +308,36 @@ class StreamedModel:
         self._phase = name
 
     def capture(self, batch):
-        """(hidden (B, T, C), decoder-layer kwargs) of a collated batch, in front of decoder layer 0."""
+        """(hidden (B, T, C), search.capture.LayerArgs of every decoder layer) of a collated batch, in front of
+        decoder layer 0."""
         self.phase("inputs")
-        return capture_layer_inputs(self.shell, self.adapter.layers(self.shell), batch, self.device, self.dtype)
+        hidden, args = capture_layer_inputs(self.shell, self.adapter.layers(self.shell), batch, self.device,
+                                            self.dtype, self.adapter)
+        return hidden, LayerArgs(args.sets, [args.of_layer[j] for j in self.shell_of], args.added)
 
     def capture_all(self, samples, per_batch):
         """capture() of all samples collated into one batch, the shell run on `per_batch` samples at a time (each
-        part padded to the whole batch's length; the parts' layer kwargs concatenated along their sample dim)."""
+        part padded to the whole batch's length; the parts' LayerArgs joined by cat_args)."""
         n = len(samples)
         if per_batch >= n:
             return self.capture(ragged.collate(samples))
         tokens = max(s["input_ids"].shape[1] for s in samples)
         hidden, parts = None, []
         for start in range(0, n, per_batch):
-            h, kwargs = self.capture(pad_tokens(ragged.collate(samples[start:start + per_batch]), tokens))
+            h, args = self.capture(pad_tokens(ragged.collate(samples[start:start + per_batch]), tokens))
             if hidden is None:
                 hidden = h.new_empty((n, *h.shape[1:]))
             hidden[start:start + h.shape[0]] = h
-            parts.append((h.shape[0], kwargs))
-        return hidden, cat_kwargs(parts, tokens)
+            parts.append((h.shape[0], args))
+        return hidden, cat_args(parts, tokens)
 
     # --- decoder layers --------------------------------------------------------------------------------
     def layer(self, i):
         """Decoder layer i on the device, weights from the checkpoint, frozen."""
         if not 0 <= i < self.n_layers:
             raise VlmquantError(f"{self.path}: layer {i} requested, the model has {self.n_layers} decoder layers")
-        layer = self.checkpoint.load_into(self.layers[i], f"{self.prefix}.{i}", self.device, self.dtype)
+        layer = self.checkpoint.load_into(self.layers[i], f"{self.prefix}.{i}", self.device, self.dtype,
+                                          self.adapter.expert_layouts)
         return layer.requires_grad_(False).eval()
 
     def drop(self, i):
