@@ -2,9 +2,10 @@
 ever holding the whole model: the same tensor names (its reverse checkpoint key mapping), order, shard
 split (huggingface_hub's greedy split by max_shard_size), file names, safetensors metadata and index.
 
-`saved_order(skeleton)` lists the tensors save_pretrained would write, from the model on the meta device;
-`ShardWriter` takes them one at a time in that order and writes a shard whenever the next tensor would
-overflow it, under a temporary name until the number of shards is known.
+`saved_state` maps a state dict to what save_pretrained would write (names, weight conversions), from the model
+on the meta device for the order and from each decoder layer as it is loaded for the tensors; `ShardWriter`
+takes them one at a time in that order and writes a shard whenever the next tensor would overflow it, under a
+temporary name until the number of shards is known.
 """
 import json
 import os
@@ -38,26 +39,11 @@ def shard_bytes(size):
     raise VlmquantError(f"config: export.max_shard_size: {size!r} is not a size like 5GB, 500MB or 2GiB")
 
 
-def names_on_save(model, state):
-    """{name in the model: name save_pretrained writes} of a state dict `state` (names as in the model), in the
-    order save_pretrained writes them; VlmquantError when the family converts weights on save (several tensors
-    into one), which the streamed export does not do."""
-    reverted = revert_weight_conversion(model, state)
-    by_id = {id(t): k for k, t in state.items()}
-    out = {}
-    for saved, t in reverted.items():
-        if id(t) not in by_id:
-            raise VlmquantError(f"{type(model).__name__}: transformers converts weights when saving this family (e.g. "
-                                f"{saved}), which the streamed export cannot do; set memory.stream: never")
-        out[by_id[id(t)]] = saved
-    return out
-
-
-def saved_order(skeleton):
-    """[(saved name, name in the model)] of every tensor save_pretrained writes for `skeleton` (on any device,
-    meta included), tied copies removed, in its write order."""
-    state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
-    return [(saved, name) for name, saved in names_on_save(skeleton, state).items()]
+def saved_state(model, state):
+    """{saved name: tensor} of a state dict `state` (names as in the model) as save_pretrained writes it, in its
+    order: transformers' reverse key mapping and weight conversions (Qwen3.5-MoE's fused experts written one
+    tensor per expert). Tensors on any device, meta included."""
+    return revert_weight_conversion(model, state)
 
 
 def config_files(config, generation_config, dtype, architecture, folder):
@@ -119,27 +105,35 @@ class ShardWriter:
 
 def layer_state(model, layers_path, index, layer):
     """{saved name: tensor} of decoder layer `index` (a module holding its weights as they are to be saved), in
-    save order (model: the whole model, for transformers' key mapping)."""
-    state = {f"{layers_path}.{index}.{k}": v for k, v in layer.state_dict().items()}
-    names = names_on_save(model, state)
-    return {names[k]: state[k] for k in names}
+    save order (model: the whole model, for transformers' key mapping and weight conversions)."""
+    return saved_state(model, {f"{layers_path}.{index}.{k}": v for k, v in layer.state_dict().items()})
 
 
 def write_streamed(folder, skeleton, layers_path, shell_state, process_layer, release_layer, max_shard_size):
     """Every tensor of the model in save order into `folder`: decoder layer i's from process_layer(i) (a module
     holding the weights to save; they replace the whole block of the layer's tensors; release_layer(i) after),
     the others from `shell_state` ({name in the model: tensor}). skeleton: the whole model (meta device).
-    Returns the shard file names."""
+    Returns the shard file names. VlmquantError if transformers would write a tensor made from several decoder
+    layers, or from a decoder layer and other weights."""
     writer = ShardWriter(folder, max_shard_size)
     prefix = layers_path + "."
-    order = saved_order(skeleton)
+    state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
+    of_layer = {}  # decoder-layer tensor → its layer
+    for name in state:
+        if name.startswith(prefix):
+            of_layer.setdefault(int(name[len(prefix):].split(".", 1)[0]), {})[name] = state[name]
+    owner = {saved: i for i, part in of_layer.items() for saved in saved_state(skeleton, part)}
+    outside = saved_state(skeleton, {k: shell_state[k] for k in state if not k.startswith(prefix)})
     parameters = sum(p.numel() for name, p in skeleton.named_parameters() if not name.startswith(prefix))
     done = set()
-    for saved, name in order:
-        if not name.startswith(prefix):
-            writer.add(saved, shell_state[name])
+    for saved in saved_state(skeleton, state):
+        if saved in outside:
+            writer.add(saved, outside[saved])
             continue
-        i = int(name[len(prefix):].split(".", 1)[0])
+        if saved not in owner:
+            raise VlmquantError(f"{type(skeleton).__name__}: transformers writes {saved} from several decoder layers "
+                                "or other weights, which the streamed export cannot do; set memory.stream: never")
+        i = owner[saved]
         if i in done:
             continue
         layer = process_layer(i)
