@@ -34,7 +34,7 @@ from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models.loading import Checkpoint
 from vlmquant.models.stream import StreamedModel, use_streaming
 from vlmquant.quant.codes import Scheme
-from vlmquant.quant.model import quantized_activations, quantized_inputs
+from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
 from vlmquant.search.capture import layer_forward, load_samples, model_inputs
 
 log = logging.getLogger(__name__)
@@ -110,19 +110,19 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
     parts, exclude = [], set(exclude)
     for ids in batch_ids(len(samples), batch_size):
         batch, rows, cols = batch_positions(samples, selection, ids, sm.device)
-        hidden, kwargs = sm.capture(batch)
+        hidden, args = sm.capture(batch)
         parts.append({"ids": ids, "labels": batch["labels"], "rows": rows, "cols": cols, "hidden": hidden,
-                      "kwargs": kwargs, "captured": {}})
+                      "args": args, "captured": {}})
     sm.phase("host")
     for i in tqdm(range(sm.n_layers), desc="eval", unit="layer"):
         layer = sm.layer(i)
         linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
-                   and f"layers.{i}.{n}" not in exclude]
+                   and f"layers.{i}.{n}" not in exclude and not never_quantized(f"layers.{i}.{n}", sm.adapter)]
         with quantized_inputs(linears, scheme):
             for p in parts:
-                out = layer_forward(layer, p["hidden"], p["kwargs"])  # (B, T, C)
-                p["captured"][i] = out[p["rows"], p["cols"]]
-                p["hidden"] = out
+                out = layer_forward(layer, p["hidden"], p["args"].kwargs(i))  # (B, T, C)
+                p["captured"][i] = out[p["rows"], p["cols"]]  # the layer's output, as its forward hook sees it
+                p["hidden"] = p["args"].after(i, out)
         if on_layer is not None:
             on_layer(i, layer)
         sm.drop(i)
@@ -205,15 +205,17 @@ class WeightErrors:
     """
 
     def __init__(self, adapter, fp_path, entries):
-        self.fp_path, self.ckpt = fp_path, Checkpoint(fp_path)
+        self.adapter, self.fp_path, self.ckpt = adapter, fp_path, Checkpoint(fp_path)
         self.prefix = self.ckpt.find_prefix(adapter.checkpoint_layer_prefixes)
         self.cols, self.rows = weight_scale_factors(entries)
         self.sums = {}
 
     @torch.no_grad()
     def add_layer(self, index, layer):
-        """The linears of decoder layer `index` (a module holding the checkpoint's weights)."""
-        linears = [(f"layers.{index}.{n}", m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        """The linears of decoder layer `index` (a module holding the checkpoint's weights) but the adapter's keep_fp
+        (quant.model.decoder_linears)."""
+        linears = [(f"layers.{index}.{n}", m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+                   and not never_quantized(f"layers.{index}.{n}", self.adapter)]
         keys = {name: f"{self.prefix}.{name.removeprefix('layers.')}.weight" for name, _ in linears}
         by_file = {}
         for name, key in keys.items():
