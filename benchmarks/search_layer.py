@@ -40,6 +40,7 @@ def straightforward(layer, groups, records, masks, run, ratios):
     out = []
     for gi, g in enumerate(groups):
         rec = records[gi]
+        part = rec["parts"][0]  # one part: every sample at once
         block = layer.get_submodule(g.block)
         linears = [layer.get_submodule(n) for n in g.linears]
         a = rec["x"].abs().reshape(-1, rec["x"].shape[-1]).float().mean(0)
@@ -51,9 +52,9 @@ def straightforward(layer, groups, records, masks, run, ratios):
             for lin in linears:
                 w = lin.weight.data.float() * s
                 lin.weight.data = (fake_quant_weight(w, run.w_bit, run.w_group) / s).to(lin.weight.dtype)
-            o = block(*rec["args"], **rec["kwargs"])
+            o = block(*part["args"], **part["kwargs"])
             o = o[0] if isinstance(o, tuple) else o
-            loss = group_loss(rec["out"].float(), o.float(), masks, run.loss, ratios[g.site])
+            loss = group_loss(part["out"].float(), o.float(), masks, run.loss, ratios[g.site])
             if best is None or loss < best[0]:
                 best = (loss, i)
             layer.load_state_dict(state)

@@ -110,8 +110,10 @@ def straightforward(layer, groups, records, masks, run, ratios):
     for gi, g in enumerate(groups):
         rec, ratio = records[gi], ratios[g.site]
         if g.experts:
-            out.append(expert_loop(layer.get_submodule(g.block), rec["args"][0], rec["args"][1], masks, run, ratio))
+            args = layer_mod.expert_args(rec)
+            out.append(expert_loop(layer.get_submodule(g.block), args[0], args[1], masks, run, ratio))
             continue
+        part = rec["parts"][0]  # one part: every sample at once
         block = layer.get_submodule(g.block)
         weights = [getattr(p, "weight", p) for p in (layer_part(layer, n) for n in g.linears)]
         a = rec["x"].abs().reshape(-1, rec["x"].shape[-1]).float().mean(0)
@@ -120,8 +122,8 @@ def straightforward(layer, groups, records, masks, run, ratios):
             state = copy.deepcopy(layer.state_dict())
             for w in weights:
                 w.data = quantized(w.data, s, run.w_bit, run.w_group)
-            o = block(*rec["args"], **rec["kwargs"])
-            loss = group_loss(rec["out"].float(), (o[0] if isinstance(o, tuple) else o).float(), masks, run.loss, ratio)
+            o = block(*part["args"], **part["kwargs"])
+            loss = group_loss(part["out"].float(), (o[0] if isinstance(o, tuple) else o).float(), masks, run.loss, ratio)
             if best is None or loss < best[0]:
                 best = (loss, i)
             layer.load_state_dict(state)

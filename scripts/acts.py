@@ -3,5 +3,5 @@ from vlmquant.search.pipeline import run_acts
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    run_acts(open_model(snakemake.params.model, snakemake.params.device), snakemake.input.inputs,
+    run_acts(open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"]), snakemake.input.inputs,
              list(snakemake.params.starts), snakemake.output[0])

@@ -3,6 +3,6 @@ from vlmquant.models.loading import open_model
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    run_fp_reference(open_model(snakemake.params.model, snakemake.params.device), snakemake.input.inputs,
+    run_fp_reference(open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"]), snakemake.input.inputs,
                      snakemake.output.ref, snakemake.output.table, dict(snakemake.params.settings),
                      dict(snakemake.params.ids))

@@ -3,5 +3,5 @@ from vlmquant.search.pipeline import run_grads
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    run_grads(open_model(snakemake.params.model, snakemake.params.device), snakemake.input.inputs,
+    run_grads(open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"]), snakemake.input.inputs,
               snakemake.output[0], batch_size=snakemake.params.batch_size)

@@ -5,7 +5,7 @@ from vlmquant.spec import RunSpec
 from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    model = open_model(snakemake.params.model, snakemake.params.device)
+    model = open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"])
     run_search(model, RunSpec.from_params(snakemake.wildcards.run, snakemake.params.run), snakemake.input.inputs,
                snakemake.input.start, snakemake.input.grads or None, list(snakemake.params.layers),
                snakemake.output[0], with_weights(dict(snakemake.params.names), model.path))

@@ -1,7 +1,11 @@
-"""The search benchmark runs on the CPU at a tiny shape, and its fast path agrees with the plain loop."""
+"""The benchmarks run on the CPU at tiny shapes: the search layer (its fast path agrees with the plain loop), the
+whole DAG (e2e.py) and the per-stage memory vs depth (memory_depth.py)."""
 import json
 import subprocess
 import sys
+
+import pandas as pd
+import pytest
 
 from conftest import REPO
 
@@ -27,3 +31,34 @@ def test_moe_search_benchmark_runs_and_matches_the_straightforward_expert_loop(t
     assert sorted(result["seconds_by_group"]) == ["input_layernorm", "mlp.experts.gate_up_proj (per expert)",
                                                   "post_attention_layernorm", "self_attn.v_proj"]
     assert len(result["alpha"][3]) == 8 and result["tokens_per_expert_min_max"][0] > 0
+
+
+@pytest.mark.slow
+def test_e2e_benchmark_runs_the_dag_through_the_library_functions(tmp_path):
+    """The stages in DAG order, each in its own process, on a tiny model: every job measured, an eval table made."""
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, "e2e.py", "--shape", "demo", "--samples", "3", "--eval-samples", "2", "--image", "112",
+                    "--via", "library", "--stream", "always", "--work", str(tmp_path / "work"), "--keep-results",
+                    "--out", str(out)], cwd=REPO / "benchmarks", check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["via"] == "library" and result["order"] == [
+        "calib", "calib_holdout", "inputs", "inputs_holdout", "grads", "acts", "search_000", "merge", "export", "eval_fp",
+        "eval"]
+    assert result["total_seconds"] == pytest.approx(sum(j["process_seconds"] for j in result["jobs"].values()))
+    assert all(0 < j["seconds"] < j["process_seconds"] for j in result["jobs"].values())
+    table = pd.read_parquet(tmp_path / "work/run/results/e2e/e2e/mbq/eval.parquet")
+    assert (table.loc[table.metric == "kl", "value"] > 0).all()
+
+
+@pytest.mark.slow
+def test_memory_depth_benchmark_measures_every_stage_at_two_depths(tmp_path):
+    out = tmp_path / "depth.json"
+    subprocess.run([sys.executable, "memory_depth.py", "--shape", "demo", "--depths", "3,4", "--samples", "2",
+                    "--tokens", "80", "--eval-samples", "2", "--vocab", "1024", "--grads-store-mb", "1",
+                    "--search-cap-gib", "1", "--root", str(tmp_path / "models"), "--out", str(out)],
+                   cwd=REPO / "benchmarks", check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    shallow = result["depths"]["3"]
+    assert set(result["ratio_deep_to_shallow"]) == {"grads", "acts", "search", "export", "eval_fp", "eval"}
+    assert shallow["capped_same_alpha"] and len(shallow["search_alphas"]) == 2
+    assert all(shallow[s]["peak_host_gib"] > 0 for s in result["ratio_deep_to_shallow"])

@@ -28,6 +28,9 @@ def test_default_config_is_valid_and_filled(cfg):
     assert out["runs"]["mbq-w3g128"]["reweight"] is True
     assert "reweight" not in out["runs"]["awq-w3g128"]  # awq has no such setting
     assert out["runs"]["mbq-w3g128"]["n_grid"] == 20
+    assert out["memory"] == {"stream": "auto", "max_batch_mb": None, "grads_store_mb": None}
+    del cfg["memory"]
+    assert check(cfg)["memory"] == out["memory"]  # the block is optional
     assert targets(out)
 
 
@@ -73,6 +76,8 @@ def test_distort_false_is_the_same_run_as_no_distort(cfg):
     (lambda c: c["runs"]["rtn-w3g128"].update(n_grid=10), "runs.rtn-w3g128.n_grid: rtn does not use n_grid"),
     (lambda c: c["runs"]["mbq-w4a8"].update(w_group=64), "runs.mbq-w4a8.w_group: weight-activation runs (a_bit)"),
     (lambda c: c.update(devise="cpu"), "Additional properties are not allowed ('devise'"),
+    (lambda c: c["memory"].update(stream="sometimes"), "memory.stream: 'sometimes' is not one of ['auto', 'always', 'never']"),
+    (lambda c: c["memory"].update(max_batch_mb=0), "memory.max_batch_mb: 0 is less than the minimum of 1"),
     (lambda c: c["runs"]["mbq-w3g128"].update(w_bit=1), "runs.mbq-w3g128.w_bit: 1 is less than the minimum"),
     (lambda c: c["targets"].update(models=["nope"]), "targets.models: 'nope' is not defined"),
     (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: awq does not use reweight (only mbq reweights)"),

@@ -97,21 +97,29 @@ def weight_scale_factors(entries):
     return cols, rows
 
 
-def weight_error(w_fp, w_q, col=None, row_scales=()):
+def weight_error(w_fp, w_q, col=None, row_scales=(), block_elems=1 << 25):
     """(Σ‖ΔW‖², Σ‖W‖²) in the original basis and in the scaled basis, for one linear.
 
     w_fp: original fp weight (out, in); w_q: the checkpoint's weight = Q(W_scaled);
     W_scaled = diag(row) · w_fp · diag(col). Original basis: Q unfolded, diag(1/row) · w_q ·
     diag(1/col), vs w_fp (comparable across runs). Scaled basis: w_q vs W_scaled (the rounding
-    error of the stored weights alone).
+    error of the stored weights alone). float64 on w_q's device, in blocks of rows of about
+    `block_elems` elements (bounded memory for large linears).
     """
-    w = w_fp.double()
-    row = torch.ones(w.shape[0], dtype=torch.float64)
+    device = w_q.device
+    n_out, n_in = w_fp.shape
+    row = torch.ones(n_out, dtype=torch.float64, device=device)
     for s in row_scales:
-        row[-s.numel():] /= s.double()
-    col = torch.ones(w.shape[1], dtype=torch.float64) if col is None else col.double()
-    scaled = row[:, None] * w * col[None, :]
-    q = w_q.double()
-    unfolded = q / (row[:, None] * col[None, :])
-    return ((unfolded - w).square().sum().item(), w.square().sum().item(),
-            (q - scaled).square().sum().item(), scaled.square().sum().item())
+        row[-s.numel():] /= s.double().to(device)
+    col = torch.ones(n_in, dtype=torch.float64, device=device) if col is None else col.double().to(device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    step = max(1, block_elems // max(n_in, 1))
+    for a in range(0, n_out, step):
+        w = w_fp[a:a + step].to(device).double()
+        r = row[a:a + step, None]
+        scaled = r * w * col[None, :]
+        q = w_q[a:a + step].double()
+        unfolded = q / (r * col[None, :])
+        sums += torch.stack([(unfolded - w).square().sum(), w.square().sum(), (q - scaled).square().sum(),
+                             scaled.square().sum()])
+    return tuple(sums.tolist())

@@ -15,6 +15,7 @@ Tables (`fp.parquet`, `eval.parquet`), long format, one metric value per row:
   weight_rel_err_scaled per layer (modality null). See vlmquant/eval/metrics.py for definitions.
   Schema metadata `vlmquant`: provenance (settings, hashes, quantization info, packages).
 """
+import contextlib
 import logging
 import math
 
@@ -31,9 +32,10 @@ from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models.loading import Checkpoint
+from vlmquant.models.stream import StreamedModel, use_streaming
+from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
 from vlmquant.quant.scheme import Scheme
-from vlmquant.quant.model import decoder_linears, quantized_activations
-from vlmquant.search.capture import load_samples, model_inputs
+from vlmquant.search.capture import layer_forward, load_samples, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,31 @@ def hidden_selection(samples, per_modality):
     return [select_positions(s["attention_mask"][0], s["vision_mask"][0], per_modality) for s in samples]
 
 
+def batch_positions(samples, selection, ids, device):
+    """(collated batch, rows, cols) of the samples `ids`: where their layer outputs are compared."""
+    batch = ragged.collate([samples[i] for i in ids])
+    rows = torch.cat([torch.full_like(selection[i][0], b) for b, i in enumerate(ids)]).to(device)
+    cols = torch.cat([selection[i][0] for i in ids]).to(device)
+    return batch, rows, cols
+
+
+def batch_result(ids, labels, hidden, head, selection, rows, cols, captured):
+    """The dict forward_batches yields, from the final (normed) hidden states (B, T, C) of a batch."""
+    r, c, target = caption_positions(labels.to(hidden.device))
+    logp = F.log_softmax(head(hidden[r, c]).float(), dim=-1)  # (N, V)
+    return {"cap_sample": torch.tensor(ids)[r.cpu()], "cap_pos": c.cpu(), "target": target.cpu(), "logp": logp,
+            "hid_sample": torch.tensor(ids)[rows.cpu()], "hid_pos": cols.cpu(),
+            "hid_vision": torch.cat([selection[i][1] for i in ids]), "hidden": captured}
+
+
+def batch_ids(n, batch_size):
+    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def forward_batches(model, adapter, samples, selection, batch_size, device, dtype):
-    """Run the eval set; per batch yield caption positions, their next-token log-probs and layer outputs.
+    """Run the eval set through the whole model; per batch yield caption positions, their next-token log-probs
+    and layer outputs.
 
     Yields dicts: cap_sample, cap_pos, target (N,), logp (N, V) float32,
     hid_sample, hid_pos, hid_vision (M,), hidden {layer: (M, C)}.
@@ -57,11 +81,8 @@ def forward_batches(model, adapter, samples, selection, batch_size, device, dtyp
     layers = adapter.layers(model)
     trunk = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
-    for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch"):
-        ids = list(range(start, min(start + batch_size, len(samples))))
-        batch = ragged.collate([samples[i] for i in ids])
-        rows = torch.cat([torch.full_like(selection[i][0], b) for b, i in enumerate(ids)]).to(device)
-        cols = torch.cat([selection[i][0] for i in ids]).to(device)
+    for ids in tqdm(batch_ids(len(samples), batch_size), desc="eval", unit="batch"):
+        batch, rows, cols = batch_positions(samples, selection, ids, device)
         captured = {}
 
         def hook(module, args, output, i=None):
@@ -74,11 +95,41 @@ def forward_batches(model, adapter, samples, selection, batch_size, device, dtyp
         finally:
             for h in handles:
                 h.remove()
-        r, c, target = caption_positions(batch["labels"].to(device))
-        logp = F.log_softmax(head(hidden[r, c]).float(), dim=-1)  # (N, V)
-        yield {"cap_sample": torch.tensor(ids)[r.cpu()], "cap_pos": c.cpu(), "target": target.cpu(), "logp": logp,
-               "hid_sample": torch.tensor(ids)[rows.cpu()], "hid_pos": cols.cpu(),
-               "hid_vision": torch.cat([selection[i][1] for i in ids]), "hidden": captured}
+        yield batch_result(ids, batch["labels"], hidden, head, selection, rows, cols, captured)
+
+
+@torch.no_grad()
+def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=(), on_layer=None):
+    """forward_batches layer-major over a models.stream.StreamedModel: every batch goes through decoder layer i,
+    then the layer is dropped; the same dicts, in the same order, once all layers have run.
+
+    scheme, exclude: weight-activation checkpoints quantize every decoder linear's input (minus the names in
+    `exclude`, relative to the layer root) as quant.model.quantized_activations does on a whole model.
+    on_layer(i, layer): called with each loaded decoder layer (the weight errors).
+    """
+    parts, exclude = [], set(exclude)
+    for ids in batch_ids(len(samples), batch_size):
+        batch, rows, cols = batch_positions(samples, selection, ids, sm.device)
+        hidden, args = sm.capture(batch)
+        parts.append({"ids": ids, "labels": batch["labels"], "rows": rows, "cols": cols, "hidden": hidden,
+                      "args": args, "captured": {}})
+    sm.phase("host")
+    for i in tqdm(range(sm.n_layers), desc="eval", unit="layer"):
+        layer = sm.layer(i)
+        linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+                   and f"layers.{i}.{n}" not in exclude and not never_quantized(f"layers.{i}.{n}", sm.adapter)]
+        with quantized_inputs(linears, scheme):
+            for p in parts:
+                out = layer_forward(layer, p["hidden"], p["args"].kwargs(i))  # (B, T, C)
+                p["captured"][i] = out[p["rows"], p["cols"]]  # the layer's output, as its forward hook sees it
+                p["hidden"] = p["args"].after(i, out)
+        if on_layer is not None:
+            on_layer(i, layer)
+        sm.drop(i)
+    sm.phase("head")
+    for p in parts:
+        yield batch_result(p["ids"], p["labels"], sm.norm(p.pop("hidden")), sm.head, selection, p["rows"],
+                           p["cols"], p["captured"])
 
 
 def caption_rows(nll_sum, n_tok, kl_sum, top1, n_samples):
@@ -102,13 +153,17 @@ def run_fp_reference(model, inputs_path, ref_path, table_path, settings, ids):
     _check_settings(settings)
     adapter, device, dtype = model.adapter, model.device, model.dtype
     samples, _ = load_samples(inputs_path)
-    path, model = model.path, model.load()
+    path = model.path
     selection = hidden_selection(samples, settings["hidden_positions"])
     parts = {k: [] for k in ("cap.sample", "cap.pos", "cap.target", "cap.topk_idx", "cap.topk_logp", "cap.rest_logp",
                              "hid.sample", "hid.pos", "hid.vision")}
     hidden = {}
     nll_sum, vocab = 0.0, None
-    for out in forward_batches(model, adapter, samples, selection, settings["batch_size"], device, dtype):
+    if use_streaming(model.stream, model):
+        batches = streamed_batches(StreamedModel(model), samples, selection, settings["batch_size"])
+    else:
+        batches = forward_batches(model.load(), adapter, samples, selection, settings["batch_size"], device, dtype)
+    for out in batches:
         logp = out["logp"]
         vocab = logp.shape[1]
         if not torch.isfinite(logp).all():
@@ -142,42 +197,64 @@ def load_reference(ref_path):
 
 
 # --- weight error ----------------------------------------------------------------------------
-@torch.no_grad()
-def weight_rows(model, adapter, fp_path, entries):
+class WeightErrors:
     """Per decoder layer, relative Frobenius error of its linears vs the fp weights, in both bases.
 
-    The fp weights are read tensor by tensor from the source model folder.
+    The fp weights are read tensor by tensor from the source model folder `fp_path`; `entries` are the scale
+    groups folded into the checkpoint (export.checkpoint.load_scales). Feed it one decoder layer at a time.
     """
-    ckpt = Checkpoint(fp_path)
-    prefix = ckpt.find_prefix(adapter.checkpoint_layer_prefixes)
-    cols, rows = weight_scale_factors(entries)
-    sums = {}
-    files = {}
-    for name, lin in tqdm(decoder_linears(model, adapter), desc="weight error", unit="linear"):
-        key = f"{prefix}.{name.removeprefix('layers.')}.weight"
-        if key not in ckpt.files:
-            raise VlmquantError(f"{fp_path}: tensor {key} not found (is this the checkpoint's source model?)")
-        if ckpt.files[key] not in files:
-            files[ckpt.files[key]] = safe_open(ckpt.path / ckpt.files[key], "pt")
-        w_fp = files[ckpt.files[key]].get_tensor(key)
-        if w_fp.shape != lin.weight.shape:
-            raise VlmquantError(f"{fp_path}: {key} has shape {tuple(w_fp.shape)}, the checkpoint "
-                                f"{tuple(lin.weight.shape)} (is this the checkpoint's source model?)")
-        layer = int(name.split(".")[1])
-        err = weight_error(w_fp, lin.weight.cpu(), cols.get(name), rows.get(name, ()))
-        sums[layer] = [a + b for a, b in zip(sums.get(layer, [0.0] * 4), err)]
-    out = []
-    for layer, (num, den, num_s, den_s) in sorted(sums.items()):
-        out.append(("weight_rel_err", layer, None, math.sqrt(num / den)))
-        out.append(("weight_rel_err_scaled", layer, None, math.sqrt(num_s / den_s)))
-    return out
+
+    def __init__(self, adapter, fp_path, entries):
+        self.adapter, self.fp_path, self.ckpt = adapter, fp_path, Checkpoint(fp_path)
+        self.prefix = self.ckpt.find_prefix(adapter.checkpoint_layer_prefixes)
+        self.cols, self.rows = weight_scale_factors(entries)
+        self.sums = {}
+
+    @torch.no_grad()
+    def add_layer(self, index, layer):
+        """The linears of decoder layer `index` (a module holding the checkpoint's weights) but the adapter's keep_fp
+        (quant.model.decoder_linears)."""
+        linears = [(f"layers.{index}.{n}", m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+                   and not never_quantized(f"layers.{index}.{n}", self.adapter)]
+        keys = {name: f"{self.prefix}.{name.removeprefix('layers.')}.weight" for name, _ in linears}
+        by_file = {}
+        for name, key in keys.items():
+            if key not in self.ckpt.files:
+                raise VlmquantError(f"{self.fp_path}: tensor {key} not found (is this the checkpoint's source model?)")
+            by_file.setdefault(self.ckpt.files[key], []).append(name)
+        lins = dict(linears)
+        for file, names in by_file.items():
+            with safe_open(self.ckpt.path / file, "pt") as f:
+                for name in names:
+                    w_fp, lin = f.get_tensor(keys[name]), lins[name]
+                    if w_fp.shape != lin.weight.shape:
+                        raise VlmquantError(f"{self.fp_path}: {keys[name]} has shape {tuple(w_fp.shape)}, the checkpoint "
+                                            f"{tuple(lin.weight.shape)} (is this the checkpoint's source model?)")
+                    err = weight_error(w_fp, lin.weight, self.cols.get(name), self.rows.get(name, ()))
+                    self.sums[index] = [a + b for a, b in zip(self.sums.get(index, [0.0] * 4), err)]
+
+    def table_rows(self):
+        out = []
+        for layer, (num, den, num_s, den_s) in sorted(self.sums.items()):  # NaN for an all-zero layer
+            out.append(("weight_rel_err", layer, None, math.sqrt(num / den) if den > 0 else math.nan))
+            out.append(("weight_rel_err_scaled", layer, None, math.sqrt(num_s / den_s) if den_s > 0 else math.nan))
+        return out
+
+
+def weight_rows(model, adapter, fp_path, entries):
+    """WeightErrors of every decoder layer of a whole model: its table rows."""
+    errors = WeightErrors(adapter, fp_path, entries)
+    for i, layer in enumerate(tqdm(adapter.layers(model), desc="weight error", unit="layer")):
+        errors.add_layer(i, layer)
+    return errors.table_rows()
 
 
 # --- eval of a checkpoint --------------------------------------------------------------------
 @torch.no_grad()
 def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids):
-    """Evaluate a pseudo-quantized checkpoint of `model` (ModelRef: the fp source, its family, device and
-    dtype) against the fp reference; write its table."""
+    """Evaluate a pseudo-quantized checkpoint of `model` (ModelRef: the fp source, its family, device, dtype and
+    memory settings) against the fp reference; write its table. Streamed (model.stream), the checkpoint's decoder
+    layers are loaded one at a time; resident, the whole checkpoint at once: the same table."""
     _check_settings(settings)
     adapter, device, dtype, fp_path = model.adapter, model.device, model.dtype, model.path
     quant = read_quant_info(checkpoint)
@@ -190,18 +267,28 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
             raise VlmquantError(f"{ref_path}: fp reference has eval.{k}={ref_meta['settings'][k]!r}, "
                                 f"this eval {settings[k]!r}; rerun it")
     samples, _ = load_samples(inputs_path)
-    model = model.load(checkpoint)
-    n_layers = len(adapter.layers(model))
-    if n_layers != ref_meta["n_layers"]:
-        raise VlmquantError(f"{checkpoint}: {n_layers} decoder layers, the fp reference has {ref_meta['n_layers']}")
     selection = hidden_selection(samples, settings["hidden_positions"])
+    # weight-activation runs: activations are quantized at run time
+    scheme = Scheme(**quant["scheme"]) if quant.get("scheme") else None
+    ignored = quant.get("ignored_modules", ())
+    weights = WeightErrors(adapter, fp_path, load_scales(checkpoint))
+    if use_streaming(model.stream, model):
+        sm = StreamedModel(model, checkpoint)
+        n_layers = sm.n_layers
+        _check_depth(checkpoint, n_layers, ref_meta)
+        batches = streamed_batches(sm, samples, selection, settings["batch_size"], scheme, ignored, weights.add_layer)
+        context = contextlib.nullcontext()
+    else:
+        full = model.load(checkpoint)
+        n_layers = len(adapter.layers(full))
+        _check_depth(checkpoint, n_layers, ref_meta)
+        batches = forward_batches(full, adapter, samples, selection, settings["batch_size"], device, dtype)
+        context = quantized_activations(full, adapter, scheme, ignored)
     errors = ErrorSums()
     nll_sum = kl_sum = top1 = 0.0
     n_cap = n_hid = 0
-    # weight-activation runs: activations are quantized at run time
-    scheme = Scheme(**quant["scheme"]) if quant.get("scheme") else None
-    with quantized_activations(model, adapter, scheme, quant.get("ignored_modules", ())):
-        for out in forward_batches(model, adapter, samples, selection, settings["batch_size"], device, dtype):
+    with context:
+        for out in batches:
             n, m = out["target"].numel(), out["hid_pos"].numel()
             for key, mine, span in (("cap.sample", out["cap_sample"], (n_cap, n)), ("cap.pos", out["cap_pos"], (n_cap, n)),
                                     ("hid.sample", out["hid_sample"], (n_hid, m)), ("hid.pos", out["hid_pos"], (n_hid, m))):
@@ -225,11 +312,19 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
             n_cap, n_hid = n_cap + n, n_hid + m
     if n_cap != ref["cap.target"].numel():
         raise VlmquantError(f"{ref_path}: {ref['cap.target'].numel()} caption positions, the eval found {n_cap}; rerun it")
+    if not weights.sums:  # resident: the loaded checkpoint's layers, after the forwards
+        for i, layer in enumerate(tqdm(adapter.layers(full), desc="weight error", unit="layer")):
+            weights.add_layer(i, layer)
     rows = caption_rows(nll_sum, n_cap, kl_sum, top1, len(samples))
     rows += [("hidden_rel_mse", i, mod, errors.relative((i, mod))) for i in range(n_layers) for mod in ("vision", "text")]
-    rows += weight_rows(model, adapter, fp_path, load_scales(checkpoint))
+    rows += weights.table_rows()
     provenance = {**ids, "settings": {k: settings[k] for k in SETTINGS}, "inputs_sha256": inputs_sha,
                   "fp_reference_sha256": sha256_file(ref_path), "checkpoint": str(checkpoint),
                   "method": quant["method"], "w_bit": quant["w_bit"], "w_group": quant["w_group"],
                   "a_bit": quant.get("a_bit"), "quantization": {k: v for k, v in quant.items() if k != "packages"}, "packages": package_versions()}
     write_table(rows, table_path, ids, provenance)
+
+
+def _check_depth(checkpoint, n_layers, ref_meta):
+    if n_layers != ref_meta["n_layers"]:
+        raise VlmquantError(f"{checkpoint}: {n_layers} decoder layers, the fp reference has {ref_meta['n_layers']}")

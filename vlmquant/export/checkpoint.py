@@ -24,14 +24,17 @@ from pathlib import Path
 import torch
 
 from vlmquant.errors import VlmquantError
+from vlmquant.export.shards import config_files, shard_bytes, write_streamed
 from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir, atomic_path
 from vlmquant.io.provenance import dumps, package_versions, sha256_file
 from vlmquant.io.scales import load_cache
+from vlmquant.models.stream import StreamedModel, use_streaming
 from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold, resolve_scales
-from vlmquant.quant.model import decoder_linears, groups_to_fold, layer_root, pseudo_quantize, resolve_ignore
+from vlmquant.quant.model import (check_experts, decoder_experts, decoder_linears, groups_to_fold, layer_experts,
+                                  layer_root, pseudo_quantize, quantize_linears, resolve_ignore)
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +60,10 @@ def check_cache_meta(cache, spec, names, source):
                                 f"the run has {key}={want.get(key)!r}")
 
 
-@torch.no_grad()
-def fold_for_export(model, adapter, spec, cache=None, source="scale cache"):
-    """Fold `cache` into `model` in place, checks first: the shared first step of every checkpoint format.
-
-    The cache is resolved against the model once (quant.fold.resolve_scales). Scale groups whose
-    linears are all ignored (spec.ignore) are skipped: their scales only serve the quantization of
-    those linears. A partly ignored group is applied (to keep the fp function), so its ignored
-    linears hold scaled, unquantized weights.
-    Returns {"quantized", "ignored", "skipped_groups", "applied"}: decoder-linear names (relative to the
-    layer root) to quantize and to keep fp, the prev names of skipped groups, the folded entries.
-    """
+def resolve_export(model, adapter, spec, cache=None, source="scale cache"):
+    """Every check of fold_for_export, nothing changed: (the resolved scale groups to fold (quant.fold.Fold), its
+    result dict). `model` may be on the meta device (a streamed export checks the whole model before loading any
+    layer)."""
     if not spec.has_scales and cache is not None:
         raise VlmquantError(f"{source}: method {spec.method} uses no scale cache")
     if spec.has_scales and cache is None:
@@ -87,9 +83,24 @@ def fold_for_export(model, adapter, spec, cache=None, source="scale cache"):
             raise VlmquantError(f"{source}: not a scale cache (no 'scale' list)")
         folds = resolve_scales(root, cache.get("scale"), source, n_layers=len(adapter.layers(model)))
         applied, skipped = groups_to_fold(folds, ignored)
-        fold(applied)
-    return {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped,
-            "applied": [(f.prev_name, f.linear_names, f.s) for f in applied]}
+    return applied, {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped,
+                     "applied": [(f.prev_name, f.linear_names, f.s) for f in applied]}
+
+
+@torch.no_grad()
+def fold_for_export(model, adapter, spec, cache=None, source="scale cache"):
+    """Fold `cache` into `model` in place, checks first: the shared first step of every checkpoint format.
+
+    The cache is resolved against the model once (quant.fold.resolve_scales). Scale groups whose
+    linears are all ignored (spec.ignore) are skipped: their scales only serve the quantization of
+    those linears. A partly ignored group is applied (to keep the fp function), so its ignored
+    linears hold scaled, unquantized weights.
+    Returns {"quantized", "ignored", "skipped_groups", "applied"}: decoder-linear names (relative to the
+    layer root) to quantize and to keep fp, the prev names of skipped groups, the folded entries.
+    """
+    folds, result = resolve_export(model, adapter, spec, cache, source)
+    fold(folds)
+    return result
 
 
 def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
@@ -99,24 +110,20 @@ def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
     return result
 
 
-def load_and_fold(model, spec, cache_path=None, names=None):
-    """The fp model of `model` (ModelRef) loaded, the run's scale cache checked against it and folded in.
+def read_cache(spec, cache_path=None, names=None):
+    """(the run's scale cache or None, its source name), the cache's metadata checked against the run."""
+    if cache_path is None:
+        return None, "scale cache"
+    cache = load_cache(cache_path)
+    check_cache_meta(cache, spec, dict(names or {}), str(cache_path))
+    return cache, str(cache_path)
 
-    Returns (model, fold_for_export's result, the provenance every checkpoint format records).
-    """
+
+def export_info(model, spec, result, cache=None, cache_path=None, names=None):
+    """The provenance every checkpoint format records (quantization.json)."""
     names = dict(names or {})
-    source = str(cache_path) if cache_path else "scale cache"
-    cache = None
-    if cache_path is not None:
-        cache = load_cache(cache_path)
-        check_cache_meta(cache, spec, names, source)
-    log.info("loading %s (%s, %s)", model.path, model.dtype, model.device)
-    fp = model.load()
-    result = fold_for_export(fp, model.adapter, spec, cache, source)
-    log.info("%d decoder linears to quantize, %d ignored, %d scale groups skipped",
-             len(result["quantized"]), len(result["ignored"]), len(result["skipped_groups"]))
     src = Path(model.path)
-    info = {
+    return {
         **{k: names[k] for k in ("model", "calib", "run") if k in names},
         "method": spec.method, "w_bit": spec.w_bit, "w_group": None if spec.weight_activation else spec.w_group,
         "a_bit": spec.a_bit, "w_sym": spec.w_sym, "w_type": spec.w_type,
@@ -130,7 +137,60 @@ def load_and_fold(model, spec, cache_path=None, names=None):
         "ignored_modules": result["ignored"],
         "skipped_scale_groups": result["skipped_groups"],
     }
-    return fp, result, info
+
+
+def load_and_fold(model, spec, cache_path=None, names=None):
+    """The fp model of `model` (ModelRef) loaded, the run's scale cache checked against it and folded in.
+
+    Returns (model, fold_for_export's result, the provenance every checkpoint format records).
+    """
+    cache, source = read_cache(spec, cache_path, names)
+    log.info("loading %s (%s, %s)", model.path, model.dtype, model.device)
+    fp = model.load()
+    result = fold_for_export(fp, model.adapter, spec, cache, source)
+    log_result(result)
+    return fp, result, export_info(model, spec, result, cache, cache_path, names)
+
+
+def log_result(result):
+    log.info("%d decoder linears to quantize, %d ignored, %d scale groups skipped",
+             len(result["quantized"]), len(result["ignored"]), len(result["skipped_groups"]))
+
+
+class StreamedExport:
+    """The streamed form of load_and_fold: a models.stream.StreamedModel whose decoder layers are loaded, folded and
+    quantized one at a time (`layer(i)`, then `sm.drop(i)`); every check runs on the whole model (meta device)
+    first. quantize(layer, index, linears, experts): turns the layer's linears to quantize (names relative to it)
+    and its fused expert weights [(name, parameter)] (folded, as load_and_fold leaves them) into what is saved."""
+
+    def __init__(self, model, spec, cache_path=None, names=None):
+        cache, self.source = read_cache(spec, cache_path, names)
+        self.sm = StreamedModel(model)
+        self.sm.shell  # loaded first: it gives the skeleton transformers' key mapping of the folder
+        self.adapter, self.spec = model.adapter, spec
+        _, self.result = resolve_export(self.sm.skeleton, model.adapter, spec, cache, self.source)
+        log_result(self.result)
+        self.info = export_info(model, spec, self.result, cache, cache_path, names)
+        self.entries = {}  # layer index → its scale groups; resolved again on the loaded layer (new parameters)
+        for entry in self.result["applied"]:
+            self.entries.setdefault(int(entry[0].split(".")[1]), []).append(entry)
+        self.quantized = set(self.result["quantized"])
+
+    @torch.no_grad()
+    def layer(self, i, quantize):
+        layer = self.sm.layer(i)
+        fold(resolve_scales(layer_root(self.sm.skeleton, self.adapter), self.entries.get(i, []), self.source))
+        names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and f"layers.{i}.{n}" in self.quantized]
+        quantize(layer, i, names, layer_experts(layer, self.adapter))
+        return layer
+
+    def write(self, folder, quantize, max_shard_size):
+        """config.json, generation_config.json and the weight shards of the quantized model into `folder`."""
+        sm = self.sm
+        config_files(sm.skeleton.config, sm.shell.generation_config if sm.shell.can_generate() else None, sm.dtype,
+                     type(sm.skeleton).__name__, folder)
+        return write_streamed(folder, sm.skeleton, self.adapter.layers_path, sm.shell.state_dict(),
+                              lambda i: self.layer(i, quantize), sm.drop, max_shard_size)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -207,15 +267,9 @@ def remove_stale_temps(out_dir):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB", names=None):
-    """fp model (ModelRef) + scale cache (none for RTN) → pseudo-quantized HF folder at `out_dir`.
-
-    spec: the run's RunSpec (its ignore: export.ignore); names: {"model", "calib", "run"}.
-    """
-    fp, result, info = load_and_fold(model, spec, cache_path, names)
-    pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
+def pseudo_info(model, spec, result, info):
     scheme = spec.scheme
-    info = {
+    return {
         "format": FORMAT, "version": 1, **info,
         "scheme": asdict(scheme),
         "quantizer": (f"weights {scheme.w_type} {scheme.w_bit}-bit {'symmetric' if scheme.symmetric else 'asymmetric'}"
@@ -228,10 +282,33 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
         "modules_relative_to": model.adapter.layers_path.rsplit(".", 1)[0],
         "packages": package_versions(),
     }
+
+
+def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB", names=None):
+    """fp model (ModelRef) + scale cache (none for RTN) → pseudo-quantized HF folder at `out_dir`.
+
+    spec: the run's RunSpec (its ignore: export.ignore); names: {"model", "calib", "run"}. Streamed
+    (model.stream: models.stream.use_streaming), decoder layers are loaded, folded, quantized and written one at a
+    time; resident, the whole model is loaded and saved with save_pretrained. Both write the same bytes.
+    """
+    streamed = use_streaming(model.stream, model)
+    if streamed:
+        job = StreamedExport(model, spec, cache_path, names)
+        check_experts(decoder_experts(job.sm.skeleton, model.adapter), spec)
+        result = job.result
+        info = pseudo_info(model, spec, result, job.info)
+    else:
+        fp, result, info = load_and_fold(model, spec, cache_path, names)
+        pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
+        info = pseudo_info(model, spec, result, info)
     src = Path(model.path)
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:
-        fp.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if streamed:
+            job.write(tmp, lambda layer, i, linears, experts: quantize_linears(
+                [layer.get_submodule(n) for n in linears] + [w for _, w in experts], spec), max_shard_size)
+        else:
+            fp.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
         for shard in shard_files(tmp):
             set_safetensors_metadata(tmp / shard, {"vlmquant": dumps(info)})
         copy_processor_files(src, tmp)

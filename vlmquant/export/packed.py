@@ -37,10 +37,12 @@ from importlib import metadata
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.export.checkpoint import (QUANT_FILE, copy_processor_files, load_and_fold, remove_stale_temps,
-                                       set_safetensors_metadata, shard_files)
+from vlmquant.export.checkpoint import (QUANT_FILE, StreamedExport, copy_processor_files, load_and_fold,
+                                       remove_stale_temps, set_safetensors_metadata, shard_files)
+from vlmquant.export.shards import shard_bytes
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
+from vlmquant.models.stream import use_streaming
 from vlmquant.quant.codes import quantize_weight
 from vlmquant.quant.scheme import Scheme, check_scheme
 from vlmquant.quant.fake import check_weight_groups
@@ -150,22 +152,9 @@ def ct_versions():
     return versions
 
 
-def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB"):
-    """Write `model` (scales folded, weights not yet quantized) as a compressed-tensors checkpoint at `out_dir`.
-
-    quantize: names of the decoder linears to quantize, relative to the decoder-layer root (as
-    quant.model.decoder_linears gives them); the other decoder linears stay as they are. info: provenance
-    merged into quantization.json (run, scale cache sha256, …); source: model folder whose processor and
-    tokenizer files are copied. The model is consumed: its quantized linears hold packed codes afterwards.
-    Everything that can fail is checked before anything is written; the folder is written under a
-    temporary name and renamed when complete. Returns the quantization.json dict.
-    Raises VlmquantError for an unknown linear, a w_group not dividing a linear's input width, a split
-    q/k/v or gate/up group, or compressed-tensors missing.
-    """
-    require_compressed_tensors()
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
-
+def plan_packed(model, adapter, quantize, scheme: Scheme):
+    """Every check of write_packed, nothing written: (compressed-tensors scheme, ignore list, decoder-linear names,
+    fused expert weight names (kept fp)). `model` may be on the meta device."""
     names = [n for n, _ in decoder_linears(model, adapter)]
     unknown = sorted(set(quantize) - set(names))
     if unknown:
@@ -179,9 +168,8 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
         except VlmquantError as e:
             raise VlmquantError(f"{n}: {e}") from None
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
-    full = [prefix + n for n in quantize]
     ct = ct_scheme(scheme)
-    ignore = ignore_list(model, full)
+    ignore = ignore_list(model, [prefix + n for n in quantize])
     experts = [n for n, _ in decoder_experts(model, adapter)]
     if experts:
         log.warning("%d fused MoE expert weights are written unquantized (folded, in the model dtype): the "
@@ -190,11 +178,12 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     if scheme.experimental:
         log.warning("scheme %s: experimental packed form (vLLM runs 3-bit weights only through one CUDA kernel "
                     "family)", scheme.name)
-    for n in full:
-        compress_linear(model.get_submodule(n), scheme, ct)
-    config = QuantizationConfig(config_groups={"group_0": ct}, format=scheme.format, ignore=ignore,
-                                quantization_status=QuantizationStatus.COMPRESSED)
-    record = {
+    return ct, ignore, names, experts
+
+
+def packed_record(model, adapter, names, quantize, experts, scheme, ignore, info=None):
+    """quantization.json of a compressed-tensors checkpoint."""
+    return {
         **(info or {}),
         "format": FORMAT, "version": 1,
         "scheme": asdict(scheme), "scheme_name": scheme.name, "compressed_tensors_format": scheme.format,
@@ -205,17 +194,48 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
         "quantized_modules": sorted(quantize), "ignored_decoder_modules": sorted(set(names) - set(quantize)),
         "unquantized_experts": experts,
         "ignore": ignore,
-        "modules_relative_to": prefix.rstrip("."),
+        "modules_relative_to": adapter.layers_path.rsplit(".", 1)[0],
         "packages": ct_versions(),
     }
+
+
+def finish_packed(folder, ct, ignore, scheme, record, source=None):
+    """After the weights and config.json: quantization_config into config.json (ModelCompressor.update_config),
+    provenance into every shard and quantization.json, the source's processor files."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    config = QuantizationConfig(config_groups={"group_0": ct}, format=scheme.format, ignore=ignore,
+                                quantization_status=QuantizationStatus.COMPRESSED)
+    ModelCompressor(quantization_config=config).update_config(folder)
+    for shard in shard_files(folder):
+        set_safetensors_metadata(folder / shard, {"vlmquant": dumps(record)})
+    if source is not None:
+        copy_processor_files(source, folder)
+    (folder / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB"):
+    """Write `model` (scales folded, weights not yet quantized) as a compressed-tensors checkpoint at `out_dir`.
+
+    quantize: names of the decoder linears to quantize, relative to the decoder-layer root (as
+    quant.model.decoder_linears gives them); the other decoder linears stay as they are. info: provenance
+    merged into quantization.json (run, scale cache sha256, …); source: model folder whose processor and
+    tokenizer files are copied. The model is consumed: its quantized linears hold packed codes afterwards.
+    Everything that can fail is checked before anything is written; the folder is written under a
+    temporary name and renamed when complete. Returns the quantization.json dict.
+    Raises VlmquantError for an unknown linear, a w_group not dividing a linear's input width, a split
+    q/k/v or gate/up group, or compressed-tensors missing.
+    """
+    require_compressed_tensors()
+    ct, ignore, names, experts = plan_packed(model, adapter, quantize, scheme)
+    prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
+    for n in quantize:
+        compress_linear(model.get_submodule(prefix + n), scheme, ct)
+    record = packed_record(model, adapter, names, quantize, experts, scheme, ignore, info)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        ModelCompressor(quantization_config=config).update_config(tmp)
-        for shard in shard_files(tmp):
-            set_safetensors_metadata(tmp / shard, {"vlmquant": dumps(record)})
-        if source is not None:
-            copy_processor_files(source, tmp)
-        (tmp / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        model.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
+        finish_packed(tmp, ct, ignore, scheme, record, source)
     return record
 
 
@@ -238,10 +258,29 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
     """fp model (ModelRef) + scale cache (none for RTN) → compressed-tensors folder at `out_dir`, with the
     very codes and scales of the run's pseudo checkpoint (export_checkpoint).
 
-    spec: the run's RunSpec; its scheme must have a packed form (quant.codes.check_scheme).
+    spec: the run's RunSpec; its scheme must have a packed form (quant.codes.check_scheme). Streamed
+    (model.stream), decoder layers are loaded, folded, packed and written one at a time; resident, the whole
+    model is packed and saved with save_pretrained. Both write the same bytes.
     """
     check_scheme(spec.scheme)
-    fp, result, info = load_and_fold(model, spec, cache_path, names)
+    if not use_streaming(model.stream, model):
+        fp, result, info = load_and_fold(model, spec, cache_path, names)
+        remove_stale_temps(out_dir)
+        return write_packed(fp, model.adapter, result["quantized"], spec.scheme, out_dir, info=info, source=model.path,
+                            max_shard_size=max_shard_size)
+    require_compressed_tensors()
+    job = StreamedExport(model, spec, cache_path, names)
+    skeleton, scheme = job.sm.skeleton, spec.scheme
+    ct, ignore, linear_names, experts = plan_packed(skeleton, model.adapter, job.result["quantized"], scheme)
+    record = packed_record(skeleton, model.adapter, linear_names, job.result["quantized"], experts, scheme, ignore,
+                           job.info)
+
+    def compress(layer, index, linears, experts):
+        for n in linears:
+            compress_linear(layer.get_submodule(n), scheme, ct)
+
     remove_stale_temps(out_dir)
-    return write_packed(fp, model.adapter, result["quantized"], spec.scheme, out_dir, info=info, source=model.path,
-                        max_shard_size=max_shard_size)
+    with atomic_dir(out_dir) as tmp:
+        job.write(tmp, compress, max_shard_size)
+        finish_packed(tmp, ct, ignore, scheme, record, model.path)
+    return record

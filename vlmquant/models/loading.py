@@ -201,6 +201,9 @@ class ModelRef:
     device: str
     dtype: torch.dtype
     trust_remote_code: bool = False
+    stream: str = "auto"  # memory.stream: auto | always | never (models.stream.use_streaming)
+    max_batch_mb: int | None = None  # memory.max_batch_mb: activations of one forward micro-batch; None = free memory
+    grads_store_mb: int | None = None  # memory.grads_store_mb: the gradient stage's stored layer inputs; None = free memory
 
     def load(self, path=None):
         """The whole model on the device; `path`: another folder of the same family (a checkpoint)."""
@@ -217,9 +220,12 @@ class ModelRef:
         return transformers.AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
 
 
-def open_model(model_cfg, device="auto"):
+def open_model(model_cfg, device="auto", memory=None):
     """ModelRef of a `models.<name>` config dict (family, path, dtype, trust_remote_code) on `device`
-    (auto | cpu | cuda: claims a free GPU, see claim_gpu)."""
+    (auto | cpu | cuda: claims a free GPU, see claim_gpu); memory: the config's `memory` block (stream,
+    max_batch_mb, grads_store_mb)."""
     device = resolve_device(device)
+    memory = memory or {}
     return ModelRef(get_adapter(model_cfg["family"]), str(model_cfg["path"]), device,
-                    resolve_dtype(model_cfg.get("dtype"), device), bool(model_cfg.get("trust_remote_code", False)))
+                    resolve_dtype(model_cfg.get("dtype"), device), bool(model_cfg.get("trust_remote_code", False)),
+                    memory.get("stream", "auto"), memory.get("max_batch_mb"), memory.get("grads_store_mb"))

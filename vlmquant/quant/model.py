@@ -60,17 +60,22 @@ def decoder_linears(model, adapter, exclude=()):
             and not never_quantized(name, adapter)]
 
 
+def layer_experts(layer, adapter):
+    """[(name relative to the layer, parameter)] of one decoder layer's fused expert weights (E, out, in)
+    (adapter.expert_weights; none without an adapter)."""
+    out = []
+    for name in (adapter.expert_weights if adapter else ()):
+        try:
+            out.append((name, layer.get_parameter(name)))
+        except AttributeError:
+            continue
+    return out
+
+
 def decoder_experts(model, adapter):
     """[(name relative to the layer root, parameter)] of the fused expert weights (E, out, in) of the decoder
     layers (adapter.expert_weights), quantized per expert like linears."""
-    out = []
-    for i, layer in enumerate(adapter.layers(model)):
-        for name in adapter.expert_weights:
-            try:
-                out.append((f"layers.{i}.{name}", layer.get_parameter(name)))
-            except AttributeError:
-                continue
-    return out
+    return [(f"layers.{i}.{n}", w) for i, layer in enumerate(adapter.layers(model)) for n, w in layer_experts(layer, adapter)]
 
 
 def groups_to_fold(folds, ignored):
@@ -96,11 +101,10 @@ def quantize_linears(linears, spec):
         w.copy_(fake_quant(w, spec.scheme))
 
 
-def pseudo_quantize(model, adapter, spec, exclude=()):
-    """Fake-quantize every decoder-layer linear of the model, minus the names in `exclude`, and every fused expert
-    weight per expert. Raises VlmquantError for a weight-activation scheme on a model with fused experts (their
-    inputs cannot be quantized at run time) or a w_group not dividing an expert weight's input width."""
-    experts = decoder_experts(model, adapter)
+def check_experts(experts, spec):
+    """Can the fused expert weights [(name, parameter)] be quantized under the run? Raises VlmquantError for a
+    weight-activation scheme (their inputs cannot be quantized at run time) or a w_group not dividing an expert
+    weight's input width. Shapes only: the parameters may be on the meta device."""
     if experts and spec.scheme.a_bit is not None:
         raise VlmquantError(f"{experts[0][0]}: fused MoE experts: weight-activation runs (a_bit) are not supported: "
                             "their inputs are computed inside transformers' fused forward, where no linear input can "
@@ -110,6 +114,13 @@ def pseudo_quantize(model, adapter, spec, exclude=()):
             check_weight_groups(tuple(w.shape), spec.scheme.w_group)
         except VlmquantError as e:
             raise VlmquantError(f"{name}: {e}") from None
+
+
+def pseudo_quantize(model, adapter, spec, exclude=()):
+    """Fake-quantize every decoder-layer linear of the model, minus the names in `exclude`, and every fused expert
+    weight per expert (check_experts first)."""
+    experts = decoder_experts(model, adapter)
+    check_experts(experts, spec)
     quantize_linears([lin for _, lin in decoder_linears(model, adapter, exclude)] + [w for _, w in experts], spec)
 
 

@@ -36,29 +36,57 @@ def group_loss(out_fp: torch.Tensor, out_q: torch.Tensor, masks: dict, loss: str
       mae + ratio:  (sum d over cap + ratio * sum d over vis) / (N_cap + N_vis)
       mse + ratio:  mean(d over cap) + ratio * mean(d over vis)   (an empty set adds 0)
     """
+    check_loss(loss)
+    return combine_sums(loss_sums(out_fp, out_q, masks, loss == "mse"), out_fp.shape[-1], loss, ratio)
+
+
+def check_loss(loss):
     if loss not in ("mae", "mse"):
         raise VlmquantError(f"loss={loss!r} is not one of 'mae', 'mse'")
+
+
+def loss_sums(out_fp, out_q, masks, square):
+    """{"valid", "cap", "vis": (Σ d over those tokens (fp32 tensor), token count)} of group_loss."""
     if out_fp.shape != out_q.shape:
         raise VlmquantError(f"quantized output shape {tuple(out_q.shape)} differs from fp output shape {tuple(out_fp.shape)}")
-    tok = token_distance(out_fp, out_q, loss == "mse")  # (N,) fp32 per-token sums over channels
-    n_ch = out_fp.shape[-1]
+    tok = token_distance(out_fp, out_q, square)  # (N,) fp32 per-token sums over channels
     valid = masks["valid"].reshape(-1).to(tok.device)
     if valid.numel() != tok.numel():
         raise VlmquantError(f"masks cover {valid.numel()} tokens but the outputs have {tok.numel()} (shape {tuple(out_fp.shape)})")
+    out = {"valid": (tok[valid].sum(), int(valid.sum()))}
+    for key in ("cap", "vis"):
+        if key in masks:
+            m = masks[key].reshape(-1).to(tok.device) & valid
+            out[key] = (tok[m].sum(), int(m.sum()))
+    return out
+
+
+def combine_sums(sums, n_ch, loss, ratio):
+    """group_loss from its loss_sums (added up over sample micro-batches)."""
     if ratio is None:
-        n_valid = int(valid.sum())
+        s_valid, n_valid = sums["valid"]
         if n_valid == 0:
             raise VlmquantError("no valid (non-padding) tokens to measure the loss on")
-        return float(tok[valid].sum() / (n_valid * n_ch))
-    cap = masks["cap"].reshape(-1).to(tok.device) & valid
-    vis = masks["vis"].reshape(-1).to(tok.device) & valid
-    n_cap, n_vis = int(cap.sum()), int(vis.sum())
+        return float(s_valid / (n_valid * n_ch))
+    (s_cap, n_cap), (s_vis, n_vis) = sums["cap"], sums["vis"]
     if n_cap + n_vis == 0:
         raise VlmquantError("no caption or vision tokens to measure the reweighted loss on")
-    s_cap, s_vis = tok[cap].sum(), tok[vis].sum()
     if loss == "mae":
         return float((s_cap + ratio * s_vis) / ((n_cap + n_vis) * n_ch))
     return float(s_cap / max(n_cap * n_ch, 1) + ratio * s_vis / max(n_vis * n_ch, 1))
+
+
+def block_loss(forward, fp_out, masks, loss, ratio):
+    """group_loss of the block's output under the current weights. forward, fp_out and masks may instead be
+    lists over sample micro-batches: each batch's block runs and is measured in turn, the loss is over all."""
+    if callable(forward):
+        return group_loss(fp_out, forward(), masks, loss, ratio)
+    check_loss(loss)
+    total = None
+    for run, out, m in zip(forward, fp_out, masks):
+        sums = loss_sums(out, run(), m, loss == "mse")
+        total = sums if total is None else {k: (total[k][0] + v[0], total[k][1] + v[1]) for k, v in sums.items()}
+    return combine_sums(total, fp_out[0].shape[-1], loss, ratio)
 
 
 def loss_tokens(masks, reweight: bool) -> torch.Tensor:
@@ -78,6 +106,7 @@ class GroupSearch:
     forward: zero-arg callable running the group's block with the linears' current weights.
     fp_out: the block's fp output, at the tokens of `masks` (all, or only those the loss reads).
     period: the scales repeat with this period (a norm weight shared by every head), or None.
+    forward, fp_out, masks may be lists, one item per sample micro-batch (grid.block_loss).
     """
     x: torch.Tensor
     linears: list
@@ -174,7 +203,7 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, los
                 else:
                     ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
                     w.copy_(fake_quant_sym_rows_(ws, scheme.w_bit).div_(s))
-            losses.append(group_loss(fp_out, forward(), masks, loss, ratio))
+            losses.append(block_loss(forward, fp_out, masks, loss, ratio))
             if quantize_input is not None:
                 quantize_input.reset()  # free the quantized input before the next candidate
     finally:
@@ -194,7 +223,8 @@ def search_group(x, linears, forward, fp_out, masks, *, scheme, n_grid=20, loss=
     fused expert parameters (E, out, C_in) sharing s. forward: zero-arg callable running the group's module
     on its fp inputs with the linears' current weights, returning a tensor shaped like fp_out. Weights are
     restored on return. masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel
-    statistics). Candidates: s = a^α normalized (grid_scales), a = mean |x| per channel (pooled over the
+    statistics). forward, fp_out and masks may be lists over sample micro-batches (block_loss; stat_masks then
+    required). Candidates: s = a^α normalized (grid_scales), a = mean |x| per channel (pooled over the
     repeats of `period`, for scales shared by heads), α = 0, 1/n_grid, …; the α with the strictly smallest
     loss wins (α = 0 is RTN). scheme: how weights (and activations) are quantized.
     """

@@ -3,48 +3,91 @@
 One fp forward of the layer, with hooks, records every group's input and its block's inputs and
 output (for a per-expert group, what its MoE block's experts were called with: the tokens and their
 routing). Each group is then searched from the layer's fp weights (groups are independent); a
-token-wise block runs on only the tokens its loss reads. The next layer's input is the layer's fp
+token-wise block runs on only the tokens its loss reads. Under a memory cap the forwards run in sample
+micro-batches and a loss sums over them (grid.block_loss). The next layer's input is the layer's fp
 output, or with `distort` the layer's output as the quantized model computes it (`quantized_forward`).
 """
 import torch
 
 from vlmquant.errors import VlmquantError
 from vlmquant.models.base import layer_part
+from vlmquant.models.stream import forward_micro_batched, split_kwargs
 from vlmquant.quant.fold import fold, resolve_scales
-from vlmquant.quant.model import groups_to_fold, quantize_linears, quantized_inputs, resolve_ignore
+from vlmquant.quant.model import groups_to_fold, layer_experts, quantize_linears, quantized_inputs, resolve_ignore
 from vlmquant.search.capture import layer_forward
 from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 
 
+def fill_rows(whole, part, start, stop, n):
+    """(whole, the view of `part` in it): the rows of samples start:stop out of n written into `whole` (allocated on
+    first use). Rows per sample: 1 for (b, T, C) inputs, T for token-flattened (b·T, C) ones (MoE experts)."""
+    k = part.shape[0] // (stop - start)
+    if whole is None:
+        whole = part.new_empty((n * k, *part.shape[1:]))
+    whole[start * k:stop * k] = part
+    return whole, whole[start * k:stop * k]
+
+
 @torch.no_grad()
-def record_layer(layer, groups, hidden, kwargs):
-    """fp forward with hooks → (next hidden, {group index: record}).
+def record_layer(layer, groups, hidden, kwargs, per_batch=None):
+    """fp forward with hooks → (next hidden, {group index: {"x": group input, "parts": [part]}}).
 
-    A record holds "x" (the group's input) and, but for per-expert groups, the block's "args", "kwargs"
-    and fp "out"; a per-expert group's "args" are its experts module's (hidden (N, H), top_k_index, weights).
+    One part per sample micro-batch of `per_batch` samples (None: one part, all samples): the block's "args",
+    "kwargs", fp "out" and "span" (start, stop); a per-expert group's part "args" are its experts module's
+    (hidden (N, H), top_k_index, weights) (`expert_args` joins them). x holds every sample (the channel
+    statistics); a block's input that is x is kept as a view into it.
     """
-    records, handles = {}, []
+    n, tokens = hidden.shape[:2]
+    per_batch = n if per_batch is None else per_batch
+    records = {gi: {"x": None, "parts": []} for gi in range(len(groups))}
+    current, handles = {}, []
     for gi, g in enumerate(groups):
-        rec = records.setdefault(gi, {})
+        def input_hook(module, args, gi=gi):
+            current.setdefault(gi, {}).update(x=args[0], args=args)
 
-        def input_hook(module, args, rec=rec):
-            rec["x"] = args[0]
-            rec["args"] = args
-
-        def block_hook(module, args, kwargs, output, rec=rec):
-            rec["args"], rec["kwargs"] = args, kwargs
-            rec["out"] = output[0] if isinstance(output, tuple) else output
+        def block_hook(module, args, kwargs, output, gi=gi):
+            current.setdefault(gi, {}).update(args=args, kwargs=kwargs,
+                                              out=output[0] if isinstance(output, tuple) else output)
 
         handles.append(layer.get_submodule(g.inputs or g.linears[0]).register_forward_pre_hook(input_hook))
         if not g.experts:
             handles.append(layer.get_submodule(g.block).register_forward_hook(block_hook, with_kwargs=True))
+    out = None
     try:
-        out = layer_forward(layer, hidden, kwargs)
+        for start in range(0, n, per_batch):
+            stop = min(n, start + per_batch)
+            whole = stop - start == n
+            part = layer_forward(layer, hidden if whole else hidden[start:stop],
+                                 kwargs if whole else split_kwargs(kwargs, n, tokens, start, stop))
+            if whole:
+                out = part
+            else:
+                out = hidden.new_empty(hidden.shape) if out is None else out
+                out[start:stop] = part
+            for gi, rec in records.items():
+                cur = current.pop(gi)
+                x, args = cur["x"], cur["args"]
+                if whole:
+                    rec["x"] = x
+                else:
+                    rec["x"], view = fill_rows(rec["x"], x, start, stop, n)
+                    if args and args[0] is x:
+                        args = (view, *args[1:])
+                rec["parts"].append({"args": args, "kwargs": cur.get("kwargs"), "out": cur.get("out"),
+                                     "span": (start, stop)})
     finally:
         for h in handles:
             h.remove()
     return out, records
+
+
+def expert_args(rec):
+    """A per-expert group's experts-module args over every sample: (hidden (N, H), top_k_index, weights)."""
+    parts = [p["args"] for p in rec["parts"]]
+    if len(parts) == 1:
+        return parts[0]
+    return (rec["x"], *(torch.cat([a[j] for a in parts]) for j in range(1, len(parts[0]))))
 
 
 def select_tokens(args, out, masks, reweight):
@@ -69,13 +112,14 @@ def group_period(layer, g, n_in):
     return d if d < n_in else None
 
 
-def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None):
+def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None, per_batch=None):
     """Search every group of `layer` with the run's method. Returns (results per group, fp output of the layer).
 
     spec: the RunSpec. ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None. A per-expert group's result
-    is an ExpertsResult (its method's `experts` search), the others' a GroupResult.
+    is an ExpertsResult (its method's `experts` search), the others' a GroupResult. per_batch: samples per
+    micro-batch of the layer's forwards (None: all at once); the losses are over all samples either way.
     """
-    out, records = record_layer(layer, groups, hidden, kwargs)
+    out, records = record_layer(layer, groups, hidden, kwargs, per_batch)
     results = []
     for gi, g in enumerate(groups):
         rec = records.pop(gi)
@@ -83,25 +127,35 @@ def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None):
         if g.experts:
             if spec.method_def.experts is None:
                 raise VlmquantError(f"method {spec.method} does not search the experts of mixture-of-experts layers")
-            hidden_in, top_k_index = rec["args"][0], rec["args"][1]
+            hidden_in, top_k_index = expert_args(rec)[:2]
             job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio is not None)
             results.append(spec.method_def.experts(job, spec, ratio))
-            del job, rec
+            del job, rec, hidden_in, top_k_index
             continue
         block = layer.get_submodule(g.block)
-        args, fp_out, loss_masks = rec["args"], rec["out"], masks
-        if g.token_wise:
-            args, fp_out, loss_masks = select_tokens(args, fp_out, masks, ratio is not None)
+        forwards, fp_outs, loss_masks = [], [], []
+        for part in rec.pop("parts"):
+            start, stop = part["span"]
+            part_masks = masks if stop - start == hidden.shape[0] else {k: v[start:stop] for k, v in masks.items()}
+            args, fp_out = part["args"], part["out"]
+            if g.token_wise:
+                args, fp_out, part_masks = select_tokens(args, fp_out, part_masks, ratio is not None)
 
-        def forward(block=block, args=args, kwargs=rec["kwargs"]):
-            o = block(*args, **kwargs)
-            return o[0] if isinstance(o, tuple) else o
+            def forward(block=block, args=args, kwargs=part["kwargs"]):
+                o = block(*args, **kwargs)
+                return o[0] if isinstance(o, tuple) else o
 
+            forwards.append(forward)
+            fp_outs.append(fp_out)
+            loss_masks.append(part_masks)
+            del part, args, fp_out
+        if len(forwards) == 1:
+            forwards, fp_outs, loss_masks = forwards[0], fp_outs[0], loss_masks[0]
         # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
-        job = GroupSearch(rec["x"], [layer_part(layer, n) for n in g.linears], forward, fp_out, loss_masks, masks,
+        job = GroupSearch(rec["x"], [layer_part(layer, n) for n in g.linears], forwards, fp_outs, loss_masks, masks,
                           group_period(layer, g, rec["x"].shape[-1]))
         results.append(spec.method_def.group(job, spec, ratio))
-        del job, args, fp_out, loss_masks, rec
+        del job, forwards, fp_outs, loss_masks, rec
     return results, out
 
 
@@ -112,24 +166,19 @@ def quantized_parts(layer, adapter, prefix, ignore):
     keep = set(adapter.keep_fp) if adapter else set()
     named = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in keep]
     ignored = {n.removeprefix(prefix) for n in resolve_ignore([prefix + n for n, _ in named], ignore, strict=False)}
-    experts = []
-    for name in (adapter.expert_weights if adapter else ()):
-        try:
-            experts.append(layer.get_parameter(name))
-        except AttributeError:
-            continue
-    return [m for n, m in named if n not in ignored], ignored, experts
+    return [m for n, m in named if n not in ignored], ignored, [w for _, w in layer_experts(layer, adapter)]
 
 
 @torch.no_grad()
-def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapter=None):
+def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapter=None, per_batch=None):
     """Decoder layer `index`'s output as the exported model computes it: the searched scales folded, every
     linear fake-quantized (inputs too for weight-activation runs) and, with the family's `adapter`, its fused
     expert weights per expert. As in export, the linears spec.ignore selects (and adapter.keep_fp) stay fp and
-    a group whose linears are all ignored is not folded. Changes `layer`."""
+    a group whose linears are all ignored is not folded. Changes `layer`. per_batch: samples per micro-batch
+    (None: all at once)."""
     linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{index}.", spec.ignore)
     folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(groups, results)], "search")
     fold(groups_to_fold(folds, ignored)[0])
     quantize_linears(linears + experts, spec)
     with quantized_inputs(linears, spec.scheme):
-        return layer_forward(layer, hidden, kwargs)
+        return forward_micro_batched(layer, hidden, kwargs, hidden.shape[0] if per_batch is None else per_batch)

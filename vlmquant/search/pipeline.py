@@ -17,11 +17,13 @@ from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
 from vlmquant.models.base import layer_part
 from vlmquant.models.loading import meta_model
+from vlmquant.models.stream import (MB, StreamedModel, activation_budget, forward_micro_batched, layer_token_bytes,
+                                    micro_batch, use_streaming)
 from vlmquant.quant.fold import consumer_weight, resolve_scales
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
                                      token_masks)
-from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios
+from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
 from vlmquant.search.layer import quantized_forward, search_layer
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,18 @@ def layer_file(folder, layer):
 
 # --- grads ------------------------------------------------------------------------------------
 def run_grads(model, inputs_path, out_path, batch_size=4):
-    """Gradient statistics and reweight ratios of `model` (ModelRef) on the inputs → a grads file."""
+    """Gradient statistics and reweight ratios of `model` (ModelRef) on the inputs → a grads file.
+
+    Streamed (model.stream), decoder layers are loaded one at a time and the activations the backward pass
+    needs are stored per layer (search.grads.streamed_gradient_stats, capped by model.grads_store_mb); resident,
+    the whole model runs forward and backward per batch. Both give the same statistics.
+    """
     samples, _ = load_samples(inputs_path)
-    stats, counts = gradient_stats(model.load(), model.adapter, samples, model.device, model.dtype, batch_size)
+    if use_streaming(model.stream, model):
+        cap = None if model.grads_store_mb is None else model.grads_store_mb * MB
+        stats, counts = streamed_gradient_stats(StreamedModel(model), samples, batch_size, cap)
+    else:
+        stats, counts = gradient_stats(model.load(), model.adapter, samples, model.device, model.dtype, batch_size)
     ratios = reweight_ratios(stats)
     out = {f"{site}.{k}": v for site, d in stats.items() for k, v in d.items()}
     out.update({f"{site}.ratio": r for site, r in ratios.items()})
@@ -58,17 +69,43 @@ def load_ratios(grads_path):
 # --- boundary activations -----------------------------------------------------------------------
 @torch.no_grad()
 def run_acts(model, inputs_path, starts, out_dir):
-    """fp inputs of the decoder layers in `starts` (the first layer of each search chunk) → out_dir/layer_NNN."""
-    full = model.load()
+    """fp inputs of the decoder layers in `starts` (the first layer of each search chunk) → out_dir/layer_NNN.
+
+    Layer-major: every sample goes through decoder layer i before layer i + 1. Streamed (model.stream auto or
+    always: reading only the layers in front of the last start is never slower), each layer is loaded, run over
+    the samples (in micro-batches when they do not fit memory.max_batch_mb or the free memory) and dropped;
+    resident (never), the whole model is loaded once. Both write the same files.
+    """
     samples, _ = load_samples(inputs_path)
-    layers = model.adapter.layers(full)
-    hidden, args = capture_layer_inputs(full, layers, ragged.collate(samples), model.device, model.dtype, model.adapter)
+    if use_streaming(model.stream, model, every_layer=False):
+        sm = StreamedModel(model)
+        sm.phase("inputs")
+        n, tokens = len(samples), max(s["input_ids"].shape[1] for s in samples)
+        width = sm.skeleton.config.get_text_config().hidden_size * torch.tensor([], dtype=model.dtype).element_size()
+        budget = activation_budget(model.device, model.max_batch_mb, reserve=sm.layer_bytes() + 2 * n * tokens * width)
+        per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, model.dtype), budget)
+        log.info("acts: %d of %d samples per forward", per_batch, n)
+        hidden, args = sm.capture_all(samples, per_batch)
+        sm.phase("host")
+        get_layer, drop_layer = sm.layer, sm.drop
+    else:
+        full = model.load()
+        layers = model.adapter.layers(full)
+        hidden, args = capture_layer_inputs(full, layers, ragged.collate(samples), model.device, model.dtype,
+                                            model.adapter)
+        get_layer, drop_layer, per_batch = layers.__getitem__, lambda i: None, len(samples)
     meta = {"inputs_sha256": sha256_file(inputs_path)}
     for i in tqdm(range(max(starts) + 1), desc="acts", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         if i in starts:
             save_layer_inputs(layer_file(out_dir, i), hidden, args, {**meta, "layer": i})
-        hidden = args.forward(layers[i], i, hidden)
+        if i < max(starts):
+            hidden = args.after(i, forward_micro_batched(get_layer(i), hidden, args.kwargs(i), per_batch))
+            drop_layer(i)
+
+
+def hidden_bytes(t):
+    return t.numel() * t.element_size()
 
 
 # --- search ---------------------------------------------------------------------------------
@@ -93,9 +130,12 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         raise VlmquantError(f"{start}: holds another run's layer inputs; distort run {names['run']!r} "
                             "needs those its previous chunk left")
     ratios = load_ratios(grads_path) if spec.needs_grads else None
-    layers = model.load_layers(layer_ids)
+    sm = StreamedModel(model)  # decoder layers loaded one at a time
+    layers = sm.layers  # on the meta device until loaded
     plan, skipped = {}, {}
     for i in layer_ids:  # every check before any search work
+        if not 0 <= i < sm.n_layers:
+            raise VlmquantError(f"{model.path}: layer {i} requested, the model has {sm.n_layers} decoder layers")
         groups, skipped[i] = model.adapter.layer_groups(layers[i], i)
         if not spec.weight_activation:
             for g in groups:
@@ -105,16 +145,18 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                     except VlmquantError as e:
                         raise VlmquantError(f"decoder layer {i} {name}: {e}") from None
         plan[i] = groups
+    per_batch = search_micro_batch(sm, hidden, model.max_batch_mb)
     for i in tqdm(layer_ids, desc="search", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         groups = plan[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
-        layer = layers.pop(i)
-        results, out = search_layer(layer, groups, hidden, args.kwargs(i), masks, spec, layer_ratios)
+        layer = sm.layer(i)
+        results, out = search_layer(layer, groups, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch)
         if spec.distort:
-            out = quantized_forward(layer, i, groups, results, spec, hidden, args.kwargs(i), model.adapter)
+            out = quantized_forward(layer, i, groups, results, spec, hidden, args.kwargs(i), model.adapter, per_batch)
         hidden = args.after(i, out)
         del layer, out
+        sm.drop(i)
         for g, r in zip(groups, results):
             if not all(map(math.isfinite, scales.rtn_losses(r))):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
@@ -126,6 +168,21 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
         save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
+
+
+def search_micro_batch(sm, hidden, max_batch_mb=None):
+    """Samples per micro-batch of a search job's layer forwards: what memory.max_batch_mb allows, else what the
+    free memory allows once a layer's weights, its output and the activations search_layer records for every
+    scale group (about five hidden-size and one MLP-size tensor over all tokens) are set aside."""
+    n, tokens = hidden.shape[:2]
+    text = sm.skeleton.config.get_text_config()
+    inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    records = n * tokens * (5 * text.hidden_size + inter) * hidden.element_size()
+    budget = activation_budget(sm.device, max_batch_mb, reserve=sm.layer_bytes() + hidden_bytes(hidden) + records)
+    per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, sm.dtype), budget)
+    if per_batch < n:
+        log.info("search: layer forwards in micro-batches of %d of %d samples", per_batch, n)
+    return per_batch
 
 
 # --- import ----------------------------------------------------------------------------------
