@@ -74,6 +74,7 @@ def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_pat
 
 
 def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_factory):
+    from vlmquant.io.provenance import with_weights
     from vlmquant.io.scales import chunk_layer_files, merge
     from vlmquant.models.loading import open_model
     from vlmquant.search.pipeline import run_search
@@ -97,7 +98,7 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_fac
     run_search(model, spec, staged / "inputs.safetensors", staged / "acts", staged / "grads.safetensors", [0, 1, 2, 3],
                out / "chunk", names)
     merge(chunk_layer_files([out / "chunk"]), out / "cache.pt", out / "search.parquet",
-          {**names, "run_config": spec.search_params()})
+          with_weights({**names, "run_config": spec.search_params()}, model.path))  # as scripts/merge.py
     assert (out / "cache.pt").read_bytes() == workdir.file(f"{run_dir}/scale_cache.pt").read_bytes()
 
     # the linears export leaves fp stay fp in a distort run's forwards: export.ignore reruns its search
