@@ -96,7 +96,7 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_fac
                        "cpu")
     staged, out = workdir.file("results/demo-qwen2vl/demo"), tmp_path_factory.mktemp("one_job")
     run_search(model, spec, staged / "inputs.safetensors", staged / "acts", staged / "grads.safetensors", [0, 1, 2, 3],
-               out / "chunk", names)
+               out / "chunk", with_weights(names, model.path))  # as scripts/search.py
     merge(chunk_layer_files([out / "chunk"]), out / "cache.pt", out / "search.parquet",
           with_weights({**names, "run_config": spec.search_params()}, model.path))  # as scripts/merge.py
     assert (out / "cache.pt").read_bytes() == workdir.file(f"{run_dir}/scale_cache.pt").read_bytes()
