@@ -234,8 +234,8 @@ def test_cancelled_chunk_fails_the_first_run_alone(cluster):
 @pytest.mark.slow
 def test_rerun_runs_only_the_cancelled_chunk_and_what_depends_on_it(cluster):
     wd, first, second, cancelled = cluster
-    assert parse_job_stats(second.text) == {"search": 1, "merge": 1, "export": 1, "eval": 1, "summary": 1,
-                                            "plots": 1, "all": 1}
+    assert parse_job_stats(second.text) == {"search": 1, "merge": 1, "export": 1, "pack": 1, "eval": 1,
+                                            "summary": 1, "plots": 1, "all": 1}
     assert wd.planned() == {}
 
 
