@@ -75,6 +75,18 @@ def timer(out, key):
     out[key] = out.get(key, 0.0) + time.perf_counter() - t
 
 
+def time_search(search_layer, repeats, *args):
+    """(results of the last run, seconds of each of `repeats` runs) of search_layer(*args), after one warm-up."""
+    search_layer(*args)
+    times = []
+    for _ in range(repeats):
+        t = {}
+        with timer(t, "s"):
+            results, _ = search_layer(*args)
+        times.append(t["s"])
+    return results, times
+
+
 def environment():
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
            "cpu_count": __import__("os").cpu_count()}

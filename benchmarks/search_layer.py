@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import environment, layer_inputs, random_layer, sync, text_config, timer, write_json
+from common import environment, layer_inputs, random_layer, sync, text_config, time_search, timer, write_json
 from vlmquant.models import get_adapter
 from vlmquant.spec import RunSpec
 from vlmquant.quant.fake import fake_quant_weight
@@ -169,13 +169,7 @@ def main():
         raise SystemExit("the straightforward loop is weight-only mbq; drop --baseline")
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups]}
 
-    layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t = {}
-        with timer(t, "s"):
-            results, _ = layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
-        times.append(t["s"])
+    results, times = time_search(layer_mod.search_layer, args.repeats, layer, groups, hidden, kwargs, masks, run, ratios)
     result["seconds_per_layer"] = min(times)
     result["seconds_per_layer_all"] = times
     result["alpha"] = [r.alpha for r in results]

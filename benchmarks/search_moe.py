@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from common import environment, sync, timer, write_json
+from common import environment, sync, time_search, timer, write_json
 from vlmquant.methods import METHODS
 from vlmquant.models import get_adapter
 from vlmquant.models.base import layer_part
@@ -195,13 +195,7 @@ def main():
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups],
               "shape": SHAPES[args.shape]}
 
-    layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t = {}
-        with timer(t, "s"):
-            results, _ = layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
-        times.append(t["s"])
+    results, times = time_search(layer_mod.search_layer, args.repeats, layer, groups, hidden, kwargs, masks, run, ratios)
     result["seconds_per_layer"] = min(times)
     result["seconds_per_layer_all"] = times
     best = [r.best.tolist() if g.experts else r.best_index for g, r in zip(groups, results)]
