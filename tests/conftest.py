@@ -1,5 +1,6 @@
 """Shared fixtures: the demo data and model built once per session, and Snakemake workdirs."""
 import contextlib
+import copy
 import os
 import re
 import shutil
@@ -28,6 +29,22 @@ def run_spec(name, ignore=(), **cfg):
     from vlmquant.spec import RunSpec
 
     return RunSpec.from_config(name, cfg, ignore)
+
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+@pytest.fixture
+def cfg():
+    """The repository's config.yaml, as YAML loads it (unvalidated)."""
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def check(cfg):
+    """check_config on a copy of `cfg` against the workflow's schema."""
+    from vlmquant.workflow import check_config
+
+    return check_config(copy.deepcopy(cfg), SCHEMA)
 
 
 def open_demo(path, family="qwen2_vl", device="cpu"):

@@ -1,24 +1,10 @@
 """Config validation: schema errors name the key; defaults are filled; names are cross-checked."""
-import copy
-
 import pytest
-import yaml
 
 from vlmquant.errors import VlmquantError
-from vlmquant.workflow import calib_params, check_config, targets
+from vlmquant.workflow import calib_params, targets
 
-from conftest import REPO
-
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
-
-
-@pytest.fixture
-def cfg():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
-
-
-def check(cfg):
-    return check_config(copy.deepcopy(cfg), SCHEMA)
+from conftest import check
 
 
 def test_default_config_is_valid_and_filled(cfg):

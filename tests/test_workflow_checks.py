@@ -1,6 +1,5 @@
 """What the workflow checks when it loads (paths, w_group, eval vs search sets, YAML syntax), the files a
 job reads, the weights fingerprint, the scripts' logging and output permissions. No Snakemake here."""
-import copy
 import json
 import logging
 import os
@@ -15,27 +14,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
+from conftest import REPO, check
 from vlmquant.data.calib import build_calib, sample_rows
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import check_cache_weights, check_weights, weights_fingerprint
 from vlmquant.io.scales import save_cache
-from vlmquant.workflow import (calib_sources, check_calib_sets, check_config, check_eval_parquets, check_yaml,
+from vlmquant.workflow import (calib_sources, check_calib_sets, check_eval_parquets, check_yaml,
                                model_files, quantized_widths)
-
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
-
-
-@pytest.fixture
-def cfg():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
-
-
-def check(cfg):
-    return check_config(copy.deepcopy(cfg), SCHEMA)
-
 
 def error(cfg):
     with pytest.raises(VlmquantError) as e:
