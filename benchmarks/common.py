@@ -96,8 +96,9 @@ def environment():
     return env
 
 
-def write_json(path, data):
+def write_json(path, data, echo=True):
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
-    print(json.dumps(data, indent=2, sort_keys=True))
+    if echo:
+        print(json.dumps(data, indent=2, sort_keys=True))

@@ -196,6 +196,7 @@ def via_library(args, work, model_dir, train, held):
     for label, job in dag(args, work, model_dir, train, held):
         out[label] = stages.run(job, log=work / "logs" / f"{label}.log")
         print(label, json.dumps(out[label]), flush=True)
+        write_json(args.out, {"settings": vars(args), "partial": True, "jobs": out}, echo=False)  # kept if cut short
     return out, sum(v["process_seconds"] for v in out.values())
 
 

@@ -11,6 +11,9 @@ tensors (embeddings, LM head, two layers) plus the export (the whole model at th
 
     python benchmarks/memory_depth.py --depths 8,16 --grads-store-mb 8192 --search-cap-gib 22 --out x.json
     python benchmarks/memory_depth.py --shape demo --depths 4,8 --samples 4 --tokens 96 --eval-samples 2 --out x.json
+    python benchmarks/memory_depth.py --depths 4 --samples 128 --stages grads,acts,search --search-cap-gib 22 --out y.json
+
+The JSON is written after every stage, so a run cut short keeps what it measured.
 """
 import argparse
 import json
@@ -178,6 +181,7 @@ def main():
     ap.add_argument("--grads-store-mb", type=int, default=None, help="memory.grads_store_mb (same cap at every depth)")
     ap.add_argument("--max-batch-mb", type=int, default=None, help="memory.max_batch_mb")
     ap.add_argument("--search-cap-gib", type=float, default=None, help="also search the chunk under this GPU cap")
+    ap.add_argument("--stages", default=",".join(STAGES), help="the stages to run (those a stage reads run first)")
     ap.add_argument("--root", default="/tmp/memdepth")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -194,17 +198,23 @@ def main():
         write_inputs(w / "eval_inputs.safetensors", args.eval_samples, args.tokens, args.vocab, seed=1)
         random_cache(w / "cache.pt", folder)
         out = result["depths"][n] = {}
+        wanted = args.stages.split(",")
         for label, job in depth_jobs(args, folder, n, capped):
+            if label.removesuffix("_capped") not in wanted:
+                continue
             out[label] = stages.run(job, log=w / f"{label}.log")
             print(n, label, json.dumps(out[label]), flush=True)
+            write_json(args.out, result, echo=False)
         if capped:
             out["search_alphas"], out["search_capped_alphas"] = alphas(w / "scales"), alphas(w / "scales_capped")
             out["capped_same_alpha"] = out["search_alphas"] == out["search_capped_alphas"]
         shutil.rmtree(folder)  # the export alone is the size of the model
-    a, b = (result["depths"][n] for n in map(int, args.depths.split(",")))
-    result["ratio_deep_to_shallow"] = {
-        stage: {"gpu": b[stage]["peak_gpu_gib"] / max(a[stage]["peak_gpu_gib"], 1e-9),
-                "host": b[stage]["peak_host_gib"] / a[stage]["peak_host_gib"]} for stage in STAGES}
+    depths = list(result["depths"].values())
+    if len(depths) == 2:
+        a, b = depths
+        result["ratio_deep_to_shallow"] = {
+            stage: {"gpu": b[stage]["peak_gpu_gib"] / max(a[stage]["peak_gpu_gib"], 1e-9),
+                    "host": b[stage]["peak_host_gib"] / a[stage]["peak_host_gib"]} for stage in a if stage in b}
     write_json(args.out, result)
 
 

@@ -112,7 +112,16 @@ def child(job):
     print(json.dumps({"seconds": time.perf_counter() - t,
                       "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                       "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
-                      "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                      "peak_host_gib": peak_host_gib()}))
+
+
+def peak_host_gib():
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries that across
+    exec, so a stage would report at least the peak of the benchmark script that started it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run(job, log=None):

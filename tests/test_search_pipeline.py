@@ -296,7 +296,10 @@ def test_gpu_path_picks_the_same_alpha_as_cpu(staged, tmp_path, run):
     cpu = pd.read_parquet(cpu_cache.parent / "search.parquet")
     gpu = pd.read_parquet(tmp_path / "search.parquet")
     assert gpu["alpha"].tolist() == cpu["alpha"].tolist()
-    torch.testing.assert_close(torch.tensor(gpu["loss"].values), torch.tensor(cpu["loss"].values), rtol=1e-3, atol=0)
+    # distort: each layer's input is the previous layer's quantized output, where a code that rounds the other way
+    # on the GPU changes the next layer's losses by up to about 0.2 % (measured on one H200)
+    rtol = 5e-3 if run.distort else 1e-3
+    torch.testing.assert_close(torch.tensor(gpu["loss"].values), torch.tensor(cpu["loss"].values), rtol=rtol, atol=0)
 
 
 def test_lean_forwards_match_the_model(demo_model_path):

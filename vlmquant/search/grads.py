@@ -140,46 +140,53 @@ def streamed_gradient_stats(sm, samples, batch_size=4, max_store_bytes=None):
     log.info("grads: stored layer inputs %.2f GiB on %s, %d round(s)", sum(sizes) / 2**30, place, len(rounds))
     stats = GradStats(L, device)
     for rnd in rounds:
-        batches = []
-        for b in rnd:
-            part = ragged.collate(parts[b])
-            hidden, args = sm.capture(part)
-            shape = (L, *hidden.shape)
-            store = pinned(shape, hidden.dtype) if place == "host" else torch.empty(shape, dtype=hidden.dtype, device=device)
-            batches.append({"hidden": hidden, "args": args, "store": store, "masks": stats.masks(part),
-                            "labels": part["labels"].to(device)})
-        sm.phase("host")
-        with torch.no_grad():
-            for i in tqdm(range(L), desc="grads forward", unit="layer"):
-                layer = sm.layer(i)
-                for p in batches:
-                    p["store"][i].copy_(p["hidden"], non_blocking=True)
-                    p["hidden"] = p["args"].forward(layer, i, p["hidden"])
-                sm.drop(i)
-        sm.phase("head")
-        for p in batches:
-            hidden = p.pop("hidden").requires_grad_(True)
-            losses = caption_losses(sm.norm(hidden), p["labels"], sm.head)
-            if not torch.isfinite(losses).all():
-                raise VlmquantError("non-finite caption loss in the gradient pass")
-            losses.sum().backward()
-            p["grad"] = hidden.grad
-        sm.phase("host")
-        for i in tqdm(reversed(range(L)), total=L, desc="grads backward", unit="layer"):
-            layer = sm.layer(i)
-            handles = site_hooks(sm.adapter, layer, i, stats)
-            try:
-                with lean_forwards([layer], "mlp"):
-                    for p in batches:
-                        stats.current = p["masks"]
-                        x = p["store"][i].to(device, non_blocking=True).requires_grad_(True)
-                        p["args"].forward(layer, i, x).backward(p["grad"])
-                        p["grad"] = x.grad
-            finally:
-                for h in handles:
-                    h.remove()
-            sm.drop(i)
+        gradient_round(sm, stats, [ragged.collate(parts[b]) for b in rnd], place)
     return stats.result(len(samples))
+
+
+def gradient_round(sm, stats, batches, place):
+    """One round of streamed_gradient_stats: collated `batches` forward through every layer (each layer's input
+    stored on the device or, place "host", in pinned host memory), the caption loss, then back through every layer
+    in reverse, adding to `stats`. Everything the round holds is freed when it returns."""
+    L, device = sm.n_layers, sm.device
+    state = []
+    for part in batches:
+        hidden, args = sm.capture(part)
+        shape = (L, *hidden.shape)
+        store = pinned(shape, hidden.dtype) if place == "host" else torch.empty(shape, dtype=hidden.dtype, device=device)
+        state.append({"hidden": hidden, "args": args, "store": store, "masks": stats.masks(part),
+                      "labels": part["labels"].to(device)})
+    sm.phase("host")
+    with torch.no_grad():
+        for i in tqdm(range(L), desc="grads forward", unit="layer"):
+            layer = sm.layer(i)
+            for p in state:
+                p["store"][i].copy_(p["hidden"], non_blocking=True)
+                p["hidden"] = p["args"].forward(layer, i, p["hidden"])
+            sm.drop(i)
+    sm.phase("head")
+    for p in state:
+        hidden = p.pop("hidden").requires_grad_(True)
+        losses = caption_losses(sm.norm(hidden), p["labels"], sm.head)
+        if not torch.isfinite(losses).all():
+            raise VlmquantError("non-finite caption loss in the gradient pass")
+        losses.sum().backward()
+        p["grad"] = hidden.grad
+    sm.phase("host")
+    for i in tqdm(reversed(range(L)), total=L, desc="grads backward", unit="layer"):
+        layer = sm.layer(i)
+        handles = site_hooks(sm.adapter, layer, i, stats)
+        try:
+            with lean_forwards([layer], "mlp"):
+                for p in state:
+                    stats.current = p["masks"]
+                    x = p["store"][i].to(device, non_blocking=True).requires_grad_(True)
+                    p["args"].forward(layer, i, x).backward(p["grad"])
+                    p["grad"] = x.grad
+        finally:
+            for h in handles:
+                h.remove()
+        sm.drop(i)
 
 
 def plan_store(sizes, device, reserve=0, max_store_bytes=None):

@@ -78,13 +78,16 @@ def combine_sums(sums, n_ch, loss, ratio):
 
 def block_loss(forward, fp_out, masks, loss, ratio):
     """group_loss of the block's output under the current weights. forward, fp_out and masks may instead be
-    lists over sample micro-batches: each batch's block runs and is measured in turn, the loss is over all."""
+    lists over sample micro-batches: each batch's block runs and is measured in turn, the loss is over all.
+    An fp output kept in host memory is moved to the block output's device."""
     if callable(forward):
-        return group_loss(fp_out, forward(), masks, loss, ratio)
+        out_q = forward()
+        return group_loss(fp_out.to(out_q.device, non_blocking=True), out_q, masks, loss, ratio)
     check_loss(loss)
     total = None
     for run, out, m in zip(forward, fp_out, masks):
-        sums = loss_sums(out, run(), m, loss == "mse")
+        out_q = run()
+        sums = loss_sums(out.to(out_q.device, non_blocking=True), out_q, m, loss == "mse")
         total = sums if total is None else {k: (total[k][0] + v[0], total[k][1] + v[1]) for k, v in sums.items()}
     return combine_sums(total, fp_out[0].shape[-1], loss, ratio)
 
@@ -165,13 +168,32 @@ def pool_period(v: torch.Tensor, period: int | None, reduce: str = "mean") -> to
     return (heads.mean(0) if reduce == "mean" else heads.amax(0)).repeat(v.shape[-1] // period)
 
 
-def _valid_rows(x, masks):
-    """The group input's rows at valid (non-padding) tokens, (N_valid, C_in)."""
-    valid = masks["valid"].reshape(-1).to(x.device)
-    xv = x.reshape(-1, x.shape[-1])[valid]
-    if xv.shape[0] == 0:
+STAT_CHUNK_BYTES = 256 << 20
+
+
+def channel_stat(x, masks, device, reduce="mean", chunk_bytes=STAT_CHUNK_BYTES):
+    """mean |x| (reduce "mean") or max |x| ("max") per input channel over the valid (non-padding) tokens of the
+    group input x (..., C_in), wherever x is kept (the device or host memory): (C_in,) on `device`, fp32 for the
+    mean (a sum in fp32 over the tokens, then divided), x's dtype for the max. x moves to `device` in row chunks
+    of at most chunk_bytes, so no full copy of it is made. Raises VlmquantError when no token is valid."""
+    valid = masks["valid"].reshape(-1).to(device)
+    n_valid = int(valid.sum())
+    if n_valid == 0:
         raise VlmquantError("no valid (non-padding) tokens to compute activation statistics on")
-    return xv
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, chunk_bytes // (rows.shape[1] * rows.element_size()))
+    acc = None
+    for start in range(0, rows.shape[0], step):
+        part = rows[start:start + step].to(device, non_blocking=True)[valid[start:start + step]].abs_()
+        if part.shape[0] == 0:
+            continue
+        if reduce == "mean":
+            part = part.sum(dim=0, dtype=torch.float32)
+            acc = part if acc is None else acc.add_(part)
+        else:
+            part = part.amax(0)
+            acc = part if acc is None else torch.maximum(acc, part)
+    return acc.div_(n_valid) if reduce == "mean" else acc
 
 
 def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, loss, ratio):
@@ -231,9 +253,8 @@ def search_group(x, linears, forward, fp_out, masks, *, scheme, n_grid=20, loss=
     if n_grid < 1:
         raise VlmquantError(f"n_grid={n_grid} must be at least 1")
     _check_group(x, linears, scheme)
-    xv = _valid_rows(x, masks if stat_masks is None else stat_masks)
-    a = pool_period(xv.abs_().mean(dim=0, dtype=torch.float32), period).to(weight_of(linears[0]).device)  # (C_in,)
-    del xv
+    device = weight_of(linears[0]).device
+    a = pool_period(channel_stat(x, masks if stat_masks is None else stat_masks, device), period)  # (C_in,)
     grid = grid_scales(a, n_grid)
     losses = candidate_losses(linears, forward, fp_out, masks, grid, scheme=scheme, loss=loss, ratio=ratio)
     best = min(range(n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
@@ -247,8 +268,9 @@ def smooth_group(x, linears, forward, fp_out, masks, *, scheme, alpha=0.5, loss=
     and over the rows of all the group's linears (and over the repeats of `period`). losses = [RTN (s = 1),
     smoothed]; the smoothed scales are kept whatever their loss. masks / stat_masks as in search_group."""
     _check_group(x, linears, scheme)
-    x_max = _valid_rows(x, masks if stat_masks is None else stat_masks).abs().amax(0)  # (C_in,)
-    s = smoothquant_scales(x_max.to(weight_of(linears[0]).device), linears, alpha, period)
+    device = weight_of(linears[0]).device
+    x_max = channel_stat(x, masks if stat_masks is None else stat_masks, device, "max")  # (C_in,)
+    s = smoothquant_scales(x_max, linears, alpha, period)
     losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], scheme=scheme, loss=loss,
                               ratio=ratio)
     return GroupResult(scales=s, alpha=alpha, losses=losses, best_index=1)

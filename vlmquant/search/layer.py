@@ -4,8 +4,10 @@ One fp forward of the layer, with hooks, records every group's input and its blo
 output (for a per-expert group, what its MoE block's experts were called with: the tokens and their
 routing). Each group is then searched from the layer's fp weights (groups are independent); a
 token-wise block runs on only the tokens its loss reads. Under a memory cap the forwards run in sample
-micro-batches and a loss sums over them (grid.block_loss). The next layer's input is the layer's fp
-output, or with `distort` the layer's output as the quantized model computes it (`quantized_forward`).
+micro-batches and a loss sums over them (grid.block_loss); when the records do not fit the device either,
+they are kept in pinned host memory and each micro-batch's are moved back for its forward. The next
+layer's input is the layer's fp output, or with `distort` the layer's output as the quantized model
+computes it (`quantized_forward`).
 """
 import torch
 
@@ -19,24 +21,41 @@ from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 
 
-def fill_rows(whole, part, start, stop, n):
+def fill_rows(whole, part, start, stop, n, host=False):
     """(whole, the view of `part` in it): the rows of samples start:stop out of n written into `whole` (allocated on
-    first use). Rows per sample: 1 for (b, T, C) inputs, T for token-flattened (b·T, C) ones (MoE experts)."""
+    first use; with `host`, in host memory). Rows per sample: 1 for (b, T, C) inputs, T for token-flattened (b·T, C)
+    ones (MoE experts)."""
     k = part.shape[0] // (stop - start)
     if whole is None:
-        whole = part.new_empty((n * k, *part.shape[1:]))
+        whole = torch.empty((n * k, *part.shape[1:]), dtype=part.dtype, device="cpu" if host else part.device,
+                            pin_memory=host and part.is_cuda)
     whole[start * k:stop * k] = part
     return whole, whole[start * k:stop * k]
 
 
+def stored(t, host):
+    """A recorded tensor as kept: `t` itself, or with `host` a copy in host memory (pinned when `t` is on a GPU);
+    anything but a tensor as it is."""
+    if not host or not isinstance(t, torch.Tensor) or t.device.type == "cpu":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t)
+
+
+def on_device(t, device):
+    """A recorded tensor (anything else as it is) on `device`: copied without blocking the host (from pinned memory
+    the copy is ordered on the current stream)."""
+    return t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+
+
 @torch.no_grad()
-def record_layer(layer, groups, hidden, kwargs, per_batch=None):
+def record_layer(layer, groups, hidden, kwargs, per_batch=None, host=False):
     """fp forward with hooks → (next hidden, {group index: {"x": group input, "parts": [part]}}).
 
     One part per sample micro-batch of `per_batch` samples (None: one part, all samples): the block's "args",
     "kwargs", fp "out" and "span" (start, stop); a per-expert group's part "args" are its experts module's
     (hidden (N, H), top_k_index, weights) (`expert_args` joins them). x holds every sample (the channel
-    statistics); a block's input that is x is kept as a view into it.
+    statistics); a block's input that is x is kept as a view into it. host: x, the args and the fp outputs are
+    kept in host memory (`stored`); the keyword arguments (position embeddings, masks) stay on the device.
     """
     n, tokens = hidden.shape[:2]
     per_batch = n if per_batch is None else per_batch
@@ -69,12 +88,11 @@ def record_layer(layer, groups, hidden, kwargs, per_batch=None):
                 cur = current.pop(gi)
                 x, args = cur["x"], cur["args"]
                 if whole:
-                    rec["x"] = x
+                    rec["x"] = view = stored(x, host)
                 else:
-                    rec["x"], view = fill_rows(rec["x"], x, start, stop, n)
-                    if args and args[0] is x:
-                        args = (view, *args[1:])
-                rec["parts"].append({"args": args, "kwargs": cur.get("kwargs"), "out": cur.get("out"),
+                    rec["x"], view = fill_rows(rec["x"], x, start, stop, n, host)
+                args = tuple(view if a is x else stored(a, host) for a in args)
+                rec["parts"].append({"args": args, "kwargs": cur.get("kwargs"), "out": stored(cur.get("out"), host),
                                      "span": (start, stop)})
     finally:
         for h in handles:
@@ -98,7 +116,10 @@ def select_tokens(args, out, masks, reweight):
     if n in (0, keep.numel()):
         return args, out, masks
     idx = keep.nonzero().squeeze(1)
-    pick = lambda t: t.reshape(-1, t.shape[-1]).index_select(0, idx)[None]  # noqa: E731  (1, N_keep, C): MoE blocks take 3-D
+
+    def pick(t):  # (1, N_keep, C): MoE blocks take 3-D; host records stay pinned
+        t_keep = t.reshape(-1, t.shape[-1]).index_select(0, idx)[None]
+        return t_keep.pin_memory() if t.is_pinned() else t_keep
     return (pick(args[0]), *args[1:]), pick(out), {k: v.reshape(-1).to(idx.device)[idx] for k, v in masks.items()}
 
 
@@ -112,14 +133,16 @@ def group_period(layer, g, n_in):
     return d if d < n_in else None
 
 
-def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None, per_batch=None):
+def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None, per_batch=None, host=False):
     """Search every group of `layer` with the run's method. Returns (results per group, fp output of the layer).
 
     spec: the RunSpec. ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None. A per-expert group's result
     is an ExpertsResult (its method's `experts` search), the others' a GroupResult. per_batch: samples per
     micro-batch of the layer's forwards (None: all at once); the losses are over all samples either way.
+    host: the groups' records are kept in host memory (record_layer), each moved to the layer's device when used.
     """
-    out, records = record_layer(layer, groups, hidden, kwargs, per_batch)
+    device = hidden.device
+    out, records = record_layer(layer, groups, hidden, kwargs, per_batch, host)
     results = []
     for gi, g in enumerate(groups):
         rec = records.pop(gi)
@@ -127,7 +150,7 @@ def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None, per_ba
         if g.experts:
             if spec.method_def.experts is None:
                 raise VlmquantError(f"method {spec.method} does not search the experts of mixture-of-experts layers")
-            hidden_in, top_k_index = expert_args(rec)[:2]
+            hidden_in, top_k_index = (on_device(t, device) for t in expert_args(rec)[:2])
             job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio is not None)
             results.append(spec.method_def.experts(job, spec, ratio))
             del job, rec, hidden_in, top_k_index
@@ -142,7 +165,7 @@ def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None, per_ba
                 args, fp_out, part_masks = select_tokens(args, fp_out, part_masks, ratio is not None)
 
             def forward(block=block, args=args, kwargs=part["kwargs"]):
-                o = block(*args, **kwargs)
+                o = block(*(on_device(a, device) for a in args), **kwargs)
                 return o[0] if isinstance(o, tuple) else o
 
             forwards.append(forward)

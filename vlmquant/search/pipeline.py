@@ -17,8 +17,8 @@ from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
 from vlmquant.models.base import layer_part
 from vlmquant.models.loading import meta_model
-from vlmquant.models.stream import (MB, StreamedModel, activation_budget, forward_micro_batched, layer_token_bytes,
-                                    micro_batch, use_streaming)
+from vlmquant.models.stream import (MB, StreamedModel, activation_budget, device_free_bytes, forward_micro_batched,
+                                    layer_token_bytes, micro_batch, use_streaming)
 from vlmquant.quant.fold import consumer_weight, resolve_scales
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
@@ -145,13 +145,14 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                     except VlmquantError as e:
                         raise VlmquantError(f"decoder layer {i} {name}: {e}") from None
         plan[i] = groups
-    per_batch = search_micro_batch(sm, hidden, model.max_batch_mb)
+    per_batch, host = search_micro_batch(sm, hidden, model.max_batch_mb)
     for i in tqdm(layer_ids, desc="search", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         groups = plan[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
-        results, out = search_layer(layer, groups, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch)
+        results, out = search_layer(layer, groups, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
+                                    host)
         if spec.distort:
             out = quantized_forward(layer, i, groups, results, spec, hidden, args.kwargs(i), model.adapter, per_batch)
         hidden = args.after(i, out)
@@ -171,18 +172,30 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
 
 
 def search_micro_batch(sm, hidden, max_batch_mb=None):
-    """Samples per micro-batch of a search job's layer forwards: what memory.max_batch_mb allows, else what the
-    free memory allows once a layer's weights, its output and the activations search_layer records for every
-    scale group (about five hidden-size and one MLP-size tensor over all tokens) are set aside."""
+    """(samples per micro-batch of a search job's layer forwards, whether search_layer keeps its records in host
+    memory). The records (the inputs and fp outputs of every scale group, five hidden-size and one MLP-size
+    tensor over all tokens, and the loss-token copy of the largest group's: one more of each) stay on the device
+    when they fit its free memory next to a layer's weights and its input and output; on a GPU where they do not,
+    they go to host memory, and a micro-batch then also holds one group's records of its samples. Micro-batches:
+    what memory.max_batch_mb allows, else what is left."""
     n, tokens = hidden.shape[:2]
     text = sm.skeleton.config.get_text_config()
     inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    records = n * tokens * (5 * text.hidden_size + inter) * hidden.element_size()
-    budget = activation_budget(sm.device, max_batch_mb, reserve=sm.layer_bytes() + hidden_bytes(hidden) + records)
-    per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, sm.dtype), budget)
+    element = hidden.element_size()
+    records = n * tokens * (6 * text.hidden_size + 2 * inter) * element
+    reserve = sm.layer_bytes() + 2 * hidden_bytes(hidden)
+    token_bytes = layer_token_bytes(sm.skeleton.config, sm.dtype)
+    host = torch.device(sm.device).type == "cuda" and reserve + records + tokens * token_bytes > \
+        device_free_bytes(sm.device)
+    if host:
+        token_bytes += (text.hidden_size + inter) * element
+        log.info("search: the scale groups' records (%.1f GiB) do not fit the device: kept in host memory",
+                 records / 2**30)
+    per_batch = micro_batch(n, tokens, token_bytes,
+                            activation_budget(sm.device, max_batch_mb, reserve=reserve + (0 if host else records)))
     if per_batch < n:
         log.info("search: layer forwards in micro-batches of %d of %d samples", per_batch, n)
-    return per_batch
+    return per_batch, host
 
 
 # --- import ----------------------------------------------------------------------------------
