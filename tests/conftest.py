@@ -116,6 +116,14 @@ class Workdir:
         if demo_root is not None:
             shutil.copytree(demo_root, self.path / "results" / "demo")
 
+    def copy(self, path):
+        """A Workdir copying this one into `path`, outputs, times and .snakemake records included: what was run
+        here is up to date there."""
+        shutil.copytree(self.path, path, symlinks=True, dirs_exist_ok=True)
+        other = object.__new__(Workdir)
+        other.path = Path(path)
+        return other
+
     @property
     def config(self):
         return yaml.safe_load((self.path / "config.yaml").read_text())
