@@ -13,6 +13,11 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# One intra-op thread here and in the processes the tests start, as Snakemake gives its jobs (OMP_NUM_THREADS=1 for
+# a rule without `threads`): on 2 shared cores a second thread per process made the demo models' forwards 2.5x
+# slower, not faster.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "workflow", "config.yaml")
 
 
@@ -110,6 +115,14 @@ class Workdir:
             (shutil.copytree if src.is_dir() else shutil.copy)(src, self.path / name)
         if demo_root is not None:
             shutil.copytree(demo_root, self.path / "results" / "demo")
+
+    def copy(self, path):
+        """A Workdir copying this one into `path`, outputs, times and .snakemake records included: what was run
+        here is up to date there."""
+        shutil.copytree(self.path, path, symlinks=True, dirs_exist_ok=True)
+        other = object.__new__(Workdir)
+        other.path = Path(path)
+        return other
 
     @property
     def config(self):

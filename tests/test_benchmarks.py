@@ -1,5 +1,9 @@
 """The benchmarks run on the CPU at tiny shapes: the search layer (its fast path agrees with the plain loop), the
-whole DAG (e2e.py) and the per-stage memory vs depth (memory_depth.py)."""
+whole DAG (e2e.py) and the per-stage memory vs depth (memory_depth.py).
+
+The whole-DAG and memory-depth runs take minutes on 2 cores: they are marked `bench`, out of the default run
+(`python -m pytest -m bench`); the default run checks that both scripts start, that e2e.py plans the DAG in
+order and that one stage runs in its own measured process."""
 import json
 import subprocess
 import sys
@@ -7,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, snakemake_env
 
 
 def test_search_layer_benchmark_runs_and_matches_the_straightforward_loop(tmp_path):
@@ -33,6 +37,39 @@ def test_moe_search_benchmark_runs_and_matches_the_straightforward_expert_loop(t
     assert len(result["alpha"][3]) == 8 and result["tokens_per_expert_min_max"][0] > 0
 
 
+PLAN_AND_ONE_STAGE = """
+import argparse, json, sys
+from pathlib import Path
+import e2e, memory_depth, stages
+work = Path(sys.argv[1])
+for script in (e2e, memory_depth):
+    sys.argv = [script.__file__, "--help"]
+    try:
+        script.main()
+    except SystemExit as end:
+        assert end.code == 0, script
+data = e2e.write_data(work / "data", 2, 56, seed=1).parent
+args = argparse.Namespace(shape="demo", samples=2, eval_samples=2, w_bit=4, layers_per_job=2, stream="always",
+                          cap_gib=None, device="cpu")
+jobs = dict(e2e.dag(args, work, work / "model", data, data))
+print(json.dumps({"order": list(jobs), "calib": stages.run(jobs["calib"]), "out": jobs["calib"]["out"]}))
+"""
+
+
+def test_benchmark_scripts_start_and_e2e_plans_the_dag(tmp_path):
+    """What the `bench` tests below run, in seconds: both scripts import and parse their options; e2e.py plans the
+    stages of one MBQ run in DAG order (a search job per chunk) and runs the first in a fresh, measured process."""
+    res = subprocess.run([sys.executable, "-c", PLAN_AND_ONE_STAGE, str(tmp_path)], cwd=REPO / "benchmarks", check=True,
+                         capture_output=True, text=True, env=snakemake_env())
+    assert res.stdout.count("usage: ") == 2 and "usage: e2e.py" in res.stdout and "usage: memory_depth.py" in res.stdout
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["order"] == ["calib", "calib_holdout", "inputs", "inputs_holdout", "grads", "acts", "search_000",
+                               "search_002", "merge", "export", "eval_fp", "eval"]
+    assert 0 < result["calib"]["seconds"] < result["calib"]["process_seconds"]
+    assert pd.read_parquet(result["out"]).shape[0] == 2
+
+
+@pytest.mark.bench
 @pytest.mark.slow
 def test_e2e_benchmark_runs_the_dag_through_the_library_functions(tmp_path):
     """The stages in DAG order, each in its own process, on a tiny model: every job measured, an eval table made."""
@@ -50,6 +87,7 @@ def test_e2e_benchmark_runs_the_dag_through_the_library_functions(tmp_path):
     assert (table.loc[table.metric == "kl", "value"] > 0).all()
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_memory_depth_benchmark_measures_every_stage_at_two_depths(tmp_path):
     out = tmp_path / "depth.json"

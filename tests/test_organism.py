@@ -144,15 +144,25 @@ def test_training_forward_equals_the_per_image_forward(organism):
     torch.testing.assert_close(got[data["mask"]], expected[data["mask"]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # about 20 s here: 200 held-out questions
-def test_trained_model_scores_its_recorded_accuracy(data_dir):
+@pytest.fixture(scope="module")
+def fp_scores(data_dir):
+    """The trained model's scores on the first held-out questions (about 20 s here: 200 questions)."""
+    return score.accuracy(MODEL_DIR, data_dir / "heldout.parquet")
+
+
+@pytest.fixture(scope="module")
+def blind(data_dir):
+    """Accuracy on those questions answering from the question alone (5000 training scenes' commonest answers)."""
+    return score.blind_baseline(score.task_rows(data_dir / "heldout.parquet"), n_train=5000)["overall"]
+
+
+@pytest.mark.slow
+def test_trained_model_scores_its_recorded_accuracy(fp_scores, blind):
     recorded = RECORD[f"heldout_accuracy_first{train.EVAL_ROWS}"]
-    measured = score.accuracy(MODEL_DIR, data_dir / "heldout.parquet")
-    assert measured["n"] == recorded["n"] == train.EVAL_ROWS
-    assert measured["overall"] == pytest.approx(recorded["overall"], abs=0.02)
+    assert fp_scores["n"] == recorded["n"] == train.EVAL_ROWS
+    assert fp_scores["overall"] == pytest.approx(recorded["overall"], abs=0.02)
     # the answers need the image: answering from the question alone scores far lower
-    blind = score.blind_baseline(score.task_rows(data_dir / "heldout.parquet"), n_train=5000)
-    assert blind["overall"] < measured["overall"] - 0.15
+    assert blind < fp_scores["overall"] - 0.15
     assert RECORD["blind_baseline"]["overall"] < RECORD["heldout_accuracy"]["overall"] - 0.2
 
 
@@ -185,13 +195,13 @@ def staged(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp_accuracy(data_dir):
-    return score.accuracy(MODEL_DIR, data_dir / "heldout.parquet")["overall"]
+def fp_accuracy(fp_scores):
+    return fp_scores["overall"]
 
 
 @pytest.mark.slow  # 35-90 s a run here: a search over the 4 layers and 200 held-out questions
 @pytest.mark.parametrize("run", RUNS)
-def test_quantized_checkpoint_scores_between_chance_and_fp(run, staged, data_dir, fp_accuracy, tmp_path):
+def test_quantized_checkpoint_scores_between_chance_and_fp(run, staged, data_dir, fp_accuracy, blind, tmp_path):
     """Each run of config/organism.yaml, calibrated on the calib split: its checkpoint answers the held-out
     questions better than answering from the question alone, and no better than the fp model."""
     d, model = staged
@@ -206,5 +216,4 @@ def test_quantized_checkpoint_scores_between_chance_and_fp(run, staged, data_dir
               {**names, "run_config": spec.search_params()})
     export_checkpoint(model, spec, tmp_path / "checkpoint", cache, names=names)
     measured = score.accuracy(tmp_path / "checkpoint", data_dir / "heldout.parquet")["overall"]
-    blind = score.blind_baseline(score.task_rows(data_dir / "heldout.parquet"), n_train=5000)["overall"]
     assert blind < measured <= fp_accuracy, (run, blind, measured, fp_accuracy)

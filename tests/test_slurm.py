@@ -18,6 +18,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import REPO, Workdir, parse_job_stats, snakemake_env
+from e2e_pipeline import full_run
 from vlmquant.errors import VlmquantError
 from vlmquant.workflow import BASE_MB, job_mem_mb, model_params
 
@@ -204,6 +205,11 @@ def cluster(slurm, tmp_path_factory, demo_root):
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory, demo_root):
+    """The run without SLURM: without a GPU, the default workflow's run (its device, auto, is the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return full_run(tmp_path_factory, demo_root)
     wd = Workdir(tmp_path_factory.mktemp("local"), demo_root)
     wd.edit(one_run_on_cpu)
     wd.snakemake(CACHE)
@@ -251,10 +257,10 @@ def test_scale_cache_matches_a_local_run(cluster, local):
 
 
 @pytest.mark.slow
-def test_gpu_jobs_get_a_slurm_gpu(slurm, local, tmp_path):
+def test_gpu_jobs_get_a_slurm_gpu(cluster, tmp_path):
     """With a GPU device the model jobs ask SLURM for one (the test node has one in name only)."""
     wd = tmp_path / "wd"
-    shutil.copytree(local.path, wd)  # with .snakemake: the device change reruns acts
+    shutil.copytree(cluster[0].path, wd)  # device cpu, with .snakemake: the device change reruns acts
     run = Detached(wd, tmp_path / "gpu.log", f"results/{MODEL}/demo/acts", *SLURM_ARGS, "--config", "device=auto")
     assert run.wait(120) == 0, run.text[-4000:]
     (job,) = submitted(run).items()

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from conftest import Workdir, snakemake_env
+from e2e_pipeline import full_run
 
 pytestmark = pytest.mark.slow
 MBQ = "results/demo-qwen2vl/demo/mbq-w3g128/scale_cache.pt"
@@ -19,16 +20,20 @@ def one_layer_per_job(cfg):
     cfg["search"]["layers_per_job"] = 1
 
 
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, demo_root):
+    """The default workflow run to completion (two layers per search job), shared with test_workflow_full."""
+    return full_run(tmp_path_factory, demo_root)
+
+
 def test_awq_never_needs_grads(workdir):
     jobs = workdir.planned(AWQ)
     assert "grads" not in jobs and jobs["merge"] == 1
     assert "grads" in workdir.planned(MBQ)
 
 
-def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_path_factory, demo_root):
-    ref = Workdir(tmp_path_factory.mktemp("ref"), demo_root)
-    ref.edit(one_layer_per_job)
-    ref.snakemake(MBQ)
+def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_path_factory, demo_root, pipe):
+    ref = pipe.copy(tmp_path_factory.mktemp("ref"))  # its search ran in jobs of two layers, uninterrupted
 
     wd = Workdir(tmp_path_factory.mktemp("killed"), demo_root)
     wd.edit(one_layer_per_job)
@@ -73,7 +78,7 @@ def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_pat
     assert "grads" not in wd.planned(AWQ)
 
 
-def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_factory):
+def test_distort_run_chains_its_chunks_and_matches_one_job(pipe, tmp_path_factory):
     from vlmquant.io.provenance import with_weights
     from vlmquant.io.scales import chunk_layer_files, merge
     from vlmquant.models.loading import open_model
@@ -81,10 +86,11 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(workdir, tmp_path_fac
     from vlmquant.workflow import check_config, run_specs
 
     run_dir = "results/demo-qwen2vl/demo/mbq-distort"
+    workdir = pipe.copy(tmp_path_factory.mktemp("distort"))  # calib, inputs and acts done
     workdir.edit(lambda c: c["runs"].update({"mbq-distort": {"method": "mbq", "w_bit": 3, "distort": True}}))
     # chunk 2 of the distort run needs chunk 0's quantized outputs; chunks of other runs stay independent
     assert workdir.planned(f"{run_dir}/scales/chunk_002")["search"] == 2
-    assert workdir.planned(f"{SCALES}/chunk_002")["search"] == 1
+    assert workdir.planned("--forceall", f"{SCALES}/chunk_002")["search"] == 1
     workdir.snakemake(f"{run_dir}/scale_cache.pt")
     assert sorted(p.name for p in workdir.file(f"{run_dir}/scales/chunk_000").glob("[!.]*")) == [
         "layer_000.safetensors", "layer_001.safetensors", "next_inputs.safetensors"]
