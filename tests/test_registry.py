@@ -57,14 +57,15 @@ def test_a_family_is_one_file(tmp_path, demo_root):
     (tmp_path / "wd").mkdir()
     wd = Workdir(tmp_path / "wd", demo_root)
     wd.edit(lambda c: (c["models"].update({"demo-vip": {"path": "results/demo/model-vipllava"}}),
-                       c["targets"].update(models=["demo-vip"], runs=["rtn-w3g128", "awq-w3g128"])))
+                       c["runs"]["awq-w3g128"].update(formats=["pseudo"]),
+                       c["targets"].update(models=["demo-vip"], runs=["awq-w3g128"])))
     env = {**snakemake_env(), "PYTHONPATH": str(package)}
     res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=wd.path, env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = pd.read_csv(wd.file("results/summary.csv"))
-    assert summary.run.tolist() == ["fp", "rtn-w3g128", "awq-w3g128"] and set(summary.model) == {"demo-vip"}
-    assert (summary.kl[1:] > 0).all()
+    assert summary.run.tolist() == ["fp", "awq-w3g128"] and set(summary.model) == {"demo-vip"}
+    assert summary.kl[1] > 0
     # without the file, the same config is one line naming the families that exist
     res = subprocess.run([sys.executable, "-m", "snakemake", "-n"], cwd=wd.path, env=snakemake_env(),
                          capture_output=True, text=True)
