@@ -561,12 +561,14 @@ def job_label(snakemake):
 
 
 class StatusStream:
-    """A job's stderr: everything goes to the log; the final state of every progress bar that ran STATUS_MIN s
-    or more (and of a running one every STATUS_EVERY s) also goes to Snakemake's terminal as one line
-    `[job] desc: n/total [elapsed<remaining, rate]`."""
+    """A job's stderr: everything goes to the log; the final state of the job's own progress bar (the one named
+    after its rule, e.g. `search`) and of every other bar that ran STATUS_MIN s or more (and of a running one
+    every STATUS_EVERY s) also goes to Snakemake's terminal as one line `[job] desc: n/total [elapsed<remaining,
+    rate]`."""
 
     def __init__(self, log, terminal, label):
         self.log, self.terminal, self.label = log, terminal, label
+        self.own = label.split(" ")[0] + ":"
         self.line, self.last = "", time.monotonic()
 
     def write(self, text):
@@ -588,7 +590,8 @@ class StatusStream:
         if not bar:
             return
         h, m, sec = (int(x or 0) for x in bar.groups())
-        if 3600 * h + 60 * m + sec >= STATUS_MIN and (final or now - self.last >= STATUS_EVERY):
+        own = final and self.line.lstrip().startswith(self.own)
+        if own or (3600 * h + 60 * m + sec >= STATUS_MIN and (final or now - self.last >= STATUS_EVERY)):
             self.terminal.write(f"[{self.label}] {BAR.sub(' ', self.line).strip()}\n")
             self.terminal.flush()
             self.last = now
