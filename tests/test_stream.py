@@ -23,7 +23,7 @@ from vlmquant.models.loading import meta_model
 from vlmquant.search import pipeline as P
 from vlmquant.search.capture import LayerArgs, load_layer_inputs, load_samples, token_masks
 from vlmquant.search.grads import plan_store
-from vlmquant.search.layer import group_period, quantized_forward, search_layer
+from vlmquant.search.layer import group_period, quantized_forward, record_layer, search_layer
 
 SETTINGS = {"batch_size": 2, "kl_top_k": 0, "hidden_positions": 8}
 NAMES = {"model": "demo", "calib": "demo", "run": "w4a8"}
@@ -148,33 +148,52 @@ def test_streamed_packed_checkpoint_is_the_resident_one(staged, tmp_path):
     assert out["never"] == out["always"]
 
 
-@pytest.mark.parametrize("spec, ratios", [(W4A8, {"attn": 2.0, "mlp": 1.5}),
-                                          (run_spec("awq", method="awq", w_bit=3, n_grid=4), None)], ids=["w4a8", "awq"])
+SEARCHES = [(W4A8, {"attn": 2.0, "mlp": 1.5}), (run_spec("awq", method="awq", w_bit=3, n_grid=4), None)]
+
+
+@pytest.mark.parametrize("spec, ratios", SEARCHES, ids=["w4a8", "awq"])
 def test_micro_batched_search_picks_the_same_alpha(staged, runs, spec, ratios):
     d, model = staged
-    assert_micro_batched_search_matches(model, runs / "never/acts/layer_000.safetensors", d / "inputs.safetensors",
-                                        spec, ratios, 2)
+    assert_searches_match(model, runs / "never/acts/layer_000.safetensors", d / "inputs.safetensors", spec, ratios,
+                          ((None, False), (2, False)))
 
 
-def assert_micro_batched_search_matches(model, acts, inputs, spec, ratios, per_batch):
-    """search_layer and quantized_forward on decoder layer 0 give the same alpha, losses and outputs whole and in
-    micro-batches of `per_batch` samples."""
-    hidden, args, _ = load_layer_inputs(acts, "cpu", torch.float32)
-    masks = token_masks(ragged.collate(load_samples(inputs)[0]))
-    out = {}
-    for n in (None, per_batch):
-        layer = model.load_layers([0])[0]
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec, ratios", SEARCHES, ids=["w4a8", "awq"])
+def test_host_records_pick_the_same_alpha_on_the_gpu(staged, runs, spec, ratios):
+    """Micro-batches of 2 samples with the scale groups' records on the GPU and in pinned host memory."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    d, model = staged
+    acts, inputs = runs / "never/acts/layer_000.safetensors", d / "inputs.safetensors"
+    hidden, args, _ = load_layer_inputs(acts, "cuda", torch.float32)
+    layer = model.load_layers([0])[0].cuda()
+    _, records = record_layer(layer, model.adapter.resolve_groups(layer, 0), hidden, args.kwargs(0), 2, host=True)
+    kept = [t for r in records.values() for t in (r["x"], *(p["out"] for p in r["parts"]))]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in kept)
+    assert_searches_match(model, acts, inputs, spec, ratios, ((2, False), (2, True)), device="cuda", exact=True)
+
+
+def assert_searches_match(model, acts, inputs, spec, ratios, settings, device="cpu", exact=False):
+    """search_layer and quantized_forward on decoder layer 0 give the same alpha, losses and outputs under two
+    `settings` (samples per micro-batch or None for all at once, whether the records are kept in host memory).
+    exact: the outputs bit for bit, else to assert_close's tolerance."""
+    hidden, args, _ = load_layer_inputs(acts, device, torch.float32)
+    masks = token_masks(ragged.collate(load_samples(inputs)[0]), device)
+    out = []
+    for per_batch, host in settings:
+        layer = model.load_layers([0])[0].to(device)
         groups = model.adapter.resolve_groups(layer, 0)
-        results, fp_next = search_layer(layer, groups, hidden, args.kwargs(0), masks, spec, ratios, n)
-        out[n] = results, fp_next, quantized_forward(layer, 0, groups, results, spec, hidden, args.kwargs(0),
-                                                     model.adapter, n)
-    (whole, fp_a, q_a), (parts, fp_b, q_b) = out[None], out[per_batch]
-    assert len(whole) == len(groups)
-    for a, b in zip(whole, parts):
+        results, fp_next = search_layer(layer, groups, hidden, args.kwargs(0), masks, spec, ratios, per_batch, host)
+        out.append((results, fp_next, quantized_forward(layer, 0, groups, results, spec, hidden, args.kwargs(0),
+                                                        model.adapter, per_batch)))
+    (first, fp_a, q_a), (second, fp_b, q_b) = out
+    assert len(first) == len(groups)
+    for a, b in zip(first, second):
         assert torch.equal(torch.as_tensor(a.alpha), torch.as_tensor(b.alpha))
         torch.testing.assert_close(torch.as_tensor(a.losses), torch.as_tensor(b.losses), rtol=1e-5, atol=0)
-    torch.testing.assert_close(fp_a, fp_b)
-    torch.testing.assert_close(q_a, q_b)
+    same = (lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0)) if exact else torch.testing.assert_close
+    same(fp_a, fp_b)
+    same(q_a, q_b)
 
 
 def test_micro_batch_sizes_and_kwarg_splits():
@@ -282,9 +301,9 @@ def test_micro_batched_search_on_todays_families(family, family_demo, tmp_path):
     """One sample at a time: a deepstack layer, a Gemma 3 sliding-window layer, a MoE layer's per-expert groups."""
     d, model = family_demo(family)
     P.run_acts(model, d / "inputs.safetensors", [0], tmp_path)
-    assert_micro_batched_search_matches(model, tmp_path / "layer_000.safetensors", d / "inputs.safetensors",
-                                        run_spec("mbq", method="mbq", w_bit=3, n_grid=4),
-                                        {"attn": 1.5, "mlp": 2.0}, 1)
+    assert_searches_match(model, tmp_path / "layer_000.safetensors", d / "inputs.safetensors",
+                          run_spec("mbq", method="mbq", w_bit=3, n_grid=4), {"attn": 1.5, "mlp": 2.0},
+                          ((None, False), (1, False)))
 
 
 def test_layer_args_split_and_join_by_sample():
