@@ -187,6 +187,7 @@ def main():
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     result = {"settings": vars(args), "env": environment(), "depths": {}}
+    wanted = args.stages.split(",")
     for k, n in enumerate(map(int, args.depths.split(","))):
         capped = bool(args.search_cap_gib) and k == 0
         folder = Path(args.root) / f"{args.shape}-{n}"
@@ -198,7 +199,6 @@ def main():
         write_inputs(w / "eval_inputs.safetensors", args.eval_samples, args.tokens, args.vocab, seed=1)
         random_cache(w / "cache.pt", folder)
         out = result["depths"][n] = {}
-        wanted = args.stages.split(",")
         for label, job in depth_jobs(args, folder, n, capped):
             if label.removesuffix("_capped") not in wanted:
                 continue
