@@ -87,12 +87,16 @@ def use_streaming(mode, ref, every_layer=True):
     return stream
 
 
+def text_widths(config):
+    """(hidden size, MLP intermediate size) of a model config's text model; 4 x hidden where it names none."""
+    text = config.get_text_config()
+    return text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+
+
 def layer_token_bytes(config, dtype, backward=False):
     """Estimated peak activation bytes per token of one decoder-layer forward (its hidden input and output, the
     attention projections, the MLP's gate, up and product), twice that with autograd's saved tensors."""
-    text = config.get_text_config()
-    hidden = text.hidden_size
-    inter = getattr(text, "intermediate_size", None) or 4 * hidden
+    hidden, inter = text_widths(config)
     per = (8 * hidden + 4 * inter) * torch.tensor([], dtype=dtype).element_size()
     return 2 * per if backward else per
 

@@ -18,7 +18,7 @@ from vlmquant.models import n_layers
 from vlmquant.models.base import layer_part
 from vlmquant.models.loading import meta_model
 from vlmquant.models.stream import (MB, StreamedModel, activation_budget, device_free_bytes, forward_micro_batched,
-                                    layer_token_bytes, micro_batch, use_streaming)
+                                    layer_token_bytes, micro_batch, text_widths, use_streaming)
 from vlmquant.quant.fold import consumer_weight, resolve_scales
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
@@ -179,16 +179,15 @@ def search_micro_batch(sm, hidden, max_batch_mb=None):
     they go to host memory, and a micro-batch then also holds one group's records of its samples. Micro-batches:
     what memory.max_batch_mb allows, else what is left."""
     n, tokens = hidden.shape[:2]
-    text = sm.skeleton.config.get_text_config()
-    inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    width, inter = text_widths(sm.skeleton.config)
     element = hidden.element_size()
-    records = n * tokens * (6 * text.hidden_size + 2 * inter) * element
+    records = n * tokens * (6 * width + 2 * inter) * element
     reserve = sm.layer_bytes() + 2 * hidden_bytes(hidden)
     token_bytes = layer_token_bytes(sm.skeleton.config, sm.dtype)
     host = torch.device(sm.device).type == "cuda" and reserve + records + tokens * token_bytes > \
         device_free_bytes(sm.device)
     if host:
-        token_bytes += (text.hidden_size + inter) * element
+        token_bytes += (width + inter) * element
         log.info("search: the scale groups' records (%.1f GiB) do not fit the device: kept in host memory",
                  records / 2**30)
     per_batch = micro_batch(n, tokens, token_bytes,
