@@ -94,37 +94,36 @@ def inverse_cholesky(h: torch.Tensor, dampening: float) -> torch.Tensor:
 class Quantizer:
     """Group scales/zero points of one weight under a scheme, and the rounding of one column with them.
 
-    scale, zero: (out, n_groups) in the compute dtype (zero unused for symmetric schemes)."""
+    Per group g: scale[g], and the level bounds lo[g], hi[g] (q - zero in [-zero, 2^b - 1 - zero] for asymmetric
+    schemes, q in [-2^(b-1), 2^(b-1) - 1] for symmetric ones), each (out,) in the compute dtype."""
 
-    def __init__(self, w: torch.Tensor, scheme: Scheme, group: int, scale_dtype: torch.dtype):
-        self.bits, self.symmetric, self.scale_dtype = scheme.w_bit, scheme.symmetric, scale_dtype
-        n_groups = w.shape[1] // group
-        self.scale = w.new_ones(w.shape[0], n_groups)
-        self.zero = w.new_zeros(w.shape[0], n_groups)
+    def __init__(self, n_out: int, n_in: int, scheme: Scheme, group: int, scale_dtype: torch.dtype, like: torch.Tensor):
+        self.bits, self.symmetric, self.scale_dtype, self.group = scheme.w_bit, scheme.symmetric, scale_dtype, group
+        half = 2 ** (self.bits - 1)
+        self.scale = like.new_ones(n_in // group, n_out)
+        self.lo = like.new_full((n_in // group, n_out), -half if self.symmetric else 0)
+        self.hi = like.new_full((n_in // group, n_out), half - 1 if self.symmetric else 2**self.bits - 1)
 
     def set_group(self, g: int, wg: torch.Tensor) -> None:
         """Parameters of group g from its weights wg (out, group)."""
         if self.symmetric:
-            self.scale[:, g:g + 1] = sym_qparams(wg, self.bits, self.scale_dtype)
-        else:
-            self.scale[:, g:g + 1], self.zero[:, g:g + 1] = asym_qparams(wg, self.bits, self.scale_dtype)
+            self.scale[g] = sym_qparams(wg, self.bits, self.scale_dtype)[:, 0]
+            return
+        scale, zero = asym_qparams(wg, self.bits, self.scale_dtype)
+        self.scale[g], self.lo[g], self.hi[g] = scale[:, 0], -zero[:, 0], 2**self.bits - 1 - zero[:, 0]
 
-    def level(self, col: torch.Tensor, g: int) -> torch.Tensor:
-        """Integer level (q - zero for asymmetric) of a column (out,) in group g, as a float tensor (out,)."""
-        r = torch.round(col / self.scale[:, g])
-        if self.symmetric:
-            half = 2 ** (self.bits - 1)
-            return r.clamp_(-half, half - 1)
-        z = self.zero[:, g]
-        return torch.maximum(torch.minimum(r, 2**self.bits - 1 - z), -z)
+    def level_(self, out: torch.Tensor, col: torch.Tensor, g: int) -> torch.Tensor:
+        """Write the integer levels (q - zero, or q) of a column (out,) in group g into `out`, as floats."""
+        return torch.div(col, self.scale[g], out=out).round_().clamp_(self.lo[g], self.hi[g])
 
-    def codes(self, levels: torch.Tensor, group: int, dtype: torch.dtype) -> QuantizedWeight:
+    def codes(self, levels: torch.Tensor, dtype: torch.dtype) -> QuantizedWeight:
         """QuantizedWeight of levels (out, C_in) in the original column order (quant.codes' signed convention)."""
+        scale = self.scale.T.to(dtype)
         if self.symmetric:
-            return QuantizedWeight(levels.to(torch.int8), self.scale.to(dtype), None, group)
-        half = 2 ** (self.bits - 1)
-        codes = levels + (self.zero - half).repeat_interleave(group, dim=1)
-        return QuantizedWeight(codes.to(torch.int8), self.scale.to(dtype), (self.zero - half).to(torch.int8), group)
+            return QuantizedWeight(levels.to(torch.int8), scale, None, self.group)
+        zero_point = (-self.lo - 2 ** (self.bits - 1)).T  # (out, n_groups)
+        codes = levels + zero_point.repeat_interleave(self.group, dim=1)
+        return QuantizedWeight(codes.to(torch.int8), scale, zero_point.to(torch.int8), self.group)
 
 
 @torch.no_grad()
@@ -146,7 +145,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, dampening: float = 0.
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    quant = Quantizer(W, scheme, group, w.dtype)
+    quant = Quantizer(n_out, n_in, scheme, group, w.dtype, W)
     perm = None
     if act_order:
         for g in range(n_in // group):  # static groups, from the original weights
@@ -157,25 +156,26 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, dampening: float = 0.
     U = inverse_cholesky(H, dampening)
     if group < n_in and block % group and group % block:
         block = group  # a group starts at a block start or lies inside one block
-    levels = torch.empty_like(W)  # in processing order
+    Wt = W.T.contiguous()  # (C_in, out): a column is one contiguous row
+    levels = torch.empty_like(Wt)  # in processing order
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = Wt[i1:i2].clone(), U[i1:i2, i1:i2]  # (count, out), (count, count)
         err = torch.empty_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
             if not act_order and j % group == 0:
-                src = W1[:, i:i + group] if i + group <= i2 - i1 else W[:, j:j + group]  # W is current at a block start
-                quant.set_group(j // group, src)
+                src = W1[i:i + group] if i + group <= i2 - i1 else Wt[j:j + group]  # Wt is current at a block start
+                quant.set_group(j // group, src.T)
             g = col_group[j]
-            level = quant.level(W1[:, i], g)
-            levels[:, j] = level
-            err[:, i] = (W1[:, i] - level * quant.scale[:, g]) / U1[i, i]
-            W1[:, i + 1:].addr_(err[:, i], U1[i, i + 1:], alpha=-1)
-        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
+            quant.level_(levels[j], W1[i], g)
+            torch.mul(levels[j], quant.scale[g], out=err[i]).sub_(W1[i]).div_(-U1[i, i])  # (w - q) / U_jj
+            W1[i + 1:].addr_(U1[i, i + 1:], err[i], alpha=-1)
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1)
+    levels = levels.T
     if act_order:
         levels = levels[:, torch.argsort(perm)]
-    return GPTQResult(quant.codes(levels, group, w.dtype), perm)
+    return GPTQResult(quant.codes(levels, w.dtype), perm)
 
 
 def gptq_experts(w: torch.Tensor, hessians: list, scheme: Scheme, min_tokens: int, dampening: float = 0.01,
