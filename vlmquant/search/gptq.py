@@ -134,7 +134,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, dampening: float = 0.
     Computes in fp32 (fp64 when w or h is fp64) on w's device; scales are rounded to w's dtype and returned in
     it, so `.weight(w.dtype)` is exactly (code - zero_point) x scale as a packed checkpoint stores it. Linears
     that share one input (q/k/v, gate/up) may be concatenated along rows: rows are independent. See the
-    module doc for the algorithm and its sources. Raises VlmquantError (one line) on shape mismatches, a group
+    module doc for the algorithm and its sources. block: columns per lazy batch (when neither it nor the group
+    size divides the other, the group size is used). Raises VlmquantError (one line) on shape mismatches, a group
     size not dividing C_in, a non-integer scheme, dampening <= 0, or a Hessian not positive definite.
     """
     group = check_inputs(w, h, scheme, dampening)
@@ -157,6 +158,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, dampening: float = 0.
     if group < n_in and block % group and group % block:
         block = group  # a group starts at a block start or lies inside one block
     Wt = W.T.contiguous()  # (C_in, out): a column is one contiguous row
+    neg_diag = -U.diagonal()
     levels = torch.empty_like(Wt)  # in processing order
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
@@ -169,7 +171,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme: Scheme, dampening: float = 0.
                 quant.set_group(j // group, src.T)
             g = col_group[j]
             quant.level_(levels[j], W1[i], g)
-            torch.mul(levels[j], quant.scale[g], out=err[i]).sub_(W1[i]).div_(-U1[i, i])  # (w - q) / U_jj
+            torch.mul(levels[j], quant.scale[g], out=err[i]).sub_(W1[i]).div_(neg_diag[j])  # (w - q) / U_jj
             W1[i + 1:].addr_(U1[i, i + 1:], err[i], alpha=-1)
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1)
     levels = levels.T
