@@ -132,13 +132,16 @@ def main():
     _, t_fwd = call(forward, layer, hidden, kwargs, args.batch)
     hessians, t_h = call(layer_hessians, layer, hidden, kwargs, masks, args.batch)
     results, t_g = call(gptq_layer, layer, hessians, scheme, args.act_order, False)
-    _, t_f = call(gptq_layer, layer, hessians, scheme, args.act_order, True)
+    fused, t_f = call(gptq_layer, layer, hessians, scheme, args.act_order, True)
     result["forward_seconds"] = min(t_fwd)
     result["hessian_seconds"] = min(t_h)
     result["gptq_seconds"] = min(t_g)
     result["gptq_fused_seconds"] = min(t_f)
     result["seconds_per_layer"] = result["hessian_seconds"] + result["gptq_seconds"]  # forward included
     result["seconds_all"] = {"forward": t_fwd, "hessians": t_h, "gptq": t_g, "gptq_fused": t_f}
+    same = [(r.quantized.codes == torch.cat([results[n].quantized.codes for n in key.split("|")])).float()
+            for key, r in fused.items()]
+    result["fused_codes_equal_fraction"] = float(sum(t.sum() for t in same) / sum(t.numel() for t in same))
     result["columns_per_layer"] = sum(layer.get_submodule(n).in_features for n in SITES)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -45,7 +45,7 @@ def test_gptq_layer_benchmark_runs_and_matches_the_straightforward_column_loop(t
                     "--caption", "16", "--repeats", "1", "--baseline", "--out", str(out)],
                    cwd=REPO / "benchmarks", check=True, capture_output=True)
     result = json.loads(out.read_text())
-    assert result["codes_equal_fraction"] > 0.9999 and result["loss_token_share"] == pytest.approx(80 / 96)
+    assert result["codes_equal_fraction"] > 0.9999 and result["fused_codes_equal_fraction"] > 0.9999 and result["loss_token_share"] == pytest.approx(80 / 96)
     assert result["seconds_per_layer"] == result["hessian_seconds"] + result["gptq_seconds"] > 0
     assert result["columns_per_layer"] == 6 * 256 + 768 and result["scheme"] == "w4a16-asym-g128"
 

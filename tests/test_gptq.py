@@ -211,3 +211,30 @@ def test_bad_inputs_give_one_line_errors(call, message):
     with pytest.raises(VlmquantError) as err:
         call()
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_act_order_codes_pack_with_compressed_tensors_actorder_weight_and_no_g_idx(symmetric):
+    """compressed-tensors' `actorder: weight` keeps contiguous groups and stores no g_idx: GPTQ's act-order codes
+    (bf16 weight) pack and unpack to the very weight GPTQ returns."""
+    from compressed_tensors.compressors import compress_module, decompress_module
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    scheme = Scheme(4, 128, symmetric)
+    res = gptq(lin.weight, hessian_of(calib(600, 256, 6), torch.float32), scheme, act_order=True)
+    assert not torch.equal(res.perm, torch.arange(256))
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=128,
+                            actorder="weight")
+    initialize_module_for_quantization(lin, QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized"),
+                                       force_zero_point=False)
+    lin.weight_scale.copy_(res.quantized.scale)
+    if not symmetric:
+        lin.weight_zero_point.copy_(res.quantized.zero_point)
+    lin.weight = torch.nn.Parameter(res.weight(torch.float32), requires_grad=False)
+    compress_module(lin)
+    assert not any("g_idx" in n for n, _ in lin.named_parameters())
+    decompress_module(lin)
+    assert torch.equal(lin.weight.to(torch.bfloat16), res.weight(torch.bfloat16))
