@@ -3,7 +3,7 @@
 For a linear y = W x with inputs x_t (C_in,) at the calibration tokens t, GPTQ (Frantar et al. 2022,
 arXiv 2210.17323, eq. 1 and Alg. 1; after OBS, Hassibi & Stork 1993, and OBQ, Frantar & Alistarh 2022,
 arXiv 2208.11580) minimises the layer output error Σ_t w_t ||(W - Ŵ) x_t||², whose Hessian in each
-weight row is 2 H with
+weight row is 2 Σ_t w_t x_t x_tᵀ, i.e. up to a positive factor
 
     H = Σ_t w_t x_t x_tᵀ / Σ_t w_t            (C_in, C_in)
 
