@@ -4,18 +4,18 @@ rounded through the inverse Hessian of the linear's calibration inputs.
 Source: Frantar et al. 2022, "GPTQ" (arXiv 2210.17323), Alg. 1, after Optimal Brain Surgeon (Hassibi &
 Stork 1993) and OBQ (arXiv 2208.11580). H is the input Hessian of vlmquant.search.hessian (uniform or
 MBQ-modality weighted). Per weight row w (rows are independent), with U the upper Cholesky factor of
-(H + λI)⁻¹ (λ = dampening x mean diag H) and columns taken in order j = 0, 1, …:
+(H + λI)⁻¹ (Sec. 4, step 3; λ = dampening x mean diag H) and columns taken in order j = 0, 1, …:
 
     q_j = Q(w_j)                           (the scheme's quantizer, this column's group scale/zero point)
     e_j = (w_j - q_j) / U_jj
     w_k -= e_j U_jk      for k > j         (applied lazily: within a block of 128 columns at once,
-                                             to the columns after the block once per block, Sec. 3.3)
+                                             to the columns after the block once per block: Sec. 4, step 2)
 
 Details, as the reference implementations do them:
 - Dead inputs: a column whose H_jj = 0 (the input channel is 0 at every calibration token) gets H_jj = 1
   and weight 0, so it quantizes to exactly 0.
-- act-order (Sec. 3.3 "act-order"): columns are processed in order of decreasing H_jj (ties in column
-  order); `perm` says that order. Codes, scales and zero points are always returned in the original
+- act-order (the reference code's `act_order` heuristic, GPTQModel's desc_act): columns are processed in
+  order of decreasing H_jj (ties in column order); `perm` says that order. Codes, scales and zero points are always returned in the original
   column order with contiguous groups (g_idx = column // w_group): compressed-tensors 0.20 only knows this
   layout (its `actorder: weight`; the g_idx layout `actorder: group` was removed), so act-order changes
   how the codes are found, not how they are stored.
@@ -37,7 +37,7 @@ from vlmquant.quant.codes import QuantizedWeight, quantize_weight
 from vlmquant.quant.fake import asym_qparams, check_weight_groups, compute_dtype, sym_qparams
 from vlmquant.quant.scheme import Scheme, check_scheme
 
-BLOCK = 128  # columns per lazy batch (GPTQ Sec. 3.3)
+BLOCK = 128  # columns per lazy batch (GPTQ Sec. 4, step 2)
 
 
 @dataclass

@@ -10,7 +10,7 @@ weight row is 2 Σ_t w_t x_t x_tᵀ, i.e. up to a positive factor
 over the tokens in the calibration loss (padding excluded). Token weights w_t (`hessian` setting):
   uniform   w_t = 1 at every loss token (classic GPTQ);
   modality  w_t = ρ at vision tokens and 1 at caption (and other) loss tokens, ρ being the layer's MBQ
-            reweight ratio (MBQ, arXiv 2412.19509, Sec. 3.2: the same ρ its scale-search loss uses);
+            reweight ratio (MBQ, arXiv 2412.19509: the same ρ its scale-search loss uses);
             per-token weighted Hessians for VLMs follow VLMQ (arXiv 2508.03351). With ρ = 1 it is uniform.
 The division by Σ w_t only keeps H's scale independent of the token count: GPTQ's result does not change
 when H is multiplied by a positive constant (its damping is relative to the mean diagonal).
