@@ -1,4 +1,4 @@
-"""The benchmarks run on the CPU at tiny shapes: the search layer (its fast path agrees with the plain loop), the
+"""The benchmarks run on the CPU at tiny shapes: the search layer and GPTQ (each agrees with its plain loop), the
 whole DAG (e2e.py) and the per-stage memory vs depth (memory_depth.py).
 
 The whole-DAG and memory-depth runs take minutes on 2 cores: they are marked `bench`, out of the default run
@@ -35,6 +35,19 @@ def test_moe_search_benchmark_runs_and_matches_the_straightforward_expert_loop(t
     assert sorted(result["seconds_by_group"]) == ["input_layernorm", "mlp.experts.gate_up_proj (per expert)",
                                                   "post_attention_layernorm", "self_attn.v_proj"]
     assert len(result["alpha"][3]) == 8 and result["tokens_per_expert_min_max"][0] > 0
+
+
+def test_gptq_layer_benchmark_runs_and_matches_the_straightforward_column_loop(tmp_path):
+    """Qwen2-VL-shaped layer, tiny: Hessians from the layer's forward, the 7 linears' GPTQ, and the plain column
+    loop giving the same codes (fp32 on CPU: at most a rounding tie apart)."""
+    out = tmp_path / "gptq.json"
+    subprocess.run([sys.executable, "gptq_layer.py", "--shape", "demo", "--samples", "2", "--tokens", "96", "--vision", "64",
+                    "--caption", "16", "--repeats", "1", "--baseline", "--out", str(out)],
+                   cwd=REPO / "benchmarks", check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["codes_equal_fraction"] > 0.9999 and result["fused_codes_equal_fraction"] > 0.9999 and result["loss_token_share"] == pytest.approx(80 / 96)
+    assert result["seconds_per_layer"] == result["hessian_seconds"] + result["gptq_seconds"] > 0
+    assert result["columns_per_layer"] == 6 * 256 + 768 and result["scheme"] == "w4a16-asym-g128"
 
 
 PLAN_AND_ONE_STAGE = """
