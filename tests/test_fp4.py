@@ -9,13 +9,14 @@ from vlmquant.quant.scheme import MXFP4_PACK_QUANTIZED, NVFP4_PACK_QUANTIZED, Sc
 
 ct_forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.quantization.quant_scheme import MXFP4A16, NVFP4, NVFP4A16  # noqa: E402
+from compressed_tensors.quantization.quant_scheme import MXFP4, MXFP4A16, NVFP4, NVFP4A16  # noqa: E402
 from compressed_tensors.quantization.utils import (calculate_qparams, compute_dynamic_scales_and_zp,  # noqa: E402
                                                    generate_gparam)
 
 NVFP4_W4A4 = Scheme(4, 16, True, "nvfp4", 4, "float")
 NVFP4_A16 = Scheme(4, 16, True, "nvfp4")
 MXFP4_A16 = Scheme(4, 32, True, "mxfp4")
+MXFP4_W4A4 = Scheme(4, 32, True, "mxfp4", 4, "float")
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]  # halfway between grid neighbours
 
@@ -149,6 +150,18 @@ def test_nvfp4_activations_equal_compressed_tensors(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mxfp4_activations_equal_compressed_tensors(dtype):
+    x = (torch.randn(3, 4, 96, generator=torch.Generator().manual_seed(5)) * 2).to(dtype)
+    x[0, 0, :32] = 0
+    x[1, 1, 40] = 7.0  # 1.75 x 4: exponent 1
+    args = MXFP4["input_activations"]
+    scale, zp = compute_dynamic_scales_and_zp(x, args, torch.nn.Module())
+    want = ct_forward.fake_quantize(x, scale, zp, args)
+    got = fp4.fake_quant_act_mxfp4(x)
+    assert got.dtype == dtype and torch.equal(got, want) and not torch.equal(got, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mxfp4_weight_equals_compressed_tensors(dtype):
     w = weight((40, 128), dtype)
     w[6, :32] = torch.linspace(-7.0, 7.0, 32)  # group max 7 = 1.75 x 4: rounded up to 8, exponent 1
@@ -170,20 +183,20 @@ def test_mxfp4_exponents():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("scheme", [NVFP4_A16, NVFP4_W4A4, MXFP4_A16], ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", [NVFP4_A16, NVFP4_W4A4, MXFP4_A16, MXFP4_W4A4], ids=lambda s: s.name)
 def test_packed_decompresses_to_the_fake_quantized_weight(scheme, dtype):
     w = weight((48, 128), dtype)
     gs = torch.tensor([0.75]) * fp4.nvfp4_global_scale(w)  # as if shared with a larger sibling
     igs = torch.tensor([123.5])
     nv = scheme.w_type == "nvfp4"
-    packed = fp4.pack_fp4(w, scheme, gs if nv else None, igs if scheme.a_bit else None)
+    packed = fp4.pack_fp4(w, scheme, gs if nv else None, igs if scheme.a_bit and nv else None)
     group = 16 if nv else 32
     expect = {"weight_packed": (torch.uint8, (48, 64)),
               "weight_scale": (torch.float8_e4m3fn if nv else torch.uint8, (48, 128 // group))}
     if nv:
         expect["weight_global_scale"] = (torch.float32, (1,))
         assert torch.equal(packed["weight_global_scale"], gs)
-    if scheme.a_bit:
+    if scheme.a_bit and nv:
         expect["input_global_scale"] = (torch.float32, (1,))
         assert torch.equal(packed["input_global_scale"], igs)
     assert {k: (v.dtype, tuple(v.shape)) for k, v in packed.items()} == expect
@@ -218,16 +231,19 @@ def test_pack_errors():
 
 
 def test_fp4_schemes():
-    assert [(s.name, s.format, s.experimental) for s in (NVFP4_W4A4, NVFP4_A16, MXFP4_A16)] == [
+    fp4_schemes = (NVFP4_W4A4, NVFP4_A16, MXFP4_W4A4, MXFP4_A16)
+    assert [(s.name, s.format, s.experimental) for s in fp4_schemes] == [
         ("nvfp4", NVFP4_PACK_QUANTIZED, False), ("nvfp4a16", NVFP4_PACK_QUANTIZED, False),
-        ("mxfp4a16", MXFP4_PACK_QUANTIZED, False)]
-    for s in (NVFP4_W4A4, NVFP4_A16, MXFP4_A16):
+        ("mxfp4", MXFP4_PACK_QUANTIZED, False), ("mxfp4a16", MXFP4_PACK_QUANTIZED, False)]
+    for s in fp4_schemes:
         check_scheme(s)
         ct = fp4.ct_fp4_scheme(s)
         assert ct.format == s.format and ct.weights.group_size == (16 if s.w_type == "nvfp4" else 32)
         assert (ct.input_activations is not None) == (s.a_bit is not None)
+        if s.a_bit:
+            assert ct.input_activations.group_size == ct.weights.group_size
     bad = [Scheme(4, 128, True, "nvfp4"), Scheme(4, 16, False, "nvfp4"), Scheme(8, 16, True, "nvfp4"),
-           Scheme(4, 16, True, "mxfp4"), Scheme(4, 32, True, "mxfp4", 4, "float"), Scheme(4, 16, True, "nvfp4", 8),
+           Scheme(4, 16, True, "mxfp4"), Scheme(4, 32, True, "mxfp4", 8, "float"), Scheme(4, 16, True, "nvfp4", 8),
            Scheme(4, 16, True, "nvfp4", 4, "int"), Scheme(4, 16, True, "fp4")]
     for s in bad:
         with pytest.raises(VlmquantError, match="scheme w_bit="):

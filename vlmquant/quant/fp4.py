@@ -146,8 +146,9 @@ def mxfp4_exponents(g: torch.Tensor) -> torch.Tensor:
     return (e - 2).clamp_(-127, 128)
 
 
-def _mxfp4(w: torch.Tensor):
-    g = _groups(w.detach(), MXFP4_GROUP, "weight")
+def _mxfp4(t: torch.Tensor, what: str = "weight"):
+    """(codes (..., n_groups, 32) FP32 E2M1 values, scales 2^X (..., n_groups, 1) FP32, X int32) of t (..., C)."""
+    g = _groups(t.detach(), MXFP4_GROUP, what)
     x = mxfp4_exponents(g)
     # 2^X from its FP32 bits, exact on every device (2^-127 is the subnormal 1 << 22)
     scale = torch.where(x > -127, (x + 127) << 23, 1 << 22).view(torch.float32)
@@ -162,6 +163,13 @@ def fake_quant_weight_mxfp4(w: torch.Tensor) -> torch.Tensor:
     return codes.mul_(scale).flatten(-2).to(w.dtype)
 
 
+def fake_quant_act_mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """MXFP4 fake quant of activations x (..., C) as MXFP4 W4A4 serving does: dynamic E8M0 scales per token and
+    group of 32 channels, no global scale; FP32 math, returned in x's dtype."""
+    codes, scale, _ = _mxfp4(x, "activations")
+    return codes.mul_(scale).flatten(-2).to(x.dtype)
+
+
 def fake_quant_fp4(w: torch.Tensor, scheme: Scheme, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The pseudo-quantized weight of an FP4 scheme (w_type "nvfp4" or "mxfp4"); global_scale: NVFP4 only."""
     if scheme.w_type == "mxfp4":
@@ -171,14 +179,14 @@ def fake_quant_fp4(w: torch.Tensor, scheme: Scheme, global_scale: torch.Tensor |
 
 def ct_fp4_scheme(scheme: Scheme):
     """compressed-tensors' QuantizationScheme (targets ["Linear"]) of an FP4 scheme: its presets NVFP4
-    (W4A4), NVFP4A16 or MXFP4A16, with the scheme's format."""
+    (W4A4), NVFP4A16, MXFP4 (W4A4) or MXFP4A16, with the scheme's format."""
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
     if scheme.w_type not in FP4_GROUP:
         raise VlmquantError(f"scheme {scheme.name} is not an FP4 scheme (w_type nvfp4 or mxfp4)")
     check_scheme(scheme)
-    preset = {"nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16"}[scheme.name]
+    preset = scheme.name.upper()  # NVFP4, NVFP4A16, MXFP4, MXFP4A16
     return QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES[preset], format=scheme.format)
 
 
@@ -192,7 +200,7 @@ def pack_fp4(w: torch.Tensor, scheme: Scheme, global_scale: torch.Tensor | None 
         weight_packed        uint8 (out, in / 2), two E2M1 codes per byte, the lower nibble first
         weight_scale         float8_e4m3fn (out, in / 16) for NVFP4; uint8 E8M0 exponents (out, in / 32) MXFP4
         weight_global_scale  float32 (1,), NVFP4 only (the shared one for q/k/v and gate/up)
-        input_global_scale   float32 (1,), NVFP4 W4A4 only (calibrate_input_global_scale)
+        input_global_scale   float32 (1,), NVFP4 W4A4 only (calibrate_input_global_scale; MXFP4 W4A4 has none)
 
     Decompressed by compressed-tensors they give fake_quant_fp4(w, scheme, global_scale) (in bf16, its
     decompression dtype). Raises VlmquantError for a non-FP4 scheme, a non-2-D weight, a width not divisible

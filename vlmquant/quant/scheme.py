@@ -17,8 +17,8 @@ class Scheme:
     w_bit: weight bits; w_group: > 0 groups of that many input columns, <= 0 one group per output
     channel; symmetric: no zero point; w_type: "int", "float" (FP8 E4M3, w_bit 8), "nvfp4" or "mxfp4"
     (FP4 E2M1, w_bit 4, symmetric, w_group 16 / 32, quant/fp4.py); a_bit/a_type: dynamic per-token
-    activation quantization at serving time (None: weight-only; NVFP4 W4A4: a_bit 4, a_type "float",
-    per group of 16 channels against a static global input scale). Any int/FP8 scheme can be
+    activation quantization at serving time (None: weight-only; FP4 W4A4: a_bit 4, a_type "float", per
+    token and group of 16 (NVFP4, against a static global input scale) or 32 (MXFP4) channels). Any int/FP8 scheme can be
     fake-quantized (codes.fake_quant; FP4: fp4.fake_quant_fp4); `check_scheme` says which have a packed form.
     """
     w_bit: int
@@ -32,7 +32,7 @@ class Scheme:
     def name(self) -> str:
         if self.w_type == "float":
             return "fp8"
-        if self.w_type in FP4_GROUP:  # compressed-tensors' preset names: NVFP4 (W4A4), NVFP4A16, MXFP4A16
+        if self.w_type in FP4_GROUP:  # compressed-tensors' preset names: NVFP4 / MXFP4 (W4A4), NVFP4A16, MXFP4A16
             return self.w_type + ("a16" if self.a_bit is None else "")
         weights = f"w{self.w_bit}" + ("a16" if self.a_bit is None else f"a{self.a_bit}")
         group = f"g{self.w_group}" if self.w_group > 0 else "ch"
@@ -77,13 +77,13 @@ def check_scheme(s: Scheme) -> None:
 
 
 def check_fp4(s: Scheme, what: str) -> None:
-    """Raise unless `s` is NVFP4 (weight-only or W4A4) or MXFP4 weight-only."""
+    """Raise unless `s` is NVFP4 or MXFP4, weight-only or W4A4 (FP4 activations of the same format)."""
     group = FP4_GROUP[s.w_type]
     if s.w_bit != 4 or s.w_group != group or not s.symmetric:
         raise VlmquantError(f"{what}: {s.w_type} is FP4 E2M1 weights in groups of {group}: w_bit 4, w_group {group}, "
                             "symmetric")
     if s.a_bit is None:
         return
-    if s.w_type != "nvfp4" or s.a_bit != 4 or s.a_type != "float":
-        raise VlmquantError(f"{what}: FP4 activations exist only as NVFP4 W4A4 (w_type nvfp4, a_bit 4, a_type float); "
-                            "MXFP4 is weight-only here")
+    if s.a_bit != 4 or s.a_type != "float":
+        raise VlmquantError(f"{what}: {s.w_type} activations are FP4 of the same format (a_bit 4, a_type float), "
+                            "or none (a_bit unset)")
