@@ -18,8 +18,9 @@ class Scheme:
     channel; symmetric: no zero point; w_type: "int", "float" (FP8 E4M3, w_bit 8), "nvfp4" or "mxfp4"
     (FP4 E2M1, w_bit 4, symmetric, w_group 16 / 32, quant/fp4.py); a_bit/a_type: dynamic per-token
     activation quantization at serving time (None: weight-only; FP4 W4A4: a_bit 4, a_type "float", per
-    token and group of 16 (NVFP4, against a static global input scale) or 32 (MXFP4) channels). Any int/FP8 scheme can be
-    fake-quantized (codes.fake_quant; FP4: fp4.fake_quant_fp4); `check_scheme` says which have a packed form.
+    token and group of 16 (NVFP4, against a static global input scale) or 32 (MXFP4) channels). Any
+    int/FP8 scheme can be fake-quantized (codes.fake_quant; FP4: fp4.fake_quant_fp4); `check_scheme`
+    says which have a packed form.
     """
     w_bit: int
     w_group: int = 128
