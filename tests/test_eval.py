@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-import yaml
 
-from conftest import REPO, open_demo, run_spec
+from conftest import REPO, default_config, open_demo, run_spec
 from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.metrics import ErrorSums, kl_topk, rest_logmass, select_positions, weight_error
@@ -249,7 +248,7 @@ def test_weight_error_matches_unfolding_with_reciprocal_scales(pipe):
 
 
 def checked(edit=None):
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = default_config()
     if edit:
         edit(cfg)
     return check_config(copy.deepcopy(cfg), REPO / "workflow/schemas/config.schema.yaml")
