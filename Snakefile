@@ -4,10 +4,17 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from vlmquant.config_messages import config_errors
 from vlmquant.workflow import check_yaml
 
-# a YAML syntax error with its line (Snakemake's own message has none)
-check_yaml("config.yaml")
+# config.yaml, then each --configfile (rising precedence), and the --config values: where config errors point
+CONFIG_FILES = ["config.yaml", *map(str, workflow.overwrite_configfiles)]
+CONFIG_ARGS = workflow.config_settings.config
+
+# a YAML syntax error with its line (Snakemake's own message has none); config errors end the run with
+# their one line on stderr, without Snakemake's header and frames
+with config_errors(CONFIG_FILES, CONFIG_ARGS):
+    check_yaml("config.yaml")
 
 
 configfile: "config.yaml"
