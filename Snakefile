@@ -4,6 +4,7 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from vlmquant import run_stop
 from vlmquant.config_messages import config_errors
 from vlmquant.workflow import check_yaml
 
@@ -32,6 +33,15 @@ include: "rules/search.smk"
 include: "rules/export.smk"
 include: "rules/eval.smk"
 include: "rules/summary.smk"
+
+
+# SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what was stopped instead
+onstart:
+    run_stop.watch()
+
+
+onerror:
+    run_stop.exit_if_stopped(workflow.scheduler)
 
 
 rule all:

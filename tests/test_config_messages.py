@@ -1,8 +1,15 @@
 """What the workflow says about the config: a config error as one line at its file and YAML line with "did you
-mean", names that become folders restricted, one note per setting that changes what is written."""
+mean", names that become folders restricted, one note per setting that changes what is written, and a run
+stopped by SIGTERM said to be stopped, not failed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
-from conftest import Workdir, check
+from conftest import Workdir, check, snakemake_env
 from vlmquant.config_messages import key_line, locate, notes
 from vlmquant.errors import VlmquantError
 
@@ -101,3 +108,21 @@ def test_configfile_error_and_notes_through_snakemake(bare):
     assert notes == [line for line in notes if line.startswith("note: runs.rtn-w5: writes checkpoint/ (pseudo) only")]
     assert len(notes) == 1
 
+
+@pytest.mark.slow
+def test_sigterm_says_what_was_stopped(workdir):
+    """SIGTERM to Snakemake: the running jobs finish, no other starts; the run ends with one line saying so
+    and exit status 143 (128 + 15), not Snakemake's "At least one job did not complete successfully"."""
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1"], cwd=workdir.path, env=snakemake_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs, deadline = workdir.file("results/logs"), time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not any(logs.rglob("*.log")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before a job started"
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: no job failed; the running jobs finished, ")
+    assert last.endswith("run the same command again to go on") and "summary 1" in last
+    assert "did not complete successfully" not in out + err
