@@ -1,6 +1,6 @@
 """What the workflow tells the user about the config when it loads: a config error as one line at its file
-and YAML line, "did you mean" for a misspelled key or choice, and one note per setting that changes what is
-written without being asked for (a run that gets no packed checkpoint)."""
+and YAML line, "did you mean" for a misspelled key or choice (the schema's errors made one line here), and one
+note per setting that changes what is written without being asked for (a run that gets no packed checkpoint)."""
 import contextlib
 import difflib
 import os
@@ -19,6 +19,28 @@ def did_you_mean(word, choices):
     """' (did you mean X?)' for the choice closest to `word` (difflib), or ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def schema_error(config, schema):
+    """The one-line message of the most useful of the schema's errors in `config`, or None: an unknown key first
+    (with the closest known key: a misspelled required key is also reported missing), then jsonschema's best
+    match."""
+    import jsonschema
+
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    unknown = [e for e in errors if e.validator == "additionalProperties" and isinstance(e.instance, dict)]
+    error = unknown[0] if unknown else jsonschema.exceptions.best_match(errors)
+    if error is None:
+        return None
+    where = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        extra = next(k for k in error.instance if k not in known)
+        return f"config: {'.'.join([*where, str(extra)])}: unknown key{did_you_mean(extra, known)}"
+    if "propertyNames" in error.absolute_schema_path:
+        return (f"config: {'.'.join([*where, str(error.instance)])}: names become folder names: use letters, digits "
+                "and - _ . only, starting with a letter or digit")
+    return f"config: {'.'.join(where) or '(top level)'}: {error.message}"
 
 
 def _pairs(node):

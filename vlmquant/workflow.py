@@ -22,7 +22,7 @@ import yaml
 from safetensors import safe_open
 
 from vlmquant import paths
-from vlmquant.config_messages import did_you_mean
+from vlmquant.config_messages import did_you_mean, schema_error
 from vlmquant.errors import VlmquantError
 from vlmquant.models import family_names, folder_family, n_layers
 
@@ -53,28 +53,6 @@ def check_choice(key, value, choices):
     """A registry-backed choice (family, method): one line naming the key, as the schema's enums do."""
     if value not in choices:
         raise VlmquantError(f"config: {key}: {value!r} is not one of {sorted(choices)}{did_you_mean(value, choices)}")
-
-
-def schema_error(config, schema):
-    """The one-line message of the most useful of the schema's errors in `config`, or None: an unknown key first
-    (with the closest known key: a misspelled required key is also reported missing), then jsonschema's best
-    match."""
-    import jsonschema
-
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
-    unknown = [e for e in errors if e.validator == "additionalProperties" and isinstance(e.instance, dict)]
-    error = unknown[0] if unknown else jsonschema.exceptions.best_match(errors)
-    if error is None:
-        return None
-    where = [str(p) for p in error.absolute_path]
-    if error.validator == "additionalProperties":
-        known = error.schema.get("properties", {})
-        extra = next(k for k in error.instance if k not in known)
-        return f"config: {'.'.join([*where, str(extra)])}: unknown key{did_you_mean(extra, known)}"
-    if "propertyNames" in error.absolute_schema_path:
-        return (f"config: {'.'.join([*where, str(error.instance)])}: names become folder names: use letters, digits "
-                "and - _ . only, starting with a letter or digit")
-    return f"config: {'.'.join(where) or '(top level)'}: {error.message}"
 
 
 def check_config(config, schema_path):
