@@ -4,10 +4,18 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from vlmquant import run_stop
+from vlmquant.config_messages import config_errors
 from vlmquant.workflow import check_yaml
 
-# a YAML syntax error with its line (Snakemake's own message has none)
-check_yaml("config.yaml")
+# config.yaml, then each --configfile (rising precedence), and the --config values: where config errors point
+CONFIG_FILES = ["config.yaml", *map(str, workflow.overwrite_configfiles)]
+CONFIG_ARGS = workflow.config_settings.config
+
+# a YAML syntax error with its line (Snakemake's own message has none); config errors end the run with
+# their one line on stderr, without Snakemake's header and frames
+with config_errors(CONFIG_FILES, CONFIG_ARGS):
+    check_yaml("config.yaml")
 
 
 configfile: "config.yaml"
@@ -25,6 +33,15 @@ include: "rules/search.smk"
 include: "rules/export.smk"
 include: "rules/eval.smk"
 include: "rules/summary.smk"
+
+
+# SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what was stopped instead
+onstart:
+    run_stop.watch()
+
+
+onerror:
+    run_stop.exit_if_stopped(workflow.scheduler)
 
 
 rule all:

@@ -4,14 +4,17 @@ import os
 
 from vlmquant import paths
 from vlmquant import workflow as W
+from vlmquant.config_messages import config_errors, print_notes
 
-config = W.check_config(
-    config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
-)
-# reads the calibration sources: once, not in every cluster job
-if workflow.is_main_process:
-    W.check_calib_sets(config)
-RUNS = W.run_specs(config)
+with config_errors(CONFIG_FILES, CONFIG_ARGS):
+    config = W.check_config(
+        config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
+    )
+    # reads the calibration sources: once, not in every cluster job
+    if workflow.is_main_process:
+        W.check_calib_sets(config)
+        print_notes(config)
+    RUNS = W.run_specs(config)
 
 
 wildcard_constraints:

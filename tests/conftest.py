@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 # slower, not faster.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "workflow", "config.yaml")
+WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "workflow")
+# The tests' copy of the shipped default config.yaml: tests never read the checkout's config.yaml (users edit it)
+# or its results/. test_config checks the copy against config.yaml as committed.
+DEFAULT_CONFIG = REPO / "tests" / "data" / "config.yaml"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,10 +42,17 @@ def run_spec(name, ignore=(), **cfg):
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 
 
+def default_config():
+    """The default config (DEFAULT_CONFIG), as YAML loads it (unvalidated)."""
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
 @pytest.fixture
-def cfg():
-    """The repository's config.yaml, as YAML loads it (unvalidated)."""
-    return yaml.safe_load((REPO / "config.yaml").read_text())
+def cfg(tmp_path, monkeypatch):
+    """The default config, unvalidated, with an empty working directory (tmp_path): its relative paths name
+    nothing of the checkout (the demo's outputs are not built there)."""
+    monkeypatch.chdir(tmp_path)
+    return default_config()
 
 
 def check(cfg):
@@ -106,13 +116,15 @@ def family_demo(tmp_path_factory, demo_data):
 
 
 class Workdir:
-    """A copy of the workflow in a temporary folder, with the demo prebuilt under results/demo."""
+    """A copy of the workflow in a temporary folder with the default config.yaml, the demo prebuilt under
+    results/demo."""
 
     def __init__(self, path, demo_root):
         self.path = Path(path)
         for name in WORKFLOW_FILES:
             src = REPO / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, self.path / name)
+        shutil.copy(DEFAULT_CONFIG, self.path / "config.yaml")
         if demo_root is not None:
             shutil.copytree(demo_root, self.path / "results" / "demo")
 

@@ -23,6 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import default_config
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.lmms_results import read_metric, read_scores, run_lmms_eval
 from vlmquant.models import get_adapter
@@ -142,7 +143,7 @@ def test_read_scores_keeps_the_tasks_numeric_scores(tmp_path):
 
 
 def test_lmms_eval_command_and_summary_rows():
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = default_config()
     cfg["lmms_eval"] = {"enabled": True, "tasks": ["vlmquant_vqa", "mme"], "include_path": "tasks", "limit": 8,
                         "extra_args": ["--log_samples"]}
     cfg = check_config(cfg, REPO / "workflow/schemas/config.schema.yaml")

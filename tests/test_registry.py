@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, Workdir, snakemake_env
+from conftest import REPO, Workdir, default_config, snakemake_env
 from vlmquant.methods import METHODS, Method
 from vlmquant.search.grid import GroupResult
 from vlmquant.spec import RunSpec
@@ -87,10 +87,8 @@ def test_a_method_is_one_module_plus_a_registry_entry(monkeypatch, tmp_path):
                                                                            "w_group": 128, "distort": True}
     with pytest.raises(Exception, match="runs.u.n_grid: unit does not use n_grid"):
         RunSpec.from_config("u", {"method": "unit", "w_bit": 4, "n_grid": 3})
-    import yaml
-
     from vlmquant.workflow import check_config
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = default_config()
     cfg["runs"]["unit-w4"] = {"method": "unit", "w_bit": 4}
     cfg["targets"]["runs"] = ["unit-w4"]
     assert check_config(cfg, REPO / "workflow/schemas/config.schema.yaml")["runs"]["unit-w4"]["method"] == "unit"

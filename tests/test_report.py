@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vlmquant.report.plots import plot_metrics, run_colors, run_styles
-from vlmquant.report.summary import relative_columns, summary_html
+from vlmquant.eval.table import write_table
+from vlmquant.report.summary import random_demo_models, relative_columns, summarize, summary_html
 
 METHODS = {"fp": "fp", **{f"mbq-{k}": "mbq" for k in range(4)}, **{f"awq-{k}": "awq" for k in range(3)},
            **{f"rtn-{k}": "rtn" for k in range(3)}, "sq": "smoothquant", "gptq-like": "other"}
@@ -76,3 +77,21 @@ def test_lmms_scores_in_the_table_and_the_metrics_figure(tmp_path):
     plot_metrics(df.drop(columns="lmms.vlmquant_vqa.exact_match"), plain, "title", styles)
     with Image.open(out) as a, Image.open(plain) as b:
         assert a.height > 1.4 * b.height
+
+
+def test_summary_says_when_a_model_is_the_random_demo(tmp_path):
+    """From the fp table's model_path: the demo rules' random-init models, not the trained organism nor a user's."""
+    tables = []
+    for model, path in (("demo-llava", "results/demo/model-llava"), ("organism", "results/demo/organism/model"),
+                        ("real", "/models/Qwen2-VL-7B-Instruct")):
+        out = tmp_path / f"{model}.parquet"
+        ids = {"model": model, "calib": None, "run": "fp", "eval_calib": "e"}
+        write_table([("caption_nll", None, "text", 7.0)], out, ids, {**ids, "method": "fp", "model_path": path})
+        tables.append({"model": model, "calib": None, "run": "fp", "path": str(out)})
+    assert random_demo_models(tables) == ["demo-llava"]
+    assert summarize(tables, {}).attrs["random_demo"] == ["demo-llava"]
+    df = summary_rows(3).assign(top1_agreement=1.0, weight_err=0.1, time_total_s=np.nan)
+    assert "random-init" not in summary_html(df)
+    df.attrs["random_demo"] = ["m"]
+    assert ("<body><p><b>m: the random-init demo model. Its differences between methods are noise; "
+            "config/organism.yaml quantizes a trained model.</b></p><table") in summary_html(df)

@@ -11,10 +11,9 @@ import types
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, check
+from conftest import DEFAULT_CONFIG, REPO, check, default_config
 from vlmquant.data.calib import build_calib, sample_rows
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors
@@ -52,7 +51,8 @@ def use_data(cfg, data):
      "config: calib.demo.captions: results/demo/data/captions_trian.json not found"),
     (lambda c: c["calib"]["demo"].update(images="/no/such/folder"), "config: calib.demo.images: /no/such/folder not found"),
     (lambda c: c["calib"]["demo"].update(text="corpus.jsonl"), "config: calib.demo.text: corpus.jsonl not found"),
-    (lambda c: c["calib"]["demo"].update(images="config.yaml"), "config: calib.demo.images: config.yaml is not a folder"),
+    (lambda c: c["calib"]["demo"].update(images=str(DEFAULT_CONFIG)),
+     f"config: calib.demo.images: {DEFAULT_CONFIG} is not a folder"),
     (lambda c: c["models"]["demo-qwen2vl"].update(path="/models/Qwen2-VL-7B"),
      "config: models.demo-qwen2vl.path: /models/Qwen2-VL-7B has no config.json"),
     (lambda c: c["runs"]["awq-w3g128"].update(scale_cache="caches/awq.pt"),
@@ -80,14 +80,14 @@ def test_model_folder_without_weights_is_refused(cfg, tmp_path, demo_model_path)
 # --- YAML syntax --------------------------------------------------------------------------------------
 def test_yaml_syntax_error_names_its_line(tmp_path):
     path = tmp_path / "config.yaml"
-    lines = (REPO / "config.yaml").read_text().splitlines()
+    lines = DEFAULT_CONFIG.read_text().splitlines()
     n = next(i for i, line in enumerate(lines) if "n_samples: 8" in line)
     lines[n] = lines[n].replace("n_samples: 8", "n_samples: 8: 9")
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(VlmquantError) as e:
         check_yaml(path)
     assert str(e.value).startswith(f"{path}: line {n + 1}, column ") and "mapping values are not allowed" in str(e.value)
-    check_yaml(REPO / "config.yaml")
+    check_yaml(DEFAULT_CONFIG)
     check_yaml(tmp_path / "absent.yaml")  # left to Snakemake
 
 
@@ -192,7 +192,7 @@ def test_calib_inputs_are_the_images_the_set_uses(cfg, user_data):
     assert files == {"captions": str(user_data / "captions_train.json"), "images": want} and len(want) == 8
     all_images = sorted(str(p) for p in (user_data / "images").iterdir())
     assert set(want) < set(all_images)  # not the whole folder
-    demo = calib_sources(check(yaml.safe_load((REPO / "config.yaml").read_text()))["calib"]["demo"], "demo")
+    demo = calib_sources(check(default_config())["calib"]["demo"], "demo")
     assert demo == {"captions": "results/demo/data/captions_train.json", "images": "results/demo/data/images"}
 
 

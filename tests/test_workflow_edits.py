@@ -24,13 +24,13 @@ def error_line(res, needle):
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda c: c["calib"]["demo"].update(captions="results/demo/data/captions_trian.json", n_samples=6),
-     "config: calib.demo.captions: results/demo/data/captions_trian.json not found"),
+     "calib.demo.captions: results/demo/data/captions_trian.json not found"),
     (lambda c: c["calib"]["demo-holdout"].update(images="results/demo/data/imgs"),
-     "config: calib.demo-holdout.images: results/demo/data/imgs not found"),
+     "calib.demo-holdout.images: results/demo/data/imgs not found"),
     (lambda c: c["runs"]["awq-w3g128"].update(w_group=48),
-     "config: runs.awq-w3g128.w_group: 48 does not divide hidden_size = 256 of model 'demo-qwen2vl'"),
-    (lambda c: c["runs"]["awq-w3g128"].update(w_group=0), "config: runs.awq-w3g128.w_group: 0 is not supported"),
-    (lambda c: c["eval"].update(calib="demo"), "config: eval.calib: 'demo' is also a search set"),
+     "runs.awq-w3g128.w_group: 48 does not divide hidden_size = 256 of model 'demo-qwen2vl'"),
+    (lambda c: c["runs"]["awq-w3g128"].update(w_group=0), "runs.awq-w3g128.w_group: 0 is not supported"),
+    (lambda c: c["eval"].update(calib="demo"), "eval.calib: 'demo' is also a search set"),
 ])
 def test_bad_edit_after_a_run_fails_at_load(workdir, edit, needle):
     """The demo's outputs exist (as after a run): the edit still fails, before any job, naming key and path."""

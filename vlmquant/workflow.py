@@ -22,6 +22,7 @@ import yaml
 from safetensors import safe_open
 
 from vlmquant import paths
+from vlmquant.config_messages import did_you_mean, schema_error
 from vlmquant.errors import VlmquantError
 from vlmquant.models import family_names, folder_family, n_layers
 
@@ -51,7 +52,7 @@ def check_yaml(path):
 def check_choice(key, value, choices):
     """A registry-backed choice (family, method): one line naming the key, as the schema's enums do."""
     if value not in choices:
-        raise VlmquantError(f"config: {key}: {value!r} is not one of {sorted(choices)}")
+        raise VlmquantError(f"config: {key}: {value!r} is not one of {sorted(choices)}{did_you_mean(value, choices)}")
 
 
 def check_config(config, schema_path):
@@ -60,7 +61,6 @@ def check_config(config, schema_path):
     Fills `models.<name>.family` from the folder when absent, and normalises every run to its
     RunSpec's settings (RunSpec.config), so equal runs give equal rule params.
     """
-    import jsonschema
     from snakemake.utils import validate
 
     from vlmquant.methods import METHODS
@@ -68,10 +68,9 @@ def check_config(config, schema_path):
 
     with open(schema_path) as f:
         schema = yaml.safe_load(f)
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    error = schema_error(config, schema)
     if error is not None:
-        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise VlmquantError(f"config: {key}: {error.message}")
+        raise VlmquantError(error)
     validate(config, str(schema_path), set_default=True)
     for name, cfg in config["models"].items():
         if "family" in cfg:

@@ -21,11 +21,14 @@ Columns:
 A stage a run does not need (RTN: grads, acts, search) or whose benchmark file is missing is null.
 """
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmquant import paths
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.lmms_results import COLUMN_PREFIX, read_scores
 from vlmquant.eval.table import read_table
@@ -123,7 +126,16 @@ def summarize(tables, benchmarks):
     df["a_bit"] = df["a_bit"].astype("Int64")
     for col in ("n_samples", "n_caption_tokens"):
         df[col] = df[col].astype("Int64")
+    df.attrs["random_demo"] = random_demo_models(tables)  # for summary_html's warning
     return df
+
+
+def random_demo_models(tables):
+    """The models whose fp table was measured on a random-init demo model (paths.DEMO_MODEL, not the trained
+    organism): their metrics differ between methods by noise."""
+    demo = re.compile(re.escape(paths.DEMO_MODEL).replace(r"\{family\}", "[a-z0-9_]+"))
+    return [t["model"] for t in tables if t["run"] == "fp"
+            and demo.fullmatch(Path(read_table(t["path"])[1].get("model_path", "")).as_posix())]
 
 
 def relative_columns(df):
@@ -149,6 +161,9 @@ def summary_html(df):
     headers = {**HTML_COLUMNS, **{c: c.removeprefix(COLUMN_PREFIX) for c in scores}}
     table = df[columns].rename(columns=headers).astype(object).map(cell)
     body = table.to_html(index=False, border=0, classes="summary")
+    if df.attrs.get("random_demo"):
+        body = (f"<p><b>{', '.join(df.attrs['random_demo'])}: the random-init demo model. Its differences between "
+                "methods are noise; config/organism.yaml quantizes a trained model.</b></p>" + body)
     style = ("body{font-family:sans-serif;font-size:13px;margin:8px}table{border-collapse:collapse}"
              "th,td{padding:3px 8px;text-align:right;border-bottom:1px solid #ddd;white-space:nowrap}"
              "th{background:#f0f0f0;position:sticky;top:0}td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}")
