@@ -23,32 +23,11 @@ from pathlib import Path
 import torch
 
 import stages
-from common import environment, random_layer, text_config, write_json
+from common import (environment, random_cache, random_layer, stage_jobs, text_config, write_inputs, write_json,
+                    write_model_folder)
 
-DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32"}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STAGES = ("grads", "acts", "search", "export", "eval_fp", "eval")
-
-
-def write_safetensors(path, shapes, dtype=torch.bfloat16, fill=None):
-    """Header + data; data left as a sparse hole of zeros unless `fill` gives real tensors."""
-    header, offset = {}, 0
-    size = torch.tensor([], dtype=dtype).element_size()
-    for name, shape in shapes.items():
-        n = torch.Size(shape).numel() * size
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        start = f.tell()
-        if fill is None:
-            f.truncate(start + offset)
-        else:
-            for name in shapes:
-                f.write(fill[name].to(dtype).contiguous().view(torch.uint8).cpu().numpy().tobytes())
 
 
 def model_config(shape, n_layers, vocab):
@@ -65,70 +44,11 @@ def model_config(shape, n_layers, vocab):
 
 def make_folder(root, shape, n_layers, chunk, vocab, dtype):
     """The model folder (see the module doc); returns its path."""
-    import transformers
+    def new_layer(device, seed):
+        return random_layer(text_config(shape), device, dtype, seed)
 
-    root.mkdir(parents=True, exist_ok=True)
-    config = model_config(shape, n_layers, vocab)
-    shell_cfg = model_config(shape, 0, vocab)
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        shell = transformers.Qwen2VLForConditionalGeneration._from_config(shell_cfg, dtype=dtype)
-    shell.save_pretrained(root / "shell", max_shard_size="1000GB")  # the non-layer tensors under the saved names
-    del shell
-    config.save_pretrained(root)
-    (root / "shell/model.safetensors").rename(root / "shell.safetensors")
-    shutil.rmtree(root / "shell")
-    from safetensors import safe_open
-
-    with safe_open(root / "shell.safetensors", "pt") as f:
-        weight_map = {k: "shell.safetensors" for k in f.keys()}
-    cfg = text_config(shape)
-    proto = random_layer(cfg, "meta", dtype)
-    shapes = {n: tuple(p.shape) for n, p in proto.named_parameters()}
-    for i in range(n_layers):
-        prefix = f"model.language_model.layers.{i}"
-        file = f"layer-{i:05d}.safetensors"
-        fill = None
-        if i in chunk:
-            layer = random_layer(cfg, DEVICE, dtype, seed=i)
-            fill = {f"{prefix}.{n}": p.detach() for n, p in layer.named_parameters()}
-            del layer
-        write_safetensors(root / file, {f"{prefix}.{n}": s for n, s in shapes.items()}, dtype, fill=fill)
-        weight_map.update({f"{prefix}.{n}": file for n in shapes})
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return root
-
-
-def write_inputs(path, n, tokens, vocab, vision=256, caption=64, seed=0):
-    """Synthetic text samples in the inputs file format (io.ragged), no image tokens."""
-    from vlmquant.io import ragged
-
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.arange(tokens)
-    samples = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab - 8, (1, tokens), generator=g)
-        cap = (idx >= tokens - caption)[None]
-        samples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.where(cap, ids, -100),
-                        "vision_mask": ((idx >= 16) & (idx < 16 + vision))[None], "caption_mask": cap})
-    ragged.save(ragged.pack(samples), path, {"synthetic": True})
-
-
-def random_cache(path, folder, seed=0):
-    """A scale cache of random positive scales for every scale group of the model (built on the meta device)."""
-    from vlmquant.io.scales import save_cache
-    from vlmquant.models import get_adapter
-    from vlmquant.models.loading import meta_model
-
-    adapter = get_adapter("qwen2_vl")
-    g = torch.Generator().manual_seed(seed)
-    entries = []
-    for i, layer in enumerate(adapter.layers(meta_model(adapter, folder))):
-        for grp in adapter.resolve_groups(layer, i):
-            n = layer.get_submodule(grp.linears[0]).in_features
-            entries.append((f"layers.{i}.{grp.prev}", tuple(f"layers.{i}.{m}" for m in grp.linears),
-                            torch.rand(n, generator=g) + 0.5))
-    save_cache({"scale": entries}, path)
+    return write_model_folder(root, model_config(shape, n_layers, vocab), model_config(shape, 0, vocab),
+                              "Qwen2VLForConditionalGeneration", new_layer, chunk, dtype, DEVICE)
 
 
 def alphas(folder):
@@ -139,33 +59,14 @@ def alphas(folder):
 
 def depth_jobs(args, folder, n, capped=False):
     """[(label, job)] of every stage at one depth (capped: and the search under --search-cap-gib)."""
-    w = folder / "work"
-    model = {"family": "qwen2_vl", "path": str(folder), "dtype": args.dtype}
     memory = {"stream": args.stream, "grads_store_mb": args.grads_store_mb, "max_batch_mb": args.max_batch_mb}
-    base = {"model": model, "memory": memory, "device": "auto"}
-    chunk = [n - 2, n - 1]
-    run = {"run": "mbq", "run_config": {"method": "mbq", "w_bit": 4, "w_group": 128},
-           "names": {"model": "m", "calib": "c", "run": "mbq"}}
-    search = {**base, **run, "stage": "search", "inputs": str(w / "inputs.safetensors"), "start": str(w / "acts"),
-              "grads": str(w / "grads.safetensors"), "layers": chunk, "out": str(w / "scales")}
-    settings = {"batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16}
-    jobs = [
-        ("grads", {**base, "stage": "grads", "inputs": str(w / "inputs.safetensors"), "out": str(w / "grads.safetensors")}),
-        ("acts", {**base, "stage": "acts", "inputs": str(w / "inputs.safetensors"), "starts": [n - 2],
-                  "out": str(w / "acts")}),
-        ("search", search),
-        ("export", {**base, **run, "stage": "export", "cache": str(w / "cache.pt"), "out": str(w / "checkpoint")}),
-        ("eval_fp", {**base, "stage": "eval_fp", "inputs": str(w / "eval_inputs.safetensors"),
-                     "ref": str(w / "fp.safetensors"), "table": str(w / "fp.parquet"), "settings": settings,
-                     "ids": {"model": "m", "eval_calib": "e"}}),
-        ("eval", {**base, "stage": "eval", "checkpoint": str(w / "checkpoint"), "inputs": str(w / "eval_inputs.safetensors"),
-                  "ref": str(w / "fp.safetensors"), "table": str(w / "eval.parquet"), "settings": settings,
-                  "ids": {"model": "m", "calib": "c", "run": "mbq", "eval_calib": "e"}}),
-    ]
+    jobs = stage_jobs(folder, "qwen2_vl", args.dtype, memory, n)
+    out = [(label, jobs[label]) for label in STAGES]
     if capped:
-        jobs.insert(3, ("search_capped", {**search, "cap_gib": args.search_cap_gib, "memory": {**memory, "max_batch_mb": None},
-                                          "out": str(w / "scales_capped")}))
-    return jobs
+        out.insert(3, ("search_capped", {**jobs["search"], "cap_gib": args.search_cap_gib,
+                                         "memory": {**memory, "max_batch_mb": None},
+                                         "out": str(folder / "work/scales_capped")}))
+    return out
 
 
 def main():
@@ -197,7 +98,7 @@ def main():
         w.mkdir()
         write_inputs(w / "inputs.safetensors", args.samples, args.tokens, args.vocab)
         write_inputs(w / "eval_inputs.safetensors", args.eval_samples, args.tokens, args.vocab, seed=1)
-        random_cache(w / "cache.pt", folder)
+        random_cache(w / "cache.pt", folder, "qwen2_vl")
         out = result["depths"][n] = {}
         for label, job in depth_jobs(args, folder, n, capped):
             if label.removesuffix("_capped") not in wanted:

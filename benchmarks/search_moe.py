@@ -20,9 +20,8 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-import transformers
 
-from common import environment, sync, time_search, timer, write_json
+from common import QWEN3_SHAPES, environment, qwen3_layer, sync, time_search, timer, write_json
 from vlmquant.methods import METHODS
 from vlmquant.models import get_adapter
 from vlmquant.models.base import layer_part
@@ -30,43 +29,6 @@ from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.search import layer as layer_mod
 from vlmquant.search.grid import grid_scales, group_loss, loss_tokens
 from vlmquant.spec import RunSpec
-
-SHAPES = {  # Qwen3-VL text models (config.json of the releases)
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-    "30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
-    "demo": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=4, head_dim=64),
-    "demo-moe": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128),
-}
-
-
-def random_layer(shape, device, dtype, seed=0):
-    """A Qwen3-VL (or Qwen3-VL-MoE) text decoder layer of `shape`, random weights, sdpa attention."""
-    s = SHAPES[shape]
-    moe = "num_experts" in s
-    cls = transformers.Qwen3VLMoeTextConfig if moe else transformers.Qwen3VLTextConfig
-    cfg = cls(**s, num_hidden_layers=1, vocab_size=1024, max_position_embeddings=32768, rms_norm_eps=1e-6,
-              **({"decoder_sparse_step": 1} if moe else {}))
-    cfg._attn_implementation = "sdpa"
-    if moe:
-        cfg._experts_implementation = "grouped_mm"
-        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer as Layer
-    else:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer as Layer
-    torch.manual_seed(seed)
-    with torch.device(device):
-        layer = Layer(cfg, 0).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0, 0.1)  # a router with uneven expert loads
-            else:
-                p.normal_(0, 0.02)
-    return layer, cfg
-
 
 def layer_inputs(cfg, samples, tokens, device, dtype, vision, caption, seed=1):
     """Hidden states with outlier channels, the layer's kwargs (RoPE of text positions: the three M-RoPE rows
@@ -170,7 +132,7 @@ def timed_method(run, seconds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="30b-a3b", choices=list(SHAPES))
+    ap.add_argument("--shape", default="30b-a3b", choices=list(QWEN3_SHAPES))
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=640)
     ap.add_argument("--vision", type=int, default=256, help="vision tokens per sample")
@@ -186,14 +148,14 @@ def main():
         raise SystemExit("16 + --vision + --caption must fit in --tokens")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layer, cfg = random_layer(args.shape, device, dtype)
+    layer, cfg = qwen3_layer(args.shape, device, dtype)
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype, args.vision, args.caption)
     groups = get_adapter("qwen3_vl_moe").resolve_groups(layer)
     run = RunSpec.from_config("mbq", {"method": "mbq", "w_bit": args.w_bit, "w_group": args.w_group, "loss": "mae",
                                       "n_grid": args.grid})
     ratios = {"attn": 2.0, "mlp": 1.5}
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups],
-              "shape": SHAPES[args.shape]}
+              "shape": QWEN3_SHAPES[args.shape]}
 
     results, times = time_search(layer_mod.search_layer, args.repeats, layer, groups, hidden, kwargs, masks, run, ratios)
     result["seconds_per_layer"] = min(times)

@@ -3,7 +3,7 @@ without the process start-up), peak GPU memory (torch's allocator) and peak host
 
 A job is a JSON-able dict: {"stage": name, "cap_gib": GPU memory cap or null, ...the stage's arguments}. With a
 cap, the process calls torch.cuda.set_per_process_memory_fraction before touching the GPU, as a smaller card
-would. Used by e2e.py (the DAG without Snakemake) and memory_depth.py.
+would. Used by e2e.py (the DAG without Snakemake), memory_depth.py and moe_depth.py.
 
     python stages.py --child '<job json>'      (what `run` starts)
 """
@@ -78,6 +78,16 @@ def stage_export(job):
     check_cache_weights(job.get("cache"), model.path)
     export_checkpoint(model, spec(job), job["out"], cache_path=job.get("cache"),
                       max_shard_size=job.get("max_shard_size", "5GB"), names=job["names"])
+
+
+def stage_pack(job):
+    from vlmquant.export.packed import export_packed
+    from vlmquant.io.provenance import check_cache_weights
+
+    model = model_ref(job)
+    check_cache_weights(job.get("cache"), model.path)
+    export_packed(model, spec(job), job["out"], cache_path=job.get("cache"),
+                  max_shard_size=job.get("max_shard_size", "5GB"), names=job["names"])
 
 
 def stage_eval_fp(job):

@@ -1,9 +1,10 @@
 """The benchmarks run on the CPU at tiny shapes: the search layer and GPTQ (each agrees with its plain loop), the
-whole DAG (e2e.py) and the per-stage memory vs depth (memory_depth.py).
+whole DAG (e2e.py), the per-stage memory vs depth (memory_depth.py) and the MoE pipeline's depth runs and
+projection (moe_depth.py).
 
-The whole-DAG and memory-depth runs take minutes on 2 cores: they are marked `bench`, out of the default run
-(`python -m pytest -m bench`); the default run checks that both scripts start, that e2e.py plans the DAG in
-order and that one stage runs in its own measured process."""
+The whole-DAG and depth runs take minutes on 2 cores: they are marked `bench`, out of the default run
+(`python -m pytest -m bench`); the default run checks that the scripts start, that e2e.py plans the DAG in
+order, that one stage runs in its own measured process and that moe_depth.py's projection adds up."""
 import json
 import subprocess
 import sys
@@ -53,9 +54,9 @@ def test_gptq_layer_benchmark_runs_and_matches_the_straightforward_column_loop(t
 PLAN_AND_ONE_STAGE = """
 import argparse, json, sys
 from pathlib import Path
-import e2e, memory_depth, stages
+import e2e, memory_depth, moe_depth, stages
 work = Path(sys.argv[1])
-for script in (e2e, memory_depth):
+for script in (e2e, memory_depth, moe_depth):
     sys.argv = [script.__file__, "--help"]
     try:
         script.main()
@@ -70,11 +71,12 @@ print(json.dumps({"order": list(jobs), "calib": stages.run(jobs["calib"]), "out"
 
 
 def test_benchmark_scripts_start_and_e2e_plans_the_dag(tmp_path):
-    """What the `bench` tests below run, in seconds: both scripts import and parse their options; e2e.py plans the
+    """What the `bench` tests below run, in seconds: the scripts import and parse their options; e2e.py plans the
     stages of one MBQ run in DAG order (a search job per chunk) and runs the first in a fresh, measured process."""
     res = subprocess.run([sys.executable, "-c", PLAN_AND_ONE_STAGE, str(tmp_path)], cwd=REPO / "benchmarks", check=True,
                          capture_output=True, text=True, env=snakemake_env())
-    assert res.stdout.count("usage: ") == 2 and "usage: e2e.py" in res.stdout and "usage: memory_depth.py" in res.stdout
+    assert res.stdout.count("usage: ") == 3
+    assert all(f"usage: {name}.py" in res.stdout for name in ("e2e", "memory_depth", "moe_depth"))
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["order"] == ["calib", "calib_holdout", "inputs", "inputs_holdout", "grads", "acts", "search_000",
                                "search_002", "merge", "export", "eval_fp", "eval"]
@@ -113,3 +115,67 @@ def test_memory_depth_benchmark_measures_every_stage_at_two_depths(tmp_path):
     assert set(result["ratio_deep_to_shallow"]) == {"grads", "acts", "search", "export", "eval_fp", "eval"}
     assert shallow["capped_same_alpha"] and len(shallow["search_alphas"]) == 2
     assert all(shallow[s]["peak_host_gib"] > 0 for s in result["ratio_deep_to_shallow"])
+
+
+PROJECT = """
+import argparse, json, sys
+from pathlib import Path
+import moe_depth
+args = argparse.Namespace(shape="demo-moe", samples=2, tokens=int(sys.argv[1]), grads_store_mb=int(sys.argv[2]))
+stage = lambda s, gpu=1.0: {"seconds": s, "peak_gpu_gib": gpu, "peak_host_gib": 2.0}
+result = {"sizes": {"layer_bytes_bf16": 1e9, "other_bytes_bf16": 2e9, "packed_layer_bytes": 0.25e9,
+                    "packed_other_bytes": 1e9},
+          "disk": {"read_used_gbps": 2.0, "write_gbps": 1.0},
+          "depths": {"8": {"grads": stage(12.0, 7.0), "acts": stage(6.0), "search": stage(6.0),
+                           "pack": {"failed": "x"}},
+                     "4": {"grads": stage(8.0, 5.0), "acts": stage(4.0), "search": stage(6.0), "export": stage(8.0),
+                           "pack": stage(12.0)}}}
+moe_depth.project(result, args)
+disk = moe_depth.disk_throughput(Path(sys.argv[3]), 1 / 16)
+print(json.dumps({"result": result, "disk": disk, "left": [p.name for p in Path(sys.argv[3]).iterdir()]}))
+"""
+
+
+@pytest.mark.parametrize("tokens, reads", [(10, 6), (20, 8)])
+def test_moe_depth_projection_adds_the_disk_terms_to_the_per_layer_seconds(tmp_path, tokens, reads):
+    """Per-layer seconds of the deepest depth that ran each stage (grads n, acts n - 2, search 2, export and pack n
+    layers) x 94, plus 2 reads per grads round (its stored inputs 94 x 2 x tokens x 256 x 2 bytes over a 1 MiB cap:
+    1 round at 10 tokens, 2 at 20) and one per other stage of 94 GB of layers + 2 GB, plus the export and pack
+    writes; a failed stage counts for nothing. The disk measurement gives positive figures and leaves no file."""
+    res = subprocess.run([sys.executable, "-c", PROJECT, str(tokens), "1", str(tmp_path)], cwd=REPO / "benchmarks",
+                         check=True, capture_output=True, text=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    result, disk = out["result"], out["disk"]
+    per_layer = {"grads": 12 / 8, "acts": 6 / 6, "search": 6 / 2, "export": 8 / 4, "pack": 12 / 4}
+    assert result["projection"]["seconds_per_layer"] == pytest.approx(per_layer)
+    model = 94e9 + 2e9
+    written = model + 0.25e9 * 94 + 1e9
+    assert result["projection"]["reads"] == reads
+    total = sum(per_layer.values()) * 94 + reads * model / 2e9 + written / 1e9
+    assert result["projected_total_s"] == pytest.approx(total)
+    assert result["peak_gpu_gib"] == 7.0 and result["peak_host_gib"] == 2.0
+    assert disk["bytes"] == 64 * 2**20 and disk["write_gbps"] > 0 and disk["read_gbps"] > 0
+    assert disk["read_used_gbps"] == min(v for v in (disk["read_gbps"], disk["read_direct_gbps"]) if v)
+    assert out["left"] == []
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_moe_depth_benchmark_measures_every_stage_at_two_depths(tmp_path):
+    """Qwen3-VL-MoE-shaped folders of depth 3 and 4 (demo-moe): every stage runs and is measured at both, the
+    export and pack at both too here; the JSON has the projection's top-level keys; --resume keeps the finished
+    depths (nothing runs again: the depth-3 figures stay as they were)."""
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, "moe_depth.py", "--shape", "demo-moe", "--depths", "3,4", "--write-depths", "3,4",
+           "--samples", "2", "--tokens", "80", "--vocab", "1024", "--read-gib", "0.0625",
+           "--root", str(tmp_path / "models"), "--out", str(out)]
+    subprocess.run(cmd, cwd=REPO / "benchmarks", check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    for n in ("3", "4"):
+        assert set(result["depths"][n]) == {"grads", "acts", "search", "export", "pack"}
+        assert all(m["seconds_per_layer"] > 0 and m["peak_host_gib"] > 0 for m in result["depths"][n].values())
+    assert result["projected_total_s"] > result["projection"]["compute_s"] > 0 and result["peak_gpu_gib"] == 0.0
+    assert result["projection"]["reads"] == 6 and result["sizes"]["packed_layer_bytes"] > 0
+    assert not (tmp_path / "models/demo-moe-3").exists() and not (tmp_path / "models/demo-moe-4").exists()
+    subprocess.run(cmd + ["--resume", "--depths", "3"], cwd=REPO / "benchmarks", check=True, capture_output=True)
+    assert json.loads(out.read_text())["depths"] == {"3": result["depths"]["3"]}
