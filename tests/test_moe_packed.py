@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen3_vl_30b_a3b_config
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import make_demo_model
 from vlmquant.quant.codes import fake_quant
@@ -229,3 +230,24 @@ def test_streamed_export_writes_the_resident_bytes(family_demo, family, tmp_path
     never, always = tensors(tmp_path / "never"), tensors(tmp_path / "always")
     assert never.keys() == always.keys() and all(torch.equal(never[k], always[k]) for k in never)
     assert (tmp_path / "never" / "config.json").read_text() == (tmp_path / "always" / "config.json").read_text()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predicted_size_is_the_stored_size(exported, demo, family, name):
+    """export.sizes counts every expert as its per-expert packed linears: the prediction is the stored bytes."""
+    packed, _ = exported(family, name)
+    stored = sum(t.numel() * t.element_size() for t in tensors(packed).values())
+    predicted = packed_size(demo[family][0], get_adapter(family), SCHEMES[name])
+    assert predicted["packed"] == stored
+    assert predicted["dense"] == sum(t.numel() * t.element_size() for t in tensors(demo[family][1]).values())
+
+
+def test_qwen3_vl_30b_a3b_w4_g128_is_3_48_to_3_50_times_smaller():
+    """From the released shapes: 31.07 B parameters, 29 B in the experts; what stays bf16 (embeddings, lm_head,
+    vision tower: 2.3 GB) holds W4 g128 just under 3.5x."""
+    adapter = get_adapter("qwen3_vl_moe")
+    asym = packed_size_from_config(qwen3_vl_30b_a3b_config(), adapter, Scheme(4, 128))
+    sym = packed_size_from_config(qwen3_vl_30b_a3b_config(), adapter, Scheme(4, 128, True))
+    assert 31.06e9 < asym["dense"] / 2 < 31.08e9
+    assert 3.47 < asym["ratio"] < 3.48 and 3.49 < sym["ratio"] < 3.50
