@@ -33,7 +33,8 @@ and serve garbage (llm-compressor 0.12.0, its issue #2939). vLLM picks the MoE m
 `<layer>.mlp.experts.0.gate_proj`: the one config group (targets "Linear") covers the experts. The routers
 (`mlp.gate`, a bare weight in transformers, a Linear in vLLM) are listed in `ignore` with the other unquantized
 linears. transformers 5 reloads per-expert checkpoints only where its conversion mapping fuses them (Qwen3.5-MoE,
-not Qwen3-VL-MoE), dequantizing the experts without their zero point (asymmetric experts come back wrong).
+not Qwen3-VL-MoE), dequantizing packed or FP8 experts only and without their zero point (asymmetric and int8
+experts fail to load there; tests/test_moe_packed.py). vLLM's MoE methods take int4/int8 (and FP8) experts, not W3.
 
 Loading in transformers 5.23-5.24 with compressed-tensors 0.20: asymmetric pack-quantized checkpoints
 fail with the default call (the packed zero point does not fit the unpacked parameter transformers
@@ -164,12 +165,11 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
 
 
 @torch.no_grad()
-def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> int:
+def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
     """Replace one decoder layer's fused expert weights [(name relative to the layer, (E, out, in) parameter)] by
     per-expert compressed linears `<experts module>.{e}.<adapter.expert_linears[name][k]>`, in place; the fused
-    parameters are removed. Returns the number of linears packed. Codes, scales and zero points are those of
-    fake_quant on the fused weight: it quantizes every expert's rows like a linear's, groups along the input."""
-    n = 0
+    parameters are removed. Codes, scales and zero points are those of fake_quant on the fused weight: it
+    quantizes every expert's rows like a linear's, groups along the input."""
     for name, w in experts:
         parent_name, _, leaf = name.rpartition(".")
         parent, parts = layer.get_submodule(parent_name), adapter.expert_linears[name]
@@ -183,9 +183,7 @@ def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> int:
                 lin.weight = torch.nn.Parameter(w[e, k * rows:(k + 1) * rows].clone(), requires_grad=False)
                 compress_linear(lin, scheme, ct)
                 getattr(parent, str(e)).add_module(part, lin)
-                n += 1
         delattr(parent, leaf)
-    return n
 
 
 def check_experts_packable(experts, adapter, scheme: Scheme):
@@ -233,7 +231,7 @@ def plan_packed(model, adapter, quantize, scheme: Scheme):
     ignore = ignore_list(model, [prefix + n for n in quantize], routers(model, adapter))
     if scheme.experimental:
         log.warning("scheme %s: experimental packed form (vLLM runs 3-bit weights only through one CUDA kernel "
-                    "family)", scheme.name)
+                    "family%s)", scheme.name, ", and its MoE methods take no 3-bit experts" if experts else "")
     return ct, ignore, names, [n for n, _ in experts]
 
 
