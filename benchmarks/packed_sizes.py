@@ -1,6 +1,7 @@
 """Packed (compressed-tensors) vs bf16 checkpoint sizes per scheme: measured on the demo model and on the
-Qwen3-VL-MoE demo (experts packed per expert), predicted from shapes for Qwen2-VL-7B and Qwen3-VL-30B-A3B. Also the share of bf16 weights whose code would be one step off if codes were
-computed from the unrounded fp32 scale (the trap quant.fake.round_scale_ avoids).
+Qwen3-VL-MoE demo (experts packed per expert), predicted from shapes for Qwen2-VL-7B and Qwen3-VL-30B-A3B. Also
+the share of bf16 weights whose code would be one step off if codes were computed from the unrounded fp32 scale
+(the trap quant.fake.round_scale_ avoids).
 
     python benchmarks/packed_sizes.py --out results/packed_sizes.json
 """
@@ -71,7 +72,8 @@ def main():
                          "demo_ratio": round(demo["bf16"] / demo["packed"], 3),
                          "7b_bf16_bytes": big["dense"], "7b_packed_bytes": big["packed"], "7b_ratio": round(big["ratio"], 3),
                          "moe_demo_bf16_bytes": moe["bf16"], "moe_demo_packed_bytes": moe["packed"],
-                         "moe_demo_predicted_bytes": moe["predicted"], "moe_demo_ratio": round(moe["bf16"] / moe["packed"], 3),
+                         "moe_demo_predicted_bytes": moe["predicted"],
+                         "moe_demo_ratio": round(moe["bf16"] / moe["packed"], 3),
                          "30b_a3b_bf16_bytes": moe_big["dense"], "30b_a3b_packed_bytes": moe_big["packed"],
                          "30b_a3b_ratio": round(moe_big["ratio"], 3),
                          "off_by_one_share_without_scale_rounding": (
@@ -84,7 +86,8 @@ def main():
         off = r["off_by_one_share_without_scale_rounding"]
         print(f"| {r['scheme']} | {r['format']} | {r['demo_ratio']:.2f} | {r['7b_bf16_bytes'] / 1e9:.2f} | "
               f"{r['7b_packed_bytes'] / 1e9:.2f} | {r['7b_ratio']:.2f} | {r['moe_demo_ratio']:.2f} | "
-              f"{r['30b_a3b_bf16_bytes'] / 1e9:.2f} | {r['30b_a3b_packed_bytes'] / 1e9:.2f} | {r['30b_a3b_ratio']:.2f} | "
+              f"{r['30b_a3b_bf16_bytes'] / 1e9:.2f} | {r['30b_a3b_packed_bytes'] / 1e9:.2f} | "
+              f"{r['30b_a3b_ratio']:.2f} | "
               f"{'-' if off is None else f'{off:.1%}'} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

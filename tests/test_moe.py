@@ -279,7 +279,8 @@ def test_packed_export_packs_experts_per_expert(family_demo, family, tmp_path):
     assert not [k for k in stored if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     width, hidden = model.config.text_config.moe_intermediate_size, model.config.text_config.hidden_size
     for e in range(8):
-        for proj, shape in (("gate_proj", [width, hidden]), ("up_proj", [width, hidden]), ("down_proj", [hidden, width])):
+        for proj, shape in (("gate_proj", [width, hidden]), ("up_proj", [width, hidden]),
+                            ("down_proj", [hidden, width])):
             assert stored[f"model.language_model.layers.0.mlp.experts.{e}.{proj}.weight_shape"].tolist() == shape
 
 

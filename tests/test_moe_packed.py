@@ -184,7 +184,7 @@ def transformers_limit(family, name):
     scheme = SCHEMES[name]
     if family == "qwen3_vl_moe":
         return AssertionError, ("transformers 5.25 has no per-expert → fused conversion for qwen3_vl_moe (only the "
-                                "releases' transpose): per-expert experts are not read and stay at their initial values")
+                                "releases' transpose): per-expert experts are not read, they keep their initial values")
     if not scheme.symmetric:
         return RuntimeError, ("transformers 5.25's CompressedTensorsDequantize hands compressed-tensors each packed "
                               "expert without its zero point: 'Asymmetric quant requires zero-point values'")

@@ -90,7 +90,8 @@ def image(tmp_path_factory):
 
 def serve(folder, stem, prompts, env=None):
     """Served: the checkpoint `folder` run through vllm_generate.py on `prompts` (files next to `stem`)."""
-    request = {"model": str(folder), "dtype": "float32", "max_tokens": MAX_TOKENS, "logprobs": TOP_K, "prompts": prompts}
+    request = {"model": str(folder), "dtype": "float32", "max_tokens": MAX_TOKENS, "logprobs": TOP_K,
+               "prompts": prompts}
     req, res, cap = (stem.with_suffix(f".{x}") for x in ("request.json", "result.json", "captures.pt"))
     req.write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | (env or {})
@@ -114,7 +115,8 @@ def served(tmp_path_factory, image):
             names = [n for n, _ in decoder_linears(model, ADAPTER) if n not in EXTRA_IGNORED]
             folder = root / name
             write_packed(model, ADAPTER, names, SCHEMES[name], folder, source=source)
-            runs[name] = serve(folder, root / name, [{"text": t, "image": str(image) if i else None} for t, i in PROMPTS])
+            prompts = [{"text": t, "image": str(image) if i else None} for t, i in PROMPTS]
+            runs[name] = serve(folder, root / name, prompts)
         return runs[name]
 
     return get
@@ -261,7 +263,8 @@ MOE_SCHEMES = {"fp8": (Scheme(8, -1, True, "float", 8, "float"), "compressed_ten
                        "Unsupported FP8 MoE backend: NONE"),
                "w8a8-sym-ch": (Scheme(8, -1, True, a_bit=8), "compressed_tensors_moe_w8a8_int8",
                                "No Int8 MoE backend supports"),
-               "w4a16-sym-g128": (Scheme(4, 128, True), "compressed_tensors_moe_wna16", "No WNA16 MoE backend supports")}
+               "w4a16-sym-g128": (Scheme(4, 128, True), "compressed_tensors_moe_wna16",
+                                  "No WNA16 MoE backend supports")}
 
 
 @pytest.mark.parametrize("name", MOE_SCHEMES)

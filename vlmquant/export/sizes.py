@@ -8,7 +8,8 @@ point in `groups` = in / w_group groups per row (1 per channel):
     int-/float-quantized   weight int8 / float8_e4m3fn (out, in) + weight_scale (out, groups)
 A fused MoE expert weight (E, out, in) is stored as E x its per-expert linears (adapter.expert_linears: gate_up_proj
 as gate_proj and up_proj, (out/2, in) each), every expert quantized. Everything else (vision tower, projector,
-embeddings, lm_head, routers, norms, biases, ignored linears) stays in the model dtype. Safetensors headers (a few kB per shard) and non-weight files are not counted.
+embeddings, lm_head, routers, norms, biases, ignored linears) stays in the model dtype. Safetensors headers (a few
+kB per shard) and non-weight files are not counted.
 """
 import math
 
