@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from vlmquant.errors import VlmquantError
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen3_vl_30b_a3b_config
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import make_demo_model
@@ -251,3 +252,18 @@ def test_qwen3_vl_30b_a3b_w4_g128_is_3_48_to_3_50_times_smaller():
     sym = packed_size_from_config(qwen3_vl_30b_a3b_config(), adapter, Scheme(4, 128, True))
     assert 31.06e9 < asym["dense"] / 2 < 31.08e9
     assert 3.47 < asym["ratio"] < 3.48 and 3.49 < sym["ratio"] < 3.50
+
+
+def test_experts_that_cannot_be_split_or_grouped_are_refused_before_writing(demo, tmp_path):
+    """A fused expert weight without per-expert linears in the adapter's data, or a w_group that does not divide an
+    expert's input width: one line naming the weight, nothing written."""
+    model, adapter = demo["qwen3_5_moe"][0], get_adapter("qwen3_5_moe")
+    names = [n for n, _ in decoder_linears(model, adapter)]
+    with pytest.raises(VlmquantError, match=r"^layers\.0\.mlp\.experts\.down_proj: .*groups of 256") as e:
+        write_packed(copy.deepcopy(model), adapter, names, Scheme(4, 256), tmp_path / "out")  # expert width 128
+    assert "\n" not in str(e.value)
+    partial = copy.copy(adapter)
+    partial.expert_linears = {"mlp.experts.gate_up_proj": ("gate_proj", "up_proj")}
+    with pytest.raises(VlmquantError, match=r"^layers\.0\.mlp\.experts\.down_proj: fused expert weight .* add them"):
+        write_packed(copy.deepcopy(model), partial, names, Scheme(4, 128), tmp_path / "out")
+    assert not list(tmp_path.iterdir())
