@@ -255,54 +255,33 @@ def test_weight_activation_runs_are_refused_for_fused_experts(family_demo):
         X.search_experts(job, scheme=Scheme(8, -1, True, a_bit=8))
 
 
-def packed_moe(family_demo, family, out):
-    """(ModelRef, the packed W4 RTN export of its fp model at `out`, its record, the pseudo-quantized model)."""
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_packed_export_packs_experts_per_expert(family_demo, family, tmp_path):
+    """compressed-tensors export of an RTN W4 run: linears packed, every fused expert weight packed one module per
+    expert and projection (tests/test_moe_packed.py compares them with the pseudo checkpoint), routers' gates and
+    Qwen3.5's b/a projections never quantized (listed in ignore)."""
+    pytest.importorskip("compressed_tensors")
     from vlmquant.export.packed import write_packed
     from vlmquant.quant.model import decoder_linears
 
     ref = family_demo(family)[1]
-    model = ref.load()
-    spec = run_spec("w4", method="rtn", w_bit=4)
-    record = write_packed(model, ref.adapter, [n for n, _ in decoder_linears(model, ref.adapter)], spec.scheme, out)
-    pseudo = ref.load()
-    pseudo_quantize(pseudo, ref.adapter, spec)
-    return ref, record, pseudo
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
-def test_packed_export_keeps_experts_fp_and_lists_them(family_demo, family, tmp_path):
-    """compressed-tensors export: linears packed, fused experts written unquantized and listed, vLLM kept from
-    expecting packed experts, routers' gates and Qwen3.5's b/a projections never quantized (listed in ignore);
-    Qwen3-VL-MoE loaded back: experts equal the fp model's, every other weight the pseudo-quantized model's."""
-    pytest.importorskip("compressed_tensors")
-    from vlmquant.export.packed import EXPERTS_IGNORE, load_dequantized
-
-    ref, record, pseudo = packed_moe(family_demo, family, tmp_path / "packed")
-    adapter = ref.adapter
-    assert record["unquantized_experts"] == [n for n, _ in decoder_experts(pseudo, adapter)]
-    assert len(record["unquantized_experts"]) == 2 * (3 if family == "qwen3_vl_moe" else 4)  # layer 3 of one is dense
+    adapter, model = ref.adapter, ref.load()
+    experts = [n for n, _ in decoder_experts(model, adapter)]
+    record = write_packed(model, adapter, [n for n, _ in decoder_linears(model, adapter)], Scheme(4, 128),
+                          tmp_path / "packed")
+    assert record["packed_experts"] == experts
+    assert len(experts) == 2 * (3 if family == "qwen3_vl_moe" else 4)  # layer 3 of one is dense
     ignore = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]["ignore"]
-    assert EXPERTS_IGNORE in ignore
     assert not any(n.endswith(adapter.keep_fp) for n in record["quantized_modules"])
-    assert all(f"model.language_model.layers.0.{n}" in ignore for n in adapter.keep_fp)
-    if family == "qwen3_5_moe":
-        return  # transformers 5.24 does not load it back: test_qwen3_5_moe_packed_checkpoints_load_in_transformers
-    loaded = load_dequantized(getattr(transformers, adapter.model_class), tmp_path / "packed").state_dict()
-    fp = ref.load().state_dict()
-    for k, v in pseudo.state_dict().items():
-        assert torch.equal(loaded[k], fp[k] if k.endswith(tuple(adapter.expert_weights)) else v), k
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="transformers 5.24: the per-expert → fused merge of "
-                   "Qwen3.5-MoE finds no tensors in a compressed-tensors checkpoint ('Concatenate on tensors destined "
-                   "for …experts.gate_up_proj. Ckpt contains: 0'), with or without dequantize")
-def test_qwen3_5_moe_packed_checkpoints_load_in_transformers(family_demo, tmp_path):
-    pytest.importorskip("compressed_tensors")
-    from vlmquant.export.packed import load_dequantized
-
-    packed_moe(family_demo, "qwen3_5_moe", tmp_path / "packed")
-    load_dequantized(transformers.Qwen3_5MoeForConditionalGeneration, tmp_path / "packed")
+    assert all(f"model.language_model.layers.0.{n}" in ignore for n in (*adapter.keep_fp, "mlp.gate"))
+    stored = load_file(tmp_path / "packed" / "model.safetensors")
+    assert not [k for k in stored if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    width, hidden = model.config.text_config.moe_intermediate_size, model.config.text_config.hidden_size
+    for e in range(8):
+        for proj, shape in (("gate_proj", [width, hidden]), ("up_proj", [width, hidden]),
+                            ("down_proj", [hidden, width])):
+            assert stored[f"model.language_model.layers.0.mlp.experts.{e}.{proj}.weight_shape"].tolist() == shape
 
 
 def test_qwen3_5_linear_attention_projections_are_fused_for_serving():
@@ -330,4 +309,4 @@ def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
     experts = table[table.expert.notna()]
     assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
     packed = json.loads((run / "packed" / "quantization.json").read_text())
-    assert len(packed["unquantized_experts"]) == 6
+    assert len(packed["packed_experts"]) == 6

@@ -281,9 +281,9 @@ def test_every_family_streams_to_the_resident_results(family, family_demo, tmp_p
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe", "gemma3", "qwen3_5"])
 def test_streamed_packed_checkpoint_of_todays_families_is_the_resident_one(family, family_demo, tmp_path):
-    """Random scales folded (fused experts kept fp, listed in the ignore list), every linear packed."""
+    """Random scales folded, every linear packed and the fused experts packed per expert."""
     pytest.importorskip("compressed_tensors")
-    from vlmquant.export.packed import EXPERTS_IGNORE, export_packed
+    from vlmquant.export.packed import export_packed
 
     d, model = family_demo(family)
     cache, spec = random_cache(model, tmp_path / "cache.pt"), run_spec("w4", method="mbq", w_bit=4, w_group=64)
@@ -293,7 +293,7 @@ def test_streamed_packed_checkpoint_of_todays_families_is_the_resident_one(famil
                                names={**NAMES, "run": "w4"})
         out[mode] = files(tmp_path / mode)
     assert out["never"] == out["always"]
-    assert (EXPERTS_IGNORE in record["ignore"]) == family.endswith("_moe")
+    assert bool(record["packed_experts"]) == family.endswith("_moe")
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "gemma3", "qwen3_vl_moe"])

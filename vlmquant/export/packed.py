@@ -8,7 +8,7 @@ writes the shards → `ModelCompressor.update_config` writes `quantization_confi
 
     config.json         quantization_config: quant_method compressed-tensors, format, one config group
                         (targets ["Linear"]) and `ignore`: every linear that is not quantized (vision
-                        tower, projector/merger, lm_head, ignored decoder linears)
+                        tower, projector/merger, lm_head, ignored decoder linears) and the MoE routers
     model*.safetensors  quantized linears: weight_packed (int32) + weight_shape [+ weight_zero_point,
                         packed along the output dim] for pack-quantized, int8 / float8_e4m3fn `weight`
                         for int-/float-quantized, weight_scale in the model dtype; the rest as saved
@@ -23,6 +23,18 @@ Qwen-VL exports elsewhere); transformers matches `ignore` against its in-memory 
 mapping, so without the second spelling it quantizes the vision tower on load and fails. Only linears
 are listed: the config group targets "Linear", so embeddings and norms are never quantized (and an
 embedding named in `ignore` gets a linear method in older vLLM).
+
+Mixture-of-experts layers: every fused expert weight (E, out, in) (adapter.expert_weights) is split into per-expert
+linears (adapter.expert_linears: gate_up_proj rows → gate_proj, up_proj) and packed like any linear, under the names
+vLLM's Qwen3-MoE-style loaders and the per-expert releases use: `…layers.L.mlp.experts.E.gate_proj.weight_packed`,
+`weight_scale`, `weight_shape` [, `weight_zero_point`]. vLLM reads quantized experts only so: it accepts the fused
+names (`experts.gate_up_proj`) for the unquantized weight alone, and fused packed tensors load there without error
+and serve garbage (llm-compressor 0.12.0, its issue #2939). vLLM picks the MoE method from the scheme of
+`<layer>.mlp.experts.0.gate_proj`: the one config group (targets "Linear") covers the experts. The routers
+(`mlp.gate`, a bare weight in transformers, a Linear in vLLM) are listed in `ignore` with the other unquantized
+linears. transformers 5 reloads per-expert checkpoints only where its conversion mapping fuses them (Qwen3.5-MoE,
+not Qwen3-VL-MoE), dequantizing packed or FP8 experts only and without their zero point (asymmetric and int8
+experts fail to load there; tests/test_moe_packed.py). vLLM's MoE methods take int4/int8 (and FP8) experts, not W3.
 
 Loading in transformers 5.23-5.24 with compressed-tensors 0.20: asymmetric pack-quantized checkpoints
 fail with the default call (the packed zero point does not fit the unpacked parameter transformers
@@ -46,7 +58,7 @@ from vlmquant.models.stream import use_streaming
 from vlmquant.quant.codes import quantize_weight
 from vlmquant.quant.scheme import Scheme, check_scheme
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.quant.model import decoder_experts, decoder_linears, layer_root
+from vlmquant.quant.model import decoder_experts, decoder_linears, layer_experts, layer_root
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +66,6 @@ FORMAT = "compressed-tensors"
 # linears that serving engines fuse into one layer (vLLM packed_modules_mapping: qkv_proj, gate_up_proj, and
 # Qwen3.5's linear attention in_proj_qkvz)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"))
-# Fused MoE experts (3-D parameters, quantized in the pseudo checkpoint) are written unquantized: vLLM reads
-# quantized experts one tensor per expert (…mlp.experts.{e}.gate_proj.weight_packed, as llm-compressor writes
-# them), which transformers cannot load back to check. vLLM asks whether a MoE layer is ignored by probing
-# `<layer>.0.gate_proj`, `.0.up_proj`, `.0.down_proj` against `ignore`; this pattern keeps them fp there.
-EXPERTS_IGNORE = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
 
 def require_compressed_tensors():
@@ -115,10 +122,24 @@ def saved_names(model, names):
     return out
 
 
-def ignore_list(model, quantized):
-    """compressed-tensors `ignore`: every nn.Linear of the model not in `quantized` (full module names), under
-    its saved name and, where different, its in-memory name (see the module doc)."""
+def routers(model, adapter):
+    """Full names of the decoder modules that scale groups scale but that are no nn.Linear (MoE routers' `mlp.gate`,
+    a bare (E, H) weight in transformers): never quantized, listed in `ignore` for engines that build them as
+    linears."""
+    scaled = sorted({n for groups in adapter.groups.values() for g in groups for n in g.scaled})
+    out = []
+    for i, layer in enumerate(adapter.layers(model)):
+        modules = dict(layer.named_modules())
+        out += [f"{adapter.layers_path}.{i}.{n}" for n in scaled
+                if n in modules and not isinstance(modules[n], torch.nn.Linear)]
+    return out
+
+
+def ignore_list(model, quantized, extra=()):
+    """compressed-tensors `ignore`: every nn.Linear of the model not in `quantized` (full module names) and the
+    modules `extra`, under their saved names and, where different, their in-memory names (see the module doc)."""
     skipped = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in set(quantized)]
+    skipped += list(extra)
     saved = saved_names(model, skipped)
     return saved + [n for n in skipped if n not in set(saved)]
 
@@ -143,6 +164,42 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
     compress_module(lin)
 
 
+@torch.no_grad()
+def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
+    """Replace one decoder layer's fused expert weights [(name relative to the layer, (E, out, in) parameter)] by
+    per-expert compressed linears `<experts module>.{e}.<adapter.expert_linears[name][k]>`, in place; the fused
+    parameters are removed. Codes, scales and zero points are those of fake_quant on the fused weight: it
+    quantizes every expert's rows like a linear's, groups along the input."""
+    for name, w in experts:
+        parent_name, _, leaf = name.rpartition(".")
+        parent, parts = layer.get_submodule(parent_name), adapter.expert_linears[name]
+        rows = w.shape[1] // len(parts)
+        for e in range(w.shape[0]):
+            if not hasattr(parent, str(e)):
+                parent.add_module(str(e), torch.nn.Module())
+            for k, part in enumerate(parts):
+                with torch.device("meta"):
+                    lin = torch.nn.Linear(w.shape[2], rows, bias=False)
+                lin.weight = torch.nn.Parameter(w[e, k * rows:(k + 1) * rows].clone(), requires_grad=False)
+                compress_linear(lin, scheme, ct)
+                getattr(parent, str(e)).add_module(part, lin)
+        delattr(parent, leaf)
+
+
+def check_experts_packable(experts, adapter, scheme: Scheme):
+    """Every fused expert weight [(name, (E, out, in) parameter)] splits into its per-expert linears and w_group
+    divides their input width. Shapes only (meta device fine)."""
+    for name, w in experts:
+        parts = adapter.expert_linears.get(name.split(".", 2)[2])  # layers.{i}.<name in the layer>
+        if parts is None or w.dim() != 3 or w.shape[1] % len(parts):
+            raise VlmquantError(f"{name}: fused expert weight of shape {tuple(w.shape)} has no per-expert linears in "
+                                f"the family adapter's expert_linears {dict(adapter.expert_linears)}; add them there")
+        try:
+            check_weight_groups((w.shape[1] // len(parts), w.shape[2]), scheme.w_group)
+        except VlmquantError as e:
+            raise VlmquantError(f"{name}: {e}") from None
+
+
 def ct_versions():
     versions = package_versions()
     try:
@@ -154,7 +211,7 @@ def ct_versions():
 
 def plan_packed(model, adapter, quantize, scheme: Scheme):
     """Every check of write_packed, nothing written: (compressed-tensors scheme, ignore list, decoder-linear names,
-    fused expert weight names (kept fp)). `model` may be on the meta device."""
+    fused expert weight names (packed per expert)). `model` may be on the meta device."""
     names = [n for n, _ in decoder_linears(model, adapter)]
     unknown = sorted(set(quantize) - set(names))
     if unknown:
@@ -169,16 +226,13 @@ def plan_packed(model, adapter, quantize, scheme: Scheme):
             raise VlmquantError(f"{n}: {e}") from None
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
     ct = ct_scheme(scheme)
-    ignore = ignore_list(model, [prefix + n for n in quantize])
-    experts = [n for n, _ in decoder_experts(model, adapter)]
-    if experts:
-        log.warning("%d fused MoE expert weights are written unquantized (folded, in the model dtype): the "
-                    "compressed-tensors export does not pack 3-D experts", len(experts))
-        ignore.append(EXPERTS_IGNORE)
+    experts = decoder_experts(model, adapter)
+    check_experts_packable(experts, adapter, scheme)
+    ignore = ignore_list(model, [prefix + n for n in quantize], routers(model, adapter))
     if scheme.experimental:
         log.warning("scheme %s: experimental packed form (vLLM runs 3-bit weights only through one CUDA kernel "
-                    "family)", scheme.name)
-    return ct, ignore, names, experts
+                    "family%s)", scheme.name, ", and its MoE methods take no 3-bit experts" if experts else "")
+    return ct, ignore, names, [n for n, _ in experts]
 
 
 def packed_record(model, adapter, names, quantize, experts, scheme, ignore, info=None):
@@ -192,7 +246,7 @@ def packed_record(model, adapter, names, quantize, experts, scheme, ignore, info
         "a_bit": scheme.a_bit, "a_type": scheme.a_type if scheme.a_bit else None,
         "dtype": str(model.dtype).removeprefix("torch."),
         "quantized_modules": sorted(quantize), "ignored_decoder_modules": sorted(set(names) - set(quantize)),
-        "unquantized_experts": experts,
+        "packed_experts": experts,
         "ignore": ignore,
         "modules_relative_to": adapter.layers_path.rsplit(".", 1)[0],
         "packages": ct_versions(),
@@ -232,6 +286,8 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
     for n in quantize:
         compress_linear(model.get_submodule(prefix + n), scheme, ct)
+    for layer in adapter.layers(model):
+        pack_experts(layer, layer_experts(layer, adapter), adapter, scheme, ct)
     record = packed_record(model, adapter, names, quantize, experts, scheme, ignore, info)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
@@ -278,6 +334,7 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
     def compress(layer, index, linears, experts):
         for n in linears:
             compress_linear(layer.get_submodule(n), scheme, ct)
+        pack_experts(layer, experts, model.adapter, scheme, ct)
 
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:

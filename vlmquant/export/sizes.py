@@ -6,15 +6,17 @@ point in `groups` = in / w_group groups per row (1 per channel):
                      + weight_scale (out, groups) in the model dtype
                      + asymmetric: weight_zero_point int32 (ceil(out·b/32), groups), packed along out
     int-/float-quantized   weight int8 / float8_e4m3fn (out, in) + weight_scale (out, groups)
-Everything else (vision tower, projector, embeddings, lm_head, norms, biases, ignored linears) stays in
-the model dtype. Safetensors headers (a few kB per shard) and non-weight files are not counted.
+A fused MoE expert weight (E, out, in) is stored as E x its per-expert linears (adapter.expert_linears: gate_up_proj
+as gate_proj and up_proj, (out/2, in) each), every expert quantized. Everything else (vision tower, projector,
+embeddings, lm_head, routers, norms, biases, ignored linears) stays in the model dtype. Safetensors headers (a few
+kB per shard) and non-weight files are not counted.
 """
 import math
 
 import torch
 
 from vlmquant.quant.scheme import PACK_QUANTIZED, Scheme
-from vlmquant.quant.model import decoder_linears, layer_root
+from vlmquant.quant.model import decoder_experts, decoder_linears, layer_root
 
 
 def quantized_linear_bytes(out_features: int, in_features: int, scheme: Scheme, dtype_bytes: int) -> int:
@@ -30,17 +32,24 @@ def quantized_linear_bytes(out_features: int, in_features: int, scheme: Scheme, 
 
 def packed_size(model, adapter, scheme: Scheme, quantize=None, dtype_bytes=2) -> dict:
     """{"dense": bytes, "packed": bytes, "ratio": dense / packed} of `model` (any device, meta included) with the
-    decoder linears `quantize` (relative names; None: all) stored under `scheme`, the rest in `dtype_bytes`."""
+    decoder linears `quantize` (relative names; None: all) and every fused expert weight stored under `scheme`,
+    the rest in `dtype_bytes`."""
     root = layer_root(model, adapter)
     linears = dict(decoder_linears(model, adapter))
     quantize = set(linears) if quantize is None else set(quantize)
-    weights = {id(root.get_submodule(n).weight): root.get_submodule(n) for n in quantize}
+    stored = {}  # parameter id → its bytes under the scheme
+    for n in quantize:
+        lin = root.get_submodule(n)
+        stored[id(lin.weight)] = quantized_linear_bytes(lin.out_features, lin.in_features, scheme, dtype_bytes)
+    for name, w in decoder_experts(model, adapter):
+        parts = len(adapter.expert_linears[name.split(".", 2)[2]])  # layers.{i}.<name in the layer>
+        n_experts, out_features, in_features = w.shape
+        stored[id(w)] = n_experts * parts * quantized_linear_bytes(out_features // parts, in_features, scheme,
+                                                                   dtype_bytes)
     dense = packed = 0
     for p in {id(p): p for p in model.parameters()}.values():  # tied weights once, as save_pretrained
         dense += p.numel() * dtype_bytes
-        lin = weights.get(id(p))
-        packed += (quantized_linear_bytes(lin.out_features, lin.in_features, scheme, dtype_bytes) if lin is not None
-                   else p.numel() * dtype_bytes)
+        packed += stored.get(id(p), p.numel() * dtype_bytes)
     return {"dense": dense, "packed": packed, "ratio": dense / packed}
 
 
@@ -68,3 +77,21 @@ def qwen2_vl_7b_config():
     import transformers
 
     return transformers.Qwen2VLConfig(**QWEN2_VL_7B)
+
+
+# the shapes of Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (31.1 B parameters, 29 B of them in the experts)
+QWEN3_VL_30B_A3B = dict(
+    text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936),
+    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+    tie_word_embeddings=False)
+
+
+def qwen3_vl_30b_a3b_config():
+    """A transformers Qwen3VLMoeConfig with Qwen3-VL-30B-A3B's shapes."""
+    import transformers
+
+    return transformers.Qwen3VLMoeConfig(**QWEN3_VL_30B_A3B)

@@ -87,6 +87,9 @@ class Adapter:
     keep_fp: tuple[str, ...] = ()
     # fused 3-D expert weights (E, out, in) quantized per expert like a stack of linears, where a layer has them
     expert_weights = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    # the per-expert linears each fused expert weight is packed as, its output rows split evenly in this order
+    # (gate rows first), under the names vLLM and per-expert checkpoints use: experts.{e}.gate_proj, …
+    expert_linears = {"mlp.experts.gate_up_proj": ("gate_proj", "up_proj"), "mlp.experts.down_proj": ("down_proj",)}
     # checkpoint layouts of fused experts the lazy loader reads (models.loading.Checkpoint.load_into):
     # "fused" as the module holds them, "transposed" (E, in, out), "per_expert" (experts.{e}.gate_proj.weight, …)
     expert_layouts: tuple[str, ...] = ("fused",)
