@@ -1,10 +1,14 @@
 # All eval tables → results/summary.{csv,parquet}; per (model, calibration set) figures for the report.
+from vlmquant.report.all_runs import other_tables
 
 
+# The summary job also writes the running comparison (all_runs.csv): every eval table present, targets or not.
+# Those of other runs are not inputs (Snakemake would rebuild them) but params with their sha256, so the job reruns
+# when one appears, changes or goes (vlmquant/report/all_runs.py).
 rule summary:
-    """One row per (model, calib, run) plus an fp row per model, with stage wall times."""
+    """One row per (model, calib, run) plus an fp row per model, with stage wall times; and every eval table present."""
     input:
-        summary_inputs,
+        unpack(summary_inputs),
     output:
         csv=report(
             paths.SUMMARY_CSV,
@@ -19,12 +23,14 @@ rule summary:
             category="Summary",
             labels={"table": "summary (table)"},
         ),
+        all_runs=paths.ALL_RUNS,
     log:
         paths.LOGS["summary"],
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
         rows=lambda w: W.summary_rows(config),
+        other_tables=lambda w: other_tables(row["path"] for row in W.summary_rows(config)),
     script:
         "../scripts/summary.py"
 
