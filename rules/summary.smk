@@ -33,7 +33,9 @@ rule summary:
         "../workflow/envs/vlmquant.yaml"
     params:
         rows=lambda w: W.summary_rows(config),
-        other_tables=lambda w: other_tables(row["path"] for row in W.summary_rows(config)),
+        other_tables=lambda w: other_tables(
+            row["path"] for row in W.summary_rows(config)
+        ),
     script:
         "../scripts/summary.py"
 
@@ -95,6 +97,13 @@ onstart:
 
 
 onsuccess:
-    table = final_table(paths.SUMMARY_CSV) if any(j.rule == "summary" for j in PLANNED) else None
+    table = (
+        final_table(paths.SUMMARY_CSV)
+        if any(j.rule == "summary" for j in PLANNED)
+        else None
+    )
     if table:
-        print(f"{paths.SUMMARY_CSV} (every column; all runs so far: {paths.ALL_RUNS}):\n{table}", file=sys.stderr)
+        print(
+            f"{paths.SUMMARY_CSV} (every column; all runs so far: {paths.ALL_RUNS}):\n{table}",
+            file=sys.stderr,
+        )
