@@ -42,7 +42,8 @@ def summary_rows(n_runs):
                        "method": [METHODS[r] for r in runs], "scheme": ["bfloat16", *["w3a16-asym-g128"] * n_runs],
                        "w_bit": [16, *[3] * n_runs],
                        "w_group": [None, *[128] * n_runs], "a_bit": None,
-                       "caption_nll": 7.36 + rng.uniform(0, 0.02, n_runs + 1), "kl": rng.uniform(0.01, 0.02, n_runs + 1),
+                       "caption_nll": 7.36 + rng.uniform(0, 0.02, n_runs + 1),
+                       "kl": rng.uniform(0.01, 0.02, n_runs + 1),
                        "hidden_err_vision": rng.uniform(0.1, 0.2, n_runs + 1),
                        "hidden_err_text": rng.uniform(0.1, 0.2, n_runs + 1)})
     df.loc[0, ["kl", "hidden_err_vision", "hidden_err_text"]] = 0.0

@@ -21,7 +21,8 @@ def needs_dequantize(folder):
     try:
         quant = json.loads(config.read_text())["quantization_config"]
     except (OSError, KeyError, json.JSONDecodeError):
-        raise VlmquantError(f"{config}: no compressed-tensors quantization_config; is {folder} a packed/ folder?") from None
+        raise VlmquantError(f"{config}: no compressed-tensors quantization_config; is {folder} a packed/ folder?") \
+            from None
     if quant.get("quant_method") != "compressed-tensors":
         raise VlmquantError(f"{config}: quantization_config.quant_method is {quant.get('quant_method')!r}, "
                             "expected 'compressed-tensors'")

@@ -3,8 +3,8 @@
 Columns:
   model, calib (null for fp), run ("fp" for the fp model), method (fp / rtn / awq / mbq), scheme (how the
   weights/activations are stored: quant.scheme.Scheme.name, e.g. w3a16-asym-g128, w8a8-sym-ch (int8) or fp8; the
-  fp row: the model dtype), w_bit (the fp row: bits of the model dtype), w_group (null per output channel), a_bit (null: weight-only), eval_calib,
-  n_samples, n_caption_tokens,
+  fp row: the model dtype), w_bit (the fp row: bits of the model dtype), w_group (null per output channel),
+  a_bit (null: weight-only), eval_calib, n_samples, n_caption_tokens,
   caption_nll, caption_ppl, kl, top1_agreement            caption positions of the eval set
   lmms.<task>.<metric>                                    lmms-eval scores (e.g. lmms.vlmquant_vqa.exact_match, the
                                                           organism's task accuracy), only with lmms_eval enabled
@@ -36,13 +36,13 @@ from vlmquant.quant.scheme import Scheme
 
 STAGES = ("grads", "acts", "search", "export", "pack", "eval")
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64}
-COLUMNS = ["model", "calib", "run", "method", "scheme", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples", "n_caption_tokens",
-           "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
+COLUMNS = ["model", "calib", "run", "method", "scheme", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples",
+           "n_caption_tokens", "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
            "hidden_err_vision_last", "hidden_err_text_last", "weight_err", "weight_err_scaled",
            "delta_nll_fp", "delta_nll_rtn", "kl_ratio_rtn", *[f"time_{s}_s" for s in STAGES], "time_total_s"]
 # the columns of the report's table (summary.html), with their headers
-HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "method", "scheme": "scheme", "w_bit": "w bits",
-                "w_group": "group", "a_bit": "a bits", "caption_nll": "caption NLL", "delta_nll_fp": "ΔNLL vs fp",
+HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "method", "scheme": "scheme",
+                "w_bit": "w bits", "w_group": "group", "a_bit": "a bits", "caption_nll": "caption NLL", "delta_nll_fp": "ΔNLL vs fp",
                 "delta_nll_rtn": "ΔNLL vs RTN", "kl": "KL vs fp", "kl_ratio_rtn": "KL / RTN's",
                 "top1_agreement": "top-1 agreement", "hidden_err_vision": "hidden err. vision",
                 "hidden_err_text": "hidden err. text", "weight_err": "weight err.", "time_total_s": "time (s)"}
