@@ -414,15 +414,15 @@ def target_triples(config):
 
 def targets(config):
     """What `rule all` builds: every output of the target runs' stages (calibration sets, inputs, grads, acts,
-    search chunks, scale cache, checkpoints of its formats, eval and fp tables), the summary table, the plots, and
-    the lmms-eval results when enabled.
+    search chunks, scale cache, checkpoints of its formats, eval and fp tables), the summary table, all_runs.csv,
+    the plots, and the lmms-eval results when enabled.
 
     Intermediate outputs are targets too: Snakemake rebuilds a missing file only when a job that must run needs
     it, so a search chunk folder that Snakemake removed after an interrupted `--forcerun search` (an incomplete
     output) would otherwise stay missing while the old scale cache and checkpoints were kept. As targets, a
     missing one is rebuilt and everything after it reruns (its outputs are newer)."""
     specs = run_specs(config)
-    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML]
+    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML, paths.ALL_RUNS]
     eval_calib = config["eval"]["calib"]
     for m in config["targets"].get("models", []):
         fp = dict(model=m, eval_calib=eval_calib)
