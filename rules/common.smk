@@ -123,7 +123,18 @@ def eval_inputs(wildcards):
 
 def summary_inputs(wildcards):
     rows = W.summary_rows(config)
-    return [row["path"] for row in rows] + [row["lmms"] for row in rows if row["lmms"]]
+    # every checkpoint of the targets: the summary reads the benchmark file of each (pack is not upstream of eval)
+    checkpoints = [
+        template.format(model=m, calib=c, run=r)
+        for m, c, r in W.target_triples(config)
+        for fmt, template in W.CHECKPOINTS.items()
+        if fmt in RUNS[r].formats
+    ]
+    return {
+        "tables": [row["path"] for row in rows],
+        "lmms": [row["lmms"] for row in rows if row["lmms"]],
+        "checkpoints": checkpoints,
+    }
 
 
 def plot_inputs(wildcards):

@@ -1,3 +1,4 @@
+from vlmquant.report.all_runs import all_runs, write_all_runs
 from vlmquant.report.summary import summarize, write_summary
 from vlmquant.workflow import script_logging
 
@@ -5,3 +6,4 @@ with script_logging(snakemake):
     rows = list(snakemake.params.rows)
     bench = {(r["model"], r["calib"], r["run"]): r["bench"] for r in rows}
     write_summary(summarize(rows, bench), snakemake.output.csv, snakemake.output.parquet, snakemake.output.html)
+    write_all_runs(all_runs([r["path"] for r in rows], list(snakemake.params.other_tables)), snakemake.output.all_runs)

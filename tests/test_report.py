@@ -1,4 +1,6 @@
 """Report figures and the summary's relative columns on synthetic rows (no workflow run)."""
+import dataclasses
+import hashlib
 import math
 import re
 
@@ -7,10 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from pathlib import Path
 
 from vlmquant.report.plots import plot_metrics, run_colors, run_styles
+from vlmquant import paths
 from vlmquant.eval.table import write_table
-from vlmquant.report.summary import random_demo_models, relative_columns, summarize, summary_html
+from vlmquant.quant.scheme import Scheme
+from vlmquant.report.all_runs import ALL_RUNS_COLUMNS, all_runs, other_tables
+from vlmquant.report.summary import COLUMNS, random_demo_models, relative_columns, summarize, summary_html
 
 METHODS = {"fp": "fp", **{f"mbq-{k}": "mbq" for k in range(4)}, **{f"awq-{k}": "awq" for k in range(3)},
            **{f"rtn-{k}": "rtn" for k in range(3)}, "sq": "smoothquant", "gptq-like": "other"}
@@ -32,10 +38,12 @@ def test_every_run_its_colour_methods_a_hue_family():
 def summary_rows(n_runs):
     runs = ["fp", *list(METHODS)[1:n_runs + 1]]
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({"model": "m", "calib": [None, *["c"] * n_runs], "run": runs,
-                       "method": [METHODS[r] for r in runs], "w_bit": [16, *[3] * n_runs],
+    df = pd.DataFrame({"model": "m", "calib": [None, *["c"] * n_runs], "run": runs, "eval_calib": "e",
+                       "method": [METHODS[r] for r in runs], "scheme": ["bfloat16", *["w3a16-asym-g128"] * n_runs],
+                       "w_bit": [16, *[3] * n_runs],
                        "w_group": [None, *[128] * n_runs], "a_bit": None,
-                       "caption_nll": 7.36 + rng.uniform(0, 0.02, n_runs + 1), "kl": rng.uniform(0.01, 0.02, n_runs + 1),
+                       "caption_nll": 7.36 + rng.uniform(0, 0.02, n_runs + 1),
+                       "kl": rng.uniform(0.01, 0.02, n_runs + 1),
                        "hidden_err_vision": rng.uniform(0.1, 0.2, n_runs + 1),
                        "hidden_err_text": rng.uniform(0.1, 0.2, n_runs + 1)})
     df.loc[0, ["kl", "hidden_err_vision", "hidden_err_text"]] = 0.0
@@ -95,3 +103,72 @@ def test_summary_says_when_a_model_is_the_random_demo(tmp_path):
     df.attrs["random_demo"] = ["m"]
     assert ("<body><p><b>m: the random-init demo model. Its differences between methods are noise; "
             "config/organism.yaml quantizes a trained model.</b></p><table") in summary_html(df)
+
+
+def eval_table(path, run, nll, kl, scheme=None, method="rtn", model="m", calib="c", eval_calib="e"):
+    """An eval table (fp: scheme None) as eval/run.py writes it, with a caption NLL and KL and two layers."""
+    fp = scheme is None
+    ids = {"model": model, "calib": None if fp else calib, "run": "fp" if fp else run, "eval_calib": eval_calib}
+    rows = [("n_samples", None, None, 6), ("n_caption_tokens", None, None, 50), ("caption_nll", None, "caption", nll),
+            ("caption_ppl", None, "caption", math.exp(nll)), ("kl", None, "caption", kl),
+            ("top1_agreement", None, "caption", 1.0 if fp else 0.9)]
+    rows += [("hidden_rel_mse", i, mod, 0.0 if fp else 0.1 * (i + 1)) for i in range(2) for mod in ("vision", "text")]
+    rows += [] if fp else [("weight_rel_err", i, None, 0.05) for i in range(2)]
+    if fp:
+        meta = {"method": "fp", "dtype": "bfloat16"}
+    else:
+        meta = {"method": method, "w_bit": scheme.w_bit, "w_group": None if scheme.a_bit else scheme.w_group,
+                "a_bit": scheme.a_bit, "quantization": {"scheme": dataclasses.asdict(scheme)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_table(rows, path, ids, {**ids, **meta})
+    return {"model": model, "calib": ids["calib"], "run": ids["run"], "path": str(path)}
+
+
+W8A8 = Scheme(8, -1, True, a_bit=8)
+FP8 = Scheme(8, -1, True, "float", 8, "float")
+
+
+def test_scheme_tells_fp8_from_int8_w8a8_and_picks_the_rtn_of_the_same_scheme(tmp_path):
+    tables = [eval_table(tmp_path / "fp.parquet", "fp", 2.0, 0.0),
+              eval_table(tmp_path / "1.parquet", "rtn-w8a8", 2.10, 0.04, W8A8),
+              eval_table(tmp_path / "2.parquet", "rtn-fp8", 2.05, 0.02, FP8),
+              eval_table(tmp_path / "3.parquet", "sq-w8a8", 2.04, 0.01, W8A8, "smoothquant"),
+              eval_table(tmp_path / "4.parquet", "sq-fp8", 2.01, 0.01, FP8, "smoothquant")]
+    df = summarize(tables, {})
+    assert list(df.columns) == COLUMNS
+    html = summary_html(df)
+    df = df.set_index("run")
+    assert df.scheme.to_dict() == {"fp": "bfloat16", "rtn-w8a8": "w8a8-sym-ch", "rtn-fp8": "fp8",
+                                   "sq-w8a8": "w8a8-sym-ch", "sq-fp8": "fp8"}
+    assert df.loc["sq-fp8"].kl_ratio_rtn == pytest.approx(0.01 / 0.02)  # FP8's RTN, not int8's
+    assert df.loc["sq-w8a8"].delta_nll_rtn == pytest.approx(2.04 - 2.10)
+    assert ">fp8<" in html and ">w8a8-sym-ch<" in html
+
+
+def test_all_runs_keeps_every_table_present(tmp_path, monkeypatch):
+    """Runs dropped from the targets stay in all_runs.csv, marked target=False; each run is compared with the fp
+    table of its own eval set; other_tables lists exactly the tables outside the targets, with their sha256."""
+    monkeypatch.chdir(tmp_path)
+    w3 = Scheme(3, 128)
+
+    def ev(**ids):
+        return paths.EVAL.format(**ids)
+
+    targets = [eval_table(Path(paths.FP_TABLE.format(model="m", eval_calib="e")), "fp", 2.0, 0.0)["path"],
+               eval_table(Path(ev(model="m", calib="c", run="rtn")), "rtn", 2.3, 0.04, w3)["path"],
+               eval_table(Path(ev(model="m", calib="c", run="mbq")), "mbq", 2.1, 0.02, w3, "mbq")["path"]]
+    old = [eval_table(Path(ev(model="m", calib="c", run="awq")), "awq", 2.2, 0.03, w3, "awq")["path"],
+           eval_table(Path(paths.FP_TABLE.format(model="m", eval_calib="e2")), "fp", 3.0, 0.0, eval_calib="e2")["path"],
+           eval_table(Path(ev(model="m", calib="c2", run="mbq")), "mbq", 3.5, 0.05, w3, "mbq", calib="c2",
+                      eval_calib="e2")["path"]]
+    others = other_tables(targets)
+    assert others == {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in sorted(old)}
+    df = all_runs(targets, list(others))
+    assert list(df.columns) == ALL_RUNS_COLUMNS
+    assert list(zip(df.eval_calib, df.run, df.calib.fillna("-"), df.target)) == [
+        ("e", "fp", "-", True), ("e", "awq", "c", False), ("e", "mbq", "c", True), ("e", "rtn", "c", True),
+        ("e2", "fp", "-", False), ("e2", "mbq", "c2", False)]
+    by = df.set_index(["eval_calib", "run"])
+    assert by.loc[("e2", "mbq")].delta_nll_fp == pytest.approx(0.5)  # against e2's fp table, not e's
+    assert by.loc[("e", "awq")].kl_ratio_rtn == pytest.approx(0.03 / 0.04)
+    assert math.isnan(by.loc[("e2", "mbq")].kl_ratio_rtn)  # no RTN run on that calib and eval set

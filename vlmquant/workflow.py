@@ -412,12 +412,28 @@ def target_triples(config):
 
 
 def targets(config):
-    """What `rule all` builds: every target run's scale cache and checkpoints (its formats), the summary table,
-    the plots, and the lmms-eval results when enabled."""
+    """What `rule all` builds: every output of the target runs' stages (calibration sets, inputs, grads, acts,
+    search chunks, scale cache, checkpoints of its formats, eval and fp tables), the summary table, all_runs.csv,
+    the plots, and the lmms-eval results when enabled.
+
+    Intermediate outputs are targets too: Snakemake rebuilds a missing file only when a job that must run needs
+    it, so a search chunk folder that Snakemake removed after an interrupted `--forcerun search` (an incomplete
+    output) would otherwise stay missing while the old scale cache and checkpoints were kept. As targets, a
+    missing one is rebuilt and everything after it reruns (its outputs are newer)."""
     specs = run_specs(config)
-    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML]
+    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML, paths.ALL_RUNS]
+    eval_calib = config["eval"]["calib"]
+    for m in config["targets"].get("models", []):
+        fp = dict(model=m, eval_calib=eval_calib)
+        out += [paths.CALIB.format(calib=eval_calib), paths.INPUTS.format(model=m, calib=eval_calib),
+                paths.FP_REF.format(**fp), paths.FP_TABLE.format(**fp)]
     for m, c, r in target_triples(config):
         ids = dict(model=m, calib=c, run=r)
+        out += [paths.CALIB.format(calib=c), paths.INPUTS.format(**ids), paths.EVAL.format(**ids)]
+        if specs[r].searches:
+            out += [paths.ACTS.format(**ids), paths.SEARCH_TABLE.format(**ids)]
+            out += [paths.SCALES.format(**ids, chunk=paths.chunk_id(a)) for a, _ in chunks(config, m)]
+            out += [paths.GRADS.format(**ids)] if specs[r].needs_grads else []
         out += [paths.SCALE_CACHE.format(**ids)] if specs[r].has_scales else []
         out += [template.format(**ids) for fmt, template in CHECKPOINTS.items() if fmt in specs[r].formats]
         if config["lmms_eval"]["enabled"]:
@@ -427,7 +443,7 @@ def targets(config):
             for f in FIGURES]
     if config["lmms_eval"]["enabled"] and config["lmms_eval"]["include_fp"]:
         out += [paths.LMMS_FP.format(model=m) for m in t.get("models", [])]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def run_benchmarks(config, model, calib, run):

@@ -1,9 +1,10 @@
 """One row per (model, calib, run), plus one fp row per model: main metrics, bits and stage wall times.
 
 Columns:
-  model, calib (null for fp), run ("fp" for the fp model), method (fp / rtn / awq / mbq), w_bit (the fp
-  row: bits of the model dtype), w_group (null per output channel), a_bit (null: weight-only), eval_calib,
-  n_samples, n_caption_tokens,
+  model, calib (null for fp), run ("fp" for the fp model), method (fp / rtn / awq / mbq), scheme (how the
+  weights/activations are stored: quant.scheme.Scheme.name, e.g. w3a16-asym-g128, w8a8-sym-ch (int8) or fp8; the
+  fp row: the model dtype), w_bit (the fp row: bits of the model dtype), w_group (null per output channel),
+  a_bit (null: weight-only), eval_calib, n_samples, n_caption_tokens,
   caption_nll, caption_ppl, kl, top1_agreement            caption positions of the eval set
   lmms.<task>.<metric>                                    lmms-eval scores (e.g. lmms.vlmquant_vqa.exact_match, the
                                                           organism's task accuracy), only with lmms_eval enabled
@@ -12,7 +13,7 @@ Columns:
   weight_err, weight_err_scaled                           relative Frobenius weight error, mean over layers
   delta_nll_fp                                            caption_nll minus the fp row's (same model)
   delta_nll_rtn, kl_ratio_rtn                             caption_nll minus, and kl divided by, those of the RTN
-                                                          run with the same model, calib, w_bit, w_group and a_bit
+                                                          run with the same model, calib, eval_calib and scheme
                                                           (null without one; 0 and 1 on that RTN row)
   time_<stage>_s                                          wall seconds from the stage's Snakemake benchmark file
                                                           (grads, acts, search = sum over chunk jobs, export, eval;
@@ -34,20 +35,21 @@ from vlmquant.eval.lmms_results import COLUMN_PREFIX, read_scores
 from vlmquant.eval.table import read_table
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions
+from vlmquant.quant.scheme import Scheme
 
 STAGES = ("grads", "acts", "search", "export", "pack", "eval")
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64}
-COLUMNS = ["model", "calib", "run", "method", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples", "n_caption_tokens",
-           "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
+COLUMNS = ["model", "calib", "run", "method", "scheme", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples",
+           "n_caption_tokens", "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
            "hidden_err_vision_last", "hidden_err_text_last", "weight_err", "weight_err_scaled",
            "delta_nll_fp", "delta_nll_rtn", "kl_ratio_rtn", *[f"time_{s}_s" for s in STAGES], "time_total_s"]
 # the columns of the report's table (summary.html), with their headers
-HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "method", "w_bit": "w bits",
-                "w_group": "group", "a_bit": "a bits", "caption_nll": "caption NLL", "delta_nll_fp": "ΔNLL vs fp",
+HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "method", "scheme": "scheme",
+                "w_bit": "w bits", "w_group": "group", "a_bit": "a bits", "caption_nll": "caption NLL", "delta_nll_fp": "ΔNLL vs fp",
                 "delta_nll_rtn": "ΔNLL vs RTN", "kl": "KL vs fp", "kl_ratio_rtn": "KL / RTN's",
                 "top1_agreement": "top-1 agreement", "hidden_err_vision": "hidden err. vision",
                 "hidden_err_text": "hidden err. text", "weight_err": "weight err.", "time_total_s": "time (s)"}
-SCHEME = ["model", "calib", "w_bit", "w_group", "a_bit"]
+SCHEME = ["model", "calib", "eval_calib", "scheme"]  # the rows that share an RTN reference
 
 
 def metric(df, name, modality=None, layer="model"):
@@ -76,6 +78,7 @@ def table_row(path):
     fp = meta.get("method") == "fp"
     row = {"model": meta.get("model"), "calib": meta.get("calib"), "run": "fp" if fp else meta.get("run"),
            "method": meta.get("method"), "eval_calib": meta.get("eval_calib"),
+           "scheme": meta.get("dtype") if fp else scheme_name(meta),
            "w_bit": DTYPE_BITS.get(meta.get("dtype"), math.nan) if fp else meta.get("w_bit"),
            "w_group": None if fp or meta.get("a_bit") else meta.get("w_group"),
            "a_bit": None if fp else meta.get("a_bit")}
@@ -87,6 +90,13 @@ def table_row(path):
     row["weight_err"] = 0.0 if fp else layer_mean(df, "weight_rel_err")
     row["weight_err_scaled"] = 0.0 if fp else layer_mean(df, "weight_rel_err_scaled")
     return row
+
+
+def scheme_name(meta):
+    """Scheme.name of an eval table's checkpoint (its quantization.json `scheme`); None for tables of an older
+    vlmquant, which did not record it."""
+    scheme = (meta.get("quantization") or {}).get("scheme")
+    return Scheme(**scheme).name if scheme else None
 
 
 def bench_seconds(paths):
@@ -140,8 +150,9 @@ def random_demo_models(tables):
 
 def relative_columns(df):
     """Fill delta_nll_fp, delta_nll_rtn and kl_ratio_rtn (see the module docstring)."""
-    fp = df[df.run == "fp"].drop_duplicates("model").set_index("model").caption_nll
-    df["delta_nll_fp"] = df.caption_nll - df.model.map(fp)
+    fp = df[df.run == "fp"].drop_duplicates(["model", "eval_calib"])[["model", "eval_calib", "caption_nll"]]
+    ref_fp = df[["model", "eval_calib"]].merge(fp, on=["model", "eval_calib"], how="left")  # row order kept
+    df["delta_nll_fp"] = df.caption_nll - ref_fp.caption_nll.to_numpy()
     rtn = df[df.method == "rtn"].drop_duplicates(SCHEME)
     ref = df[SCHEME].merge(rtn[[*SCHEME, "caption_nll", "kl"]], on=SCHEME, how="left")  # row order kept
     df["delta_nll_rtn"] = (df.caption_nll - ref.caption_nll.to_numpy()).where(df.run != "fp")
