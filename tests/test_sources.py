@@ -2,14 +2,13 @@
 without tokenizer files, truncated shards. No Snakemake here (tests/test_workflow_edits.py runs it)."""
 import dataclasses
 import hashlib
-import os
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import check, open_demo, run_spec
+from conftest import check, keep_times, open_demo, run_spec
 from vlmquant.errors import VlmquantError
 from vlmquant.export import export_checkpoint
 from vlmquant.export.checkpoint import check_complete
@@ -31,13 +30,6 @@ def model_copy(demo_model_path, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(demo_model_path, folder)
     return folder
-
-
-def keep_times(path, write):
-    """Rewrite `path` with write(path), then put its access and modification times back (as touch -r does)."""
-    st = os.stat(path)
-    write(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # --- fingerprints -------------------------------------------------------------------------------------
@@ -145,3 +137,22 @@ def test_truncated_shard_is_refused_at_load_naming_it(cfg, model_copy):
                            f"header says {size} (truncated or damaged copy); copy the shard again")
     with pytest.raises(VlmquantError, match=f"^{shard}: safetensors shard is"):
         Checkpoint(model_copy)
+
+
+def test_eval_refuses_a_checkpoint_from_other_weights(model_copy, demo_model_path, tmp_path):
+    """The checkpoint records its source's weights fingerprint; once the folder holds other weights (same size,
+    old times), eval names both fingerprints."""
+    from vlmquant.eval.run import run_eval
+    from vlmquant.io.provenance import weights_fingerprint
+
+    before = weights_fingerprint(model_copy)
+    info = export_checkpoint(open_demo(model_copy), RTN, tmp_path / "checkpoint")
+    assert info["source_weights"] == before
+    keep_times(model_copy / "model.safetensors",
+               lambda p: p.write_bytes(p.read_bytes()[:-4] + bytes(4)))  # the last float changed, same size
+    settings = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}
+    with pytest.raises(VlmquantError) as e:
+        run_eval(open_demo(model_copy), tmp_path / "checkpoint", "inputs", "ref", tmp_path / "eval.parquet", settings, {})
+    assert one_line(e).startswith(f"{tmp_path / 'checkpoint'}: checkpoint: was made from other weights than "
+                                  f"{model_copy} holds now (weights fingerprint {before[:12]}, the folder's "
+                                  f"{weights_fingerprint(model_copy)[:12]})")

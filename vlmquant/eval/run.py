@@ -259,9 +259,9 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     _check_settings(settings)
     adapter, device, dtype, fp_path = model.adapter, model.device, model.dtype, model.path
     quant = read_quant_info(checkpoint)
-    ref, ref_meta = load_reference(ref_path)
-    # both made from the weights the model folder holds now (an older file without the record passes)
+    # checkpoint and fp reference made from the weights the model folder holds now (a file without the record passes)
     check_weights(quant.get("source_weights"), fp_path, f"{checkpoint}: checkpoint")
+    ref, ref_meta = load_reference(ref_path)
     check_weights(ref_meta.get("weights"), fp_path, f"{ref_path}: fp reference")
     inputs_sha = sha256_file(inputs_path)
     if ref_meta["inputs_sha256"] != inputs_sha:
