@@ -112,6 +112,10 @@ def imported_cache(wildcards):
     return RUNS[wildcards.run].scale_cache
 
 
+def import_sources(wildcards):
+    return {**model_sources(wildcards), **W.source_fingerprints([imported_cache(wildcards)])}
+
+
 def export_params(wildcards):
     return RUNS[wildcards.run].export_params()
 

@@ -68,7 +68,7 @@ rule import_scales:
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
-        sources=model_sources,
+        sources=import_sources,
         model=model_cfg,
         run=search_params,
         names=names,

@@ -7,6 +7,7 @@ Templates hold Snakemake wildcards in braces ({model}, {calib}, {run}, {chunk}, 
 This module imports nothing, so anything may import it.
 """
 
+RESULTS = "results"  # every path below is under it
 DEMO_DATA = "results/demo/data"
 DEMO_MODEL = "results/demo/model-{family}"
 DEMO_FILES = {  # the outputs of rule demo_data

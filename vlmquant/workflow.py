@@ -183,10 +183,12 @@ def model_files(path, weights=True):
 
 
 def source_fingerprints(files):
-    """{file: content sha256} of the files a job reads from outside results/ (the demo rules' outputs left out:
-    Snakemake follows their rules), cached per file version (io.fingerprint). Rule params: a file replaced with
-    its times kept changes them, and Snakemake's params trigger reruns exactly the jobs that read it."""
-    return fingerprints([f for f in files if not demo_output(f)])
+    """{file: content sha256} of those of `files` outside results/ (results/ is the rules' outputs, the demo's
+    model and data included: Snakemake follows their rules), cached per file version (io.fingerprint). Rule
+    params: a file replaced with its times kept changes them, and Snakemake's params trigger reruns exactly the
+    jobs that read it."""
+    results = os.path.abspath(paths.RESULTS) + os.sep
+    return fingerprints([f for f in files if not os.path.abspath(f).startswith(results)])
 
 
 def model_fingerprints(path, weights=True):
