@@ -67,8 +67,8 @@ def test_nan_weight_is_refused_at_load_naming_file_tensor_and_count(cfg, model_c
 
     with pytest.raises(VlmquantError) as e:
         check_models(checked)
-    assert one_line(e) == (f"{path}: tensor {LAYER_WEIGHT} has 3 non-finite values (NaN or Inf); fix or replace the "
-                           "model's weights (nothing non-finite is quantized or written)")
+    assert one_line(e) == (f"config: models.demo-qwen2vl.path: {path}: tensor {LAYER_WEIGHT} has 3 non-finite values "
+                           "(NaN or Inf); fix or replace the model's weights (nothing non-finite is quantized or written)")
 
 
 @pytest.mark.parametrize("stream", ["never", "always"])

@@ -208,7 +208,10 @@ def check_models(config):
     for name in config["targets"].get("models", []):
         path = config["models"][name]["path"]
         if not demo_output(path):
-            check_finite_files([f for f in weight_files(path) if f.endswith(".safetensors")])
+            try:
+                check_finite_files([f for f in weight_files(path) if f.endswith(".safetensors")])
+            except VlmquantError as e:
+                raise VlmquantError(f"config: models.{name}.path: {e}") from None
 
 
 def calib_images(cfg, name):
