@@ -72,7 +72,7 @@ def stage_merge(job):
 
 def stage_export(job):
     from vlmquant.export import export_checkpoint
-    from vlmquant.io.provenance import check_cache_weights
+    from vlmquant.io.scales import check_cache_weights
 
     model = model_ref(job)
     check_cache_weights(job.get("cache"), model.path)

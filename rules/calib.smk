@@ -9,6 +9,7 @@ rule calib:
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
+        sources=calib_source_sums,
         cfg=calib_cfg,
     script:
         "../scripts/calib.py"

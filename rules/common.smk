@@ -5,14 +5,17 @@ import os
 from vlmquant import paths
 from vlmquant import workflow as W
 from vlmquant.config_messages import config_errors, print_notes
+from vlmquant.io.fingerprint import use_cache
 
+use_cache(paths.FINGERPRINTS)  # content hashes of the files read from outside results/, once per file version
 with config_errors(CONFIG_FILES, CONFIG_ARGS):
     config = W.check_config(
         config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
     )
-    # reads the calibration sources: once, not in every cluster job
+    # reads the calibration sources and the weights (once per file version): once, not in every cluster job
     if workflow.is_main_process:
         W.check_calib_sets(config)
+        W.check_models(config)
         print_notes(config)
     RUNS = W.run_specs(config)
 
@@ -45,6 +48,20 @@ def processor_files(wildcards):
 
 def calib_sources(wildcards):
     return W.calib_sources(config["calib"][wildcards.calib], wildcards.calib)
+
+
+# params `sources`: content fingerprints of the files a job reads from outside results/, so a file replaced
+# with its timestamps kept reruns exactly the jobs that read it (Snakemake's params trigger)
+def model_sources(wildcards):
+    return W.model_fingerprints(model_dir(wildcards))
+
+
+def processor_sources(wildcards):
+    return W.model_fingerprints(model_dir(wildcards), weights=False)
+
+
+def calib_source_sums(wildcards):
+    return W.calib_fingerprints(config["calib"][wildcards.calib], wildcards.calib)
 
 
 def calib_cfg(wildcards):
@@ -96,6 +113,10 @@ def export_inputs(wildcards):
 
 def imported_cache(wildcards):
     return RUNS[wildcards.run].scale_cache
+
+
+def import_sources(wildcards):
+    return {**model_sources(wildcards), **W.source_fingerprints([imported_cache(wildcards)])}
 
 
 def export_params(wildcards):

@@ -19,6 +19,7 @@ rule eval_fp:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("eval"),
     params:
+        sources=model_sources,
         model=model_cfg,
         settings=W.eval_settings(config),
         ids=lambda w: {"model": w.model, "eval_calib": w.eval_calib},
@@ -43,6 +44,7 @@ rule eval:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("eval"),
     params:
+        sources=model_sources,
         model=model_cfg,
         settings=W.eval_settings(config),
         ids=eval_ids,
@@ -85,6 +87,7 @@ rule lmms_eval_fp:
     resources:
         gpu=W.lmms_gpus(config),
     params:
+        sources=model_sources,
         cmd=lmms_command,
         offline=config["lmms_eval"]["offline"],
     script:

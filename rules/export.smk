@@ -18,6 +18,7 @@ rule export:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("export"),
     params:
+        sources=model_sources,
         model=model_cfg,
         run=export_params,
         max_shard_size=config["export"]["max_shard_size"],
@@ -43,6 +44,7 @@ rule pack:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("export"),
     params:
+        sources=model_sources,
         model=model_cfg,
         run=export_params,
         max_shard_size=config["export"]["max_shard_size"],
@@ -66,6 +68,7 @@ rule import_scales:
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
+        sources=import_sources,
         model=model_cfg,
         run=search_params,
         names=names,

@@ -10,6 +10,7 @@ rule inputs:
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
+        sources=processor_sources,
         model=model_cfg,
         labels=calib_labels,
     script:

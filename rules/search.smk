@@ -19,6 +19,7 @@ rule grads:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("grads"),
     params:
+        sources=model_sources,
         model=model_cfg,
         device=config["device"],
         batch_size=config["search"]["grads_batch_size"],
@@ -44,6 +45,7 @@ rule acts:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("acts"),
     params:
+        sources=model_sources,
         model=model_cfg,
         device=config["device"],
         starts=chunk_starts,
@@ -76,6 +78,7 @@ rule search:
         gpu=W.gpus_per_job(config),
         mem_mb=host_mem("search"),
     params:
+        sources=model_sources,
         model=model_cfg,
         run=search_params,
         layers=chunk_layers,
@@ -100,6 +103,7 @@ rule merge:
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
+        sources=model_sources,
         expect=scale_meta,
         model=model_cfg,
     script:

@@ -1,5 +1,5 @@
 from vlmquant.export import export_checkpoint
-from vlmquant.io.provenance import check_cache_weights
+from vlmquant.io.scales import check_cache_weights
 from vlmquant.models.loading import open_model
 from vlmquant.spec import RunSpec
 from vlmquant.workflow import script_logging

@@ -1,4 +1,5 @@
-from vlmquant.io.provenance import check_cache_weights, with_weights
+from vlmquant.io.provenance import with_weights
+from vlmquant.io.scales import check_cache_weights
 from vlmquant.models.loading import open_model
 from vlmquant.search.pipeline import run_import
 from vlmquant.spec import RunSpec

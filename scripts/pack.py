@@ -1,5 +1,5 @@
 from vlmquant.export.packed import export_packed
-from vlmquant.io.provenance import check_cache_weights
+from vlmquant.io.scales import check_cache_weights
 from vlmquant.models.loading import open_model
 from vlmquant.spec import RunSpec
 from vlmquant.workflow import script_logging

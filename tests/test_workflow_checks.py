@@ -18,8 +18,8 @@ from vlmquant.data.calib import build_calib, sample_rows
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir
-from vlmquant.io.provenance import check_cache_weights, check_weights, weights_fingerprint
-from vlmquant.io.scales import save_cache
+from vlmquant.io.provenance import check_weights, weights_fingerprint
+from vlmquant.io.scales import check_cache_weights, save_cache
 from vlmquant.workflow import (calib_sources, check_calib_sets, check_eval_parquets, check_yaml,
                                model_files, quantized_widths)
 

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from conftest import Workdir
+from conftest import Workdir, keep_times
+from vlmquant import paths
 
 pytestmark = pytest.mark.slow
 CALIB = "results/calib/demo.parquet"
@@ -123,3 +124,70 @@ def test_model_files_changed_in_place_rerun_the_jobs_that_read_them(tmp_path, de
     wd.snakemake(ACTS)
     with wd.edited_config(lambda c: c["calib"]["demo"].update(labels="turn")):  # the model inputs, not the Parquet
         assert wd.planned(ACTS) == {"inputs": 1, "acts": 1}
+
+
+def test_calib_reruns_when_an_image_is_replaced_with_its_times_kept(user_data_dir):
+    """Same size, same modification time (touch -r, rsync -a): only the content fingerprint sees the change."""
+    wd = user_data_dir
+    used, _ = used_and_unused(wd)
+    image = wd.file("data/images") / used[1]
+    original = image.read_bytes()
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0xFF
+    keep_times(image, lambda p: p.write_bytes(bytes(changed)))
+    try:
+        assert wd.planned(CALIB) == {"calib": 1}
+    finally:
+        keep_times(image, lambda p: p.write_bytes(original))
+    assert wd.planned(CALIB) == {}  # the same content again: nothing to do
+
+
+def test_model_files_replaced_with_their_times_kept_rerun_exactly_what_reads_them(tmp_path, demo_root):
+    """A user model folder, the fp inputs of the search (acts) and the RTN checkpoint built: other weights of the
+    same size with the old times rerun acts and export, not inputs; a same-size chat template edit reruns inputs,
+    acts and export (every job that reads it)."""
+    from vlmquant.models.tiny import build_demo_model
+
+    ids = {"model": "demo-qwen2vl", "calib": "demo", "run": "rtn-w3g128"}
+    targets = [paths.ACTS.format(**ids), paths.CHECKPOINT.format(**ids)]
+    (tmp_path / "wd").mkdir()
+    wd = Workdir(tmp_path / "wd", demo_root)
+    shutil.copytree(demo_root / "model-qwen2_vl", wd.file("models/tiny"))
+    wd.edit(lambda c: c["models"]["demo-qwen2vl"].update(path="models/tiny"))
+    wd.snakemake(*targets)
+    assert wd.planned(*targets) == {}
+    weights = wd.file("models/tiny/model.safetensors")
+    other = build_demo_model(tmp_path / "other", seed=1) / "model.safetensors"
+    assert other.stat().st_size == weights.stat().st_size
+    keep_times(weights, lambda p: shutil.copyfile(other, p))
+    assert wd.planned(*targets) == {"acts": 1, "export": 1}
+    wd.snakemake(*targets)
+    template = wd.file("models/tiny/chat_template.jinja")
+    keep_times(template, lambda p: p.write_text(p.read_text().replace("helpful", "careful")))
+    assert wd.planned(*targets) == {"inputs": 1, "acts": 1, "export": 1}
+
+
+def break_nan(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, :2] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def truncate(folder):
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (break_nan, "models/tiny/model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 2 non-finite values"),
+    (lambda d: (d / "tokenizer.json").unlink(), "config: models.demo-qwen2vl.path: models/tiny: no tokenizer"),
+    (truncate, "config: models.demo-qwen2vl.path: models/tiny/model.safetensors: safetensors shard is"),
+])
+def test_broken_model_folder_fails_at_load(workdir, demo_root, damage, needle):
+    """NaN weights, no tokenizer file, a truncated shard: one line naming the file, before any job."""
+    shutil.copytree(demo_root / "model-qwen2_vl", workdir.file("models/tiny"))
+    damage(workdir.file("models/tiny"))
+    workdir.edit(lambda c: c["models"]["demo-qwen2vl"].update(path="models/tiny"))
+    assert needle in error_line(workdir.snakemake("-n", check=False), needle)  # error_line falls back to the output

@@ -7,6 +7,7 @@ Templates hold Snakemake wildcards in braces ({model}, {calib}, {run}, {chunk}, 
 This module imports nothing, so anything may import it.
 """
 
+RESULTS = "results"  # every path below is under it
 DEMO_DATA = "results/demo/data"
 DEMO_MODEL = "results/demo/model-{family}"
 DEMO_FILES = {  # the outputs of rule demo_data
@@ -27,6 +28,7 @@ ORGANISM_FILES = {  # the outputs of rule organism_data that a config names
 
 CALIB = "results/calib/{calib}.parquet"
 CALIB_FILES = "results/calib/{calib}.files.json"  # the image files a set uses, kept for the workflow's load
+FINGERPRINTS = "results/.fingerprints.json"  # sha256 of the files jobs read from outside results/ (io.fingerprint)
 INPUTS = "results/{model}/{calib}/inputs.safetensors"
 GRADS = "results/{model}/{calib}/grads.safetensors"
 ACTS = "results/{model}/{calib}/acts"  # folder: layer_NNN.safetensors, the fp inputs of each chunk's first layer

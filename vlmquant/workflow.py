@@ -24,6 +24,8 @@ from safetensors import safe_open
 from vlmquant import paths
 from vlmquant.config_messages import did_you_mean, schema_error
 from vlmquant.errors import VlmquantError
+from vlmquant.io.fingerprint import check_finite_files, fingerprints, use_cache
+from vlmquant.io.model_folder import check_processor_files, safetensors_header
 from vlmquant.models import family_names, folder_family, n_layers
 
 FIGURES = ("hidden_error", "alpha", "metrics")
@@ -140,6 +142,13 @@ def check_paths(config):
             raise VlmquantError(f"config: models.{name}.path: {cfg['path']} has no config.json (not a model folder)")
         if not weight_files(cfg["path"]):
             raise VlmquantError(f"config: models.{name}.path: {cfg['path']} has no *.safetensors weights")
+        try:  # tokenizer, processor and chat template; every shard as long as its header says
+            check_processor_files(cfg["path"])
+            for f in weight_files(cfg["path"]):
+                if f.endswith(".safetensors"):
+                    safetensors_header(f)
+        except VlmquantError as e:
+            raise VlmquantError(f"config: models.{name}.path: {e}") from None
     for name, cfg in config["calib"].items():
         need(f"calib.{name}.captions", cfg["captions"], "file")
         need(f"calib.{name}.images", cfg["images"], "folder")
@@ -172,17 +181,49 @@ def model_files(path, weights=True):
     return [str(p) for p in files if weights or not p.name.endswith(WEIGHT_SUFFIXES)]
 
 
+def source_fingerprints(files):
+    """{file: content sha256} of those of `files` outside results/ (results/ is the rules' outputs, the demo's
+    model and data included: Snakemake follows their rules), cached per file version (io.fingerprint). Rule
+    params: a file replaced with its times kept changes them, and Snakemake's params trigger reruns exactly the
+    jobs that read it."""
+    results = os.path.abspath(paths.RESULTS) + os.sep
+    return fingerprints([f for f in files if not os.path.abspath(f).startswith(results)])
+
+
+def model_fingerprints(path, weights=True):
+    """source_fingerprints of model_files(path, weights)."""
+    return source_fingerprints(model_files(path, weights))
+
+
+def calib_fingerprints(cfg, name):
+    """source_fingerprints of a calibration set's input files (calib_sources)."""
+    files = calib_sources(cfg, name).values()  # images: a list of files, or the demo's folder
+    return source_fingerprints([f for v in files for f in (v if isinstance(v, list) else [v])])
+
+
+def check_models(config):
+    """At load, every target model not built by the demo rules: its weights hold only finite values (one line
+    naming the file, tensor and count). This reads each shard once per file version (io.fingerprint)."""
+    for name in config["targets"].get("models", []):
+        path = config["models"][name]["path"]
+        if not demo_output(path):
+            try:
+                check_finite_files([f for f in weight_files(path) if f.endswith(".safetensors")])
+            except VlmquantError as e:
+                raise VlmquantError(f"config: models.{name}.path: {e}") from None
+
+
 def calib_images(cfg, name):
     """The image files calibration set `name` uses (its rows' images, drawn as the calib stage draws them).
 
     Drawing them reads the whole source (seconds for COCO train), so the list is kept in paths.CALIB_FILES
-    under a key of the set's settings and the size and time of its source files, and read from there while
-    these are unchanged. Raises VlmquantError naming the key and the first missing file.
+    under a key of the set's settings and the content fingerprints of its source files, and read from there
+    while these are unchanged. Raises VlmquantError naming the key and the first missing file.
     """
     from vlmquant.io.atomic import atomic_path
 
-    stamp = [[os.stat(cfg[k]).st_size, os.stat(cfg[k]).st_mtime_ns] for k in ("captions", "text") if cfg.get(k)]
-    key = hashlib.sha256(json.dumps([cfg, stamp], sort_keys=True).encode()).hexdigest()
+    stamp = fingerprints([cfg[k] for k in ("captions", "text") if cfg.get(k)])  # content, even with old times
+    key = hashlib.sha256(json.dumps([cfg, list(stamp.values())], sort_keys=True).encode()).hexdigest()
     cache = Path(paths.CALIB_FILES.format(calib=name))
     try:
         kept = json.loads(cache.read_text())
@@ -218,14 +259,6 @@ def calib_sources(cfg, name="calib"):
 
 
 # --- eval set vs search sets ------------------------------------------------------------------------
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_disjoint(eval_name, eval_images, search_name, search_images, allow=False):
     """Refuse an eval set that shares images (by content: {sha256: file}) with a search set, naming both
     sets and one shared image; `allow` (eval.allow_overlap) turns the error into a warning."""
@@ -243,7 +276,7 @@ def check_disjoint(eval_name, eval_images, search_name, search_images, allow=Fal
 
 def source_hashes(cfg, name):
     """{sha256: file} of the images calibration set `name` uses, from its source files."""
-    return {file_sha256(f): f for f in calib_images(cfg, name)}
+    return {sha: f for f, sha in fingerprints(calib_images(cfg, name)).items()}
 
 
 def on_demo_data(cfg):
@@ -632,6 +665,7 @@ def script_logging(snakemake):
     Any error's traceback goes into the log; one line also goes to the terminal: a VlmquantError's own
     line, or `Type: message (traceback in <log>)` for any other exception. The job then exits with 1.
     """
+    use_cache(paths.FINGERPRINTS)  # the fingerprints the workflow computed at load
     log_path = snakemake.log[0] if snakemake.log else None
     terminal = sys.stderr
     label = job_label(snakemake)

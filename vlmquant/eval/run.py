@@ -30,7 +30,7 @@ from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_l
                                    weight_error, weight_scale_factors)
 from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged, tensors
-from vlmquant.io.provenance import package_versions, sha256_file
+from vlmquant.io.provenance import check_weights, package_versions, sha256_file, weights_fingerprint
 from vlmquant.models.loading import Checkpoint
 from vlmquant.models.stream import StreamedModel, use_streaming
 from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
@@ -185,7 +185,8 @@ def run_fp_reference(model, inputs_path, ref_path, table_path, settings, ids):
     if n_tok == 0:
         raise VlmquantError(f"{inputs_path}: the eval set has no caption tokens")
     provenance = {**ids, "settings": {k: settings[k] for k in SETTINGS}, "inputs_sha256": sha256_file(inputs_path),
-                  "model_path": str(path), "n_layers": len(hidden), "vocab": vocab,
+                  "model_path": str(path), "weights": weights_fingerprint(path), "n_layers": len(hidden),
+                  "vocab": vocab,
                   "n_samples": len(samples), "dtype": str(dtype).removeprefix("torch."), "packages": package_versions()}
     tensors.save(ref_path, ref, provenance)
     rows = caption_rows(nll_sum, n_tok, 0.0, n_tok, len(samples))
@@ -258,7 +259,10 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     _check_settings(settings)
     adapter, device, dtype, fp_path = model.adapter, model.device, model.dtype, model.path
     quant = read_quant_info(checkpoint)
+    # checkpoint and fp reference made from the weights the model folder holds now (a file without the record passes)
+    check_weights(quant.get("source_weights"), fp_path, f"{checkpoint}: checkpoint")
     ref, ref_meta = load_reference(ref_path)
+    check_weights(ref_meta.get("weights"), fp_path, f"{ref_path}: fp reference")
     inputs_sha = sha256_file(inputs_path)
     if ref_meta["inputs_sha256"] != inputs_sha:
         raise VlmquantError(f"{ref_path}: fp reference was computed on other inputs than {inputs_path}; rerun it")

@@ -27,7 +27,9 @@ from vlmquant.errors import VlmquantError
 from vlmquant.export.shards import config_files, shard_bytes, write_streamed
 from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir, atomic_path
-from vlmquant.io.provenance import dumps, package_versions, sha256_file
+from vlmquant.io.fingerprint import nonfinite_counts, nonfinite_error
+from vlmquant.io.model_folder import check_processor_files
+from vlmquant.io.provenance import dumps, package_versions, sha256_file, weights_fingerprint
 from vlmquant.io.scales import load_cache
 from vlmquant.models.stream import StreamedModel, use_streaming
 from vlmquant.quant.scheme import Scheme
@@ -131,6 +133,7 @@ def export_info(model, spec, result, cache=None, cache_path=None, names=None):
         "run_config": (cache.get("meta") or {}).get("run_config", spec.config()) if cache else spec.config(),
         "source_model": str(src),
         "source_config_sha256": sha256_file(src / "config.json"),
+        "source_weights": weights_fingerprint(src),  # eval refuses the checkpoint once the folder holds other weights
         "scale_cache": str(cache_path) if cache_path else None,
         "scale_cache_sha256": sha256_file(cache_path) if cache_path else None,
         "ignore": list(spec.ignore),
@@ -225,6 +228,18 @@ def copy_processor_files(src, dst):
             shutil.copy2(f, Path(dst) / f.name)
 
 
+def check_complete(folder, out_dir, processor=True):
+    """Before a checkpoint folder is renamed into place: it has the tokenizer, processor and chat template (unless
+    not `processor`: a folder of an in-memory model), and no shard holds a NaN or Inf (it would be served with
+    exit 0). One line naming the file under its final name `out_dir`; atomic_dir then removes the folder."""
+    if processor:
+        check_processor_files(folder, out_dir)
+    for shard in shard_files(folder):
+        bad = nonfinite_counts(Path(folder) / shard)
+        if bad:
+            raise nonfinite_error(Path(out_dir) / shard, bad)
+
+
 def save_scales(path, applied):
     out = {f"scale.{k}": s.float() for k, (_, _, s) in enumerate(applied)}
     tensors.save(path, out, {"groups": [[prev, list(linears)] for prev, linears, _ in applied]})
@@ -315,4 +330,5 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
         if result["applied"]:
             save_scales(tmp / SCALES_FILE, result["applied"])
         (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        check_complete(tmp, out_dir)
     return info

@@ -49,8 +49,8 @@ from importlib import metadata
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.export.checkpoint import (QUANT_FILE, StreamedExport, copy_processor_files, load_and_fold,
-                                       remove_stale_temps, set_safetensors_metadata, shard_files)
+from vlmquant.export.checkpoint import (QUANT_FILE, StreamedExport, check_complete, copy_processor_files,
+                                       load_and_fold, remove_stale_temps, set_safetensors_metadata, shard_files)
 from vlmquant.export.shards import shard_bytes
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
@@ -292,6 +292,7 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
         finish_packed(tmp, ct, ignore, scheme, record, source)
+        check_complete(tmp, out_dir, processor=source is not None)
     return record
 
 
@@ -340,4 +341,5 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
     with atomic_dir(out_dir) as tmp:
         job.write(tmp, compress, max_shard_size)
         finish_packed(tmp, ct, ignore, scheme, record, model.path)
+        check_complete(tmp, out_dir)
     return record

@@ -4,15 +4,10 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from vlmquant.errors import VlmquantError
+from vlmquant.io.fingerprint import fingerprints, sha256_file  # noqa: F401 (sha256_file: one hasher, used from here)
+
 PACKAGES = ("vlmquant", "torch", "transformers", "safetensors", "pyarrow", "pillow")
-
-
-def sha256_file(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -43,46 +38,21 @@ def folder_digest(path) -> str:
     return h.hexdigest()
 
 
-SAMPLE_BYTES = 64  # bytes read at the start, middle and end of every tensor for the weights fingerprint
-
-
 def weights_fingerprint(folder) -> str:
-    """A cheap identity of a model folder's weights: sha256 over config.json, the safetensors index, and per
-    *.safetensors file its name, size, header (names, dtypes, shapes, offsets, metadata) and SAMPLE_BYTES at
-    the start, middle and end of every tensor's data.
+    """The identity of a model folder's weights: sha256 over the names and content sha256s (io.fingerprint, hashed
+    once per file version) of config.json, the safetensors index and every *.safetensors file.
 
-    Another checkpoint of the same shapes (retrained, fine-tuned, re-initialised) changes the sampled bytes;
-    a copy of the folder (new times, other place) keeps the fingerprint. It reads about 200 bytes per tensor,
-    not the weights (a full sha256 of a 100 GB model takes minutes); an edit confined to unsampled bytes of
-    a tensor goes unseen (Snakemake's file times still rerun the jobs that read the file).
-    Raises VlmquantError naming the folder when it has no config.json or no safetensors file.
+    Other weights of the same shapes and size change it, whatever their timestamps; a copy of the folder (new
+    times, other place) keeps it. Raises VlmquantError naming the folder when it has no config.json or no
+    safetensors file, or naming a truncated shard.
     """
-    import struct
-
-    from vlmquant.errors import VlmquantError
-
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not files:
         raise VlmquantError(f"{folder}: not a model folder with config.json and *.safetensors weights")
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
-        if (folder / name).is_file():
-            h.update(f"{name}\0{sha256_file(folder / name)}\n".encode())
-    for path in files:
-        with open(path, "rb") as f:
-            size = path.stat().st_size
-            (n,) = struct.unpack("<Q", f.read(8))
-            raw = f.read(n)
-            h.update(f"{path.name}\0{size}\0".encode() + raw)
-            for key, info in sorted(json.loads(raw).items()):
-                if key == "__metadata__":
-                    continue
-                a, b = info["data_offsets"]
-                for at in sorted({a, max(a, (a + b) // 2 - SAMPLE_BYTES // 2), max(a, b - SAMPLE_BYTES)}):
-                    f.seek(8 + n + at)
-                    h.update(f.read(min(SAMPLE_BYTES, b - at)))
-    return h.hexdigest()
+    index = folder / "model.safetensors.index.json"
+    shas = fingerprints([folder / "config.json", *([index] if index.is_file() else []), *files])
+    return sha256_bytes("".join(f"{Path(f).name}\0{sha}\n" for f, sha in shas.items()).encode())
 
 
 def with_weights(names, folder) -> dict:
@@ -94,8 +64,6 @@ def check_weights(recorded, folder, source):
     """Refuse a result made from other weights than the model folder now holds: `recorded` is the "weights"
     fingerprint in its metadata (None: made before fingerprints or elsewhere, accepted). One line naming
     `source` and the folder."""
-    from vlmquant.errors import VlmquantError
-
     if recorded is None:
         return
     current = weights_fingerprint(folder)
@@ -103,14 +71,3 @@ def check_weights(recorded, folder, source):
         raise VlmquantError(f"{source}: was made from other weights than {folder} holds now (weights fingerprint "
                             f"{recorded[:12]}, the folder's {current[:12]}); make it again from these weights, or point "
                             "models.<name>.path at the weights it was made from")
-
-
-def check_cache_weights(cache_path, folder):
-    """check_weights on a scale cache's metadata ("meta"."weights"); no cache (RTN) passes."""
-    if cache_path is None:
-        return
-    from vlmquant.io.scales import load_cache
-
-    cache = load_cache(cache_path)
-    meta = cache.get("meta") if isinstance(cache, dict) else None
-    check_weights((meta or {}).get("weights"), folder, f"{cache_path}: scale cache")

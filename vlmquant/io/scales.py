@@ -26,6 +26,8 @@ from vlmquant import paths
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors as tensor_file
 from vlmquant.io.atomic import atomic_path
+from vlmquant.io.fingerprint import check_finite
+from vlmquant.io.provenance import check_weights
 
 
 def rtn_losses(result):
@@ -116,6 +118,7 @@ def table_row(alpha, losses, best, expert=None, tokens=None, note=None):
 
 def save_cache(cache, path):
     """Write a scale cache dict with torch.save, atomically (it loads with torch.load(weights_only=True))."""
+    check_finite({f"scales of {prev}": s for prev, _, s in cache.get("scale", [])}, path)
     buf = io.BytesIO()  # via a buffer: torch.save names the archive after the file, which is temporary
     torch.save(cache, buf)
     with atomic_path(path) as tmp:
@@ -127,3 +130,12 @@ def load_cache(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise VlmquantError(f"{path}: not a scale cache ({type(e).__name__}: {e})") from None
+
+
+def check_cache_weights(cache_path, folder):
+    """check_weights on a scale cache's metadata ("meta"."weights"); no cache (RTN) passes."""
+    if cache_path is None:
+        return
+    cache = load_cache(cache_path)
+    meta = cache.get("meta") if isinstance(cache, dict) else None
+    check_weights((meta or {}).get("weights"), folder, f"{cache_path}: scale cache")

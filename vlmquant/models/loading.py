@@ -18,6 +18,8 @@ import transformers
 from safetensors import safe_open
 
 from vlmquant.errors import VlmquantError
+from vlmquant.io.fingerprint import check_finite, check_finite_files
+from vlmquant.io.model_folder import safetensors_header
 from vlmquant.models import get_adapter
 from vlmquant.models.base import Adapter, check_model_folder
 
@@ -80,7 +82,10 @@ class Checkpoint:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             self.files = json.loads(index.read_text())["weight_map"]
+            for name in sorted(set(self.files.values())):
+                safetensors_header(self.path / name)
         elif (self.path / "model.safetensors").is_file():
+            safetensors_header(self.path / "model.safetensors")
             with safe_open(self.path / "model.safetensors", "pt") as f:
                 self.files = {k: "model.safetensors" for k in f.keys()}
         else:
@@ -128,6 +133,8 @@ class Checkpoint:
                         opened[file] = stack.enter_context(safe_open(self.path / file, "pt", device=str(device)))
                     tensors.append(opened[file].get_tensor(key))
                 t = combine(tensors)
+                if t.is_floating_point():
+                    check_finite({keys[0]: t}, self.path / self.files[keys[0]])
                 target = names[name]
                 if t.shape != target.shape:
                     raise VlmquantError(f"{self.path}: {prefix}.{name} has shape {tuple(t.shape)}, "
@@ -206,7 +213,10 @@ class ModelRef:
     grads_store_mb: int | None = None  # memory.grads_store_mb: the gradient stage's stored layer inputs; None = free memory
 
     def load(self, path=None):
-        """The whole model on the device; `path`: another folder of the same family (a checkpoint)."""
+        """The whole model on the device; `path`: another folder of the same family (a checkpoint). The model's
+        own weights are refused with one line when a tensor holds NaN or Inf (io.fingerprint.check_finite_files)."""
+        if path is None:
+            check_finite_files(sorted(Path(self.path).glob("*.safetensors")))
         return self.adapter.load_model(path or self.path, self.dtype, self.device, self.trust_remote_code)
 
     def load_layers(self, indices):
@@ -229,3 +239,4 @@ def open_model(model_cfg, device="auto", memory=None):
     return ModelRef(get_adapter(model_cfg["family"]), str(model_cfg["path"]), device,
                     resolve_dtype(model_cfg.get("dtype"), device), bool(model_cfg.get("trust_remote_code", False)),
                     memory.get("stream", "auto"), memory.get("max_batch_mb"), memory.get("grads_store_mb"))
+

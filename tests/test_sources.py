@@ -1,0 +1,158 @@
+"""Files read from outside results/: content fingerprints per file version, non-finite weights, model folders
+without tokenizer files, truncated shards. No Snakemake here (tests/test_workflow_edits.py runs it)."""
+import dataclasses
+import hashlib
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import check, keep_times, open_demo, run_spec
+from vlmquant.errors import VlmquantError
+from vlmquant.export import export_checkpoint
+from vlmquant.export.checkpoint import check_complete
+from vlmquant.io import fingerprint
+from vlmquant.io.scales import save_cache
+from vlmquant.models.loading import Checkpoint
+
+RTN = run_spec("rtn-w3g128", method="rtn", w_bit=3, w_group=128)
+LAYER_WEIGHT = "model.layers.1.mlp.down_proj.weight"  # a decoder weight, as the demo folder names it
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+@pytest.fixture
+def model_copy(demo_model_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(demo_model_path, folder)
+    return folder
+
+
+# --- fingerprints -------------------------------------------------------------------------------------
+def test_fingerprint_is_the_content_hash_and_sees_a_same_size_rewrite_with_old_times(tmp_path, monkeypatch):
+    cache = tmp_path / "results" / ".fingerprints.json"
+    fingerprint.use_cache(cache)
+    try:
+        f = tmp_path / "a.txt"
+        f.write_bytes(b"0123456789")
+        assert fingerprint.fingerprints([f]) == {str(f): hashlib.sha256(b"0123456789").hexdigest()}
+        assert cache.is_file()
+        keep_times(f, lambda p: p.write_bytes(b"9876543210"))  # same size, same mtime: a new ctime
+        assert fingerprint.fingerprints([f])[str(f)] == hashlib.sha256(b"9876543210").hexdigest()
+        fingerprint.use_cache(cache)  # as a new process: read back from the file, not hashed again
+        monkeypatch.setattr(fingerprint, "sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+        assert fingerprint.fingerprints([f])[str(f)] == hashlib.sha256(b"9876543210").hexdigest()
+    finally:
+        fingerprint.use_cache(None)
+
+
+# --- non-finite weights -------------------------------------------------------------------------------
+def put_nan(folder, count=3):
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    weights[LAYER_WEIGHT].view(-1)[:count] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    return path
+
+
+def test_nan_weight_is_refused_at_load_naming_file_tensor_and_count(cfg, model_copy, tmp_path):
+    path = put_nan(model_copy)
+    cfg["models"]["demo-qwen2vl"]["path"] = str(model_copy)
+    checked = check(cfg)  # the folder is complete: the weights are read by check_models
+    from vlmquant.workflow import check_models
+
+    with pytest.raises(VlmquantError) as e:
+        check_models(checked)
+    assert one_line(e) == (f"config: models.demo-qwen2vl.path: {path}: tensor {LAYER_WEIGHT} has 3 non-finite values "
+                           "(NaN or Inf); fix or replace the model's weights (nothing non-finite is quantized or written)")
+
+
+@pytest.mark.parametrize("stream", ["never", "always"])
+def test_nan_weight_writes_no_checkpoint(model_copy, tmp_path, stream):
+    path = put_nan(model_copy)
+    model = dataclasses.replace(open_demo(model_copy), stream=stream)
+    out = tmp_path / "checkpoint"
+    with pytest.raises(VlmquantError) as e:
+        export_checkpoint(model, RTN, out)
+    assert one_line(e).startswith(f"{path}: tensor {LAYER_WEIGHT} has 3 non-finite values")
+    assert not out.exists() and not list(tmp_path.glob(".checkpoint.*"))
+
+
+def test_finished_folder_with_a_nan_or_without_tokenizer_is_refused(model_copy, tmp_path):
+    out = tmp_path / "checkpoint"
+    put_nan(model_copy, count=1)
+    with pytest.raises(VlmquantError) as e:
+        check_complete(model_copy, out)
+    assert one_line(e).startswith(f"{out / 'model.safetensors'}: tensor {LAYER_WEIGHT} has 1 non-finite values")
+    (model_copy / "tokenizer.json").unlink()
+    with pytest.raises(VlmquantError) as e:
+        check_complete(model_copy, out)
+    assert one_line(e).startswith(f"{out}: no tokenizer (tokenizer.json or ")
+
+
+def test_nan_scale_is_never_written_to_a_cache(tmp_path):
+    s = torch.ones(8)
+    s[2] = float("inf")
+    with pytest.raises(VlmquantError) as e:
+        save_cache({"scale": [("layers.0.input_layernorm", ("layers.0.self_attn.q_proj",), s)]}, tmp_path / "c.pt")
+    assert one_line(e).startswith(f"{tmp_path / 'c.pt'}: tensor scales of layers.0.input_layernorm has 1 non-finite")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- model folders -------------------------------------------------------------------------------------
+def test_model_folder_without_tokenizer_files_is_refused_at_load(cfg, model_copy):
+    cfg["models"]["demo-qwen2vl"]["path"] = str(model_copy)
+    (model_copy / "tokenizer.json").unlink()
+    (model_copy / "chat_template.jinja").unlink()
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    assert one_line(e) == (f"config: models.demo-qwen2vl.path: {model_copy}: no tokenizer (tokenizer.json or "
+                           "tokenizer.model or vocab.json or tokenizer.tiktoken or vocab.txt); no chat template "
+                           "(chat_template.jinja or chat_template.json); copy them from the model's release into the "
+                           "model folder")
+
+
+def test_export_without_tokenizer_files_leaves_no_checkpoint(model_copy, tmp_path):
+    (model_copy / "processor_config.json").unlink()
+    out = tmp_path / "checkpoint"
+    with pytest.raises(VlmquantError) as e:
+        export_checkpoint(open_demo(model_copy), RTN, out)
+    assert one_line(e).startswith(f"{out}: no processor (processor_config.json or preprocessor_config.json)")
+    assert not out.exists() and not list(tmp_path.glob(".checkpoint.*"))
+
+
+def test_truncated_shard_is_refused_at_load_naming_it(cfg, model_copy):
+    shard = model_copy / "model.safetensors"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1000)
+    cfg["models"]["demo-qwen2vl"]["path"] = str(model_copy)
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    assert one_line(e) == (f"config: models.demo-qwen2vl.path: {shard}: safetensors shard is {size - 1000} bytes, its "
+                           f"header says {size} (truncated or damaged copy); copy the shard again")
+    with pytest.raises(VlmquantError, match=f"^{shard}: safetensors shard is"):
+        Checkpoint(model_copy)
+
+
+def test_eval_refuses_a_checkpoint_from_other_weights(model_copy, demo_model_path, tmp_path):
+    """The checkpoint records its source's weights fingerprint; once the folder holds other weights (same size,
+    old times), eval names both fingerprints."""
+    from vlmquant.eval.run import run_eval
+    from vlmquant.io.provenance import weights_fingerprint
+
+    before = weights_fingerprint(model_copy)
+    info = export_checkpoint(open_demo(model_copy), RTN, tmp_path / "checkpoint")
+    assert info["source_weights"] == before
+    keep_times(model_copy / "model.safetensors",
+               lambda p: p.write_bytes(p.read_bytes()[:-4] + bytes(4)))  # the last float changed, same size
+    settings = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}
+    with pytest.raises(VlmquantError) as e:
+        run_eval(open_demo(model_copy), tmp_path / "checkpoint", "inputs", "ref", tmp_path / "eval.parquet", settings, {})
+    assert one_line(e).startswith(f"{tmp_path / 'checkpoint'}: checkpoint: was made from other weights than "
+                                  f"{model_copy} holds now (weights fingerprint {before[:12]}, the folder's "
+                                  f"{weights_fingerprint(model_copy)[:12]})")
