@@ -22,7 +22,7 @@ from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.model import decoder_experts, pseudo_quantize
 from vlmquant.search import experts as X
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import load_layer_inputs, load_samples, token_masks
+from vlmquant.models.capture import load_layer_inputs, load_samples, token_masks
 from vlmquant.search.grid import group_loss, grid_scales, loss_tokens
 from vlmquant.search.layer import search_layer
 from vlmquant.io import ragged

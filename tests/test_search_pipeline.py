@@ -16,7 +16,7 @@ from vlmquant.models import get_adapter
 from vlmquant.models.loading import load_layers, open_model
 from vlmquant.quant.model import apply_scale_cache, quantized_activations
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
+from vlmquant.models.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
 from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.layer import search_layer

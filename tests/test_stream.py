@@ -21,7 +21,7 @@ from vlmquant.models import family_names, stream
 from vlmquant.models.base import Adapter, in_width, layer_part
 from vlmquant.models.loading import meta_model
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import LayerArgs, load_layer_inputs, load_samples, token_masks
+from vlmquant.models.capture import LayerArgs, load_layer_inputs, load_samples, token_masks
 from vlmquant.search.grads import plan_store
 from vlmquant.search.layer import group_period, quantized_forward, record_layer, search_layer
 

@@ -35,7 +35,7 @@ from vlmquant.models.loading import Checkpoint
 from vlmquant.models.stream import StreamedModel, use_streaming
 from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
 from vlmquant.quant.scheme import Scheme
-from vlmquant.search.capture import layer_forward, load_samples, model_inputs
+from vlmquant.models.capture import layer_forward, load_samples, model_inputs, token_masks
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ SETTINGS = ("batch_size", "kl_top_k", "hidden_positions")
 # --- forward ---------------------------------------------------------------------------------
 def hidden_selection(samples, per_modality):
     """Per sample: (positions, is_vision) where decoder-layer outputs are compared."""
-    return [select_positions(s["attention_mask"][0], s["vision_mask"][0], per_modality) for s in samples]
+    return [select_positions(m["valid"][0], m["vis"][0], per_modality) for m in map(token_masks, samples)]
 
 
 def batch_positions(samples, selection, ids, device):

@@ -5,7 +5,7 @@ plus activations, whatever the model's depth (DESIGN.md: memory grows with the c
 `StreamedModel(ref)`:
   shell     the model with a one-layer decoder stack, loaded by transformers' own from_pretrained (its
             checkpoint key mapping, tied weights, non-persistent buffers and dtype rules); its forward up
-            to decoder layer 0 gives every layer's inputs (search.capture), its final norm and LM head
+            to decoder layer 0 gives every layer's inputs (models.capture), its final norm and LM head
             finish the forward. Its own layer is dropped: it never runs.
   skeleton  the whole model on the meta device; decoder layer i is filled from the checkpoint into it
             (`layer(i)`) and emptied again (`drop(i)`).
@@ -32,7 +32,7 @@ import transformers
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
 from vlmquant.models.loading import Checkpoint, meta_model
-from vlmquant.search.capture import LayerArgs, capture_layer_inputs, layer_forward
+from vlmquant.models.capture import LayerArgs, capture_layer_inputs, layer_forward
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def cat_kwargs(parts, tokens):
 
 
 def split_args(args, n, tokens, start, stop):
-    """search.capture.LayerArgs of samples start:stop out of n: every keyword-argument set cut (split_kwargs),
+    """models.capture.LayerArgs of samples start:stop out of n: every keyword-argument set cut (split_kwargs),
     each addition's mask (B, T) by rows and its values (N, C) by the masked-token counts of those rows."""
     added = {}
     for i, (mask, values) in args.added.items():
@@ -312,7 +312,7 @@ class StreamedModel:
         self._phase = name
 
     def capture(self, batch):
-        """(hidden (B, T, C), search.capture.LayerArgs of every decoder layer) of a collated batch, in front of
+        """(hidden (B, T, C), models.capture.LayerArgs of every decoder layer) of a collated batch, in front of
         decoder layer 0."""
         self.phase("inputs")
         hidden, args = capture_layer_inputs(self.shell, self.adapter.layers(self.shell), batch, self.device,

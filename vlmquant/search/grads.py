@@ -16,7 +16,7 @@ from tqdm import tqdm
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
 from vlmquant.models.stream import device_free_bytes, host_free_bytes, layer_token_bytes, pinned
-from vlmquant.search.capture import model_inputs
+from vlmquant.models.capture import model_inputs, token_masks
 from vlmquant.search.lean import lean_forwards
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ class GradStats:
 
     def masks(self, batch):
         """{"vis", "cap"} float token masks (B, T) of a collated batch on the device; counted once per batch."""
-        valid = batch["attention_mask"].bool().to(self.device)
-        out = {k: (batch[f"{name}_mask"].bool().to(self.device) & valid).float()
-               for k, name in (("vis", "vision"), ("cap", "caption"))}
+        masks = token_masks(batch, self.device)
+        out = {k: masks[k].float() for k in ("vis", "cap")}
         for k in out:
             self.counts[k] += int(out[k].sum())
         return out

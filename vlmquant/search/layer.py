@@ -16,7 +16,7 @@ from vlmquant.models.base import layer_part
 from vlmquant.models.stream import forward_micro_batched, split_kwargs
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import groups_to_fold, layer_experts, quantize_linears, quantized_inputs, resolve_ignore
-from vlmquant.search.capture import layer_forward
+from vlmquant.models.capture import layer_forward
 from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 

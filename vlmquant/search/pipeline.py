@@ -21,7 +21,7 @@ from vlmquant.models.stream import (MB, StreamedModel, activation_budget, device
                                     layer_token_bytes, micro_batch, text_widths, use_streaming)
 from vlmquant.quant.fold import consumer_weight, resolve_scales
 from vlmquant.quant.fake import check_weight_groups
-from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
+from vlmquant.models.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
                                      token_masks)
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
 from vlmquant.search.layer import quantized_forward, search_layer
