@@ -32,7 +32,8 @@ from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models.loading import Checkpoint
-from vlmquant.models.stream import StreamedModel, use_streaming
+from vlmquant.models.memory import use_streaming
+from vlmquant.models.stream import StreamedModel
 from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
 from vlmquant.quant.scheme import Scheme
 from vlmquant.models.capture import layer_forward, load_samples, model_inputs, token_masks

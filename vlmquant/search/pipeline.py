@@ -17,8 +17,8 @@ from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
 from vlmquant.models.base import layer_part
 from vlmquant.models.loading import meta_model
-from vlmquant.models.stream import (MB, StreamedModel, activation_budget, device_free_bytes, forward_micro_batched,
-                                    layer_token_bytes, micro_batch, text_widths, use_streaming)
+from vlmquant.models.memory import MB, acts_micro_batch, search_micro_batch, use_streaming
+from vlmquant.models.stream import StreamedModel, forward_micro_batched
 from vlmquant.quant.fold import consumer_weight, resolve_scales
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.models.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
@@ -81,9 +81,7 @@ def run_acts(model, inputs_path, starts, out_dir):
         sm = StreamedModel(model)
         sm.phase("inputs")
         n, tokens = len(samples), max(s["input_ids"].shape[1] for s in samples)
-        width = sm.skeleton.config.get_text_config().hidden_size * torch.tensor([], dtype=model.dtype).element_size()
-        budget = activation_budget(model.device, model.max_batch_mb, reserve=sm.layer_bytes() + 2 * n * tokens * width)
-        per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, model.dtype), budget)
+        per_batch = acts_micro_batch(sm, n, tokens, model.max_batch_mb)
         log.info("acts: %d of %d samples per forward", per_batch, n)
         hidden, args = sm.capture_all(samples, per_batch)
         sm.phase("host")
@@ -102,10 +100,6 @@ def run_acts(model, inputs_path, starts, out_dir):
         if i < max(starts):
             hidden = args.after(i, forward_micro_batched(get_layer(i), hidden, args.kwargs(i), per_batch))
             drop_layer(i)
-
-
-def hidden_bytes(t):
-    return t.numel() * t.element_size()
 
 
 # --- search ---------------------------------------------------------------------------------
@@ -169,32 +163,6 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
         save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
-
-
-def search_micro_batch(sm, hidden, max_batch_mb=None):
-    """(samples per micro-batch of a search job's layer forwards, whether search_layer keeps its records in host
-    memory). The records (the inputs and fp outputs of every scale group, five hidden-size and one MLP-size
-    tensor over all tokens, and the loss-token copy of the largest group's: one more of each) stay on the device
-    when they fit its free memory next to a layer's weights and its input and output; on a GPU where they do not,
-    they go to host memory, and a micro-batch then also holds one group's records of its samples. Micro-batches:
-    what memory.max_batch_mb allows, else what is left."""
-    n, tokens = hidden.shape[:2]
-    width, inter = text_widths(sm.skeleton.config)
-    element = hidden.element_size()
-    records = n * tokens * (6 * width + 2 * inter) * element
-    reserve = sm.layer_bytes() + 2 * hidden_bytes(hidden)
-    token_bytes = layer_token_bytes(sm.skeleton.config, sm.dtype)
-    host = torch.device(sm.device).type == "cuda" and reserve + records + tokens * token_bytes > \
-        device_free_bytes(sm.device)
-    if host:
-        token_bytes += (width + inter) * element
-        log.info("search: the scale groups' records (%.1f GiB) do not fit the device: kept in host memory",
-                 records / 2**30)
-    per_batch = micro_batch(n, tokens, token_bytes,
-                            activation_budget(sm.device, max_batch_mb, reserve=reserve + (0 if host else records)))
-    if per_batch < n:
-        log.info("search: layer forwards in micro-batches of %d of %d samples", per_batch, n)
-    return per_batch, host
 
 
 # --- import ----------------------------------------------------------------------------------
