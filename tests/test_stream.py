@@ -22,7 +22,8 @@ from vlmquant.models.base import Adapter, in_width, layer_part
 from vlmquant.models.loading import meta_model
 from vlmquant.search import pipeline as P
 from vlmquant.models.capture import LayerArgs, load_layer_inputs, load_samples, token_masks
-from vlmquant.search.layer import group_period, quantized_forward, search_layer
+from vlmquant.search.layer import quantized_forward, search_layer
+from vlmquant.search.plan import group_period, plan_layer
 from vlmquant.search.records import record_layer
 
 SETTINGS = {"batch_size": 2, "kl_top_k": 0, "hidden_positions": 8}
@@ -182,12 +183,12 @@ def assert_searches_match(model, acts, inputs, spec, ratios, settings, device="c
     out = []
     for per_batch, host in settings:
         layer = model.load_layers([0])[0].to(device)
-        groups = model.adapter.resolve_groups(layer, 0)
-        results, fp_next = search_layer(layer, groups, hidden, args.kwargs(0), masks, spec, ratios, per_batch, host)
-        out.append((results, fp_next, quantized_forward(layer, 0, groups, results, spec, hidden, args.kwargs(0),
+        plan = plan_layer(spec, layer, 0, model.adapter)
+        results, fp_next = search_layer(layer, plan, hidden, args.kwargs(0), masks, spec, ratios, per_batch, host)
+        out.append((results, fp_next, quantized_forward(layer, 0, plan.groups, results, spec, hidden, args.kwargs(0),
                                                         model.adapter, per_batch)))
     (first, fp_a, q_a), (second, fp_b, q_b) = out
-    assert len(first) == len(groups)
+    assert len(first) == len(plan.groups)
     for a, b in zip(first, second):
         assert torch.equal(torch.as_tensor(a.alpha), torch.as_tensor(b.alpha))
         torch.testing.assert_close(torch.as_tensor(a.losses), torch.as_tensor(b.losses), rtol=1e-5, atol=0)

@@ -1,17 +1,15 @@
 """Search all scale groups of one decoder layer on its fp inputs.
 
 One fp forward of the layer, with hooks, records every group's input and its block's inputs and
-output (for a per-expert group, what its MoE block's experts were called with: the tokens and their
-routing). Each group is then searched from the layer's fp weights (groups are independent); a
+output (search/records.py). Each group is then searched from the layer's fp weights (groups are independent); a
 token-wise block runs on only the tokens its loss reads. Under a memory cap the forwards run in sample
-micro-batches and a loss sums over them (grid.block_loss); when the records do not fit the device either,
-they are kept in pinned host memory and each micro-batch's are moved back for its forward. The next
+micro-batches and a loss sums over them (grid.block_loss); when the records do not fit the device either
+(models.memory.search_micro_batch), they are kept in pinned host memory. The next
 layer's input is the layer's fp output, or with `distort` the layer's output as the quantized model
 computes it (`quantized_forward`).
 """
 import torch
 
-from vlmquant.errors import VlmquantError
 from vlmquant.models.base import layer_part
 from vlmquant.models.stream import forward_micro_batched
 from vlmquant.quant.fold import fold, resolve_scales
@@ -36,62 +34,55 @@ def select_tokens(args, out, masks, reweight):
     return (pick(args[0]), *args[1:]), pick(out), {k: v.reshape(-1).to(idx.device)[idx] for k, v in masks.items()}
 
 
-def group_period(layer, g, n_in):
-    """The period of the group's scales: a norm's width where its weight is shared by every head of a wider
-    input (Qwen3.5's gated norm in linear attention), else None."""
-    prev = layer_part(layer, g.prev)
-    if isinstance(prev, (torch.Tensor, torch.nn.Linear)):
-        return None
-    d = prev.weight.numel()
-    return d if d < n_in else None
+def group_job(layer, g, rec, masks, ratio, period, device) -> GroupSearch:
+    """The GroupSearch of a (not per-expert) group from its records: one forward, fp output and masks per sample
+    micro-batch (masks: (B, T) of all samples); a token-wise block at only the tokens its loss reads. The
+    forwards move records kept in host memory to `device`, the layer's."""
+    n = masks["valid"].shape[0]
+    block = layer.get_submodule(g.block)
+    forwards, fp_outs, loss_masks = [], [], []
+    for part in rec.pop("parts"):
+        start, stop = part["span"]
+        part_masks = masks if stop - start == n else {k: v[start:stop] for k, v in masks.items()}
+        args, fp_out = part["args"], part["out"]
+        if g.token_wise:
+            args, fp_out, part_masks = select_tokens(args, fp_out, part_masks, ratio is not None)
+
+        def forward(block=block, args=args, kwargs=part["kwargs"]):
+            o = block(*(on_device(a, device) for a in args), **kwargs)
+            return o[0] if isinstance(o, tuple) else o
+
+        forwards.append(forward)
+        fp_outs.append(fp_out)
+        loss_masks.append(part_masks)
+        del part, args, fp_out
+    # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
+    return GroupSearch(rec["x"], [layer_part(layer, name) for name in g.linears], forwards, fp_outs, loss_masks,
+                       masks, period, ratio)
 
 
-def search_layer(layer, groups, hidden, kwargs, masks, spec, ratios=None, per_batch=None, host=False):
+def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batch=None, host=False):
     """Search every group of `layer` with the run's method. Returns (results per group, fp output of the layer).
 
-    spec: the RunSpec. ratios: {"attn": ρ, "mlp": ρ} when reweighting, else None. A per-expert group's result
-    is an ExpertsResult (its method's `experts` search), the others' a GroupResult. per_batch: samples per
-    micro-batch of the layer's forwards (None: all at once); the losses are over all samples either way.
-    host: the groups' records are kept in host memory (record_layer), each moved to the layer's device when used.
+    plan: the layer's search.plan.LayerPlan (groups, each one's search function). spec: the RunSpec. ratios:
+    {"attn": ρ, "mlp": ρ} when reweighting, else None. A per-expert group's result is an ExpertsResult, the
+    others' a GroupResult. per_batch: samples per micro-batch of the layer's forwards (None: all at once); the
+    losses are over all samples either way. host: the groups' records are kept in host memory (record_layer),
+    each moved to the layer's device when used.
     """
-    device = hidden.device
-    out, records = record_layer(layer, groups, hidden, kwargs, per_batch, host)
+    out, records = record_layer(layer, plan.groups, hidden, kwargs, per_batch, host)
     results = []
-    for gi, g in enumerate(groups):
+    for gi, (g, search) in enumerate(zip(plan.groups, plan.searches)):
         rec = records.pop(gi)
         ratio = ratios[g.site] if ratios else None
         if g.experts:
-            if spec.method_def.experts is None:
-                raise VlmquantError(f"method {spec.method} does not search the experts of mixture-of-experts layers")
-            hidden_in, top_k_index = (on_device(t, device) for t in expert_args(rec)[:2])
-            job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio is not None)
-            results.append(spec.method_def.experts(job, spec, ratio))
-            del job, rec, hidden_in, top_k_index
-            continue
-        block = layer.get_submodule(g.block)
-        forwards, fp_outs, loss_masks = [], [], []
-        for part in rec.pop("parts"):
-            start, stop = part["span"]
-            part_masks = masks if stop - start == hidden.shape[0] else {k: v[start:stop] for k, v in masks.items()}
-            args, fp_out = part["args"], part["out"]
-            if g.token_wise:
-                args, fp_out, part_masks = select_tokens(args, fp_out, part_masks, ratio is not None)
-
-            def forward(block=block, args=args, kwargs=part["kwargs"]):
-                o = block(*(on_device(a, device) for a in args), **kwargs)
-                return o[0] if isinstance(o, tuple) else o
-
-            forwards.append(forward)
-            fp_outs.append(fp_out)
-            loss_masks.append(part_masks)
-            del part, args, fp_out
-        if len(forwards) == 1:
-            forwards, fp_outs, loss_masks = forwards[0], fp_outs[0], loss_masks[0]
-        # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
-        job = GroupSearch(rec["x"], [layer_part(layer, n) for n in g.linears], forwards, fp_outs, loss_masks, masks,
-                          group_period(layer, g, rec["x"].shape[-1]))
-        results.append(spec.method_def.group(job, spec, ratio))
-        del job, forwards, fp_outs, loss_masks, rec
+            hidden_in, top_k_index = (on_device(t, hidden.device) for t in expert_args(rec)[:2])
+            job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio)
+            del hidden_in, top_k_index
+        else:
+            job = group_job(layer, g, rec, masks, ratio, plan.periods[gi], hidden.device)
+        results.append(search(job, spec))
+        del job, rec
     return results, out
 
 
