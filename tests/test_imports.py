@@ -11,13 +11,14 @@ from conftest import REPO
 # the order of DESIGN.md; a package may import its own level or any level below. The packages DESIGN.md does not
 # name sit where their imports put them: compile (torch only) under quant, methods (the torch-free registry) and
 # demo (demo data and sizes) beside io, spec (a run's settings: methods + quant.scheme) beside models, organism
-# (the trained tiny VLM: models + export) beside export.
+# (the trained tiny VLM: models + export) beside export, run_stop (stop handling, the standard library only)
+# beside errors, config_messages (the workflow's config error messages, which build RunSpecs) with the workflow.
 LEVELS = {
-    "paths": 0, "errors": 0, "compile": 0,
+    "paths": 0, "errors": 0, "compile": 0, "run_stop": 0,
     "io": 1, "quant": 1, "methods": 1, "demo": 1,
     "models": 2, "data": 2, "spec": 2,
     "search": 3, "export": 3, "eval": 3, "organism": 3,
-    "report": 4, "workflow": 4,
+    "report": 4, "workflow": 4, "config_messages": 4,
 }
 
 
