@@ -10,6 +10,7 @@ achieved TFLOP/s (FLOPs as performed; `tflop_all_tokens` if every token were run
 """
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -20,6 +21,7 @@ from vlmquant.spec import RunSpec
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.search import grid, layer as layer_mod
 from vlmquant.search.grid import group_loss, loss_tokens
+from vlmquant.search.plan import plan_layer
 
 
 def layer_flops(cfg, B, T):
@@ -62,47 +64,35 @@ def straightforward(layer, groups, records, masks, run, ratios):
     return out
 
 
-def instrumented(layer, groups, hidden, kwargs, masks, run, ratios):
+def instrumented(layer, plan, hidden, kwargs, masks, run, ratios):
     """One search with synchronizing timers around each stage (slower; for the breakdown only)."""
     t = {"quantizer": 0.0, "loss": 0.0, "grid_forwards": 0.0}
-    patched = {"scaled_fake_quant": "quantizer", "fake_quant_sym_rows_": "quantizer", "group_loss": "loss"}
-    originals = {name: getattr(grid, name) for name in patched}
-    orig_search, orig_record = grid.search_group, layer_mod.record_layer
+    orig_quantizer, orig_loss, orig_record = grid.quantizer, grid.loss_sums, layer_mod.record_layer
 
-    in_forward = []  # activation quantization inside a forward counts as forward time
-
-    def timed(name):
+    def timed(key, fn):
         def f(*a, **k):
-            if in_forward:
-                return originals[name](*a, **k)
-            with timer(t, patched[name]):
-                return originals[name](*a, **k)
+            with timer(t, key):
+                return fn(*a, **k)
         return f
 
-    def search(x, linears, forward, *a, **k):
-        def fwd():
-            with timer(t, "grid_forwards"):
-                in_forward.append(True)
-                try:
-                    return forward()
-                finally:
-                    in_forward.pop()
-        with timer(t, "search_total"):
-            return orig_search(x, linears, fwd, *a, **k)
+    def quantizer(scheme):  # the weight quantizer of each candidate; activation quantization counts as forward time
+        q = orig_quantizer(scheme)
+        return dataclasses.replace(q, scaled_weight=timed("quantizer", q.scaled_weight))
 
-    def record(*a, **k):
-        with timer(t, "feature_capture"):
-            return orig_record(*a, **k)
+    def timed_search(search):
+        def f(job, spec):
+            job = dataclasses.replace(job, forwards=[timed("grid_forwards", fwd) for fwd in job.forwards])
+            with timer(t, "search_total"):
+                return search(job, spec)
+        return f
 
-    for name in patched:
-        setattr(grid, name, timed(name))
-    grid.search_group, layer_mod.record_layer = search, record
+    grid.quantizer, grid.loss_sums = quantizer, timed("loss", orig_loss)
+    layer_mod.record_layer = timed("feature_capture", orig_record)
     try:
-        layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
+        timed_plan = dataclasses.replace(plan, searches=[timed_search(f) for f in plan.searches])
+        layer_mod.search_layer(layer, timed_plan, hidden, kwargs, masks, run, ratios)
     finally:
-        for name, f in originals.items():
-            setattr(grid, name, f)
-        grid.search_group, layer_mod.record_layer = orig_search, orig_record
+        grid.quantizer, grid.loss_sums, layer_mod.record_layer = orig_quantizer, orig_loss, orig_record
     t["other_in_search"] = t["search_total"] - t["grid_forwards"] - t["quantizer"] - t["loss"]
     return t
 
@@ -157,11 +147,12 @@ def main():
     if 16 + args.vision + args.caption > args.tokens:
         raise SystemExit("16 + --vision + --caption must fit in --tokens")
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype, args.vision, args.caption)
-    groups = get_adapter("qwen2_vl").resolve_groups(layer)
     settings = {"method": args.method, "w_bit": args.w_bit, "loss": "mae"}
     settings.update({"a_bit": args.a_bit} if args.a_bit else {"w_group": args.w_group})
     settings.update({"alpha": 0.5} if args.method == "smoothquant" else {"n_grid": args.grid})
     run = RunSpec.from_config(args.method, settings)
+    plan = plan_layer(run, layer, 0, get_adapter("qwen2_vl"))
+    groups = plan.groups
     ratios = {"attn": 2.0, "mlp": 1.5} if args.method == "mbq" else None
     if args.method == "smoothquant" and args.a_bit is None:
         raise SystemExit("smoothquant needs --a-bit")
@@ -169,13 +160,13 @@ def main():
         raise SystemExit("the straightforward loop is weight-only mbq; drop --baseline")
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups]}
 
-    results, times = time_search(layer_mod.search_layer, args.repeats, layer, groups, hidden, kwargs, masks, run, ratios)
+    results, times = time_search(layer_mod.search_layer, args.repeats, layer, plan, hidden, kwargs, masks, run, ratios)
     result["seconds_per_layer"] = min(times)
     result["seconds_per_layer_all"] = times
     result["alpha"] = [r.alpha for r in results]
     n_candidates = args.grid
     if args.method == "mbq":
-        result["breakdown_seconds"] = instrumented(layer, groups, hidden, kwargs, masks, run, ratios)
+        result["breakdown_seconds"] = instrumented(layer, plan, hidden, kwargs, masks, run, ratios)
     else:
         n_candidates = 2  # RTN and the smoothed scales
 
@@ -190,11 +181,11 @@ def main():
     result["floor_21_layer_forwards_tflop"] = 21 * fl["layer"] / 1e12
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
+        layer_mod.search_layer(layer, plan, hidden, kwargs, masks, run, ratios)
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     if args.profile and device == "cuda":
-        result["kernels"] = kernel_profile(lambda: layer_mod.search_layer(layer, groups, hidden, kwargs, masks, run, ratios))
+        result["kernels"] = kernel_profile(lambda: layer_mod.search_layer(layer, plan, hidden, kwargs, masks, run, ratios))
 
     if args.baseline:
         _, records = layer_mod.record_layer(layer, groups, hidden, kwargs)

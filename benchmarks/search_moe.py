@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from common import QWEN3_SHAPES, environment, qwen3_layer, sync, time_search, timer, write_json
-from vlmquant.methods import METHODS
 from vlmquant.models import get_adapter
 from vlmquant.models.base import layer_part
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.search import layer as layer_mod
 from vlmquant.search.grid import grid_scales, group_loss, loss_tokens
+from vlmquant.search.plan import plan_layer
 from vlmquant.spec import RunSpec
 
 def layer_inputs(cfg, samples, tokens, device, dtype, vision, caption, seed=1):
@@ -115,19 +115,17 @@ def expert_loop(experts, hidden, top_k_index, masks, run, ratio):
     return best
 
 
-def timed_method(run, seconds):
-    """The run's method with its group and experts searches timed (seconds: {group prev: s})."""
-    method = run.method_def
-
+def timed_plan(plan, seconds):
+    """The layer's plan with every group's search timed (seconds: appended to, one per group)."""
     def wrap(fn):
-        def f(job, spec, ratio):
+        def f(job, spec):
             t = {}
             with timer(t, "s"):
-                r = fn(job, spec, ratio)
+                r = fn(job, spec)
             seconds.append(t["s"])
             return r
         return f
-    return dataclasses.replace(method, group=wrap(method.group), experts=wrap(method.experts))
+    return dataclasses.replace(plan, searches=[wrap(fn) for fn in plan.searches])
 
 
 def main():
@@ -150,14 +148,15 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer, cfg = qwen3_layer(args.shape, device, dtype)
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype, args.vision, args.caption)
-    groups = get_adapter("qwen3_vl_moe").resolve_groups(layer)
     run = RunSpec.from_config("mbq", {"method": "mbq", "w_bit": args.w_bit, "w_group": args.w_group, "loss": "mae",
                                       "n_grid": args.grid})
+    plan = plan_layer(run, layer, 0, get_adapter("qwen3_vl_moe"))
+    groups = plan.groups
     ratios = {"attn": 2.0, "mlp": 1.5}
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups],
               "shape": QWEN3_SHAPES[args.shape]}
 
-    results, times = time_search(layer_mod.search_layer, args.repeats, layer, groups, hidden, kwargs, masks, run, ratios)
+    results, times = time_search(layer_mod.search_layer, args.repeats, layer, plan, hidden, kwargs, masks, run, ratios)
     result["seconds_per_layer"] = min(times)
     result["seconds_per_layer_all"] = times
     best = [r.best.tolist() if g.experts else r.best_index for g, r in zip(groups, results)]
@@ -167,16 +166,12 @@ def main():
         result["experts_without_tokens"] = int((experts[0].tokens == 0).sum())
         result["tokens_per_expert_min_max"] = [int(experts[0].tokens.min()), int(experts[0].tokens.max())]
     seconds = []
-    METHODS["timed"] = timed_method(run, seconds)
-    try:
-        sync()
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        layer_mod.search_layer(layer, groups, hidden, kwargs, masks, dataclasses.replace(run, method="timed"), ratios)
-        if device == "cuda":
-            result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    finally:
-        del METHODS["timed"]
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    layer_mod.search_layer(layer, timed_plan(plan, seconds), hidden, kwargs, masks, run, ratios)
+    if device == "cuda":
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["seconds_by_group"] = dict(zip([g.prev + (" (per expert)" if g.experts else "") for g in groups], seconds))
     result["seconds_record_and_overhead"] = result["seconds_per_layer"] - sum(seconds)
 

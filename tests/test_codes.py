@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.codes import fake_quant, quantize_weight
+from vlmquant.quant.codes import quantize_weight
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.scheme import FLOAT_QUANTIZED, INT_QUANTIZED, PACK_QUANTIZED, Scheme, check_scheme
 from vlmquant.quant.fp8 import FP8_MAX, fake_quant_act_fp8, fake_quant_weight_fp8, fp8_scales
 from vlmquant.quant.model import quantize_linears
@@ -30,7 +31,7 @@ def test_codes_dequantize_to_the_fake_quantized_weight(scheme, dtype):
     for seed in range(2):
         w = weight(dtype, seed)
         q = quantize_weight(w, scheme)
-        assert torch.equal(q.dequantize(dtype), fake_quant(w, scheme))
+        assert torch.equal(q.dequantize(dtype), quantizer(scheme).weight(w))
         groups = 256 // scheme.w_group if scheme.w_group > 0 else 1
         assert q.scale.shape == (64, groups) and q.scale.dtype == dtype and q.codes.shape == (64, 256)
         if scheme.w_type == "float":

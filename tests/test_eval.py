@@ -21,7 +21,7 @@ from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.quant.model import apply_scale_cache, decoder_linears
-from vlmquant.search.capture import load_samples, model_inputs
+from vlmquant.models.capture import load_samples, model_inputs
 from vlmquant.workflow import check_config, targets
 
 ADAPTER = get_adapter("qwen2_vl")
@@ -76,7 +76,7 @@ def test_kl_exact_and_topk_bound():
 
 
 def test_select_positions():
-    attention = torch.tensor([1] * 40 + [0] * 5)
+    attention = torch.tensor([1] * 40 + [0] * 5, dtype=torch.bool)
     vision = torch.zeros(45, dtype=torch.bool)
     vision[5:25] = True
     pos, is_vis = select_positions(attention, vision, 4)

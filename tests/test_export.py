@@ -23,7 +23,7 @@ from vlmquant.models import get_adapter
 from vlmquant.models.loading import Checkpoint
 from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quantize, resolve_ignore
-from vlmquant.search.capture import load_samples, model_inputs
+from vlmquant.models.capture import load_samples, model_inputs
 
 from conftest import open_demo, run_spec
 

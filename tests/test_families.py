@@ -19,7 +19,7 @@ from vlmquant.io.scales import chunk_layer_files, load_cache, merge
 from vlmquant.models import family_names, get_adapter
 from vlmquant.quant.model import apply_scale_cache, pseudo_quantize
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import capture_layer_inputs, load_samples, model_inputs
+from vlmquant.models.capture import capture_layer_inputs, load_samples, model_inputs
 
 from conftest import run_spec
 from test_calib import coco_cfg

@@ -13,7 +13,7 @@ from vlmquant.models import get_adapter
 from vlmquant.models.loading import meta_model
 from vlmquant.quant.fold import fold_scales
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import capture_layer_inputs, layer_forward, load_layer_inputs, load_samples, model_inputs
+from vlmquant.models.capture import capture_layer_inputs, layer_forward, load_layer_inputs, load_samples, model_inputs
 from vlmquant.search.grid import GroupResult
 
 from conftest import run_spec

@@ -1,6 +1,7 @@
 """Mixture-of-experts layers (Qwen3-VL-MoE, Qwen3.5-MoE): fused 3-D experts quantized per expert in one op, the
 batched per-expert search against the straightforward per-expert loop, experts without tokens, folds into
 routers and experts, checkpoint layouts, and what the exports do with experts."""
+import dataclasses
 import json
 import shutil
 
@@ -15,16 +16,17 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io.scales import load_cache, merge, save_layer
 from vlmquant.models import get_adapter
 from vlmquant.models.base import in_width, layer_part
-from vlmquant.quant.codes import fake_quant
-from vlmquant.quant.scheme import Scheme
+from vlmquant.models.capture import load_layer_inputs, load_samples, token_masks
 from vlmquant.quant.fake import scaled_fake_quant
+from vlmquant.quant.quantizer import quantizer
+from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.model import decoder_experts, pseudo_quantize
 from vlmquant.search import experts as X
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import load_layer_inputs, load_samples, token_masks
 from vlmquant.search.grid import group_loss, grid_scales, loss_tokens
 from vlmquant.search.layer import search_layer
+from vlmquant.search.plan import plan_layer
 from vlmquant.io import ragged
 
 from conftest import open_demo, run_spec
@@ -48,7 +50,7 @@ def experts_module(n_experts=8, hidden=256, width=128, seed=0):
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_fused_experts_fake_quantize_per_expert_in_one_op(scheme):
     w = experts_module().down_proj.detach()  # (E, H, I)
-    assert torch.equal(fake_quant(w, scheme), torch.stack([fake_quant(w[e], scheme) for e in range(w.shape[0])]))
+    assert torch.equal(quantizer(scheme).weight(w), torch.stack([quantizer(scheme).weight(w[e]) for e in range(w.shape[0])]))
     s = torch.rand(w.shape[0], 1, w.shape[2]) + 0.5  # per expert
     assert torch.equal(scaled_fake_quant(w, s, 3, 128), torch.stack([scaled_fake_quant(w[e], s[e, 0], 3, 128)
                                                                      for e in range(w.shape[0])]))
@@ -96,7 +98,7 @@ def straightforward_best(experts, hidden, top_k_index, masks, scheme, n_grid, lo
         sub = {m: v[tok][k] for m, v in masks.items()}
         losses = []
         for s in grid_scales(h.abs().mean(0), n_grid):
-            w = fake_quant(experts.down_proj[e] * s, scheme) / s
+            w = quantizer(scheme).weight(experts.down_proj[e] * s) / s
             losses.append(group_loss(fp, F.linear(h[k], w), sub, loss, ratio))
         out.append(min(range(n_grid), key=losses.__getitem__))
     return out
@@ -109,8 +111,8 @@ def test_batched_expert_search_picks_the_alpha_of_the_per_expert_loop(loss, rati
     experts = experts_module()
     hidden, top_k_index, masks = routed_inputs(experts)
     scheme = Scheme(3, 128)
-    job = X.experts_job(experts, hidden, top_k_index, masks, ratio is not None)
-    result = X.search_experts(job, scheme=scheme, n_grid=10, loss=loss, ratio=ratio)
+    job = X.experts_job(experts, hidden, top_k_index, masks, ratio)
+    result = X.search_experts(job, run_spec("t", method="mbq", w_bit=3, n_grid=10, loss=loss))
     assert result.best.tolist() == straightforward_best(experts, hidden, top_k_index, masks, scheme, 10, loss, ratio)
     assert torch.equal(result.alpha, result.best / 10)
     assert result.tokens[0] == 0 and result.alpha[0] == 0 and torch.equal(result.scales[0], torch.ones(128))
@@ -121,7 +123,8 @@ def test_batched_expert_search_picks_the_alpha_of_the_per_expert_loop(loss, rati
 def test_an_expert_without_calibration_tokens_is_a_row_of_the_search_table(tmp_path):
     experts = experts_module()
     hidden, top_k_index, masks = routed_inputs(experts, unused=(0, 5))
-    result = X.search_experts(X.experts_job(experts, hidden, top_k_index, masks, False), scheme=Scheme(3, 128), n_grid=4)
+    result = X.search_experts(X.experts_job(experts, hidden, top_k_index, masks),
+                              run_spec("t", method="awq", w_bit=3, n_grid=4))
     group = get_adapter("qwen3_vl_moe").groups["moe"][1]
     meta = {"model": "m", "run": "r"}
     save_layer(tmp_path / "layer_000.safetensors", 0, [group], [result], [None], meta)
@@ -147,11 +150,12 @@ def test_moe_layer_search_equals_the_straightforward_expert_loop(family_demo, mo
     masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
     run, ratios = run_spec("mbq", method="mbq", w_bit=3, n_grid=4), {"attn": 1.5, "mlp": 2.0}
     layer = ref.load_layers([0])[0]
-    groups = ref.adapter.resolve_groups(layer, 0)
-    fast, _ = search_layer(layer, groups[2:], hidden, args.kwargs(0), masks, run, ratios)
+    plan = plan_layer(run, layer, 0, ref.adapter)
+    plan = dataclasses.replace(plan, groups=plan.groups[2:], searches=plan.searches[2:], periods=plan.periods[2:])
+    fast, _ = search_layer(layer, plan, hidden, args.kwargs(0), masks, run, ratios)
     layer.mlp.experts.config._experts_implementation = "eager"
     monkeypatch.setattr(X, "grouped_mm_runs", lambda x: False)
-    loop, _ = search_layer(layer, groups[2:], hidden, args.kwargs(0), masks, run, ratios)
+    loop, _ = search_layer(layer, plan, hidden, args.kwargs(0), masks, run, ratios)
     assert fast[0].alpha == loop[0].alpha and fast[1].alpha.tolist() == loop[1].alpha.tolist()
     torch.testing.assert_close(torch.tensor(fast[0].losses), torch.tensor(loop[0].losses), rtol=1e-5, atol=0)
     torch.testing.assert_close(fast[1].losses, loop[1].losses, rtol=1e-5, atol=0)
@@ -249,10 +253,8 @@ def test_weight_activation_runs_are_refused_for_fused_experts(family_demo):
     ref = family_demo("qwen3_vl_moe")[1]
     with pytest.raises(VlmquantError, match="layers.0.mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
         pseudo_quantize(ref.load(), ref.adapter, run_spec("w8a8", method="rtn", w_bit=8, a_bit=8))
-    experts = experts_module()
-    job = X.experts_job(experts, *routed_inputs(experts), False)
-    with pytest.raises(VlmquantError, match="weight-activation runs"):
-        X.search_experts(job, scheme=Scheme(8, -1, True, a_bit=8))
+    with pytest.raises(VlmquantError, match="decoder layer 0 mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
+        plan_layer(run_spec("w4a8", method="mbq", w_bit=4, a_bit=8), ref.adapter.layers(ref.load())[0], 0, ref.adapter)
 
 
 @torch.no_grad()

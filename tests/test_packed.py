@@ -14,7 +14,7 @@ from vlmquant.models.tiny import DEMO_PROMPT, make_demo_model
 from vlmquant.errors import VlmquantError
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen2_vl_7b_config
 from vlmquant.models import get_adapter
-from vlmquant.quant.codes import fake_quant
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fp8 import fake_quant_act_fp8
 from vlmquant.quant.fold import fold_scales
@@ -77,7 +77,7 @@ def exported(demo, tmp_path_factory):
             root = layer_root(pseudo, ADAPTER)
             with torch.no_grad():
                 for n in d["quantize"]:
-                    root.get_submodule(n).weight.copy_(fake_quant(root.get_submodule(n).weight, scheme))
+                    root.get_submodule(n).weight.copy_(quantizer(scheme).weight(root.get_submodule(n).weight))
             pseudo_dir = tmp_path_factory.mktemp(f"pseudo-{name}-{key}")
             pseudo.save_pretrained(pseudo_dir)
             packed_dir = tmp_path_factory.mktemp(f"packed-{name}-{key}") / "checkpoint"
@@ -308,7 +308,7 @@ def test_other_families_round_trip(family, tmp_path):
     root = layer_root(pseudo, adapter)
     with torch.no_grad():
         for n in names:
-            root.get_submodule(n).weight.copy_(fake_quant(root.get_submodule(n).weight, scheme))
+            root.get_submodule(n).weight.copy_(quantizer(scheme).weight(root.get_submodule(n).weight))
     pseudo.save_pretrained(tmp_path / "pseudo")
     write_packed(model, adapter, names, scheme, tmp_path / "packed")
     reference = model_class.from_pretrained(tmp_path / "pseudo", dtype=torch.bfloat16).eval()

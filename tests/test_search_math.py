@@ -5,11 +5,15 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from conftest import run_spec
 from vlmquant.errors import VlmquantError
+from vlmquant.models.base import ScaleGroup
 from vlmquant.quant.fake import fake_quant_act_per_token, fake_quant_weight, fake_quant_weight_per_channel_sym
-from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fold import fold_scales, scale_linear_into_linears, scale_norm_into_linears
-from vlmquant.search.grid import group_loss, search_group, smooth_group, smoothquant_scales
+from vlmquant.quant.scheme import Scheme
+from vlmquant.search.grid import GroupSearch, group_loss, search_group
+from vlmquant.search.plan import group_width
+from vlmquant.search.smooth import smooth_group, smoothquant_scales
 
 # ---- group_loss -------------------------------------------------------------------------
 
@@ -150,6 +154,14 @@ def _group(outliers=True, dtype=torch.float32, seed=0):
     return norm, lins, x_in, x, forward, fp_out, masks
 
 
+def run_group(search, x, lins, forward, fp_out, masks, ratio=None, **cfg):
+    """`search` on the group as one sample micro-batch, under the run settings `cfg` (runs.<name> keys)."""
+    return search(GroupSearch(x, lins, [forward], [fp_out], [masks], masks, ratio=ratio), run_spec("t", **cfg))
+
+
+W3G32, W4A8 = {"method": "awq", "w_bit": 3, "w_group": 32}, {"method": "mbq", "w_bit": 4, "a_bit": 8}
+
+
 def _loss_with_weights(forward, fp_out, masks, lins, new_weights, loss, ratio):
     old = [lin.weight.detach().clone() for lin in lins]
     with torch.no_grad():
@@ -165,7 +177,7 @@ def _loss_with_weights(forward, fp_out, masks, lins, new_weights, loss, ratio):
 def test_search_beats_rtn_restores_weights_and_reproduces(loss, ratio):
     norm, lins, _, x, forward, fp_out, masks = _group()
     before = [lin.weight.detach().clone() for lin in lins] + [lins[1].bias.detach().clone()]
-    r = search_group(x, lins, forward, fp_out, masks, scheme=Scheme(3, 32), loss=loss, ratio=ratio)
+    r = run_group(search_group, x, lins, forward, fp_out, masks, ratio, **W3G32, loss=loss)
 
     assert all(torch.equal(p, b) for p, b in zip([lin.weight for lin in lins] + [lins[1].bias], before))
     assert len(r.losses) == 20 and r.alpha == r.best_index / 20
@@ -190,22 +202,23 @@ def test_search_ties_keep_rtn():
     masks = {"valid": torch.ones(10, dtype=torch.bool), "vis": torch.zeros(10, dtype=torch.bool), "cap": torch.ones(10, dtype=torch.bool)}
     with torch.no_grad():
         fp_out = lin(x)
-    r = search_group(x, [lin], lambda: lin(x), fp_out, masks, scheme=Scheme(2, 8))
+    r = run_group(search_group, x, [lin], lambda: lin(x), fp_out, masks, method="awq", w_bit=2, w_group=8)
     assert len(set(r.losses)) == 1 and r.best_index == 0 and r.alpha == 0.0
     assert torch.equal(r.scales, torch.ones(16))
     # a forward whose loss never changes also keeps alpha = 0
-    r = search_group(x, [lin], lambda: fp_out + 1, fp_out, masks, scheme=Scheme(2, 8), n_grid=5)
+    r = run_group(search_group, x, [lin], lambda: fp_out + 1, fp_out, masks, method="awq", w_bit=2, w_group=8,
+                  n_grid=5)
     assert r.losses == [1.0] * 5 and r.best_index == 0
 
 
 def test_search_ignores_padding():
     _, lins, x_in, x, forward, fp_out, masks = _group()
-    r = search_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, 16), ratio=1.5)
+    r = run_group(search_group, x, lins, forward, fp_out, masks, 1.5, method="mbq", w_bit=4, w_group=16)
     with torch.no_grad():
         x_in[1, 9:] = 1e4  # padding positions of sample 1
         x[1, 9:] = 1e4
         fp_out = forward()
-    r2 = search_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, 16), ratio=1.5)
+    r2 = run_group(search_group, x, lins, forward, fp_out, masks, 1.5, method="mbq", w_bit=4, w_group=16)
     assert r2.best_index == r.best_index
     assert r2.losses == pytest.approx(r.losses, rel=1e-6)
 
@@ -213,7 +226,7 @@ def test_search_ignores_padding():
 def test_search_weight_activation_mode():
     norm, lins, x_in, x, forward, fp_out, masks = _group()
     before = [lin.weight.detach().clone() for lin in lins]
-    r = search_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, -1, True, a_bit=8))
+    r = run_group(search_group, x, lins, forward, fp_out, masks, **W4A8)
     assert all(torch.equal(lin.weight, b) for lin, b in zip(lins, before))
     assert all(len(lin._forward_pre_hooks) == 0 for lin in lins)
 
@@ -232,13 +245,13 @@ def test_smooth_group_keeps_smoothquant_scales_and_reports_rtn():
     before = [lin.weight.detach().clone() for lin in lins]
     with torch.no_grad():
         x[1, 9:] = 1e4  # padding positions of sample 1 must not enter max|X|
-    r = smooth_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, -1, True, a_bit=8), alpha=0.6)
+    r = run_group(smooth_group, x, lins, forward, fp_out, masks, method="smoothquant", w_bit=4, a_bit=8, alpha=0.6)
     assert all(torch.equal(lin.weight, b) for lin, b in zip(lins, before))
     assert all(len(lin._forward_pre_hooks) == 0 for lin in lins)
     x_max = x.reshape(-1, 64)[masks["valid"].reshape(-1)].abs().amax(0)
     torch.testing.assert_close(r.scales, smoothquant_scales(x_max, lins, 0.6))
     assert r.alpha == 0.6 and r.best_index == 1 and len(r.losses) == 2
-    rtn = search_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, -1, True, a_bit=8), n_grid=1)
+    rtn = run_group(search_group, x, lins, forward, fp_out, masks, **W4A8, n_grid=1)
     assert r.losses[0] == rtn.losses[0]
 
     def wa_forward(s):  # the folded, W-A quantized group: Q_a(h / s) . Q_w(W s)^T
@@ -252,15 +265,20 @@ def test_smooth_group_keeps_smoothquant_scales_and_reports_rtn():
 def test_search_half_precision_group():
     _, lins, _, x, forward, fp_out, masks = _group(dtype=torch.bfloat16)
     before = [lin.weight.detach().clone() for lin in lins]
-    r = search_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, 32), n_grid=4)
+    r = run_group(search_group, x, lins, forward, fp_out, masks, method="awq", w_bit=4, w_group=32, n_grid=4)
     assert all(torch.equal(lin.weight, b) for lin, b in zip(lins, before))
     assert r.scales.dtype == torch.float32 and r.losses[r.best_index] <= r.losses[0]
 
 
-def test_search_bad_group():
-    _, lins, _, x, forward, fp_out, masks = _group()
-    with pytest.raises(VlmquantError, match="groups of 48"):
-        search_group(x, lins, forward, fp_out, masks, scheme=Scheme(4, 48))
+def test_the_plan_checks_a_group_before_any_search():
+    norm, lins, *_ = _group()
+    layer = nn.ModuleDict({"norm": norm, "a": lins[0], "b": lins[1]})
+    assert group_width(layer, 3, ScaleGroup("norm", ("a", "b"), "norm", "attn"), Scheme(4, 32)) == 64
+    with pytest.raises(VlmquantError, match=r"decoder layer 3 a: weight of shape \(32, 64\) cannot be split into groups of 48"):
+        group_width(layer, 3, ScaleGroup("norm", ("a", "b"), "norm", "attn"), Scheme(4, 48))
+    layer["c"] = nn.Linear(32, 8)
+    with pytest.raises(VlmquantError, match=r"decoder layer 3 c: weight of shape \(8, 32\) does not take the group input's 64"):
+        group_width(layer, 3, ScaleGroup("norm", ("a", "c"), "norm", "attn"), Scheme(4, 32))
 
 
 def test_smoothquant_scales_hand_values():

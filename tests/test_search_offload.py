@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.models import stream
-from vlmquant.search import pipeline as P
+from vlmquant.models import memory
 from vlmquant.search.grid import channel_stat
 
 GiB = 2**30
@@ -39,21 +38,20 @@ def shape_7b(device, free_bytes, monkeypatch):
     config = SimpleNamespace(get_text_config=lambda: text)
     sm = SimpleNamespace(device=device, dtype=torch.bfloat16, skeleton=SimpleNamespace(config=config),
                          layer_bytes=lambda: 233_000_000 * 2)
-    monkeypatch.setattr(P, "device_free_bytes", lambda device: free_bytes)
-    monkeypatch.setattr(stream, "device_free_bytes", lambda device: free_bytes)
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: free_bytes)
     return sm, torch.empty(128, 640, 3584, dtype=torch.bfloat16, device="meta")
 
 
 def test_records_go_to_host_memory_only_when_they_do_not_fit(monkeypatch):
     sm, hidden = shape_7b("cuda", 80 * GiB, monkeypatch)
-    assert P.search_micro_batch(sm, hidden) == (128, False)  # an H100: all on the device, one forward
+    assert memory.search_micro_batch(sm, hidden) == (128, False)  # an H100: all on the device, one forward
     sm, hidden = shape_7b("cuda", 8 * GiB, monkeypatch)  # an 8 GiB cap: about 9 GiB of records do not fit
-    per_batch, host = P.search_micro_batch(sm, hidden)
+    per_batch, host = memory.search_micro_batch(sm, hidden)
     assert host and 1 < per_batch < 128
-    token = stream.layer_token_bytes(sm.skeleton.config, torch.bfloat16)
+    token = memory.layer_token_bytes(sm.skeleton.config, torch.bfloat16)
     # the layer, its input and output, and one micro-batch's activations and records fit the 8 GiB
     held = sm.layer_bytes() + 2 * hidden.numel() * 2 + per_batch * 640 * (token + (3584 + 18944) * 2)
     assert held <= 8 * GiB < held + 640 * (token + (3584 + 18944) * 2)
-    assert P.search_micro_batch(sm, hidden, max_batch_mb=1024) == (1024 * 2**20 // (640 * (token + 45056)), True)
+    assert memory.search_micro_batch(sm, hidden, max_batch_mb=1024) == (1024 * 2**20 // (640 * (token + 45056)), True)
     sm, hidden = shape_7b("cpu", 8 * GiB, monkeypatch)  # on the CPU the host is the device
-    assert not P.search_micro_batch(sm, hidden)[1]
+    assert not memory.search_micro_batch(sm, hidden)[1]

@@ -16,10 +16,11 @@ from vlmquant.models import get_adapter
 from vlmquant.models.loading import load_layers, open_model
 from vlmquant.quant.model import apply_scale_cache, quantized_activations
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
+from vlmquant.models.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
 from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.layer import search_layer
+from vlmquant.search.plan import plan_layer
 
 from conftest import run_spec
 from test_calib import coco_cfg
@@ -208,15 +209,15 @@ def test_token_wise_blocks_run_on_the_loss_tokens_only(staged, ratios):
     n_keep = int(loss_tokens(masks, ratios is not None).sum())
     assert 0 < n_keep < masks["valid"].numel()
     run = RUN if ratios else run_spec("awq", method="awq", w_bit=3)
-    groups = adapter.resolve_groups(layer, 1)
-    assert [g.token_wise for g in groups] == [False, True, True, True]
+    plan = plan_layer(run, layer, 1, adapter)
+    assert [g.token_wise for g in plan.groups] == [False, True, True, True]
     rows = []
     hook = layer.mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
-    selected, _ = search_layer(layer, groups, hidden, kwargs, masks, run, ratios)
+    selected, _ = search_layer(layer, plan, hidden, kwargs, masks, run, ratios)
     hook.remove()
     assert rows == [masks["valid"].numel()] + [n_keep] * RUN.n_grid  # the fp capture, then the grid
-    whole, _ = search_layer(layer, [dataclasses.replace(g, token_wise=False) for g in groups], hidden, kwargs, masks,
-                            run, ratios)
+    every_token = dataclasses.replace(plan, groups=[dataclasses.replace(g, token_wise=False) for g in plan.groups])
+    whole, _ = search_layer(layer, every_token, hidden, kwargs, masks, run, ratios)
     assert [r.alpha for r in selected] == [r.alpha for r in whole]
     for a, b in zip(selected, whole):
         torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0)

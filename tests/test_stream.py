@@ -17,13 +17,14 @@ from vlmquant.eval.run import run_eval, run_fp_reference
 from vlmquant.export import export_checkpoint
 from vlmquant.io import ragged
 from vlmquant.io.scales import save_cache
-from vlmquant.models import family_names, stream
+from vlmquant.models import family_names, memory, stream
 from vlmquant.models.base import Adapter, in_width, layer_part
 from vlmquant.models.loading import meta_model
 from vlmquant.search import pipeline as P
-from vlmquant.search.capture import LayerArgs, load_layer_inputs, load_samples, token_masks
-from vlmquant.search.grads import plan_store
-from vlmquant.search.layer import group_period, quantized_forward, record_layer, search_layer
+from vlmquant.models.capture import LayerArgs, load_layer_inputs, load_samples, token_masks
+from vlmquant.search.layer import quantized_forward, search_layer
+from vlmquant.search.plan import group_period, plan_layer
+from vlmquant.search.records import record_layer
 
 SETTINGS = {"batch_size": 2, "kl_top_k": 0, "hidden_positions": 8}
 NAMES = {"model": "demo", "calib": "demo", "run": "w4a8"}
@@ -111,9 +112,9 @@ def test_streamed_grads_in_rounds_equal_one_pass(staged, runs, tmp_path):
 
 
 def test_store_plan_rounds():
-    assert plan_store([3, 3, 3], "cpu", max_store_bytes=6) == ("device", [[0, 1], [2]])
-    assert plan_store([3, 3, 3], "cpu", max_store_bytes=1) == ("device", [[0], [1], [2]])
-    assert plan_store([3, 3, 3], "cpu") == ("device", [[0, 1, 2]])
+    assert memory.plan_store([3, 3, 3], "cpu", max_store_bytes=6) == ("device", [[0, 1], [2]])
+    assert memory.plan_store([3, 3, 3], "cpu", max_store_bytes=1) == ("device", [[0], [1], [2]])
+    assert memory.plan_store([3, 3, 3], "cpu") == ("device", [[0, 1, 2]])
 
 
 def test_streamed_checkpoint_is_the_resident_one_byte_for_byte(runs):
@@ -182,12 +183,12 @@ def assert_searches_match(model, acts, inputs, spec, ratios, settings, device="c
     out = []
     for per_batch, host in settings:
         layer = model.load_layers([0])[0].to(device)
-        groups = model.adapter.resolve_groups(layer, 0)
-        results, fp_next = search_layer(layer, groups, hidden, args.kwargs(0), masks, spec, ratios, per_batch, host)
-        out.append((results, fp_next, quantized_forward(layer, 0, groups, results, spec, hidden, args.kwargs(0),
+        plan = plan_layer(spec, layer, 0, model.adapter)
+        results, fp_next = search_layer(layer, plan, hidden, args.kwargs(0), masks, spec, ratios, per_batch, host)
+        out.append((results, fp_next, quantized_forward(layer, 0, plan.groups, results, spec, hidden, args.kwargs(0),
                                                         model.adapter, per_batch)))
     (first, fp_a, q_a), (second, fp_b, q_b) = out
-    assert len(first) == len(groups)
+    assert len(first) == len(plan.groups)
     for a, b in zip(first, second):
         assert torch.equal(torch.as_tensor(a.alpha), torch.as_tensor(b.alpha))
         torch.testing.assert_close(torch.as_tensor(a.losses), torch.as_tensor(b.losses), rtol=1e-5, atol=0)
@@ -197,9 +198,9 @@ def assert_searches_match(model, acts, inputs, spec, ratios, settings, device="c
 
 
 def test_micro_batch_sizes_and_kwarg_splits():
-    assert stream.micro_batch(10, 100, 1000, None) == 10
-    assert stream.micro_batch(10, 100, 1000, 350_000) == 3
-    assert stream.micro_batch(10, 100, 1000, 10) == 1
+    assert memory.micro_batch(10, 100, 1000, None) == 10
+    assert memory.micro_batch(10, 100, 1000, 350_000) == 3
+    assert memory.micro_batch(10, 100, 1000, 10) == 1
     cos = torch.arange(3 * 4 * 5 * 2.).reshape(3, 4, 5, 2)  # M-RoPE: (3, B, T, D)
     kwargs = {"position_embeddings": (cos[0], cos), "cache_position": torch.arange(5), "use_cache": False}
     part = stream.split_kwargs(kwargs, 4, 5, 1, 3)
@@ -210,12 +211,12 @@ def test_micro_batch_sizes_and_kwarg_splits():
 
 def test_auto_streams_only_what_does_not_fit(staged, monkeypatch):
     _, model = staged
-    assert not stream.use_streaming("auto", model)  # a few MB against the host's memory
-    monkeypatch.setattr(stream, "device_free_bytes", lambda device: 1000)
-    assert stream.use_streaming("auto", model)
-    assert stream.use_streaming("always", model) and not stream.use_streaming("never", model)
+    assert not memory.use_streaming("auto", model)  # a few MB against the host's memory
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: 1000)
+    assert memory.use_streaming("auto", model)
+    assert memory.use_streaming("always", model) and not memory.use_streaming("never", model)
     with pytest.raises(VlmquantError, match="memory.stream: 'yes' is not one of auto, always, never"):
-        stream.use_streaming("yes", model)
+        memory.use_streaming("yes", model)
 
 
 def random_cache(ref, path, seed=0):

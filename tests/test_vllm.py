@@ -13,7 +13,7 @@ and generated position, and every decoder linear's input and output. transformer
 (quant.model.quantized_activations). Compared:
 
 1. each decoder linear of vLLM on its own input: equal to the dequantized weight applied to the input
-   fake-quantized per token (codes.fake_quant_act) within 1e-5 relative, the ignored linears to the dense
+   fake-quantized per token (quantizer(scheme).act) within 1e-5 relative, the ignored linears to the dense
    product; for W·A· schemes the unquantized input must miss by far (vLLM does quantize activations);
 2. the prompts: token ids equal (chat template, image placeholders), vision tower input and output;
 3. end to end, teacher forced on vLLM's tokens, logprobs of vLLM's top 5 at every prompt and generated position:
@@ -47,7 +47,7 @@ from vlmquant.models.tiny import build_demo_model
 from vlmquant.export.checkpoint import read_quant_info
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import DEMO_PROMPT, make_demo_model
-from vlmquant.quant.codes import fake_quant_act
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.scheme import INT_QUANTIZED, Scheme
 from vlmquant.quant.model import decoder_linears, quantized_activations
 
@@ -164,7 +164,7 @@ def test_every_vllm_linear_equals_the_emulation(served, name):
         w = torch.cat([lin.weight for lin in lins])
         b = torch.cat([lin.bias for lin in lins]) if lins[0].bias is not None else None
         quantized = f"layers.{i}.{parts[0]}" not in ignored
-        x_q = fake_quant_act(x, scheme) if quantized and scheme.a_bit else x
+        x_q = quantizer(scheme).act(x) if quantized and scheme.a_bit else x
         ref = torch.nn.functional.linear(x_q, w, b)
         errors[vname] = ((y - ref).abs().max() / ref.abs().max()).item()
         if quantized and scheme.a_bit:

@@ -20,14 +20,13 @@ def caption_positions(labels):
     return rows, cols, target[rows, cols]
 
 
-def select_positions(attention_mask, vision_mask, per_modality):
+def select_positions(valid, vision, per_modality):
     """Positions (sorted) of one sample where hidden states are compared, and which of them are vision.
 
     Up to `per_modality` evenly spaced vision positions and as many text (non-vision, non-padding)
-    positions; `per_modality <= 0` keeps every position. attention_mask, vision_mask: (T,).
+    positions; `per_modality <= 0` keeps every position. valid, vision: (T,) bool, the sample's
+    models.capture.token_masks (vision tokens among the valid ones).
     """
-    valid = attention_mask.bool()
-    vision = vision_mask.bool() & valid
     picked = []
     for mask in (vision, valid & ~vision):
         idx = mask.nonzero()[:, 0]

@@ -32,10 +32,11 @@ from vlmquant.export.checkpoint import load_scales, read_quant_info
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import check_weights, package_versions, sha256_file, weights_fingerprint
 from vlmquant.models.loading import Checkpoint
-from vlmquant.models.stream import StreamedModel, use_streaming
+from vlmquant.models.memory import use_streaming
+from vlmquant.models.stream import StreamedModel
 from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
 from vlmquant.quant.scheme import Scheme
-from vlmquant.search.capture import layer_forward, load_samples, model_inputs
+from vlmquant.models.capture import layer_forward, load_samples, model_inputs, token_masks
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ SETTINGS = ("batch_size", "kl_top_k", "hidden_positions")
 # --- forward ---------------------------------------------------------------------------------
 def hidden_selection(samples, per_modality):
     """Per sample: (positions, is_vision) where decoder-layer outputs are compared."""
-    return [select_positions(s["attention_mask"][0], s["vision_mask"][0], per_modality) for s in samples]
+    return [select_positions(m["valid"][0], m["vis"][0], per_modality) for m in map(token_masks, samples)]
 
 
 def batch_positions(samples, selection, ids, device):

@@ -31,7 +31,8 @@ from vlmquant.io.fingerprint import nonfinite_counts, nonfinite_error
 from vlmquant.io.model_folder import check_processor_files
 from vlmquant.io.provenance import dumps, package_versions, sha256_file, weights_fingerprint
 from vlmquant.io.scales import load_cache
-from vlmquant.models.stream import StreamedModel, use_streaming
+from vlmquant.models.memory import use_streaming
+from vlmquant.models.stream import StreamedModel
 from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold, resolve_scales
@@ -303,7 +304,7 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
     """fp model (ModelRef) + scale cache (none for RTN) → pseudo-quantized HF folder at `out_dir`.
 
     spec: the run's RunSpec (its ignore: export.ignore); names: {"model", "calib", "run"}. Streamed
-    (model.stream: models.stream.use_streaming), decoder layers are loaded, folded, quantized and written one at a
+    (model.stream: models.memory.use_streaming), decoder layers are loaded, folded, quantized and written one at a
     time; resident, the whole model is loaded and saved with save_pretrained. Both write the same bytes.
     """
     streamed = use_streaming(model.stream, model)

@@ -54,7 +54,7 @@ from vlmquant.export.checkpoint import (QUANT_FILE, StreamedExport, check_comple
 from vlmquant.export.shards import shard_bytes
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
-from vlmquant.models.stream import use_streaming
+from vlmquant.models.memory import use_streaming
 from vlmquant.quant.codes import quantize_weight
 from vlmquant.quant.scheme import Scheme, check_scheme
 from vlmquant.quant.fake import check_weight_groups

@@ -1,6 +1,8 @@
 """MBQ (arXiv 2412.19509 §3): per-group α grid search, the vision tokens' share of the loss reweighted by
-the layer's gradient ratio ρ = max(vis/cap, median) (DESIGN.md algorithm steps 1-3)."""
-from vlmquant.methods.base import Lazy, Method
+the layer's gradient ratio ρ = max(vis/cap, median) (DESIGN.md algorithm steps 1-3).
+
+Its scales: vlmquant.search.grid.search_group and search.experts.search_experts (registered there for this METHOD)."""
+from vlmquant.methods.base import Method
 
 METHOD = Method(
     name="mbq",
@@ -8,6 +10,4 @@ METHOD = Method(
     settings=("loss", "n_grid", "reweight", "distort", "scale_cache"),
     scales=True,
     reweight=True,
-    group=Lazy("vlmquant.search.grid:grid_search"),
-    experts=Lazy("vlmquant.search.experts:grid_search_experts"),
 )

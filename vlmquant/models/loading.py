@@ -208,7 +208,7 @@ class ModelRef:
     device: str
     dtype: torch.dtype
     trust_remote_code: bool = False
-    stream: str = "auto"  # memory.stream: auto | always | never (models.stream.use_streaming)
+    stream: str = "auto"  # memory.stream: auto | always | never (models.memory.use_streaming)
     max_batch_mb: int | None = None  # memory.max_batch_mb: activations of one forward micro-batch; None = free memory
     grads_store_mb: int | None = None  # memory.grads_store_mb: the gradient stage's stored layer inputs; None = free memory
 

@@ -5,118 +5,33 @@ plus activations, whatever the model's depth (DESIGN.md: memory grows with the c
 `StreamedModel(ref)`:
   shell     the model with a one-layer decoder stack, loaded by transformers' own from_pretrained (its
             checkpoint key mapping, tied weights, non-persistent buffers and dtype rules); its forward up
-            to decoder layer 0 gives every layer's inputs (search.capture), its final norm and LM head
+            to decoder layer 0 gives every layer's inputs (models.capture), its final norm and LM head
             finish the forward. Its own layer is dropped: it never runs.
   skeleton  the whole model on the meta device; decoder layer i is filled from the checkpoint into it
             (`layer(i)`) and emptied again (`drop(i)`).
 
-Stages choose between this and the whole model on the device with `memory.stream` (`use_streaming`):
+Stages choose between this and the whole model on the device with `memory.stream` (models.memory.use_streaming):
 streamed and resident runs give the same results (tests compare them on the demo).
 
 The shell holds one decoder layer per layer type of the config (Gemma 3's sliding and global layers,
 Qwen3.5's linear and full attention), so that its capture gives every type's keyword arguments; the
 LayerArgs it returns are mapped onto the whole model's layers (`capture`).
 
-Work that would not fit the activation budget runs in sample micro-batches: `micro_batch` picks the
-samples per batch from a per-token estimate, `split_args` / `split_kwargs` cut the decoder-layer arguments
+Work that would not fit the activation budget runs in sample micro-batches (models.memory picks the samples per
+batch from a per-token estimate): `split_args` / `split_kwargs` cut the decoder-layer arguments
 and `cat_args` joins them.
 """
 import contextlib
 import functools
-import logging
-from pathlib import Path
 
 import torch
 import transformers
 
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
+from vlmquant.models.capture import LayerArgs, capture_layer_inputs, layer_forward
 from vlmquant.models.loading import Checkpoint, meta_model
-from vlmquant.search.capture import LayerArgs, capture_layer_inputs, layer_forward
-
-log = logging.getLogger(__name__)
-
-STREAM_MODES = ("auto", "always", "never")
-RESIDENT_SHARE = 0.6  # auto: keep the model resident when its weights take at most this share of the free memory
-MB = 2**20
-
-
-# --- memory ---------------------------------------------------------------------------------------
-def device_free_bytes(device):
-    """Bytes this process may still allocate on `device`: for CUDA the free device memory plus what torch holds
-    unused, within torch.cuda.set_per_process_memory_fraction's cap; for the CPU the host's available memory."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return host_free_bytes()
-    free, total = torch.cuda.mem_get_info(device)
-    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
-    return max(0, min(free + reserved - allocated, int(total * fraction) - allocated))
-
-
-def host_free_bytes():
-    """MemAvailable of /proc/meminfo (Linux), else a large number."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 50
-
-
-def model_bytes(skeleton, dtype):
-    """Bytes of the model's parameters in `dtype` (floating ones; others as they are)."""
-    size = torch.tensor([], dtype=dtype).element_size()
-    return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in skeleton.parameters())
-
-
-def use_streaming(mode, ref, every_layer=True):
-    """Whether a stage streams decoder layers: mode always / never, or auto: stream unless the model's weights
-    take at most RESIDENT_SHARE of the device's free memory, and always for a stage that does not run every layer
-    (`every_layer` False: reading only what it runs is never slower). Raises VlmquantError for another mode."""
-    if mode not in STREAM_MODES:
-        raise VlmquantError(f"config: memory.stream: {mode!r} is not one of {', '.join(STREAM_MODES)}")
-    if mode != "auto" or not every_layer:
-        return mode != "never"
-    need = model_bytes(meta_model(ref.adapter, ref.path, ref.trust_remote_code), ref.dtype)
-    free = device_free_bytes(ref.device)
-    stream = need > RESIDENT_SHARE * free
-    log.info("model weights %.1f GiB, free %s memory %.1f GiB: %s", need / 2**30, torch.device(ref.device).type,
-             free / 2**30, "streaming decoder layers" if stream else "whole model resident")
-    return stream
-
-
-def text_widths(config):
-    """(hidden size, MLP intermediate size) of a model config's text model; 4 x hidden where it names none."""
-    text = config.get_text_config()
-    return text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-
-
-def layer_token_bytes(config, dtype, backward=False):
-    """Estimated peak activation bytes per token of one decoder-layer forward (its hidden input and output, the
-    attention projections, the MLP's gate, up and product), twice that with autograd's saved tensors."""
-    hidden, inter = text_widths(config)
-    per = (8 * hidden + 4 * inter) * torch.tensor([], dtype=dtype).element_size()
-    return 2 * per if backward else per
-
-
-def micro_batch(n_samples, tokens, token_bytes, budget):
-    """Samples per micro-batch so that one batch's activations (tokens per sample x token_bytes) fit `budget`
-    bytes; every sample at once when budget is None. At least 1."""
-    if budget is None:
-        return n_samples
-    return max(1, min(n_samples, int(budget // max(1, tokens * token_bytes))))
-
-
-def activation_budget(device, max_batch_mb, reserve=0):
-    """Bytes of activations a micro-batch may take: memory.max_batch_mb, else (CUDA) the free device memory
-    less `reserve`, else (CPU) no limit (None)."""
-    if max_batch_mb is not None:
-        return int(max_batch_mb) * MB
-    if torch.device(device).type != "cuda":
-        return None
-    return max(0, device_free_bytes(device) - reserve)
+from vlmquant.models.memory import model_bytes
 
 
 def sample_dim(t, n, tokens):
@@ -163,7 +78,7 @@ def cat_kwargs(parts, tokens):
 
 
 def split_args(args, n, tokens, start, stop):
-    """search.capture.LayerArgs of samples start:stop out of n: every keyword-argument set cut (split_kwargs),
+    """models.capture.LayerArgs of samples start:stop out of n: every keyword-argument set cut (split_kwargs),
     each addition's mask (B, T) by rows and its values (N, C) by the masked-token counts of those rows."""
     added = {}
     for i, (mask, values) in args.added.items():
@@ -312,7 +227,7 @@ class StreamedModel:
         self._phase = name
 
     def capture(self, batch):
-        """(hidden (B, T, C), search.capture.LayerArgs of every decoder layer) of a collated batch, in front of
+        """(hidden (B, T, C), models.capture.LayerArgs of every decoder layer) of a collated batch, in front of
         decoder layer 0."""
         self.phase("inputs")
         hidden, args = capture_layer_inputs(self.shell, self.adapter.layers(self.shell), batch, self.device,
@@ -361,8 +276,3 @@ def final_norm(model, adapter):
         raise VlmquantError(f"{adapter.family}: no final norm next to the decoder layers ({adapter.layers_path}); "
                             "set the adapter's final_norm")
     return norm
-
-
-def pinned(shape, dtype):
-    """An empty host tensor, page-locked when a GPU is present (fast, asynchronous copies)."""
-    return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())

@@ -11,7 +11,7 @@ A `Scheme` says how every quantized decoder linear of a run is stored and served
     fp8        E4M3, sym, per channel                   E4M3 per token, dyn.   float-quantized
 
 `quantize_weight(w, scheme)` returns codes, scales and zero points such that
-`dequantize()` equals `fake_quant(w, scheme)` (the pseudo-quantized weight) bit for bit, in fp32,
+`dequantize()` equals `quantizer(scheme).weight(w)` (the pseudo-quantized weight, quant/quantizer.py) bit for bit, in fp32,
 fp16 and bf16: both come from the same scale rule (fake.asym_qparams / sym_qparams /
 fp8.fp8_scales, the scale rounded to the weight's dtype before any code is computed) and the
 same fp32 arithmetic; (code - zero) x scale is exact in fp32 and rounds once to the weight's dtype.
@@ -24,29 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
+from vlmquant.quant.fake import asym_qparams, check_weight_groups, compute_dtype, sym_qparams
+from vlmquant.quant.fp8 import fp8_codes, fp8_scales
 from vlmquant.quant.scheme import Scheme, check_scheme
-from vlmquant.quant.fake import (asym_qparams, check_bits, check_weight_groups, compute_dtype, fake_quant_act_per_token,
-                                 fake_quant_sym_rows_, fake_quant_weight, fake_quant_weight_sym, sym_qparams)
-from vlmquant.quant.fp8 import fake_quant_act_fp8, fake_quant_fp8_rows_, fake_quant_weight_fp8, fp8_codes, fp8_scales
-
-
-
-def fake_quant(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """The pseudo-quantized weight of a (out, in) weight (or fused experts (E, out, in), each expert like a
-    linear) under `scheme`, in w's dtype."""
-    if scheme.w_type == "float":
-        return fake_quant_weight_fp8(w)
-    if scheme.symmetric:
-        return fake_quant_weight_sym(w, scheme.w_bit, scheme.w_group)
-    return fake_quant_weight(w, scheme.w_bit, scheme.w_group)
-
-
-def fake_quant_act(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """The activations (..., C) as a weight-activation scheme's serving engine quantizes them: per token,
-    symmetric int `a_bit` or FP8 (a_type float)."""
-    return fake_quant_act_fp8(x) if scheme.a_type == "float" else fake_quant_act_per_token(x, scheme.a_bit)
 
 
 @dataclass
@@ -68,7 +49,7 @@ class QuantizedWeight:
 
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
-    """Codes, scales and zero points of a (out, in) weight; `.dequantize(w.dtype)` == fake_quant(w, scheme).
+    """Codes, scales and zero points of a (out, in) weight; `.dequantize(w.dtype)` == quantizer(scheme).weight(w).
 
     Raises VlmquantError when the scheme has no packed form, the weight is not 2-D or w_group does not
     divide its input width.
@@ -96,39 +77,3 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
         codes = wg.div_(scale).round_().clamp_(-zero, qmax - zero).add_(zero - half).to(torch.int8)
         zero_point = (zero - half).to(torch.int8).view(n_out, -1)
     return QuantizedWeight(codes.view(n_out, -1), scale.view(n_out, -1).to(w.dtype), zero_point, group)
-
-
-@cuda_compiled
-def scaled_act_quant(x: torch.Tensor, s: torch.Tensor | None, bits: int, fp8: bool) -> torch.Tensor:
-    """Q_a(x/s)·s per token (rows of the last dim) in x's dtype: symmetric `bits`-bit integers or FP8 E4M3,
-    computed in fp32; s (C,) or None (no scales). One fused kernel with VLMQUANT_COMPILE=1 on CUDA."""
-    work = x.to(compute_dtype(x.dtype), copy=True)
-    if s is not None:
-        work = work.div_(s)
-    q = fake_quant_fp8_rows_(work) if fp8 else fake_quant_sym_rows_(work, bits)
-    if s is not None:
-        q = q.mul_(s)
-    return q.to(x.dtype)
-
-
-class InputQuantizer:
-    """Forward pre-hook that fake-quantizes a linear's input per token as a weight-activation scheme does
-    (symmetric `a_bit` integers, or FP8 E4M3 for a_type "float"), as the scaled model sees it,
-    Q_a(x/s)·s, when `s` (C_in,) is set. Linears that share one input tensor (q/k/v, gate/up) quantize it
-    once: the result is kept for that tensor, its version and `s`, until `reset()`."""
-
-    def __init__(self, scheme: Scheme):
-        self.fp8 = scheme.a_type == "float"
-        if not self.fp8:
-            check_bits(scheme.a_bit, 2)
-        self.bits, self.s, self.last = scheme.a_bit, None, {}
-
-    def __call__(self, module, args):
-        x, last = args[0], self.last
-        if last.get("x") is not x or last["version"] != x._version or last["s"] is not self.s:
-            q = scaled_act_quant(x.detach(), self.s, self.bits, self.fp8)
-            self.last = {"x": x, "version": x._version, "s": self.s, "q": q}
-        return (self.last["q"], *args[1:])
-
-    def reset(self):
-        self.last = {}

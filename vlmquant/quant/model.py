@@ -6,9 +6,9 @@ import fnmatch
 import torch
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.codes import InputQuantizer, fake_quant
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold_scales
+from vlmquant.quant.quantizer import InputQuantizer, quantizer
 
 
 def layer_root(model, adapter):
@@ -96,9 +96,10 @@ def quantize_linears(linears, spec):
     """Replace every linear's weight (or fused expert parameter (E, out, in), per expert) with its fake-quantized
     value under the run's scheme (spec.scheme): the weights of the pseudo checkpoint, equal to the packed
     checkpoint's codes × scales."""
+    quantize = quantizer(spec.scheme).weight
     for lin in linears:
         w = lin if isinstance(lin, torch.Tensor) else lin.weight
-        w.copy_(fake_quant(w, spec.scheme))
+        w.copy_(quantize(w))
 
 
 def check_experts(experts, spec):

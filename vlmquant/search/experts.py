@@ -5,7 +5,7 @@ rows [0, I), up rows [I, 2I)) and down_proj (E, H, I), and computes expert e on 
 to it as down_e(act(gate_e x) * up_e x). Expert e's group is up_e → down_e: its up rows are divided
 by s_e (I,), the columns of down_e multiplied. Each expert is searched on the (token, expert) pairs
 routed to it, as a loop over experts would do it, but every grid point quantizes all experts in one
-op (quant.fake.scaled_fake_quant on (E, H, I) with s (E, 1, I)) and runs them in one grouped matmul
+op (the scheme's quant.quantizer scaled_weight on (E, H, I) with s (E, 1, I)) and runs them in one grouped matmul
 over the pairs sorted by expert (torch's grouped_mm where it runs, else a loop over experts).
 The loss of expert e is `grid.group_loss` over its pairs (its down_proj output, not weighted by the
 routing weight, as a per-expert loop measures it); an expert no calibration token in the loss is
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.codes import fake_quant
-from vlmquant.quant.fake import check_bits, check_weight_groups, compute_dtype, scaled_fake_quant
+from vlmquant.methods import awq, mbq
+from vlmquant.methods.base import register_experts_search
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.search.grid import grid_scales, loss_tokens, token_distance
 
 
@@ -79,12 +80,13 @@ def sort_pairs(top_k_index: torch.Tensor, keep: torch.Tensor, n_experts: int):
 
 @dataclass
 class ExpertsSearch:
-    """The per-expert group of one MoE block, as a method sees it (Method.group; grid.grid_search).
+    """The per-expert group of one MoE block, as a method sees it (methods.base.register_experts_search).
 
     down: the experts' down_proj (E, H, I), changed and restored by the search. a: (E, I) fp32 mean |input of
     down_e| over the valid tokens routed to e (the channel statistics). h: (S, I) inputs of the routed pairs
     whose token is in the loss, sorted by expert; offs (E,) int32 their ends; expert (S,) their experts;
-    masks: {"valid", "cap", "vis"} (S,) of their tokens; fp_out (S, H) = down_e(h); tokens (E,) pairs per expert.
+    masks: {"valid", "cap", "vis"} (S,) of their tokens; fp_out (S, H) = down_e(h); tokens (E,) pairs per expert;
+    ratio: the reweight ratio ρ of the group, None: no reweighting.
     """
     down: torch.Tensor
     a: torch.Tensor
@@ -94,6 +96,7 @@ class ExpertsSearch:
     masks: dict
     fp_out: torch.Tensor
     tokens: torch.Tensor
+    ratio: float | None = None
 
 
 @dataclass
@@ -105,16 +108,17 @@ class ExpertsResult:
     losses: torch.Tensor
     best: torch.Tensor
     tokens: torch.Tensor
+    ratio: float | None = None
 
 
 @torch.no_grad()
-def experts_job(experts, hidden, top_k_index, masks, reweight: bool) -> ExpertsSearch:
-    """The ExpertsSearch of a MoE block from what its experts module was called with in the fp forward.
+def experts_job(experts, hidden, top_k_index, masks, ratio=None) -> ExpertsSearch:
+    """The ExpertsSearch of a MoE block from what its experts module (checked by check_experts) was called with
+    in the fp forward.
 
     hidden: (N, H) the block's (flattened) input; top_k_index (N, k) the routed experts; masks: per-token
-    {"valid", "cap", "vis"} (N,) or (B, T); reweight: the loss reads only caption and vision tokens.
+    {"valid", "cap", "vis"} (N,) or (B, T); ratio: ρ, the loss then reads only caption and vision tokens.
     """
-    check_experts(experts)
     down = experts.down_proj
     n_experts = down.shape[0]
     masks = {k: v.reshape(-1).to(hidden.device) for k, v in masks.items()}
@@ -122,12 +126,12 @@ def experts_job(experts, hidden, top_k_index, masks, reweight: bool) -> ExpertsS
     h = down_inputs(experts, hidden[token], offs)  # (S_valid, I)
     a = torch.zeros(n_experts, h.shape[1], dtype=torch.float32, device=h.device)
     a.index_add_(0, expert, h.abs().float()).div_(counts.clamp(min=1)[:, None])
-    in_loss = loss_tokens(masks, reweight)[token]
+    in_loss = loss_tokens(masks, ratio is not None)[token]
     token, expert, h = token[in_loss], expert[in_loss], h[in_loss]
     tokens = torch.bincount(expert, minlength=n_experts)
     offs = tokens.cumsum(0).to(torch.int32)
     return ExpertsSearch(down, a, h, offs, expert, {k: v[token] for k, v in masks.items()},
-                         expert_linear(h, down, offs), tokens)
+                         expert_linear(h, down, offs), tokens, ratio)
 
 
 def expert_losses(d, expert, masks, n_experts, n_ch, loss="mae", ratio=None) -> torch.Tensor:
@@ -150,47 +154,30 @@ def expert_losses(d, expert, masks, n_experts, n_ch, loss="mae", ratio=None) -> 
     return total(cap) / count(cap).clamp(min=1) + ratio * total(vis) / count(vis).clamp(min=1)
 
 
-def quantized_experts(down, s, scheme):
-    """Q(W_e·s_e)/s_e of every expert's (H, I) weight under the scheme, s (E, I); (E, H, I) in down's dtype."""
-    s = s[:, None, :]
-    if scheme.w_type == "int" and not scheme.symmetric:
-        return scaled_fake_quant(down, s, scheme.w_bit, scheme.w_group if scheme.w_group > 0 else down.shape[-1])
-    return fake_quant(down.to(compute_dtype(down.dtype)) * s, scheme).div_(s).to(down.dtype)
-
-
+@register_experts_search(mbq.METHOD, awq.METHOD)
 @torch.no_grad()
-def search_experts(job: ExpertsSearch, *, scheme, n_grid=20, loss="mae", ratio=None) -> ExpertsResult:
-    """Grid-search every expert's up → down scales at once (see the module doc).
+def search_experts(job: ExpertsSearch, spec) -> ExpertsResult:
+    """Grid-search every expert's up → down scales at once (see the module doc; the run's spec: scheme, n_grid,
+    loss).
 
     Candidates per expert: s_e = a_e^α normalized (grid.grid_scales), α = 0, 1/n_grid, …; each expert keeps
-    the α with its strictly smallest loss (the first of equal minima: α = 0 where it has no token).
+    the α with its strictly smallest loss (the first of equal minima: α = 0 where it has no token). The layer's
+    plan (search.plan) has checked the experts module and the scheme.
     """
-    if n_grid < 1:
-        raise VlmquantError(f"n_grid={n_grid} must be at least 1")
-    if scheme.a_bit is not None:
-        raise VlmquantError("fused MoE experts: weight-activation runs (a_bit) are not supported: the experts' "
-                            "inputs are computed inside transformers' fused forward, where no linear input can be "
-                            "quantized per token")
-    check_bits(scheme.w_bit, 1 if not scheme.symmetric else 2)
+    scaled_weight, n_grid = quantizer(spec.scheme).scaled_weight, spec.n_grid
     down = job.down
-    check_weight_groups(tuple(down.shape), scheme.w_group)
     original = down.detach().clone()
     n_experts, n_ch = down.shape[0], down.shape[1]
     grid = grid_scales(job.a, n_grid)  # n_grid × (E, I)
     losses = []
     try:
         for s in grid:
-            down.copy_(quantized_experts(original, s, scheme))
-            d = token_distance(job.fp_out, expert_linear(job.h, down, job.offs), loss == "mse")  # (S,)
-            losses.append(expert_losses(d, job.expert, job.masks, n_experts, n_ch, loss, ratio))
+            down.copy_(scaled_weight(original, s[:, None, :]))  # Q(W_e·s_e)/s_e of every expert, (E, H, I)
+            d = token_distance(job.fp_out, expert_linear(job.h, down, job.offs), spec.loss == "mse")  # (S,)
+            losses.append(expert_losses(d, job.expert, job.masks, n_experts, n_ch, spec.loss, job.ratio))
     finally:
         down.copy_(original)
     table = torch.stack(losses, 1).cpu()  # (E, n_grid)
     best = torch.tensor([min(range(n_grid), key=row.__getitem__) for row in table.tolist()])
     scales = torch.stack([grid[int(b)][e] for e, b in enumerate(best)])
     return ExpertsResult(scales=scales, alpha=best.float() / n_grid, losses=table, best=best, tokens=job.tokens.cpu())
-
-
-def grid_search_experts(job: ExpertsSearch, spec, ratio=None) -> ExpertsResult:
-    """Method.experts of the searching methods (mbq, awq): search_experts with the run's settings."""
-    return search_experts(job, scheme=spec.scheme, n_grid=spec.n_grid, loss=spec.loss, ratio=ratio)

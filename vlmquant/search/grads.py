@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
-from vlmquant.models.stream import device_free_bytes, host_free_bytes, layer_token_bytes, pinned
-from vlmquant.search.capture import model_inputs
+from vlmquant.models.memory import grads_store, pinned
+from vlmquant.models.capture import model_inputs, token_masks
 from vlmquant.search.lean import lean_forwards
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ class GradStats:
 
     def masks(self, batch):
         """{"vis", "cap"} float token masks (B, T) of a collated batch on the device; counted once per batch."""
-        valid = batch["attention_mask"].bool().to(self.device)
-        out = {k: (batch[f"{name}_mask"].bool().to(self.device) & valid).float()
-               for k, name in (("vis", "vision"), ("cap", "caption"))}
+        masks = token_masks(batch, self.device)
+        out = {k: masks[k].float() for k in ("vis", "cap")}
         for k in out:
             self.counts[k] += int(out[k].sum())
         return out
@@ -130,15 +129,10 @@ def streamed_gradient_stats(sm, samples, batch_size=4, max_store_bytes=None):
     host memory; `max_store_bytes` (or, None, what the free memory allows) caps them, and the batches are then
     taken in rounds, each round running all layers forward and back.
     """
-    L, device = sm.n_layers, sm.device
     parts = [samples[s:s + batch_size] for s in range(0, len(samples), batch_size)]
     tokens = [len(p) * max(x["input_ids"].shape[1] for x in p) for p in parts]  # per batch, padded
-    width = sm.skeleton.config.get_text_config().hidden_size * torch.tensor([], dtype=sm.dtype).element_size()
-    sizes = [L * t * width for t in tokens]
-    reserve = 2 * sm.layer_bytes() + max(tokens) * layer_token_bytes(sm.skeleton.config, sm.dtype, backward=True)
-    place, rounds = plan_store(sizes, sm.device, reserve, max_store_bytes)
-    log.info("grads: stored layer inputs %.2f GiB on %s, %d round(s)", sum(sizes) / 2**30, place, len(rounds))
-    stats = GradStats(L, device)
+    place, rounds = grads_store(sm, tokens, max_store_bytes)
+    stats = GradStats(sm.n_layers, sm.device)
     for rnd in rounds:
         gradient_round(sm, stats, [ragged.collate(parts[b]) for b in rnd], place)
     return stats.result(len(samples))
@@ -187,33 +181,6 @@ def gradient_round(sm, stats, batches, place):
             for h in handles:
                 h.remove()
         sm.drop(i)
-
-
-def plan_store(sizes, device, reserve=0, max_store_bytes=None):
-    """(where the stored layer inputs live: "device" or "host", rounds: lists of batch indices) for batches whose
-    stored inputs take `sizes` bytes. Capped by max_store_bytes, else by the device's free memory less `reserve`
-    (a layer's weights and a backward pass's activations) or, on a GPU, half the available host memory, whichever
-    holds more. A round holds at least one batch."""
-    on_gpu = torch.device(device).type == "cuda"
-    device_room = max(0, device_free_bytes(device) - reserve)
-    host_room = host_free_bytes() // 2 if on_gpu else 0
-    total = sum(sizes)
-    if max_store_bytes is not None:
-        budget = max_store_bytes
-    elif total <= max(device_room, host_room):
-        budget = total
-    else:
-        budget = max(device_room, host_room)
-    place = "device" if not on_gpu or budget <= device_room else "host"
-    rounds, current, used = [], [], 0
-    for b, size in enumerate(sizes):
-        if current and used + size > budget:
-            rounds.append(current)
-            current, used = [], 0
-        current.append(b)
-        used += size
-    rounds.append(current)
-    return place, rounds
 
 
 def reweight_ratios(stats):

@@ -1,10 +1,12 @@
-"""MBQ per-group scale search: the modality-weighted loss, the α grid, SmoothQuant's closed form.
+"""MBQ per-group scale search (arXiv 2412.19509 §3; DESIGN.md algorithm step 3), top to bottom.
 
 A scale group is one op (norm or linear) feeding one or more linears. For a per-input-channel
 scale s, the linears' weights become W' = Q(W·s)/s, which is what the quantized model computes
 once s has been folded into the previous op (see quant/fold.py). The search tries
-s = a^α for α on a grid, a = mean |X| per input channel, and keeps the α whose output is
-closest to the fp output under `group_loss`.
+s = a^α for α on a grid, a = mean |X| per input channel, and keeps the α whose block output is
+closest to the fp output under `group_loss`: the objective, with the vision tokens' share weighted by
+the layer's gradient ratio ρ (MBQ) or every token alike (AWQ). The layer search (search/layer.py) builds
+one `GroupSearch` per group; `search_group` is what mbq and awq register for it.
 """
 from dataclasses import dataclass
 
@@ -12,10 +14,12 @@ import torch
 
 from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.codes import InputQuantizer, fake_quant
-from vlmquant.quant.fake import check_bits, check_weight_groups, compute_dtype, fake_quant_sym_rows_, scaled_fake_quant
+from vlmquant.methods import awq, mbq
+from vlmquant.methods.base import register_group_search
+from vlmquant.quant.quantizer import InputQuantizer, quantizer
 
 
+# --- the objective ------------------------------------------------------------------------------
 @cuda_compiled
 def token_distance(out_fp: torch.Tensor, out_q: torch.Tensor, square: bool) -> torch.Tensor:
     """Σ over channels of |fp - q| (or (fp - q)^2) per token, summed in fp32: (N,).
@@ -76,22 +80,6 @@ def combine_sums(sums, n_ch, loss, ratio):
     return float(s_cap / max(n_cap * n_ch, 1) + ratio * s_vis / max(n_vis * n_ch, 1))
 
 
-def block_loss(forward, fp_out, masks, loss, ratio):
-    """group_loss of the block's output under the current weights. forward, fp_out and masks may instead be
-    lists over sample micro-batches: each batch's block runs and is measured in turn, the loss is over all.
-    An fp output kept in host memory is moved to the block output's device."""
-    if callable(forward):
-        out_q = forward()
-        return group_loss(fp_out.to(out_q.device, non_blocking=True), out_q, masks, loss, ratio)
-    check_loss(loss)
-    total = None
-    for run, out, m in zip(forward, fp_out, masks):
-        out_q = run()
-        sums = loss_sums(out.to(out_q.device, non_blocking=True), out_q, m, loss == "mse")
-        total = sums if total is None else {k: (total[k][0] + v[0], total[k][1] + v[1]) for k, v in sums.items()}
-    return combine_sums(total, fp_out[0].shape[-1], loss, ratio)
-
-
 def loss_tokens(masks, reweight: bool) -> torch.Tensor:
     """(N,) bool: the tokens `group_loss` reads: the valid ones, or with a ratio the valid caption and vision ones."""
     keep = masks["valid"].reshape(-1)
@@ -102,51 +90,50 @@ def loss_tokens(masks, reweight: bool) -> torch.Tensor:
 
 @dataclass
 class GroupSearch:
-    """One scale group's inputs to a method (Method.group).
+    """One scale group's search job, from the layer search down to the loss (Method group search).
 
-    x: the linears' fp input (B, T, C_in), every token (channel statistics over `stat_masks`).
-    linears: the quantized consumers: nn.Linear modules, or fused expert parameters (E, out, C_in).
-    forward: zero-arg callable running the group's block with the linears' current weights.
-    fp_out: the block's fp output, at the tokens of `masks` (all, or only those the loss reads).
-    period: the scales repeat with this period (a norm weight shared by every head), or None.
-    forward, fp_out, masks may be lists, one item per sample micro-batch (grid.block_loss).
+    x: the linears' fp input (B, T, C_in), every token; stat_masks: its masks (the channel statistics run over
+    its valid tokens). linears: the quantized consumers: nn.Linear modules, or fused expert parameters
+    (E, out, C_in) sharing s. One item per sample micro-batch in each of forwards (zero-arg callables running
+    the group's block with the linears' current weights), fp_outs (the block's fp output at the tokens of the
+    loss, all or only those it reads) and masks (theirs: "valid", "cap", "vis"). period: the scales repeat with
+    this period (a norm weight shared by every head), or None. ratio: the group's reweight ratio ρ, None: no
+    reweighting.
     """
     x: torch.Tensor
     linears: list
-    forward: object
-    fp_out: torch.Tensor
-    masks: dict
+    forwards: list
+    fp_outs: list
+    masks: list
     stat_masks: dict
     period: int | None = None
+    ratio: float | None = None
 
 
 @dataclass
 class GroupResult:
     scales: torch.Tensor  # (C_in,) fp32, on the linears' device
     alpha: float
-    losses: list[float]  # one per grid point; losses[0] is α = 0 (RTN)
+    losses: list[float]  # one per candidate; losses[0] is α = 0 (RTN)
     best_index: int
 
 
+def block_loss(job: GroupSearch, loss: str) -> float:
+    """group_loss of the job's block under the linears' current weights, over all its sample micro-batches: each
+    batch's block runs and is measured in turn (an fp output kept in host memory moves to the output's device)."""
+    check_loss(loss)
+    total = None
+    for run, fp_out, masks in zip(job.forwards, job.fp_outs, job.masks):
+        out_q = run()
+        sums = loss_sums(fp_out.to(out_q.device, non_blocking=True), out_q, masks, loss == "mse")
+        total = sums if total is None else {k: (total[k][0] + v[0], total[k][1] + v[1]) for k, v in sums.items()}
+    return combine_sums(total, job.fp_outs[0].shape[-1], loss, job.ratio)
+
+
+# --- the candidates ----------------------------------------------------------------------------
 def weight_of(linear):
     """The weight of a group's quantized consumer: an nn.Linear's, or a fused experts parameter itself."""
     return linear if isinstance(linear, torch.Tensor) else linear.weight
-
-
-def _check_group(x, linears, scheme):
-    check_bits(scheme.w_bit, 1 if scheme.a_bit is None and not scheme.symmetric else 2)
-    if scheme.a_bit is not None:
-        check_bits(scheme.a_bit, 2)
-    n_in = x.shape[-1]
-    for lin in linears:
-        w = weight_of(lin)
-        if w.dim() not in (2, 3) or w.shape[-1] != n_in:
-            raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the group input's {n_in} channels")
-        if w.dim() == 3 and scheme.a_bit is not None:
-            raise VlmquantError("fused MoE experts: weight-activation runs (a_bit) are not supported: the experts' "
-                                "inputs are computed inside transformers' fused forward, where no linear input can "
-                                "be quantized per token")
-        check_weight_groups(w.shape, scheme.w_group)
 
 
 def grid_scales(a: torch.Tensor, n_grid: int) -> list[torch.Tensor]:
@@ -196,36 +183,27 @@ def channel_stat(x, masks, device, reduce="mean", chunk_bytes=STAT_CHUNK_BYTES):
     return acc.div_(n_valid) if reduce == "mean" else acc
 
 
-def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, loss, ratio):
-    """Block loss with each candidate scale vector s (C_in,) folded in and the weights fake-quantized.
+# --- the search ------------------------------------------------------------------------------------
+def candidate_losses(job: GroupSearch, candidates, spec) -> list[float]:
+    """block_loss with each candidate scale vector s (C_in,) folded in and the weights fake-quantized.
 
-    The weights become Q(W·s)/s under `scheme` (codes.Scheme: groups, symmetry, int or FP8), the input
-    x/s; weight-activation schemes also quantize each linear's input per token as the scaled model sees
-    it, Q_a(x/s)·s. The linears' weights are restored on return.
+    The weights become Q(W·s)/s under the run's scheme (quant.quantizer), the input x/s; weight-activation
+    schemes also quantize each linear's input per token as the scaled model sees it, Q_a(x/s)·s. The linears'
+    weights are restored on return.
     """
-    weights = [weight_of(lin) for lin in linears]
-    device = weights[0].device
+    scaled_weight = quantizer(spec.scheme).scaled_weight
+    weights = [weight_of(lin) for lin in job.linears]
     originals = [w.detach().clone() for w in weights]
-    fast = scheme.w_type == "int" and (not scheme.symmetric or scheme.w_group <= 0)
-    group = scheme.w_group if scheme.w_group > 0 else weights[0].shape[-1]
-    if scheme.symmetric and fast:  # one flat buffer in the quantization dtype, viewed as each weight in turn
-        buf = torch.empty(max(w.numel() for w in weights), dtype=compute_dtype(weights[0].dtype), device=device)
-    quantize_input = InputQuantizer(scheme) if scheme.a_bit is not None else None
-    hooks = [lin.register_forward_pre_hook(quantize_input) for lin in linears] if quantize_input else []
+    quantize_input = InputQuantizer(spec.scheme) if spec.scheme.a_bit is not None else None
+    hooks = [lin.register_forward_pre_hook(quantize_input) for lin in job.linears] if quantize_input else []
     losses = []
     try:
         for s in candidates:
             if quantize_input is not None:
                 quantize_input.s = s
             for w, w0 in zip(weights, originals):
-                if not fast:  # symmetric groups, FP8: the export's own quantizer
-                    w.copy_(fake_quant(w0.to(compute_dtype(w0.dtype)) * s, scheme).div_(s))
-                elif not scheme.symmetric:
-                    w.copy_(scaled_fake_quant(w0, s, scheme.w_bit, group))
-                else:
-                    ws = torch.mul(w0, s, out=buf[: w0.numel()].view(w0.shape))  # W·s, (out, C_in)
-                    w.copy_(fake_quant_sym_rows_(ws, scheme.w_bit).div_(s))
-            losses.append(block_loss(forward, fp_out, masks, loss, ratio))
+                w.copy_(scaled_weight(w0, s))
+            losses.append(block_loss(job, spec.loss))
             if quantize_input is not None:
                 quantize_input.reset()  # free the quantized input before the next candidate
     finally:
@@ -236,74 +214,19 @@ def candidate_losses(linears, forward, fp_out, masks, candidates, *, scheme, los
     return losses
 
 
+@register_group_search(mbq.METHOD, awq.METHOD)
 @torch.no_grad()
-def search_group(x, linears, forward, fp_out, masks, *, scheme, n_grid=20, loss="mae", ratio=None,
-                 stat_masks=None, period=None) -> GroupResult:
-    """Grid-search the per-input-channel scales of one group.
+def search_group(job: GroupSearch, spec) -> GroupResult:
+    """Grid-search the per-input-channel scales of one group (the run's spec: scheme, n_grid, loss).
 
-    x: the linears' fp input, (N, C_in) or (B, T, C_in). linears: modules with a .weight (out, C_in), or
-    fused expert parameters (E, out, C_in) sharing s. forward: zero-arg callable running the group's module
-    on its fp inputs with the linears' current weights, returning a tensor shaped like fp_out. Weights are
-    restored on return. masks go with fp_out (the loss), stat_masks (default: masks) with x (the channel
-    statistics). forward, fp_out and masks may be lists over sample micro-batches (block_loss; stat_masks then
-    required). Candidates: s = a^α normalized (grid_scales), a = mean |x| per channel (pooled over the
-    repeats of `period`, for scales shared by heads), α = 0, 1/n_grid, …; the α with the strictly smallest
-    loss wins (α = 0 is RTN). scheme: how weights (and activations) are quantized.
+    Candidates: s = a^α normalized (grid_scales), a = mean |x| per channel (pooled over the repeats of
+    `job.period`, for scales shared by heads), α = 0, 1/n_grid, …; the α with the strictly smallest loss wins
+    (α = 0 is RTN, so the search never loses to RTN). Weights are restored on return. The layer's plan
+    (search.plan) has checked the group's shapes and the scheme.
     """
-    if n_grid < 1:
-        raise VlmquantError(f"n_grid={n_grid} must be at least 1")
-    _check_group(x, linears, scheme)
-    device = weight_of(linears[0]).device
-    a = pool_period(channel_stat(x, masks if stat_masks is None else stat_masks, device), period)  # (C_in,)
-    grid = grid_scales(a, n_grid)
-    losses = candidate_losses(linears, forward, fp_out, masks, grid, scheme=scheme, loss=loss, ratio=ratio)
-    best = min(range(n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
-    return GroupResult(scales=grid[best], alpha=best / n_grid, losses=losses, best_index=best)
-
-
-@torch.no_grad()
-def smooth_group(x, linears, forward, fp_out, masks, *, scheme, alpha=0.5, loss="mae", ratio=None,
-                 stat_masks=None, period=None) -> GroupResult:
-    """SmoothQuant scales, no search: s_j = max|X_j|^α / max|W_j|^(1−α), the maxima over valid tokens
-    and over the rows of all the group's linears (and over the repeats of `period`). losses = [RTN (s = 1),
-    smoothed]; the smoothed scales are kept whatever their loss. masks / stat_masks as in search_group."""
-    _check_group(x, linears, scheme)
-    device = weight_of(linears[0]).device
-    x_max = channel_stat(x, masks if stat_masks is None else stat_masks, device, "max")  # (C_in,)
-    s = smoothquant_scales(x_max, linears, alpha, period)
-    losses = candidate_losses(linears, forward, fp_out, masks, [torch.ones_like(s), s], scheme=scheme, loss=loss,
-                              ratio=ratio)
-    return GroupResult(scales=s, alpha=alpha, losses=losses, best_index=1)
-
-
-@torch.no_grad()
-def smoothquant_scales(x_absmax: torch.Tensor, linears, alpha: float, period=None) -> torch.Tensor:
-    """SmoothQuant scales s_j = max|X_j|^α / max|W_j|^(1-α), fp32 (C_in,).
-
-    x_absmax: (C_in,) max |x| per input channel over the calibration tokens; max|W_j| is the
-    largest |weight| in column j over all the linears' output rows. Both are clamped to >= 1e-5;
-    with `period`, both maxima are taken over the repeats too (scales shared by heads).
-    """
-    n_in = x_absmax.shape[-1]
-    w_max = torch.zeros(n_in, dtype=torch.float32, device=x_absmax.device)
-    for lin in linears:
-        w = weight_of(lin).detach()
-        if w.shape[-1] != n_in:
-            raise VlmquantError(f"linear weight of shape {tuple(w.shape)} does not take the {n_in} channels of x_absmax")
-        w = w.reshape(-1, n_in)
-        col_max = torch.maximum(w.amax(dim=0), w.amin(dim=0).neg())  # (C_in,)
-        w_max = torch.maximum(w_max, col_max.float().to(w_max.device))
-    x_max = pool_period(x_absmax.float(), period, "max").clamp(min=1e-5)
-    return x_max.pow(alpha) / pool_period(w_max, period, "max").clamp(min=1e-5).pow(1 - alpha)
-
-
-def grid_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
-    """Method.group of the searching methods (mbq, awq): search_group with the run's settings."""
-    return search_group(job.x, job.linears, job.forward, job.fp_out, job.masks, scheme=spec.scheme, n_grid=spec.n_grid,
-                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks, period=job.period)
-
-
-def smooth_search(job: GroupSearch, spec, ratio=None) -> GroupResult:
-    """Method.group of smoothquant: smooth_group with the run's settings."""
-    return smooth_group(job.x, job.linears, job.forward, job.fp_out, job.masks, scheme=spec.scheme, alpha=spec.alpha,
-                        loss=spec.loss, ratio=ratio, stat_masks=job.stat_masks, period=job.period)
+    device = weight_of(job.linears[0]).device
+    a = pool_period(channel_stat(job.x, job.stat_masks, device), job.period)  # (C_in,)
+    grid = grid_scales(a, spec.n_grid)
+    losses = candidate_losses(job, grid, spec)
+    best = min(range(spec.n_grid), key=losses.__getitem__)  # the first of equal minima; NaN never beats α = 0
+    return GroupResult(scales=grid[best], alpha=best / spec.n_grid, losses=losses, best_index=best)

@@ -15,16 +15,15 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged, scales, tensors
 from vlmquant.io.provenance import package_versions, sha256_file
 from vlmquant.models import n_layers
-from vlmquant.models.base import layer_part
-from vlmquant.models.loading import meta_model
-from vlmquant.models.stream import (MB, StreamedModel, activation_budget, device_free_bytes, forward_micro_batched,
-                                    layer_token_bytes, micro_batch, text_widths, use_streaming)
-from vlmquant.quant.fold import consumer_weight, resolve_scales
-from vlmquant.quant.fake import check_weight_groups
-from vlmquant.search.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
+from vlmquant.models.capture import (capture_layer_inputs, load_layer_inputs, load_samples, save_layer_inputs,
                                      token_masks)
+from vlmquant.models.loading import meta_model
+from vlmquant.models.memory import MB, acts_micro_batch, search_micro_batch, use_streaming
+from vlmquant.models.stream import StreamedModel, forward_micro_batched
+from vlmquant.quant.fold import resolve_scales
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
 from vlmquant.search.layer import quantized_forward, search_layer
+from vlmquant.search.plan import plan_layer
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,7 @@ def run_acts(model, inputs_path, starts, out_dir):
         sm = StreamedModel(model)
         sm.phase("inputs")
         n, tokens = len(samples), max(s["input_ids"].shape[1] for s in samples)
-        width = sm.skeleton.config.get_text_config().hidden_size * torch.tensor([], dtype=model.dtype).element_size()
-        budget = activation_budget(model.device, model.max_batch_mb, reserve=sm.layer_bytes() + 2 * n * tokens * width)
-        per_batch = micro_batch(n, tokens, layer_token_bytes(sm.skeleton.config, model.dtype), budget)
+        per_batch = acts_micro_batch(sm, n, tokens, model.max_batch_mb)
         log.info("acts: %d of %d samples per forward", per_batch, n)
         hidden, args = sm.capture_all(samples, per_batch)
         sm.phase("host")
@@ -102,10 +99,6 @@ def run_acts(model, inputs_path, starts, out_dir):
         if i < max(starts):
             hidden = args.after(i, forward_micro_batched(get_layer(i), hidden, args.kwargs(i), per_batch))
             drop_layer(i)
-
-
-def hidden_bytes(t):
-    return t.numel() * t.element_size()
 
 
 # --- search ---------------------------------------------------------------------------------
@@ -132,69 +125,35 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
     ratios = load_ratios(grads_path) if spec.needs_grads else None
     sm = StreamedModel(model)  # decoder layers loaded one at a time
     layers = sm.layers  # on the meta device until loaded
-    plan, skipped = {}, {}
+    plans = {}
     for i in layer_ids:  # every check before any search work
         if not 0 <= i < sm.n_layers:
             raise VlmquantError(f"{model.path}: layer {i} requested, the model has {sm.n_layers} decoder layers")
-        groups, skipped[i] = model.adapter.layer_groups(layers[i], i)
-        if not spec.weight_activation:
-            for g in groups:
-                for name in g.linears:
-                    try:
-                        check_weight_groups(tuple(consumer_weight(layer_part(layers[i], name)).shape), spec.w_group)
-                    except VlmquantError as e:
-                        raise VlmquantError(f"decoder layer {i} {name}: {e}") from None
-        plan[i] = groups
+        plans[i] = plan_layer(spec, layers[i], i, model.adapter)
     per_batch, host = search_micro_batch(sm, hidden, model.max_batch_mb)
     for i in tqdm(layer_ids, desc="search", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
-        groups = plan[i]
+        plan = plans[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
-        results, out = search_layer(layer, groups, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
-                                    host)
+        results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch, host)
         if spec.distort:
-            out = quantized_forward(layer, i, groups, results, spec, hidden, args.kwargs(i), model.adapter, per_batch)
+            out = quantized_forward(layer, i, plan.groups, results, spec, hidden, args.kwargs(i), model.adapter,
+                                    per_batch)
         hidden = args.after(i, out)
         del layer, out
         sm.drop(i)
-        for g, r in zip(groups, results):
+        for g, r in zip(plan.groups, results):
             if not all(map(math.isfinite, scales.rtn_losses(r))):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
-        scales.save_layer(layer_file(out_dir, i), i, groups, results,
-                          [layer_ratios[g.site] if layer_ratios else None for g in groups],
+        scales.save_layer(layer_file(out_dir, i), i, plan.groups, results,
+                          [layer_ratios[g.site] if layer_ratios else None for g in plan.groups],
                           {**meta, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
-                                               for g, why in skipped[i]]})
+                                               for g, why in plan.skipped]})
     if spec.distort and last + 1 < n_layers(model.path):
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
         save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
-
-
-def search_micro_batch(sm, hidden, max_batch_mb=None):
-    """(samples per micro-batch of a search job's layer forwards, whether search_layer keeps its records in host
-    memory). The records (the inputs and fp outputs of every scale group, five hidden-size and one MLP-size
-    tensor over all tokens, and the loss-token copy of the largest group's: one more of each) stay on the device
-    when they fit its free memory next to a layer's weights and its input and output; on a GPU where they do not,
-    they go to host memory, and a micro-batch then also holds one group's records of its samples. Micro-batches:
-    what memory.max_batch_mb allows, else what is left."""
-    n, tokens = hidden.shape[:2]
-    width, inter = text_widths(sm.skeleton.config)
-    element = hidden.element_size()
-    records = n * tokens * (6 * width + 2 * inter) * element
-    reserve = sm.layer_bytes() + 2 * hidden_bytes(hidden)
-    token_bytes = layer_token_bytes(sm.skeleton.config, sm.dtype)
-    host = torch.device(sm.device).type == "cuda" and reserve + records + tokens * token_bytes > \
-        device_free_bytes(sm.device)
-    if host:
-        token_bytes += (width + inter) * element
-        log.info("search: the scale groups' records (%.1f GiB) do not fit the device: kept in host memory",
-                 records / 2**30)
-    per_batch = micro_batch(n, tokens, token_bytes,
-                            activation_budget(sm.device, max_batch_mb, reserve=reserve + (0 if host else records)))
-    if per_batch < n:
-        log.info("search: layer forwards in micro-batches of %d of %d samples", per_batch, n)
-    return per_batch, host
 
 
 # --- import ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ w' = (1 + w)/s − 1 (quant.fold). Sandwich norms: h = x + post_attention_layern
 out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))); gate/up read
 pre_feedforward_layernorm, and the two post-norms feed no linear, so they are no scale source.
 Layers are sliding-window or global (config.layer_types) with their own RoPE and attention mask:
-a layer run alone gets its own type's (search.capture records every layer's arguments). Image
+a layer run alone gets its own type's (models.capture records every layer's arguments). Image
 tokens attend to each other both ways, which the model builds from `token_type_ids` (a per-token
 input, io.ragged.TOKEN_KEYS). The chat template writes <bos> and the tokenizer adds one: inputs are
 encoded without the second (base.no_second_bos). Checkpoints keep the decoder under

@@ -1,0 +1,102 @@
+"""Imports flow one way (DESIGN.md): paths, errors → io, quant → models, data → search, export, eval → report,
+workflow. The package-level import graph of vlmquant/, read with ast from the sources (imports inside functions
+included), has no circle and no edge against that order."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+# the order of DESIGN.md; a package may import its own level or any level below. The packages DESIGN.md does not
+# name sit where their imports put them: compile (torch only) under quant, methods (the torch-free registry) and
+# demo (demo data and sizes) beside io, spec (a run's settings: methods + quant.scheme) beside models, organism
+# (the trained tiny VLM: models + export) beside export, run_stop (stop handling, the standard library only)
+# beside errors, config_messages (the workflow's config error messages, which build RunSpecs) with the workflow.
+LEVELS = {
+    "paths": 0, "errors": 0, "compile": 0, "run_stop": 0,
+    "io": 1, "quant": 1, "methods": 1, "demo": 1,
+    "models": 2, "data": 2, "spec": 2,
+    "search": 3, "export": 3, "eval": 3, "organism": 3,
+    "report": 4, "workflow": 4, "config_messages": 4,
+}
+
+
+def package_of(module):
+    """'vlmquant.search.grid' → 'search'; 'vlmquant.paths' → 'paths'; the package root itself → None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "vlmquant" and len(parts) > 1 else None
+
+
+def import_graph(root):
+    """{package: {imported package: first 'file:line' importing it}} over every .py file under `root` (vlmquant/)."""
+    graph = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        source = package_of(".".join(rel.parts))
+        if source in (None, "__init__"):
+            continue
+        edges = graph.setdefault(source, {})
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from vlmquant import paths` imports vlmquant.paths
+                targets = [f"{node.module}.{a.name}" if node.module == "vlmquant" else node.module for a in node.names]
+            else:
+                continue
+            for target in map(package_of, targets):
+                if target not in (None, source):
+                    edges.setdefault(target, f"{rel}.py:{node.lineno}")
+    return graph
+
+
+def cycle(graph):
+    """One circle of the graph as a list of packages, or None."""
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in graph.get(node, {}):
+            if state.get(nxt) == "open":
+                return trail[trail.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt, trail + [nxt])):
+                return found
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state and (found := visit(node, [node])):
+            return found
+    return None
+
+
+def test_the_graph_reader_sees_upward_imports_and_circles(tmp_path):
+    pkg = tmp_path / "vlmquant"
+    for name, text in {"paths.py": "", "models/stream.py": "from vlmquant.search.capture import x\n",
+                       "search/capture.py": "def f():\n    from vlmquant.models import stream\n",
+                       "io/atomic.py": "from vlmquant import paths, errors\n"}.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    graph = import_graph(pkg)
+    assert graph == {"io": {"paths": "vlmquant/io/atomic.py:1", "errors": "vlmquant/io/atomic.py:1"}, "paths": {},
+                     "models": {"search": "vlmquant/models/stream.py:1"},
+                     "search": {"models": "vlmquant/search/capture.py:2"}}
+    assert cycle(graph) in (["models", "search", "models"], ["search", "models", "search"])
+    assert cycle({"a": {"b": ""}, "b": {}}) is None
+
+
+def test_every_package_has_a_level():
+    packages = {package_of(".".join(p.relative_to(REPO).with_suffix("").parts)) for p in (REPO / "vlmquant").glob("*")
+                if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert packages - {"__init__"} <= set(LEVELS), "place the new package in LEVELS (and DESIGN.md's order)"
+
+
+@pytest.mark.parametrize("package", sorted(LEVELS))
+def test_no_upward_import(package):
+    upward = {target: where for target, where in import_graph(REPO / "vlmquant").get(package, {}).items()
+              if LEVELS[target] > LEVELS[package]}
+    assert not upward, f"{package} (level {LEVELS[package]}) imports packages above it: {upward}"
+
+
+def test_no_circle_between_packages():
+    assert cycle(import_graph(REPO / "vlmquant")) is None

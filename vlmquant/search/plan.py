@@ -1,0 +1,88 @@
+"""A search job's plan of each decoder layer, made once before any search work (search.pipeline.run_search).
+
+The plan resolves the layer's scale groups (Adapter.layer_groups), picks each group's search function from the
+method registry (methods.base: the modules imported here register them), and checks everything the searches
+would otherwise check group by group: the scheme's bit widths, that every quantized consumer of a group takes
+the same input width and can be split into w_group groups, that fused experts are of a kind the experts search
+runs and are not asked for weight-activation quantization. A bad setting is then one error naming the layer
+and module, before the first forward. It works on a layer on the meta device (shapes only).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vlmquant.errors import VlmquantError
+from vlmquant.methods.base import experts_search_of, group_search_of
+from vlmquant.models.base import layer_part
+from vlmquant.quant.fake import check_weight_groups
+from vlmquant.quant.fold import consumer_weight
+from vlmquant.quant.quantizer import quantizer
+from vlmquant.search import experts, grid, smooth  # noqa: F401  (their decorators register the methods' searches)
+
+FUSED_A_BIT = ("fused MoE experts: weight-activation runs (a_bit) are not supported: the experts' inputs are "
+               "computed inside transformers' fused forward, where no linear input can be quantized per token")
+
+
+@dataclass
+class LayerPlan:
+    """What a search job does with decoder layer `index`.
+
+    groups: its scale groups (models.base.ScaleGroup) in search order; skipped: [(group, reason)] of those that do
+    not apply. Per group: searches, the method's function of its job ((GroupSearch or ExpertsSearch, RunSpec) →
+    result); periods, the period of its scales (group_period) or None.
+    """
+    index: int
+    groups: list
+    skipped: list
+    searches: list[Callable]
+    periods: list
+
+
+def group_period(layer, g, n_in):
+    """The period of the group's scales: a norm's width where its weight is shared by every head of a wider
+    input (Qwen3.5's gated norm in linear attention), else None."""
+    prev = layer_part(layer, g.prev)
+    if isinstance(prev, (torch.Tensor, torch.nn.Linear)):
+        return None
+    d = prev.weight.numel()
+    return d if d < n_in else None
+
+
+def group_width(layer, index, g, scheme):
+    """The input width every quantized consumer of group `g` takes, each checked against the scheme."""
+    n_in = None
+    for name in g.linears:
+        w = consumer_weight(layer_part(layer, name))
+        where = f"decoder layer {index} {name}"
+        if w.dim() not in (2, 3) or w.shape[-1] != (n_in or w.shape[-1]):
+            raise VlmquantError(f"{where}: weight of shape {tuple(w.shape)} does not take the group input's {n_in} "
+                                "channels")
+        if w.dim() == 3 and scheme.a_bit is not None:
+            raise VlmquantError(f"{where}: {FUSED_A_BIT}")
+        try:
+            check_weight_groups(tuple(w.shape), scheme.w_group)
+        except VlmquantError as e:
+            raise VlmquantError(f"{where}: {e}") from None
+        n_in = w.shape[-1]
+    return n_in
+
+
+def plan_layer(spec, layer, index, adapter) -> LayerPlan:
+    """The LayerPlan of decoder layer `index` (`layer`, any device, meta included) for the run `spec` (RunSpec).
+    Raises VlmquantError naming the layer and module for anything the search could not do."""
+    if "n_grid" in spec.method_def.settings and spec.n_grid < 1:
+        raise VlmquantError(f"n_grid={spec.n_grid} must be at least 1")
+    quantizer(spec.scheme)  # its bit widths
+    groups, skipped = adapter.layer_groups(layer, index)
+    searches, periods = [], []
+    for g in groups:
+        n_in = group_width(layer, index, g, spec.scheme)
+        if g.experts:
+            searches.append(experts_search_of(spec.method_def))  # weight-activation refused by group_width
+            experts.check_experts(layer.get_submodule(g.block))
+            periods.append(None)
+        else:
+            searches.append(group_search_of(spec.method_def))
+            periods.append(group_period(layer, g, n_in))
+    return LayerPlan(index, groups, skipped, searches, periods)
