@@ -4,6 +4,7 @@ routers and experts, checkpoint layouts, and what the exports do with experts.""
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -21,11 +22,12 @@ from vlmquant.quant.fake import scaled_fake_quant
 from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fold import fold_scales
-from vlmquant.quant.model import decoder_experts, pseudo_quantize
+from vlmquant.quant.model import (decoder_experts, decoder_linears, expert_modules, pseudo_quantize,
+                                  quantized_activations, quantized_inputs)
 from vlmquant.search import experts as X
 from vlmquant.search import pipeline as P
 from vlmquant.search.grid import group_loss, grid_scales, loss_tokens
-from vlmquant.search.layer import search_layer
+from vlmquant.search.layer import quantized_forward, search_layer
 from vlmquant.search.plan import plan_layer
 from vlmquant.io import ragged
 
@@ -82,8 +84,10 @@ def routed_inputs(experts, n_tokens=300, seed=1, unused=(0,)):
 
 @torch.no_grad()
 def straightforward_best(experts, hidden, top_k_index, masks, scheme, n_grid, loss, ratio):
-    """The reference: for each expert, its routed tokens, for each α its quantized down_proj and group_loss; the
-    index of the α each expert keeps."""
+    """The reference: for each expert, its routed tokens, for each α its quantized down_proj (and with a_bit its
+    input quantized per token as the scaled model sees it, act(h/s)·s) and group_loss; the index of the α each
+    expert keeps."""
+    act = quantizer(scheme).act
     keep = loss_tokens(masks, ratio is not None)
     out = []
     for e in range(experts.num_experts):
@@ -99,7 +103,8 @@ def straightforward_best(experts, hidden, top_k_index, masks, scheme, n_grid, lo
         losses = []
         for s in grid_scales(h.abs().mean(0), n_grid):
             w = quantizer(scheme).weight(experts.down_proj[e] * s) / s
-            losses.append(group_loss(fp, F.linear(h[k], w), sub, loss, ratio))
+            x = h[k] if act is None else act(h[k] / s) * s
+            losses.append(group_loss(fp, F.linear(x, w), sub, loss, ratio))
         out.append(min(range(n_grid), key=losses.__getitem__))
     return out
 
@@ -118,6 +123,57 @@ def test_batched_expert_search_picks_the_alpha_of_the_per_expert_loop(loss, rati
     assert result.tokens[0] == 0 and result.alpha[0] == 0 and torch.equal(result.scales[0], torch.ones(128))
     assert (result.tokens[1:] > 0).all() and (result.alpha[1:] > 0).any()
     assert (result.losses.gather(1, result.best[:, None]) <= result.losses[:, :1]).all()
+
+
+@pytest.mark.parametrize("cfg", [dict(w_bit=4, a_bit=8), dict(w_bit=8, a_bit=8, w_type="float")],
+                         ids=["w4a8", "fp8"])
+def test_weight_activation_expert_search_quantizes_each_experts_routed_tokens(cfg):
+    """With a_bit, every expert picks the α of the per-expert loop whose down_proj input is quantized per token on
+    its routed tokens, and those losses are not the weight-only ones."""
+    experts = experts_module()
+    hidden, top_k_index, masks = routed_inputs(experts)
+    spec = run_spec("t", method="mbq", n_grid=10, **cfg)
+    job = X.experts_job(experts, hidden, top_k_index, masks, 2.0)
+    result = X.search_experts(job, spec)
+    assert result.best.tolist() == straightforward_best(experts, hidden, top_k_index, masks, spec.scheme, 10, "mae", 2.0)
+    weights_only = SimpleNamespace(scheme=dataclasses.replace(spec.scheme, a_bit=None), n_grid=10, loss="mae")
+    weight_only = X.search_experts(job, weights_only)
+    assert not torch.equal(result.losses, weight_only.losses)
+    assert (result.tokens[1:] > 0).all() and (result.alpha[1:] > 0).any()
+
+
+def textbook_moe(experts, hidden, top_k_index, top_k_weights, bits):
+    """A W·A8 MoE block token by token: each token's input quantized per token (abs-max / 127, round, clamp), then for
+    each of its experts gate/up, act(gate)·up quantized per token the same way, down, times the routing weight."""
+    def q(v):
+        scale = v.abs().max().clamp(min=1e-5) / (2 ** (bits - 1) - 1)
+        return (v / scale).round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        x = q(hidden[t])
+        for j, e in enumerate(top_k_index[t].tolist()):
+            gate, up = (experts.gate_up_proj[e] @ x).chunk(2)
+            out[t] += top_k_weights[t, j] * (experts.down_proj[e] @ q(experts.act_fn(gate) * up))
+    return out
+
+
+@torch.no_grad()
+def test_fused_experts_quantize_both_inputs_per_token_at_run_time():
+    """quantized_inputs over a fused experts module: its forward is the textbook W·A8 MoE (every routed token's gate/up
+    input and down input quantized per token); a weight-only scheme and leaving the block give transformers' own."""
+    experts = experts_module()
+    hidden, top_k_index, _ = routed_inputs(experts, n_tokens=40)
+    top_k_weights = torch.rand(top_k_index.shape).softmax(-1)
+    fp = experts(hidden, top_k_index, top_k_weights)
+    with quantized_inputs([], Scheme(4, -1, True, a_bit=8), [experts]) as n:
+        out = experts(hidden, top_k_index, top_k_weights)
+    assert n == 1 and "forward" not in experts.__dict__
+    torch.testing.assert_close(out, textbook_moe(experts, hidden, top_k_index, top_k_weights, 8), rtol=1e-5, atol=1e-6)
+    assert (out - fp).abs().max() > 1e-4
+    with quantized_inputs([], Scheme(4, 128), [experts]) as n:
+        assert n == 0 and torch.equal(experts(hidden, top_k_index, top_k_weights), fp)
+    assert torch.equal(experts(hidden, top_k_index, top_k_weights), fp)
 
 
 def test_an_expert_without_calibration_tokens_is_a_row_of_the_search_table(tmp_path):
@@ -249,12 +305,48 @@ def test_lazy_loader_reads_the_checkpoint_layouts_from_pretrained_reads(family_d
                 open_demo(folder, family).load_layers([0])
 
 
-def test_weight_activation_runs_are_refused_for_fused_experts(family_demo):
+@torch.no_grad()
+def test_weight_activation_runs_search_and_quantize_moe_layers(family_demo, tmp_path):
+    """A W4A8 MBQ run on a Qwen3-VL-MoE layer: the plan takes it, the MoE block's group sees the experts' input
+    quantized per token (its losses are not the weight-only run's), every expert is searched on its routed tokens,
+    and the distorted layer output quantizes the experts' inputs at run time."""
+    d, ref = family_demo("qwen3_vl_moe")
+    P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path)
+    hidden, args, _ = load_layer_inputs(tmp_path / "layer_000.safetensors", "cpu", torch.float32)
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    ratios = {"attn": 1.5, "mlp": 2.0}
+    results = {}
+    for name, cfg in {"w4a8": dict(a_bit=8), "w4": {}}.items():
+        spec = run_spec(name, method="mbq", w_bit=4, n_grid=4, **cfg)
+        layer = ref.load_layers([0])[0]
+        plan = plan_layer(spec, layer, 0, ref.adapter)
+        plan = dataclasses.replace(plan, groups=plan.groups[2:], searches=plan.searches[2:], periods=plan.periods[2:])
+        results[name], fp_out = search_layer(layer, plan, hidden, args.kwargs(0), masks, spec, ratios)
+        assert [g.prev for g in plan.groups] == ["post_attention_layernorm", "mlp.experts.gate_up_proj"]
+        calls = []
+        layer.mlp.experts.register_forward_hook(lambda m, a, o: calls.append("forward" in m.__dict__))
+        out = quantized_forward(layer, 0, plan.groups, results[name], spec, hidden, args.kwargs(0), ref.adapter)
+        assert calls == [bool(cfg)] and not torch.equal(out, fp_out)
+    (norm_a8, experts_a8), (norm_w, experts_w) = results["w4a8"], results["w4"]
+    assert norm_a8.losses != norm_w.losses and norm_a8.losses[0] > norm_w.losses[0]
+    assert experts_a8.scales.shape == (8, 384) and (experts_a8.tokens > 0).all()
+    assert not torch.equal(experts_a8.losses, experts_w.losses)
+
+
+@torch.no_grad()
+def test_weight_activation_pseudo_model_quantizes_expert_inputs_at_run_time(family_demo):
+    """pseudo_quantize takes a W8A8 run on a MoE model; quantized_activations hooks every quantized linear and swaps
+    every fused experts module's forward (restored on exit), and changes the logits."""
     ref = family_demo("qwen3_vl_moe")[1]
-    with pytest.raises(VlmquantError, match="layers.0.mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
-        pseudo_quantize(ref.load(), ref.adapter, run_spec("w8a8", method="rtn", w_bit=8, a_bit=8))
-    with pytest.raises(VlmquantError, match="decoder layer 0 mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
-        plan_layer(run_spec("w4a8", method="mbq", w_bit=4, a_bit=8), ref.adapter.layers(ref.load())[0], 0, ref.adapter)
+    model, spec = ref.load(), run_spec("w8a8", method="rtn", w_bit=8, a_bit=8)
+    pseudo_quantize(model, ref.adapter, spec)
+    ids = torch.tensor([[5, 17, 300, 42, 9, 77, 123, 4]])
+    plain = model(input_ids=ids).logits
+    with quantized_activations(model, ref.adapter, spec.scheme) as n:
+        quantized = model(input_ids=ids).logits
+        assert all("forward" in m.__dict__ for m in expert_modules(model.model.language_model.layers[0], ref.adapter))
+    assert n == len(decoder_linears(model, ref.adapter)) + 3  # three MoE layers, one dense
+    assert not torch.equal(plain, quantized) and torch.equal(model(input_ids=ids).logits, plain)
 
 
 @torch.no_grad()
