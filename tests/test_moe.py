@@ -404,3 +404,43 @@ def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
     assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
     packed = json.loads((run / "packed" / "quantization.json").read_text())
     assert len(packed["packed_experts"]) == 6
+
+
+@torch.no_grad()
+def test_the_shared_expert_is_searched_and_quantized_like_a_dense_mlp(family_demo, tmp_path):
+    """Qwen3.5-MoE, an AWQ W4A8 search (layer 0 checked): the shared expert's gate/up share the norm's group with the experts
+    and its up → down is a group of its own with searched scales; the pseudo checkpoint holds its down_proj as
+    Q(W·s) with those scales and its gate/up quantized; the packed one stores all three packed, equal to pseudo."""
+    pytest.importorskip("compressed_tensors")
+    from vlmquant.export.checkpoint import export_checkpoint
+    from vlmquant.export.packed import export_packed
+    from test_moe_packed import decompressed, tensors
+
+    d, ref = family_demo("qwen3_5_moe")
+    spec, names = run_spec("awq-w4a8", method="awq", w_bit=4, a_bit=8, n_grid=4), {"model": "m", "calib": "c", "run": "r"}
+    P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path / "acts")
+    P.run_search(ref, spec, d / "inputs.safetensors", tmp_path / "acts", None, [0, 1, 2, 3], tmp_path / "chunk", names)
+    merge(sorted((tmp_path / "chunk").glob("layer_*.safetensors")), tmp_path / "cache.pt", tmp_path / "t.parquet",
+          {**names, "run_config": spec.search_params()})
+    table = pd.read_parquet(tmp_path / "t.parquet").query("layer == 0")
+    norm = table[table.group == "post_attention_layernorm"]
+    assert norm.linears.tolist() == ["mlp.experts.gate_up_proj,mlp.shared_expert.gate_proj,mlp.shared_expert.up_proj,"
+                                     "mlp.gate,mlp.shared_expert_gate"]  # the last two scaled, never quantized
+    shared = table[table.group == "mlp.shared_expert.up_proj"]
+    assert shared.linears.tolist() == ["mlp.shared_expert.down_proj"] and shared.expert.isna().all()
+    s = dict((p, t) for p, _, t in load_cache(tmp_path / "cache.pt")["scale"])["layers.0.mlp.shared_expert.up_proj"]
+    assert s.shape == (256,) and not torch.equal(s, torch.ones(256))
+    export_checkpoint(ref, spec, tmp_path / "pseudo", tmp_path / "cache.pt")
+    export_packed(ref, spec, tmp_path / "packed", tmp_path / "cache.pt")
+    fp, pseudo = tensors(d / "model"), tensors(tmp_path / "pseudo")
+    base = "model.language_model.layers.0.mlp.shared_expert."
+    weight = quantizer(spec.scheme).weight
+    assert torch.equal(pseudo[base + "down_proj.weight"], weight(fp[base + "down_proj.weight"] * s))
+    for proj in ("gate_proj", "up_proj"):
+        w = pseudo[base + proj + ".weight"]
+        assert torch.equal(weight(w), w) and not torch.equal(w, fp[base + proj + ".weight"])
+    packed = tensors(tmp_path / "packed")
+    unpacked = decompressed(tmp_path / "packed")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert base + proj + ".weight_scale" in packed and base + proj + ".weight" not in packed
+        assert torch.equal(unpacked[base + proj + ".weight"], pseudo[base + proj + ".weight"])
