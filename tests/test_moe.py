@@ -444,3 +444,57 @@ def test_the_shared_expert_is_searched_and_quantized_like_a_dense_mlp(family_dem
     for proj in ("gate_proj", "up_proj", "down_proj"):
         assert base + proj + ".weight_scale" in packed and base + proj + ".weight" not in packed
         assert torch.equal(unpacked[base + proj + ".weight"], pseudo[base + proj + ".weight"])
+
+
+@pytest.mark.slow
+def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir):
+    """Qwen3-VL-MoE, MBQ W4A8 through Snakemake: grads, acts, search (experts searched with their routed tokens'
+    inputs quantized), merge, the pseudo checkpoint evaluated with activations quantized at run time, and packed/
+    with every expert per expert, equal to the pseudo checkpoint tensor for tensor."""
+    from test_moe_packed import assert_no_fused_experts, decompressed, in_pseudo_layout, tensors
+
+    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
+                            c["targets"].update(models=["demo-moe"], runs=["mbq-w4a8"])))
+    workdir.snakemake()
+    summary = pd.read_csv(workdir.file("results/summary.csv"))
+    assert summary.run.tolist() == ["fp", "mbq-w4a8"] and summary.kl[1] > 0
+    run = workdir.file("results/demo-moe/demo/mbq-w4a8")
+    table = pd.read_parquet(run / "search.parquet")
+    experts = table[table.expert.notna()]
+    assert len(experts) == 3 * 8 and (experts.tokens > 0).all()
+    packed = run / "packed"
+    info = json.loads((packed / "quantization.json").read_text())
+    assert info["scheme"]["a_bit"] == 8 and len(info["packed_experts"]) == 6
+    assert_no_fused_experts(packed, 8, 3)
+    reference = tensors(run / "checkpoint")
+    dense = in_pseudo_layout(decompressed(packed), reference, get_adapter("qwen3_vl_moe"))
+    assert [k for k in reference if not torch.equal(dense[k], reference[k])] == []
+
+
+def test_weight_activation_moe_eval_streamed_equals_resident(family_demo, tmp_path):
+    """An RTN W4A8 Qwen3-VL-MoE checkpoint evaluated with its decoder layers streamed (eval.run.streamed_batches)
+    and resident (quant.model.quantized_activations): the same tables, both quantizing the experts' inputs (the
+    weight-only eval of the same weights differs)."""
+    from vlmquant.eval.run import run_eval, run_fp_reference
+    from vlmquant.export.checkpoint import export_checkpoint
+
+    d, model = family_demo("qwen3_vl_moe")
+    inputs, names = d / "inputs.safetensors", {"model": "demo", "calib": "demo", "run": "w4a8"}
+    settings = {"batch_size": 2, "kl_top_k": 0, "hidden_positions": 8}
+    spec = run_spec("w4a8", method="rtn", w_bit=4, a_bit=8)
+    export_checkpoint(model, spec, tmp_path / "checkpoint", None, names=names)
+    run_fp_reference(model, inputs, tmp_path / "fp.safetensors", tmp_path / "fp.parquet", settings, {"model": "demo"})
+    tables = {}
+    for mode in ("never", "always"):
+        out = tmp_path / f"{mode}.parquet"
+        run_eval(dataclasses.replace(model, stream=mode), tmp_path / "checkpoint", inputs, tmp_path / "fp.safetensors",
+                 out, settings, names)
+        tables[mode] = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(tables["never"], tables["always"], rtol=1e-5)
+    info = tmp_path / "checkpoint" / "quantization.json"
+    info.write_text(info.read_text().replace('"a_bit": 8', '"a_bit": null'))  # the same weights, weight-only
+    run_eval(model, tmp_path / "checkpoint", inputs, tmp_path / "fp.safetensors", tmp_path / "w.parquet", settings,
+             names)
+    kl = {k: t.query("metric == 'kl'")["value"].to_numpy() for k, t in
+          {**tables, "weights": pd.read_parquet(tmp_path / "w.parquet")}.items()}
+    assert (kl["never"] != kl["weights"]).all() and (kl["never"] > 0).all()

@@ -298,3 +298,19 @@ def test_experts_that_cannot_be_split_or_grouped_are_refused_before_writing(demo
     with pytest.raises(VlmquantError, match=r"^layers\.0\.mlp\.experts\.down_proj: fused expert weight .* add them"):
         write_packed(copy.deepcopy(model), partial, names, Scheme(4, 128), tmp_path / "out")
     assert not list(tmp_path.iterdir())
+
+
+def test_w3_experts_are_packed_marked_experimental(demo, tmp_path, caplog):
+    """W3 experts are packed per expert like W4 ones and marked experimental (quantization.json, one warning line):
+    vLLM's MoE methods take int4/int8 experts only, so no server runs them; transformers and compressed-tensors
+    read them back (the round trips above)."""
+    model, adapter, name = demo["qwen3_vl_moe"][0], get_adapter("qwen3_vl_moe"), "w3a16-asym-g128"
+    with caplog.at_level("WARNING", logger="vlmquant.export.packed"):
+        record = write_packed(copy.deepcopy(model), adapter, [n for n, _ in decoder_linears(model, adapter)],
+                              SCHEMES[name], tmp_path / "packed")
+    assert record["experimental"] and len(record["packed_experts"]) == 6
+    info = json.loads((tmp_path / "packed" / "quantization.json").read_text())
+    assert info["experimental"] is True
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in warning and warning.startswith(f"scheme {name}: experimental packed form")
+    assert "its MoE methods take no 3-bit experts" in warning
