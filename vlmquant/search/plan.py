@@ -4,7 +4,8 @@ The plan resolves the layer's scale groups (Adapter.layer_groups), picks each gr
 method registry (methods.base: the modules imported here register them), and checks everything the searches
 would otherwise check group by group: the scheme's bit widths, that every quantized consumer of a group takes
 the same input width and can be split into w_group groups, that fused experts are of a kind the experts search
-runs. A bad setting is then one error naming the layer and module, before the first forward. It works on a layer on the meta device (shapes only).
+runs. A bad setting is then one error naming the layer and module, before the first forward. It works on a layer
+on the meta device (shapes only).
 """
 from dataclasses import dataclass
 from typing import Callable
