@@ -498,3 +498,36 @@ def test_weight_activation_moe_eval_streamed_equals_resident(family_demo, tmp_pa
     kl = {k: t.query("metric == 'kl'")["value"].to_numpy() for k, t in
           {**tables, "weights": pd.read_parquet(tmp_path / "w.parquet")}.items()}
     assert (kl["never"] != kl["weights"]).all() and (kl["never"] > 0).all()
+
+
+def test_distort_w4a8_moe_inputs_are_those_of_the_exported_model_at_eval(family_demo, tmp_path):
+    """A distort MBQ W4A8 run on Qwen3-VL-MoE in chunks of two layers: the inputs the first chunk hands to layer 2 are
+    those of the model as export quantizes it (scales folded, experts fake-quantized per expert) run with activations
+    quantized at run time (experts' inputs included), as eval runs it."""
+    from vlmquant.export.checkpoint import quantize_in_memory
+    from vlmquant.io.scales import chunk_layer_files
+    from vlmquant.models.capture import capture_layer_inputs
+
+    d, ref = family_demo("qwen3_vl_moe")
+    spec = run_spec("distort", method="mbq", w_bit=4, a_bit=8, n_grid=4, distort=True)
+    names = {"model": "m", "calib": "c", "run": "distort"}
+    P.run_grads(ref, d / "inputs.safetensors", tmp_path / "grads.safetensors")
+    P.run_acts(ref, d / "inputs.safetensors", [0, 2], tmp_path / "acts")
+    chunks = [tmp_path / "chunk_000", tmp_path / "chunk_002"]
+    for first, start, out in ((0, tmp_path / "acts", chunks[0]), (2, chunks[0], chunks[1])):
+        P.run_search(ref, spec, d / "inputs.safetensors", start, tmp_path / "grads.safetensors", [first, first + 1],
+                     out, names)
+    merge(chunk_layer_files(chunks), tmp_path / "cache.pt", tmp_path / "t.parquet",
+          {**names, "run_config": spec.search_params()})
+    got = load_layer_inputs(chunks[0] / "next_inputs.safetensors", "cpu", torch.float32)[0]
+    model = ref.load()
+    quantize_in_memory(model, ref.adapter, spec, load_cache(tmp_path / "cache.pt"))
+    layers = ref.adapter.layers(model)
+    samples, _ = load_samples(d / "inputs.safetensors")
+    with torch.no_grad(), quantized_activations(model, ref.adapter, spec.scheme):
+        hidden, args = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32, ref.adapter)
+        for i in range(2):
+            hidden = args.forward(layers[i], i, hidden)
+    torch.testing.assert_close(got, hidden)
+    fp = load_layer_inputs(P.layer_file(tmp_path / "acts", 2), "cpu", torch.float32)[0]
+    assert not torch.allclose(got, fp)
