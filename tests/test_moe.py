@@ -4,6 +4,7 @@ routers and experts, checkpoint layouts, and what the exports do with experts.""
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -21,11 +22,12 @@ from vlmquant.quant.fake import scaled_fake_quant
 from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.fold import fold_scales
-from vlmquant.quant.model import decoder_experts, pseudo_quantize
+from vlmquant.quant.model import (decoder_experts, decoder_linears, expert_modules, pseudo_quantize,
+                                  quantized_activations, quantized_inputs)
 from vlmquant.search import experts as X
 from vlmquant.search import pipeline as P
 from vlmquant.search.grid import group_loss, grid_scales, loss_tokens
-from vlmquant.search.layer import search_layer
+from vlmquant.search.layer import quantized_forward, search_layer
 from vlmquant.search.plan import plan_layer
 from vlmquant.io import ragged
 
@@ -82,8 +84,10 @@ def routed_inputs(experts, n_tokens=300, seed=1, unused=(0,)):
 
 @torch.no_grad()
 def straightforward_best(experts, hidden, top_k_index, masks, scheme, n_grid, loss, ratio):
-    """The reference: for each expert, its routed tokens, for each α its quantized down_proj and group_loss; the
-    index of the α each expert keeps."""
+    """The reference: for each expert, its routed tokens, for each α its quantized down_proj (and with a_bit its
+    input quantized per token as the scaled model sees it, act(h/s)·s) and group_loss; the index of the α each
+    expert keeps."""
+    act = quantizer(scheme).act
     keep = loss_tokens(masks, ratio is not None)
     out = []
     for e in range(experts.num_experts):
@@ -99,7 +103,8 @@ def straightforward_best(experts, hidden, top_k_index, masks, scheme, n_grid, lo
         losses = []
         for s in grid_scales(h.abs().mean(0), n_grid):
             w = quantizer(scheme).weight(experts.down_proj[e] * s) / s
-            losses.append(group_loss(fp, F.linear(h[k], w), sub, loss, ratio))
+            x = h[k] if act is None else act(h[k] / s) * s
+            losses.append(group_loss(fp, F.linear(x, w), sub, loss, ratio))
         out.append(min(range(n_grid), key=losses.__getitem__))
     return out
 
@@ -118,6 +123,57 @@ def test_batched_expert_search_picks_the_alpha_of_the_per_expert_loop(loss, rati
     assert result.tokens[0] == 0 and result.alpha[0] == 0 and torch.equal(result.scales[0], torch.ones(128))
     assert (result.tokens[1:] > 0).all() and (result.alpha[1:] > 0).any()
     assert (result.losses.gather(1, result.best[:, None]) <= result.losses[:, :1]).all()
+
+
+@pytest.mark.parametrize("cfg", [dict(w_bit=4, a_bit=8), dict(w_bit=8, a_bit=8, w_type="float")],
+                         ids=["w4a8", "fp8"])
+def test_weight_activation_expert_search_quantizes_each_experts_routed_tokens(cfg):
+    """With a_bit, every expert picks the α of the per-expert loop whose down_proj input is quantized per token on
+    its routed tokens, and those losses are not the weight-only ones."""
+    experts = experts_module()
+    hidden, top_k_index, masks = routed_inputs(experts)
+    spec = run_spec("t", method="mbq", n_grid=10, **cfg)
+    job = X.experts_job(experts, hidden, top_k_index, masks, 2.0)
+    result = X.search_experts(job, spec)
+    assert result.best.tolist() == straightforward_best(experts, hidden, top_k_index, masks, spec.scheme, 10, "mae", 2.0)
+    weights_only = SimpleNamespace(scheme=dataclasses.replace(spec.scheme, a_bit=None), n_grid=10, loss="mae")
+    weight_only = X.search_experts(job, weights_only)
+    assert not torch.equal(result.losses, weight_only.losses)
+    assert (result.tokens[1:] > 0).all() and (result.alpha[1:] > 0).any()
+
+
+def textbook_moe(experts, hidden, top_k_index, top_k_weights, bits):
+    """A W·A8 MoE block token by token: each token's input quantized per token (abs-max / 127, round, clamp), then for
+    each of its experts gate/up, act(gate)·up quantized per token the same way, down, times the routing weight."""
+    def q(v):
+        scale = v.abs().max().clamp(min=1e-5) / (2 ** (bits - 1) - 1)
+        return (v / scale).round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        x = q(hidden[t])
+        for j, e in enumerate(top_k_index[t].tolist()):
+            gate, up = (experts.gate_up_proj[e] @ x).chunk(2)
+            out[t] += top_k_weights[t, j] * (experts.down_proj[e] @ q(experts.act_fn(gate) * up))
+    return out
+
+
+@torch.no_grad()
+def test_fused_experts_quantize_both_inputs_per_token_at_run_time():
+    """quantized_inputs over a fused experts module: its forward is the textbook W·A8 MoE (every routed token's gate/up
+    input and down input quantized per token); a weight-only scheme and leaving the block give transformers' own."""
+    experts = experts_module()
+    hidden, top_k_index, _ = routed_inputs(experts, n_tokens=40)
+    top_k_weights = torch.rand(top_k_index.shape).softmax(-1)
+    fp = experts(hidden, top_k_index, top_k_weights)
+    with quantized_inputs([], Scheme(4, -1, True, a_bit=8), [experts]) as n:
+        out = experts(hidden, top_k_index, top_k_weights)
+    assert n == 1 and "forward" not in experts.__dict__
+    torch.testing.assert_close(out, textbook_moe(experts, hidden, top_k_index, top_k_weights, 8), rtol=1e-5, atol=1e-6)
+    assert (out - fp).abs().max() > 1e-4
+    with quantized_inputs([], Scheme(4, 128), [experts]) as n:
+        assert n == 0 and torch.equal(experts(hidden, top_k_index, top_k_weights), fp)
+    assert torch.equal(experts(hidden, top_k_index, top_k_weights), fp)
 
 
 def test_an_expert_without_calibration_tokens_is_a_row_of_the_search_table(tmp_path):
@@ -249,12 +305,48 @@ def test_lazy_loader_reads_the_checkpoint_layouts_from_pretrained_reads(family_d
                 open_demo(folder, family).load_layers([0])
 
 
-def test_weight_activation_runs_are_refused_for_fused_experts(family_demo):
+@torch.no_grad()
+def test_weight_activation_runs_search_and_quantize_moe_layers(family_demo, tmp_path):
+    """A W4A8 MBQ run on a Qwen3-VL-MoE layer: the plan takes it, the MoE block's group sees the experts' input
+    quantized per token (its losses are not the weight-only run's), every expert is searched on its routed tokens,
+    and the distorted layer output quantizes the experts' inputs at run time."""
+    d, ref = family_demo("qwen3_vl_moe")
+    P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path)
+    hidden, args, _ = load_layer_inputs(tmp_path / "layer_000.safetensors", "cpu", torch.float32)
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    ratios = {"attn": 1.5, "mlp": 2.0}
+    results = {}
+    for name, cfg in {"w4a8": dict(a_bit=8), "w4": {}}.items():
+        spec = run_spec(name, method="mbq", w_bit=4, n_grid=4, **cfg)
+        layer = ref.load_layers([0])[0]
+        plan = plan_layer(spec, layer, 0, ref.adapter)
+        plan = dataclasses.replace(plan, groups=plan.groups[2:], searches=plan.searches[2:], periods=plan.periods[2:])
+        results[name], fp_out = search_layer(layer, plan, hidden, args.kwargs(0), masks, spec, ratios)
+        assert [g.prev for g in plan.groups] == ["post_attention_layernorm", "mlp.experts.gate_up_proj"]
+        calls = []
+        layer.mlp.experts.register_forward_hook(lambda m, a, o: calls.append("forward" in m.__dict__))
+        out = quantized_forward(layer, 0, plan.groups, results[name], spec, hidden, args.kwargs(0), ref.adapter)
+        assert calls == [bool(cfg)] and not torch.equal(out, fp_out)
+    (norm_a8, experts_a8), (norm_w, experts_w) = results["w4a8"], results["w4"]
+    assert norm_a8.losses != norm_w.losses and norm_a8.losses[0] > norm_w.losses[0]
+    assert experts_a8.scales.shape == (8, 384) and (experts_a8.tokens > 0).all()
+    assert not torch.equal(experts_a8.losses, experts_w.losses)
+
+
+@torch.no_grad()
+def test_weight_activation_pseudo_model_quantizes_expert_inputs_at_run_time(family_demo):
+    """pseudo_quantize takes a W8A8 run on a MoE model; quantized_activations hooks every quantized linear and swaps
+    every fused experts module's forward (restored on exit), and changes the logits."""
     ref = family_demo("qwen3_vl_moe")[1]
-    with pytest.raises(VlmquantError, match="layers.0.mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
-        pseudo_quantize(ref.load(), ref.adapter, run_spec("w8a8", method="rtn", w_bit=8, a_bit=8))
-    with pytest.raises(VlmquantError, match="decoder layer 0 mlp.experts.gate_up_proj: fused MoE experts: weight-activation"):
-        plan_layer(run_spec("w4a8", method="mbq", w_bit=4, a_bit=8), ref.adapter.layers(ref.load())[0], 0, ref.adapter)
+    model, spec = ref.load(), run_spec("w8a8", method="rtn", w_bit=8, a_bit=8)
+    pseudo_quantize(model, ref.adapter, spec)
+    ids = torch.tensor([[5, 17, 300, 42, 9, 77, 123, 4]])
+    plain = model(input_ids=ids).logits
+    with quantized_activations(model, ref.adapter, spec.scheme) as n:
+        quantized = model(input_ids=ids).logits
+        assert all("forward" in m.__dict__ for m in expert_modules(model.model.language_model.layers[0], ref.adapter))
+    assert n == len(decoder_linears(model, ref.adapter)) + 3  # three MoE layers, one dense
+    assert not torch.equal(plain, quantized) and torch.equal(model(input_ids=ids).logits, plain)
 
 
 @torch.no_grad()
@@ -312,3 +404,130 @@ def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
     assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
     packed = json.loads((run / "packed" / "quantization.json").read_text())
     assert len(packed["packed_experts"]) == 6
+
+
+@torch.no_grad()
+def test_the_shared_expert_is_searched_and_quantized_like_a_dense_mlp(family_demo, tmp_path):
+    """Qwen3.5-MoE, an AWQ W4A8 search (layer 0 checked): the shared expert's gate/up share the norm's group with the experts
+    and its up → down is a group of its own with searched scales; the pseudo checkpoint holds its down_proj as
+    Q(W·s) with those scales and its gate/up quantized; the packed one stores all three packed, equal to pseudo."""
+    pytest.importorskip("compressed_tensors")
+    from vlmquant.export.checkpoint import export_checkpoint
+    from vlmquant.export.packed import export_packed
+    from test_moe_packed import decompressed, tensors
+
+    d, ref = family_demo("qwen3_5_moe")
+    spec, names = run_spec("awq-w4a8", method="awq", w_bit=4, a_bit=8, n_grid=4), {"model": "m", "calib": "c", "run": "r"}
+    P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path / "acts")
+    P.run_search(ref, spec, d / "inputs.safetensors", tmp_path / "acts", None, [0, 1, 2, 3], tmp_path / "chunk", names)
+    merge(sorted((tmp_path / "chunk").glob("layer_*.safetensors")), tmp_path / "cache.pt", tmp_path / "t.parquet",
+          {**names, "run_config": spec.search_params()})
+    table = pd.read_parquet(tmp_path / "t.parquet").query("layer == 0")
+    norm = table[table.group == "post_attention_layernorm"]
+    assert norm.linears.tolist() == ["mlp.experts.gate_up_proj,mlp.shared_expert.gate_proj,mlp.shared_expert.up_proj,"
+                                     "mlp.gate,mlp.shared_expert_gate"]  # the last two scaled, never quantized
+    shared = table[table.group == "mlp.shared_expert.up_proj"]
+    assert shared.linears.tolist() == ["mlp.shared_expert.down_proj"] and shared.expert.isna().all()
+    s = dict((p, t) for p, _, t in load_cache(tmp_path / "cache.pt")["scale"])["layers.0.mlp.shared_expert.up_proj"]
+    assert s.shape == (256,) and not torch.equal(s, torch.ones(256))
+    export_checkpoint(ref, spec, tmp_path / "pseudo", tmp_path / "cache.pt")
+    export_packed(ref, spec, tmp_path / "packed", tmp_path / "cache.pt")
+    fp, pseudo = tensors(d / "model"), tensors(tmp_path / "pseudo")
+    base = "model.language_model.layers.0.mlp.shared_expert."
+    weight = quantizer(spec.scheme).weight
+    assert torch.equal(pseudo[base + "down_proj.weight"], weight(fp[base + "down_proj.weight"] * s))
+    for proj in ("gate_proj", "up_proj"):
+        w = pseudo[base + proj + ".weight"]
+        assert torch.equal(weight(w), w) and not torch.equal(w, fp[base + proj + ".weight"])
+    packed = tensors(tmp_path / "packed")
+    unpacked = decompressed(tmp_path / "packed")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert base + proj + ".weight_scale" in packed and base + proj + ".weight" not in packed
+        assert torch.equal(unpacked[base + proj + ".weight"], pseudo[base + proj + ".weight"])
+
+
+@pytest.mark.slow
+def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir):
+    """Qwen3-VL-MoE, MBQ W4A8 through Snakemake: grads, acts, search (experts searched with their routed tokens'
+    inputs quantized), merge, the pseudo checkpoint evaluated with activations quantized at run time, and packed/
+    with every expert per expert, equal to the pseudo checkpoint tensor for tensor."""
+    from test_moe_packed import assert_no_fused_experts, decompressed, in_pseudo_layout
+
+    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
+                            c["targets"].update(models=["demo-moe"], runs=["mbq-w4a8"])))
+    workdir.snakemake()
+    summary = pd.read_csv(workdir.file("results/summary.csv"))
+    assert summary.run.tolist() == ["fp", "mbq-w4a8"] and summary.kl[1] > 0
+    run = workdir.file("results/demo-moe/demo/mbq-w4a8")
+    table = pd.read_parquet(run / "search.parquet")
+    experts = table[table.expert.notna()]
+    assert len(experts) == 3 * 8 and (experts.tokens > 0).all()
+    packed = run / "packed"
+    info = json.loads((packed / "quantization.json").read_text())
+    assert info["scheme"]["a_bit"] == 8 and len(info["packed_experts"]) == 6
+    assert_no_fused_experts(packed, 8, 3)
+    reference = {k: v for f in (run / "checkpoint").glob("model*.safetensors") for k, v in load_file(f).items()}
+    dense = in_pseudo_layout(decompressed(packed), reference, get_adapter("qwen3_vl_moe"))
+    assert [k for k in reference if not torch.equal(dense[k], reference[k])] == []
+
+
+def test_weight_activation_moe_eval_streamed_equals_resident(family_demo, tmp_path):
+    """An RTN W4A8 Qwen3-VL-MoE checkpoint evaluated with its decoder layers streamed (eval.run.streamed_batches)
+    and resident (quant.model.quantized_activations): the same tables, both quantizing the experts' inputs (the
+    weight-only eval of the same weights differs)."""
+    from vlmquant.eval.run import run_eval, run_fp_reference
+    from vlmquant.export.checkpoint import export_checkpoint
+
+    d, model = family_demo("qwen3_vl_moe")
+    inputs, names = d / "inputs.safetensors", {"model": "demo", "calib": "demo", "run": "w4a8"}
+    settings = {"batch_size": 2, "kl_top_k": 0, "hidden_positions": 8}
+    spec = run_spec("w4a8", method="rtn", w_bit=4, a_bit=8)
+    export_checkpoint(model, spec, tmp_path / "checkpoint", None, names=names)
+    run_fp_reference(model, inputs, tmp_path / "fp.safetensors", tmp_path / "fp.parquet", settings, {"model": "demo"})
+    tables = {}
+    for mode in ("never", "always"):
+        out = tmp_path / f"{mode}.parquet"
+        run_eval(dataclasses.replace(model, stream=mode), tmp_path / "checkpoint", inputs, tmp_path / "fp.safetensors",
+                 out, settings, names)
+        tables[mode] = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(tables["never"], tables["always"], rtol=1e-5)
+    info = tmp_path / "checkpoint" / "quantization.json"
+    info.write_text(info.read_text().replace('"a_bit": 8', '"a_bit": null'))  # the same weights, weight-only
+    run_eval(model, tmp_path / "checkpoint", inputs, tmp_path / "fp.safetensors", tmp_path / "w.parquet", settings,
+             names)
+    kl = {k: t.query("metric == 'kl'")["value"].to_numpy() for k, t in
+          {**tables, "weights": pd.read_parquet(tmp_path / "w.parquet")}.items()}
+    assert (kl["never"] != kl["weights"]).all() and (kl["never"] > 0).all()
+
+
+def test_distort_w4a8_moe_inputs_are_those_of_the_exported_model_at_eval(family_demo, tmp_path):
+    """A distort MBQ W4A8 run on Qwen3-VL-MoE in chunks of two layers: the inputs the first chunk hands to layer 2 are
+    those of the model as export quantizes it (scales folded, experts fake-quantized per expert) run with activations
+    quantized at run time (experts' inputs included), as eval runs it."""
+    from vlmquant.export.checkpoint import quantize_in_memory
+    from vlmquant.io.scales import chunk_layer_files
+    from vlmquant.models.capture import capture_layer_inputs
+
+    d, ref = family_demo("qwen3_vl_moe")
+    spec = run_spec("distort", method="mbq", w_bit=4, a_bit=8, n_grid=4, distort=True)
+    names = {"model": "m", "calib": "c", "run": "distort"}
+    P.run_grads(ref, d / "inputs.safetensors", tmp_path / "grads.safetensors")
+    P.run_acts(ref, d / "inputs.safetensors", [0, 2], tmp_path / "acts")
+    chunks = [tmp_path / "chunk_000", tmp_path / "chunk_002"]
+    for first, start, out in ((0, tmp_path / "acts", chunks[0]), (2, chunks[0], chunks[1])):
+        P.run_search(ref, spec, d / "inputs.safetensors", start, tmp_path / "grads.safetensors", [first, first + 1],
+                     out, names)
+    merge(chunk_layer_files(chunks), tmp_path / "cache.pt", tmp_path / "t.parquet",
+          {**names, "run_config": spec.search_params()})
+    got = load_layer_inputs(chunks[0] / "next_inputs.safetensors", "cpu", torch.float32)[0]
+    model = ref.load()
+    quantize_in_memory(model, ref.adapter, spec, load_cache(tmp_path / "cache.pt"))
+    layers = ref.adapter.layers(model)
+    samples, _ = load_samples(d / "inputs.safetensors")
+    with torch.no_grad(), quantized_activations(model, ref.adapter, spec.scheme):
+        hidden, args = capture_layer_inputs(model, layers, ragged.collate(samples), "cpu", torch.float32, ref.adapter)
+        for i in range(2):
+            hidden = args.forward(layers[i], i, hidden)
+    torch.testing.assert_close(got, hidden)
+    fp = load_layer_inputs(P.layer_file(tmp_path / "acts", 2), "cpu", torch.float32)[0]
+    assert not torch.allclose(got, fp)

@@ -17,7 +17,7 @@ from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen3_vl
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import make_demo_model
 from vlmquant.quant.quantizer import quantizer
-from vlmquant.quant.model import decoder_experts, decoder_linears
+from vlmquant.quant.model import decoder_experts, decoder_linears, quantized_activations
 from vlmquant.quant.scheme import Scheme
 
 from conftest import run_spec
@@ -126,6 +126,19 @@ def in_pseudo_layout(dense, reference, adapter):
     return out
 
 
+def decompressed_folder(packed, pseudo, adapter, folder):
+    """A model folder of the packed checkpoint decompressed by compressed-tensors in the pseudo folder's layout, after
+    checking it equals the pseudo folder tensor for tensor."""
+    reference = tensors(pseudo)
+    dense = in_pseudo_layout(decompressed(packed), reference, adapter)
+    differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    folder.mkdir()
+    (folder / "config.json").write_text((pseudo / "config.json").read_text())
+    save_file(dense, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def logits(model):
     with torch.no_grad():
         return model(input_ids=INPUT_IDS).logits
@@ -143,14 +156,7 @@ def test_decompressed_experts_equal_the_pseudo_checkpoint(exported, demo, family
     packed, pseudo = exported(family, name)
     adapter = get_adapter(family)
     assert_no_fused_experts(packed, 8, n_moe_layers(family))
-    reference = tensors(pseudo)
-    dense = in_pseudo_layout(decompressed(packed), reference, adapter)
-    differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
-    folder = tmp_path / "dense"
-    folder.mkdir()
-    (folder / "config.json").write_text((pseudo / "config.json").read_text())
-    save_file(dense, folder / "model.safetensors", metadata={"format": "pt"})
+    folder = decompressed_folder(packed, pseudo, adapter, tmp_path / "dense")
     cls = getattr(transformers, adapter.model_class)
     expect = logits(cls.from_pretrained(pseudo, dtype=torch.bfloat16).eval())
     assert torch.equal(logits(cls.from_pretrained(folder, dtype=torch.bfloat16).eval()), expect)
@@ -177,6 +183,31 @@ def test_config_and_ignore_keep_routers_and_quantize_experts(exported, demo, fam
     info = json.loads((packed / "quantization.json").read_text())
     assert info["packed_experts"] == [n for n, _ in decoder_experts(demo[family][0], adapter)]
     assert "unquantized_experts" not in info
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCHEMES.items() if s.a_bit])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_activation_packed_logits_equal_pseudo_with_run_time_activations(exported, family, name, tmp_path):
+    """FP8 W8A8, int8 W8A8 and W4A8: the pseudo checkpoint runs with every decoder linear's and every expert's inputs
+    quantized per token at run time (quant.model.quantized_activations); the packed checkpoint decompressed by
+    compressed-tensors, and loaded by transformers where it can (transformers_limit), gives the very same logits
+    under it, and they are not the logits without activation quantization."""
+    packed, pseudo = exported(family, name)
+    adapter, scheme = get_adapter(family), SCHEMES[name]
+    cls = getattr(transformers, adapter.model_class)
+    reference = cls.from_pretrained(pseudo, dtype=torch.bfloat16).eval()
+    models = [cls.from_pretrained(decompressed_folder(packed, pseudo, adapter, tmp_path / "dense"),
+                                  dtype=torch.bfloat16).eval()]
+    if transformers_limit(family, name) is None:
+        models.append(load_dequantized(cls, packed, dtype=torch.bfloat16).eval())
+    assert len(models) == (2 if family == "qwen3_5_moe" and scheme.format != "int-quantized" else 1)
+    with quantized_activations(reference, adapter, scheme) as n:
+        expect = logits(reference)
+    assert n == len(decoder_linears(reference, adapter)) + n_moe_layers(family)
+    assert not torch.equal(expect, logits(reference))
+    for model in models:
+        with quantized_activations(model, adapter, scheme):
+            assert torch.equal(logits(model), expect)
 
 
 def transformers_limit(family, name):
@@ -267,3 +298,19 @@ def test_experts_that_cannot_be_split_or_grouped_are_refused_before_writing(demo
     with pytest.raises(VlmquantError, match=r"^layers\.0\.mlp\.experts\.down_proj: fused expert weight .* add them"):
         write_packed(copy.deepcopy(model), partial, names, Scheme(4, 128), tmp_path / "out")
     assert not list(tmp_path.iterdir())
+
+
+def test_w3_experts_are_packed_marked_experimental(demo, tmp_path, caplog):
+    """W3 experts are packed per expert like W4 ones and marked experimental (quantization.json, one warning line):
+    vLLM's MoE methods take int4/int8 experts only, so no server runs them; transformers and compressed-tensors
+    read them back (the round trips above)."""
+    model, adapter, name = demo["qwen3_vl_moe"][0], get_adapter("qwen3_vl_moe"), "w3a16-asym-g128"
+    with caplog.at_level("WARNING", logger="vlmquant.export.packed"):
+        record = write_packed(copy.deepcopy(model), adapter, [n for n, _ in decoder_linears(model, adapter)],
+                              SCHEMES[name], tmp_path / "packed")
+    assert record["experimental"] and len(record["packed_experts"]) == 6
+    info = json.loads((tmp_path / "packed" / "quantization.json").read_text())
+    assert info["experimental"] is True
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in warning and warning.startswith(f"scheme {name}: experimental packed form")
+    assert "its MoE methods take no 3-bit experts" in warning

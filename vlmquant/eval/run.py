@@ -34,7 +34,7 @@ from vlmquant.io.provenance import check_weights, package_versions, sha256_file,
 from vlmquant.models.loading import Checkpoint
 from vlmquant.models.memory import use_streaming
 from vlmquant.models.stream import StreamedModel
-from vlmquant.quant.model import never_quantized, quantized_activations, quantized_inputs
+from vlmquant.quant.model import expert_modules, never_quantized, quantized_activations, quantized_inputs
 from vlmquant.quant.scheme import Scheme
 from vlmquant.models.capture import layer_forward, load_samples, model_inputs, token_masks
 
@@ -105,7 +105,8 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
     then the layer is dropped; the same dicts, in the same order, once all layers have run.
 
     scheme, exclude: weight-activation checkpoints quantize every decoder linear's input (minus the names in
-    `exclude`, relative to the layer root) as quant.model.quantized_activations does on a whole model.
+    `exclude`, relative to the layer root) and the fused experts' inputs as quant.model.quantized_activations does
+    on a whole model.
     on_layer(i, layer): called with each loaded decoder layer (the weight errors).
     """
     parts, exclude = [], set(exclude)
@@ -119,7 +120,7 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
         layer = sm.layer(i)
         linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
                    and f"layers.{i}.{n}" not in exclude and not never_quantized(f"layers.{i}.{n}", sm.adapter)]
-        with quantized_inputs(linears, scheme):
+        with quantized_inputs(linears, scheme, expert_modules(layer, sm.adapter)):
             for p in parts:
                 out = layer_forward(layer, p["hidden"], p["args"].kwargs(i))  # (B, T, C)
                 p["captured"][i] = out[p["rows"], p["cols"]]  # the layer's output, as its forward hook sees it

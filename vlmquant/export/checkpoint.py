@@ -291,7 +291,7 @@ def pseudo_info(model, spec, result, info):
         "quantizer": (f"weights {scheme.w_type} {scheme.w_bit}-bit {'symmetric' if scheme.symmetric else 'asymmetric'}"
                       f" ({'per output channel' if scheme.w_group <= 0 else f'groups of {scheme.w_group}'})"
                       + (f"; activations {scheme.a_type} {scheme.a_bit}-bit per token at every quantized linear's "
-                         "input, applied at run time (vlmquant.quant.model.quantized_activations)"
+                         "and fused expert's inputs, applied at run time (vlmquant.quant.model.quantized_activations)"
                          if scheme.a_bit else "") + "; weights stored dequantized, in the model dtype"),
         "dtype": str(model.dtype).removeprefix("torch."),
         "n_quantized": len(result["quantized"]),

@@ -1,9 +1,10 @@
 """Whole-model operations: the language-decoder linears, `export.ignore`, folding a scale cache,
-fake-quantizing the weights, quantizing activations at run time."""
+fake-quantizing the weights, quantizing activations at run time (fused experts included)."""
 import contextlib
 import fnmatch
 
 import torch
+import torch.nn.functional as F
 
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import check_weight_groups
@@ -104,12 +105,7 @@ def quantize_linears(linears, spec):
 
 def check_experts(experts, spec):
     """Can the fused expert weights [(name, parameter)] be quantized under the run? Raises VlmquantError for a
-    weight-activation scheme (their inputs cannot be quantized at run time) or a w_group not dividing an expert
-    weight's input width. Shapes only: the parameters may be on the meta device."""
-    if experts and spec.scheme.a_bit is not None:
-        raise VlmquantError(f"{experts[0][0]}: fused MoE experts: weight-activation runs (a_bit) are not supported: "
-                            "their inputs are computed inside transformers' fused forward, where no linear input can "
-                            "be quantized per token")
+    w_group not dividing an expert weight's input width. Shapes only: the parameters may be on the meta device."""
     for name, w in experts:
         try:
             check_weight_groups(tuple(w.shape), spec.scheme.w_group)
@@ -117,33 +113,91 @@ def check_experts(experts, spec):
             raise VlmquantError(f"{name}: {e}") from None
 
 
+def check_gated_experts(experts):
+    """Raise unless `experts` is transformers' fused gated experts module (gate_up_proj, down_proj, act_fn)."""
+    if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False) or \
+            not getattr(experts, "has_gate", True) or not hasattr(experts, "act_fn"):
+        raise VlmquantError(f"{type(experts).__name__}: only gated fused experts without bias (gate_up_proj "
+                            "(E, 2I, H), down_proj (E, H, I)) are supported")
+
+
+def expert_modules(layer, adapter):
+    """The modules holding one decoder layer's fused expert weights (adapter.expert_weights), each once."""
+    out = []
+    for name in (adapter.expert_weights if adapter else ()):
+        try:
+            module = layer.get_submodule(name.rsplit(".", 1)[0])
+        except AttributeError:
+            continue
+        if not any(m is module for m in out):
+            out.append(module)
+    return out
+
+
+def quantized_experts_forward(experts, act):
+    """The forward of a fused gated experts module (check_gated_experts) with both its inputs quantized per token
+    by `act` (quantizer(scheme).act), as a W·A· MoE kernel does: the hidden states once for every expert's gate/up,
+    and down_e's input act(gate_e x) * up_e x on each routed (token, expert) pair. Otherwise transformers' eager
+    experts loop: out (N, H) = Σ over a token's experts of its routing weight × down_e(...).
+
+    Signature as the module's: (hidden_states (N, H), top_k_index (N, k), top_k_weights (N, k)) → (N, H).
+    """
+    check_gated_experts(experts)
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        x, out = act(hidden_states), torch.zeros_like(hidden_states)
+        n_experts = experts.gate_up_proj.shape[0]
+        for e in top_k_index.unique().tolist():
+            if e >= n_experts:  # transformers' marker of a token routed nowhere (expert parallelism)
+                continue
+            token, pos = torch.where(top_k_index == e)
+            gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(act(experts.act_fn(gate) * up), experts.down_proj[e]) * top_k_weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    return forward
+
+
 def pseudo_quantize(model, adapter, spec, exclude=()):
     """Fake-quantize every decoder-layer linear of the model, minus the names in `exclude`, and every fused expert
-    weight per expert (check_experts first)."""
+    weight per expert (check_experts first). Weight-activation schemes quantize the experts' inputs at run time
+    (quantized_activations)."""
     experts = decoder_experts(model, adapter)
     check_experts(experts, spec)
     quantize_linears([lin for _, lin in decoder_linears(model, adapter, exclude)] + [w for _, w in experts], spec)
 
 
 @contextlib.contextmanager
-def quantized_inputs(linears, scheme):
-    """While inside, every linear sees its input fake-quantized per token as `scheme` (codes.Scheme) says:
-    the runtime half of a weight-activation (W·A·) run. A weight-only scheme or None: no change.
-    Yields the number of hooked linears."""
+def quantized_inputs(linears, scheme, experts=()):
+    """While inside, every linear sees its input fake-quantized per token as `scheme` (codes.Scheme) says, and every
+    fused experts module in `experts` runs quantized_experts_forward: the runtime half of a weight-activation
+    (W·A·) run. A weight-only scheme or None: no change. Yields the number of hooked linears and experts modules."""
     if scheme is None or scheme.a_bit is None:
         yield 0
         return
     hook = InputQuantizer(scheme)
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]
+    # an instance `forward` (as accelerate's hooks set one) is put back on exit
+    previous = [m.__dict__.get("forward") for m in experts]
+    for m in experts:
+        m.forward = quantized_experts_forward(m, hook.act)
     try:
-        yield len(handles)
+        yield len(handles) + len(experts)
     finally:
         for h in handles:
             h.remove()
+        for m, f in zip(experts, previous):
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
         hook.reset()
 
 
 def quantized_activations(model, adapter, scheme, exclude=()):
     """quantized_inputs over every decoder-layer linear of the model, minus the names in `exclude`
-    (a checkpoint's `ignored_modules`). scheme: the checkpoint's (quantization.json `scheme`), or None."""
-    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, exclude)], scheme)
+    (a checkpoint's `ignored_modules`), and every fused experts module. scheme: the checkpoint's
+    (quantization.json `scheme`), or None."""
+    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, exclude)], scheme,
+                            [m for layer in adapter.layers(model) for m in expert_modules(layer, adapter)])

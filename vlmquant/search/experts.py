@@ -9,14 +9,15 @@ op (the scheme's quant.quantizer scaled_weight on (E, H, I) with s (E, 1, I)) an
 over the pairs sorted by expert (torch's grouped_mm where it runs, else a loop over experts).
 The loss of expert e is `grid.group_loss` over its pairs (its down_proj output, not weighted by the
 routing weight, as a per-expert loop measures it); an expert no calibration token in the loss is
-routed to keeps α = 0 (s = 1, RTN) and its token count 0 says so.
+routed to keeps α = 0 (s = 1, RTN) and its token count 0 says so. A weight-activation scheme also
+quantizes every pair's down_proj input per token as the scaled model sees it, Q_a(h/s_e)·s_e (the
+scheme's quantizer act), as the dense search does on a group's input (grid.candidate_losses).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from vlmquant.errors import VlmquantError
 from vlmquant.methods import awq, mbq
 from vlmquant.methods.base import register_experts_search
 from vlmquant.quant.quantizer import quantizer
@@ -48,14 +49,6 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch
             out[start:end] = F.linear(x[start:end], w[e])
         start = end
     return out
-
-
-def check_experts(experts):
-    """Raise unless `experts` is transformers' fused gated experts module (gate_up_proj, down_proj, act_fn)."""
-    if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False) or \
-            not getattr(experts, "has_gate", True) or not hasattr(experts, "act_fn"):
-        raise VlmquantError(f"{type(experts).__name__}: only gated fused experts without bias (gate_up_proj "
-                            "(E, 2I, H), down_proj (E, H, I)) are supported")
 
 
 def down_inputs(experts, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -113,8 +106,8 @@ class ExpertsResult:
 
 @torch.no_grad()
 def experts_job(experts, hidden, top_k_index, masks, ratio=None) -> ExpertsSearch:
-    """The ExpertsSearch of a MoE block from what its experts module (checked by check_experts) was called with
-    in the fp forward.
+    """The ExpertsSearch of a MoE block from what its experts module (checked by quant.model.check_gated_experts) was
+    called with in the fp forward.
 
     hidden: (N, H) the block's (flattened) input; top_k_index (N, k) the routed experts; masks: per-token
     {"valid", "cap", "vis"} (N,) or (B, T); ratio: ρ, the loss then reads only caption and vision tokens.
@@ -161,10 +154,11 @@ def search_experts(job: ExpertsSearch, spec) -> ExpertsResult:
     loss).
 
     Candidates per expert: s_e = a_e^α normalized (grid.grid_scales), α = 0, 1/n_grid, …; each expert keeps
-    the α with its strictly smallest loss (the first of equal minima: α = 0 where it has no token). The layer's
+    the α with its strictly smallest loss (the first of equal minima: α = 0 where it has no token). A
+    weight-activation scheme quantizes each pair's input h as Q_a(h/s_e)·s_e (the module doc). The layer's
     plan (search.plan) has checked the experts module and the scheme.
     """
-    scaled_weight, n_grid = quantizer(spec.scheme).scaled_weight, spec.n_grid
+    q, n_grid = quantizer(spec.scheme), spec.n_grid
     down = job.down
     original = down.detach().clone()
     n_experts, n_ch = down.shape[0], down.shape[1]
@@ -172,8 +166,10 @@ def search_experts(job: ExpertsSearch, spec) -> ExpertsResult:
     losses = []
     try:
         for s in grid:
-            down.copy_(scaled_weight(original, s[:, None, :]))  # Q(W_e·s_e)/s_e of every expert, (E, H, I)
-            d = token_distance(job.fp_out, expert_linear(job.h, down, job.offs), spec.loss == "mse")  # (S,)
+            down.copy_(q.scaled_weight(original, s[:, None, :]))  # Q(W_e·s_e)/s_e of every expert, (E, H, I)
+            h = job.h if q.act is None else q.act(job.h, s[job.expert])  # Q_a(h/s_e)·s_e per pair, (S, I)
+            d = token_distance(job.fp_out, expert_linear(h, down, job.offs), spec.loss == "mse")  # (S,)
+            del h
             losses.append(expert_losses(d, job.expert, job.masks, n_experts, n_ch, spec.loss, job.ratio))
     finally:
         down.copy_(original)

@@ -98,7 +98,8 @@ class GroupSearch:
     the group's block with the linears' current weights), fp_outs (the block's fp output at the tokens of the
     loss, all or only those it reads) and masks (theirs: "valid", "cap", "vis"). period: the scales repeat with
     this period (a norm weight shared by every head), or None. ratio: the group's reweight ratio ρ, None: no
-    reweighting.
+    reweighting. act_modules: the modules whose first input is the group input, quantized per token under a
+    weight-activation scheme (a fused consumer's experts module); None: the linears.
     """
     x: torch.Tensor
     linears: list
@@ -108,6 +109,7 @@ class GroupSearch:
     stat_masks: dict
     period: int | None = None
     ratio: float | None = None
+    act_modules: list | None = None
 
 
 @dataclass
@@ -195,7 +197,7 @@ def candidate_losses(job: GroupSearch, candidates, spec) -> list[float]:
     weights = [weight_of(lin) for lin in job.linears]
     originals = [w.detach().clone() for w in weights]
     quantize_input = InputQuantizer(spec.scheme) if spec.scheme.a_bit is not None else None
-    hooks = [lin.register_forward_pre_hook(quantize_input) for lin in job.linears] if quantize_input else []
+    hooks = [m.register_forward_pre_hook(quantize_input) for m in job.act_modules or job.linears] if quantize_input else []
     losses = []
     try:
         for s in candidates:

@@ -13,7 +13,8 @@ import torch
 from vlmquant.models.base import layer_part
 from vlmquant.models.stream import forward_micro_batched
 from vlmquant.quant.fold import fold, resolve_scales
-from vlmquant.quant.model import groups_to_fold, layer_experts, quantize_linears, quantized_inputs, resolve_ignore
+from vlmquant.quant.model import (expert_modules, groups_to_fold, layer_experts, quantize_linears, quantized_inputs,
+                                  resolve_ignore)
 from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 from vlmquant.search.records import expert_args, on_device, record_layer
@@ -56,9 +57,12 @@ def group_job(layer, g, rec, masks, ratio, period, device) -> GroupSearch:
         fp_outs.append(fp_out)
         loss_masks.append(part_masks)
         del part, args, fp_out
-    # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
-    return GroupSearch(rec["x"], [layer_part(layer, name) for name in g.linears], forwards, fp_outs, loss_masks,
-                       masks, period, ratio)
+    # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token; a fused expert weight's
+    # input is its experts module's
+    linears = [layer_part(layer, name) for name in g.linears]
+    act_modules = [layer.get_submodule(n.rsplit(".", 1)[0]) if isinstance(m, torch.Tensor) else m
+                   for n, m in zip(g.linears, linears)]
+    return GroupSearch(rec["x"], linears, forwards, fp_outs, loss_masks, masks, period, ratio, act_modules)
 
 
 def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batch=None, host=False):
@@ -107,5 +111,5 @@ def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapt
     folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(groups, results)], "search")
     fold(groups_to_fold(folds, ignored)[0])
     quantize_linears(linears + experts, spec)
-    with quantized_inputs(linears, spec.scheme):
+    with quantized_inputs(linears, spec.scheme, expert_modules(layer, adapter)):
         return forward_micro_batched(layer, hidden, kwargs, hidden.shape[0] if per_batch is None else per_batch)

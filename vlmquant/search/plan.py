@@ -4,8 +4,8 @@ The plan resolves the layer's scale groups (Adapter.layer_groups), picks each gr
 method registry (methods.base: the modules imported here register them), and checks everything the searches
 would otherwise check group by group: the scheme's bit widths, that every quantized consumer of a group takes
 the same input width and can be split into w_group groups, that fused experts are of a kind the experts search
-runs and are not asked for weight-activation quantization. A bad setting is then one error naming the layer
-and module, before the first forward. It works on a layer on the meta device (shapes only).
+runs. A bad setting is then one error naming the layer and module, before the first forward. It works on a layer
+on the meta device (shapes only).
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -17,12 +17,9 @@ from vlmquant.methods.base import experts_search_of, group_search_of
 from vlmquant.models.base import layer_part
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import consumer_weight
+from vlmquant.quant.model import check_gated_experts
 from vlmquant.quant.quantizer import quantizer
 from vlmquant.search import experts, grid, smooth  # noqa: F401  (their decorators register the methods' searches)
-
-FUSED_A_BIT = ("fused MoE experts: weight-activation runs (a_bit) are not supported: the experts' inputs are "
-               "computed inside transformers' fused forward, where no linear input can be quantized per token")
-
 
 @dataclass
 class LayerPlan:
@@ -58,8 +55,6 @@ def group_width(layer, index, g, scheme):
         if w.dim() not in (2, 3) or w.shape[-1] != (n_in or w.shape[-1]):
             raise VlmquantError(f"{where}: weight of shape {tuple(w.shape)} does not take the group input's {n_in} "
                                 "channels")
-        if w.dim() == 3 and scheme.a_bit is not None:
-            raise VlmquantError(f"{where}: {FUSED_A_BIT}")
         try:
             check_weight_groups(tuple(w.shape), scheme.w_group)
         except VlmquantError as e:
@@ -79,8 +74,8 @@ def plan_layer(spec, layer, index, adapter) -> LayerPlan:
     for g in groups:
         n_in = group_width(layer, index, g, spec.scheme)
         if g.experts:
-            searches.append(experts_search_of(spec.method_def))  # weight-activation refused by group_width
-            experts.check_experts(layer.get_submodule(g.block))
+            searches.append(experts_search_of(spec.method_def))
+            check_gated_experts(layer.get_submodule(g.block))
             periods.append(None)
         else:
             searches.append(group_search_of(spec.method_def))
