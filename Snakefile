@@ -4,8 +4,11 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+import sys
+
 from vlmquant import run_stop
 from vlmquant.config_messages import config_errors
+from vlmquant.report.plan import final_table, plan_lines, planned_jobs
 from vlmquant.workflow import check_yaml
 
 # config.yaml, then each --configfile (rising precedence), and the --config values: where config errors point
@@ -35,9 +38,30 @@ include: "rules/eval.smk"
 include: "rules/summary.smk"
 
 
-# SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what was stopped instead
+# Snakemake keeps one handler per hook, so every hook is here. Before running: per stage, the jobs with estimates
+# of time and memory; after a run that made the summary: its main columns; on stderr, so both show with --quiet
+# too (vlmquant/report/plan.py). SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what
+# was stopped instead (vlmquant/run_stop.py).
+PLANNED = []
+
+
 onstart:
     run_stop.watch()
+    PLANNED.extend(planned_jobs(workflow))
+    print("\n".join(plan_lines(PLANNED)), file=sys.stderr)
+
+
+onsuccess:
+    table = (
+        final_table(paths.SUMMARY_CSV)
+        if any(j.rule == "summary" for j in PLANNED)
+        else None
+    )
+    if table:
+        print(
+            f"{paths.SUMMARY_CSV} (every column; all runs so far: {paths.ALL_RUNS}):\n{table}",
+            file=sys.stderr,
+        )
 
 
 onerror:

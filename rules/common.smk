@@ -7,7 +7,8 @@ from vlmquant import workflow as W
 from vlmquant.config_messages import config_errors, print_notes
 from vlmquant.io.fingerprint import use_cache
 
-use_cache(paths.FINGERPRINTS)  # content hashes of the files read from outside results/, once per file version
+# content hashes of the files read from outside results/, once per file version
+use_cache(paths.FINGERPRINTS)
 with config_errors(CONFIG_FILES, CONFIG_ARGS):
     config = W.check_config(
         config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
@@ -116,7 +117,10 @@ def imported_cache(wildcards):
 
 
 def import_sources(wildcards):
-    return {**model_sources(wildcards), **W.source_fingerprints([imported_cache(wildcards)])}
+    return {
+        **model_sources(wildcards),
+        **W.source_fingerprints([imported_cache(wildcards)]),
+    }
 
 
 def export_params(wildcards):

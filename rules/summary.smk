@@ -1,8 +1,5 @@
 # All eval tables → results/summary.{csv,parquet}; per (model, calibration set) figures for the report.
-import sys
-
 from vlmquant.report.all_runs import other_tables
-from vlmquant.report.plan import final_table, plan_lines, planned_jobs
 
 
 # The summary job also writes the running comparison (all_runs.csv): every eval table present, targets or not.
@@ -84,26 +81,3 @@ rule plots:
         search_runs=lambda w: W.search_runs(config),
     script:
         "../scripts/plots.py"
-
-
-# Before running: per stage, the jobs with estimates of time and memory; after a run that made the summary: its
-# main columns. On stderr, so both show with --quiet too (vlmquant/report/plan.py).
-PLANNED = []
-
-
-onstart:
-    PLANNED.extend(planned_jobs(workflow))
-    print("\n".join(plan_lines(PLANNED)), file=sys.stderr)
-
-
-onsuccess:
-    table = (
-        final_table(paths.SUMMARY_CSV)
-        if any(j.rule == "summary" for j in PLANNED)
-        else None
-    )
-    if table:
-        print(
-            f"{paths.SUMMARY_CSV} (every column; all runs so far: {paths.ALL_RUNS}):\n{table}",
-            file=sys.stderr,
-        )
