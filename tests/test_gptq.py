@@ -5,7 +5,8 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from vlmquant.errors import VlmquantError
-from vlmquant.quant.codes import fake_quant, quantize_weight
+from vlmquant.quant.codes import quantize_weight
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.scheme import Scheme
 from vlmquant.search.gptq import gptq, gptq_experts
 from vlmquant.search.hessian import Hessian, expert_hessians
@@ -106,7 +107,7 @@ def test_gptq_in_bf16_rounds_scales_like_rtn_and_with_a_diagonal_hessian_is_rtn(
         res = gptq(w, torch.diag(torch.rand(128) + 0.5), scheme)
         rtn = quantize_weight(w, scheme)
         assert torch.equal(res.quantized.codes, rtn.codes) and torch.equal(res.quantized.scale, rtn.scale)
-        assert res.quantized.scale.dtype == torch.bfloat16 and torch.equal(res.weight(torch.bfloat16), fake_quant(w, scheme))
+        assert res.quantized.scale.dtype == torch.bfloat16 and torch.equal(res.weight(torch.bfloat16), quantizer(scheme).weight(w))
         h = hessian_of(calib(400, 128, 1), torch.float32)
         levels, _, _ = textbook_levels(w, h, scheme.w_bit, scheme.w_group, scheme.symmetric, scale_dtype=torch.bfloat16)
         assert (module_levels(gptq(w, h, scheme)) != levels).double().mean() < 0.01
@@ -132,7 +133,7 @@ def test_gptq_output_error_is_below_rtns_on_every_linear(scheme):
             ref = x @ w.T
             for act_order in (False, True):
                 gq = gptq(w, hessian_of(x), scheme, act_order=act_order).weight(torch.float64)
-                rtn = fake_quant(w, scheme)
+                rtn = quantizer(scheme).weight(w)
                 # measured 0.24-0.95 of RTN's error here: a GPTQ that moved no error (= RTN) fails
                 assert torch.linalg.norm(ref - x @ gq.T) <= 0.97 * torch.linalg.norm(ref - x @ rtn.T)
 

@@ -11,7 +11,7 @@ import vlmquant
 from vlmquant.errors import VlmquantError
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import make_demo_model
-from vlmquant.quant.codes import fake_quant
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.model import decoder_linears, layer_root
 from vlmquant.quant.scheme import Scheme
 
@@ -44,7 +44,7 @@ def test_load_packed_gives_the_pseudo_weights(demo, tmp_path, name):
         loaded(input_ids=torch.tensor([[1, 2, 3]]))  # a compressed (symmetric) model decompresses on its first forward
     got, root = layer_root(loaded, ADAPTER), layer_root(model, ADAPTER)
     for n in names:
-        assert torch.equal(got.get_submodule(n).weight, fake_quant(root.get_submodule(n).weight, scheme)), n
+        assert torch.equal(got.get_submodule(n).weight, quantizer(scheme).weight(root.get_submodule(n).weight)), n
 
 
 def test_not_a_packed_folder(demo, tmp_path):

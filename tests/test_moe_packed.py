@@ -16,7 +16,7 @@ from vlmquant.errors import VlmquantError
 from vlmquant.export.sizes import packed_size, packed_size_from_config, qwen3_vl_30b_a3b_config
 from vlmquant.models import get_adapter
 from vlmquant.models.tiny import make_demo_model
-from vlmquant.quant.codes import fake_quant
+from vlmquant.quant.quantizer import quantizer
 from vlmquant.quant.model import decoder_experts, decoder_linears
 from vlmquant.quant.scheme import Scheme
 
@@ -61,9 +61,9 @@ def exported(demo, tmp_path_factory):
             pseudo = copy.deepcopy(model)
             with torch.no_grad():
                 for _, lin in decoder_linears(pseudo, adapter):
-                    lin.weight.copy_(fake_quant(lin.weight, scheme))
+                    lin.weight.copy_(quantizer(scheme).weight(lin.weight))
                 for _, w in decoder_experts(pseudo, adapter):
-                    w.copy_(fake_quant(w, scheme))
+                    w.copy_(quantizer(scheme).weight(w))
             pseudo_dir = tmp_path_factory.mktemp(f"pseudo-{family}-{name}")
             pseudo.save_pretrained(pseudo_dir)
             packed_dir = tmp_path_factory.mktemp(f"packed-{family}-{name}") / "checkpoint"

@@ -168,7 +168,7 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
 def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
     """Replace one decoder layer's fused expert weights [(name relative to the layer, (E, out, in) parameter)] by
     per-expert compressed linears `<experts module>.{e}.<adapter.expert_linears[name][k]>`, in place; the fused
-    parameters are removed. Codes, scales and zero points are those of fake_quant on the fused weight: it
+    parameters are removed. Codes, scales and zero points are those of quantizer(scheme).weight on the fused weight: it
     quantizes every expert's rows like a linear's, groups along the input."""
     for name, w in experts:
         parent_name, _, leaf = name.rpartition(".")
