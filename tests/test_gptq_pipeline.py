@@ -1,13 +1,20 @@
 """GPTQ through the search job, the merge and both checkpoint formats on the tiny demo models (issue 26)."""
+import dataclasses
+import json
+
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from vlmquant.errors import VlmquantError
+from vlmquant.export.checkpoint import export_checkpoint, stored_weights
 from vlmquant.io import ragged, tensors
 from vlmquant.io.scales import chunk_layer_files, load_cache, merge
-from vlmquant.models.capture import load_layer_inputs, load_samples, token_masks
+from vlmquant.models import n_layers
+from vlmquant.models.capture import load_layer_inputs, load_samples, model_inputs, token_masks
 from vlmquant.quant.codes import QuantizedWeight, quantize_weight
+from vlmquant.quant.model import layer_root
 from vlmquant.search import pipeline as P
 from vlmquant.search.grid import loss_tokens
 
@@ -131,3 +138,83 @@ def test_gptq_defaults():
     plain = run_spec("r", method="mbq", w_bit=4)
     assert plain.config() == {"method": "mbq", "w_bit": 4, "w_group": 128, "loss": "mae", "n_grid": 20,
                               "reweight": True}  # unchanged: non-GPTQ runs keep their caches' bytes
+
+
+def export_both(model, spec, cache, out, load=True):
+    """The pseudo and packed checkpoints of a run → (pseudo model, packed model loaded dequantized) if `load`."""
+    from vlmquant.export.packed import export_packed, load_dequantized
+
+    names = {**NAMES, "run": spec.name}
+    export_checkpoint(model, spec, out / "checkpoint", cache, names=names)
+    export_packed(model, spec, out / "packed", cache, names=names)
+    if not load:
+        return None
+    cls = type(model.load())
+    return cls.from_pretrained(out / "checkpoint").eval(), load_dequantized(cls, out / "packed").eval()
+
+
+def assert_packed_equals_pseudo_and_stored(pseudo, packed, cache, adapter, batch):
+    """Equal logits and weights; every GPTQ weight of the pseudo model is (code - zero_point) x scale as stored."""
+    with torch.no_grad():
+        assert torch.equal(pseudo(**batch).logits, packed(**batch).logits)  # first forward decompresses
+    a, b = packed.state_dict(), pseudo.state_dict()
+    assert not [k for k in b if k in a and not torch.equal(a[k], b[k])]
+    root = layer_root(pseudo, adapter)
+    for name, entry in cache["gptq"].items():
+        w = root.get_parameter(name if entry["codes"].dim() == 3 else f"{name}.weight")
+        for e, q in enumerate(stored_weights(entry)):
+            assert torch.equal(w if w.dim() == 2 else w[e], q.dequantize(w.dtype)), name
+
+
+@pytest.mark.parametrize("cfg", [dict(method="gptq", act_order=True), dict(method="mbq", gptq=True, n_grid=4)])
+def test_packed_equals_pseudo_equals_stored_codes(staged, tmp_path, cfg):
+    d, model = staged
+    spec = run_spec("r", w_bit=4, **cfg)
+    cache = search_all(staged, tmp_path, 4, spec)
+    pseudo, packed = export_both(model, spec, cache, tmp_path)
+    batch = model_inputs(ragged.collate(load_samples(d / "inputs.safetensors")[0]), "cpu", torch.float32)
+    assert_packed_equals_pseudo_and_stored(pseudo, packed, load_cache(cache), model.adapter, batch)
+    group = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert group["group_0"]["weights"].get("actorder") == ("weight" if spec.act_order else None)
+    streamed = dataclasses.replace(model, stream="always")  # layer by layer: the same bytes
+    export_checkpoint(streamed, spec, tmp_path / "streamed", cache, names={**NAMES, "run": spec.name})
+    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+
+
+def test_moe_experts_get_per_expert_gptq_and_pack_per_expert(family_demo, tmp_path):
+    """Qwen3-VL-MoE: every fused expert weight is rounded per expert on its routed tokens (experts with too few
+    fall back to RTN and the table says so); packed equals pseudo in every weight and logit."""
+    d, model = family_demo("qwen3_vl_moe")
+    n = n_layers(model.path)
+    P.run_acts(model, d / "inputs.safetensors", [0], d / "acts")
+    spec = run_spec("r", method="gptq", w_bit=4, w_group=32)
+    P.run_search(model, spec, d / "inputs.safetensors", d / "acts", None, list(range(n)), tmp_path / "s",
+                 {**NAMES, "run": "r"})
+    merge(chunk_layer_files([tmp_path / "s"]), tmp_path / "cache.pt", tmp_path / "search.parquet",
+          {**NAMES, "run": "r", "run_config": spec.search_params()})
+    cache = load_cache(tmp_path / "cache.pt")
+    fused = {k: v for k, v in cache["gptq"].items() if v["codes"].dim() == 3}
+    assert fused and all(v["codes"].shape[0] == 8 for v in fused.values())
+    table = pd.read_parquet(tmp_path / "search.parquet")
+    experts = table[table.expert.notna()]
+    assert len(experts) == 8 * len(fused)
+    rtn = experts[experts.tokens < 16]
+    assert len(rtn) and rtn.note.str.contains("rounded to nearest").all() and experts[experts.tokens >= 16].note.isna().all()
+    for k, v in fused.items():
+        assert v["rtn"].tolist() == (table[(table.linears == k.split(".", 2)[2]) & (table.layer == int(k.split(".")[1]))]
+                                     .sort_values("expert").tokens < 16).tolist()
+    # transformers does not load Qwen3-VL-MoE's per-expert packed experts: compressed-tensors decompresses them
+    from test_moe_packed import decompressed, in_pseudo_layout, tensors
+
+    export_both(model, spec, tmp_path / "cache.pt", tmp_path, load=False)
+    reference = tensors(tmp_path / "checkpoint")
+    dense = in_pseudo_layout(decompressed(tmp_path / "packed"), reference, model.adapter)
+    assert not [k for k in reference if not torch.equal(dense[k], reference[k])]
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text((tmp_path / "checkpoint" / "config.json").read_text())
+    save_file(dense, tmp_path / "dense" / "model.safetensors", metadata={"format": "pt"})
+    cls = type(model.load())
+    pseudo, unpacked = (cls.from_pretrained(tmp_path / f).eval() for f in ("checkpoint", "dense"))
+    batch = model_inputs(ragged.collate(load_samples(d / "inputs.safetensors")[0]), "cpu", torch.float32)
+    assert_packed_equals_pseudo_and_stored(pseudo, unpacked, cache, model.adapter, batch)
