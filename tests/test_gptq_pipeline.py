@@ -18,6 +18,8 @@ from vlmquant.quant.model import layer_root
 from vlmquant.search import pipeline as P
 from vlmquant.search.grid import loss_tokens
 
+from vlmquant.spec import RunSpec
+
 from conftest import run_spec
 from test_search_pipeline import NAMES, staged  # noqa: F401  (the module-scoped demo inputs, grads, acts)
 
@@ -145,6 +147,7 @@ def export_both(model, spec, cache, out, load=True):
     from vlmquant.export.packed import export_packed, load_dequantized
 
     names = {**NAMES, "run": spec.name}
+    spec = RunSpec.from_params(spec.name, spec.export_params())  # what the export jobs get
     export_checkpoint(model, spec, out / "checkpoint", cache, names=names)
     export_packed(model, spec, out / "packed", cache, names=names)
     if not load:

@@ -159,9 +159,11 @@ class RunSpec:
         return {**self.config(), **({"ignore": list(self.ignore)} if self.distort or self.gptq else {})}
 
     def export_params(self):
-        """What a checkpoint depends on besides the scale cache: the quantizer and export.ignore. The search
+        """What a checkpoint depends on besides the scale cache: the quantizer, export.ignore, and for GPTQ runs
+        `gptq` (the cache's weights are written) and `act_order` (the packed config says so). The search
         settings are recorded in the checkpoint through the cache's metadata."""
-        return {**{k: v for k, v in self.config().items() if k in COMMON}, "ignore": list(self.ignore)}
+        keep = (*COMMON, "gptq", "act_order")
+        return {**{k: v for k, v in self.config().items() if k in keep}, "ignore": list(self.ignore)}
 
     @classmethod
     def from_params(cls, name, params):

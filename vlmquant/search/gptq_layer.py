@@ -208,7 +208,7 @@ def gptq_layer(layer, index, plan, results, spec, hidden, kwargs, masks, ratios=
 
 
 def rounded_tensors(rounded):
-    """The layer file's tensors of GPTQ weights (io.scales.save_layer `extra`) and their metadata list: per weight
+    """The layer file's tensors of GPTQ weights (io.scales.save_layer `gptq`) and their metadata list: per weight
     gptq.{name}.codes, .scale [, .zero_point] (out, in) / (out, n_groups) for a linear, stacked (E, …) for a fused
     expert weight, and per result .tokens, .error, .rtn_error, .rtn (n_results,)."""
     out, meta = {}, []

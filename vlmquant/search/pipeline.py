@@ -123,8 +123,9 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
     if info["layer"] != first:
         raise VlmquantError(f"{start}: holds the inputs of layer {info['layer']}, expected {first}")
     if chained and info.get("run") != names["run"]:
-        raise VlmquantError(f"{start}: holds another run's layer inputs; chained run {names['run']!r} "
-                            "needs those its previous chunk left")
+        kind = "distort" if spec.distort else "GPTQ"
+        raise VlmquantError(f"{start}: holds another run's layer inputs; {kind} run {names['run']!r} needs those its "
+                            "previous chunk left")
     ratios = load_ratios(grads_path) if spec.needs_grads else None
     sm = StreamedModel(model)  # decoder layers loaded one at a time
     layers = sm.layers  # on the meta device until loaded
