@@ -15,6 +15,7 @@ The search inputs are the fp layer inputs (`gptq_inputs: fp`) or those the alrea
 (`quantized`, as GPTQ and llm-compressor do): then the layer's next input is its output after rounding, and a
 run's search chunks form a chain (spec.chained).
 """
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,12 @@ from vlmquant.quant.codes import quantize_weight
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import groups_to_fold, layer_experts
 from vlmquant.search.experts import down_inputs, sort_pairs
-from vlmquant.search.gptq import GPTQResult, gptq, gptq_experts
+from vlmquant.search.gptq import GPTQResult, gptq
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.hessian import Hessian
 from vlmquant.search.layer import quantized_parts
+
+log = logging.getLogger(__name__)
 
 MIN_TOKENS = 16  # fewer calibration tokens than this (an expert few tokens are routed to): round to nearest
 
@@ -202,6 +205,10 @@ def gptq_layer(layer, index, plan, results, spec, hidden, kwargs, masks, ratios=
         for e, (result, *_) in enumerate(per_expert):
             w[e].copy_(result.weight(w.dtype))
         rounded.append(Rounded(name, *map(list, zip(*per_expert)), ratio_of[name], fused=True))
+    fallback = [f"{r.name}[{e}]" if r.fused else r.name for r in rounded for e, res in enumerate(r.results) if res.rtn]
+    if fallback:
+        log.info("decoder layer %d: %d weights (experts) with fewer than %d calibration tokens rounded to nearest: %s",
+                 index, len(fallback), MIN_TOKENS, ", ".join(fallback))
     if quantized_output:
         out = forward_micro_batched(layer, hidden, kwargs, per_batch)
     return rounded, out
