@@ -221,3 +221,26 @@ def test_moe_experts_get_per_expert_gptq_and_pack_per_expert(family_demo, tmp_pa
     pseudo, unpacked = (cls.from_pretrained(tmp_path / f).eval() for f in ("checkpoint", "dense"))
     batch = model_inputs(ragged.collate(load_samples(d / "inputs.safetensors")[0]), "cpu", torch.float32)
     assert_packed_equals_pseudo_and_stored(pseudo, unpacked, cache, model.adapter, batch)
+
+
+class Wildcards(dict):
+    """Snakemake's wildcards: items and attributes."""
+    __getattr__ = dict.__getitem__
+
+
+@pytest.mark.parametrize("cfg, chained", [(dict(method="gptq"), True), (dict(method="gptq", gptq_inputs="fp"), False),
+                                          (dict(method="mbq", gptq=True, gptq_inputs="fp"), False),
+                                          (dict(method="mbq", distort=True), True), (dict(method="mbq"), False)])
+def test_search_jobs_chain_only_for_quantized_inputs(cfg, chained):
+    """A later chunk of a chained run starts from the previous chunk's folder; other runs' from the fp acts."""
+    from vlmquant import paths
+    from vlmquant.workflow import search_start
+
+    from conftest import default_config
+
+    config = default_config()  # the demo: 4 layers, 2 per job
+    spec = run_spec("r", w_bit=3, **cfg)
+    ids = dict(model="demo-qwen2vl", calib="demo", run="r")
+    start = search_start(config, spec, Wildcards(**ids, chunk=paths.chunk_id(2)))
+    assert start == (paths.SCALES.format(**ids, chunk=paths.chunk_id(0)) if chained else paths.ACTS.format(**ids))
+    assert search_start(config, spec, Wildcards(**ids, chunk=paths.chunk_id(0))) == paths.ACTS.format(**ids)
