@@ -107,7 +107,7 @@ def scale_meta(wildcards):
 
 def export_inputs(wildcards):
     files = {"model": model_files(wildcards)}
-    if RUNS[wildcards.run].has_scales:
+    if RUNS[wildcards.run].has_cache:
         files["cache"] = W.fill(paths.SCALE_CACHE, wildcards)
     return files
 
@@ -140,7 +140,7 @@ def eval_inputs(wildcards):
         "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
     }
     # the eval set must not overlap the set the scales came from
-    if RUNS[wildcards.run].has_scales:
+    if RUNS[wildcards.run].has_cache:
         files["eval_set"] = paths.CALIB.format(calib=ids["eval_calib"])
         files["search_set"] = paths.CALIB.format(calib=ids["calib"])
     return files

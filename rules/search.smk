@@ -54,10 +54,10 @@ rule acts:
 
 
 # One job per chunk of `search.layers_per_job` consecutive layers ({chunk}: its first layer). Chunks
-# start from the fp layer inputs (acts) and are independent, except in distort runs: there a chunk
-# starts from the quantized outputs the previous chunk left in its folder, so the chunks form a chain.
+# start from the fp layer inputs (acts) and are independent, except in distort runs and GPTQ runs on quantized
+# inputs: there a chunk starts from the quantized outputs the previous chunk left in its folder (a chain).
 rule search:
-    """Scale search of one chunk of decoder layers: one scale file per layer."""
+    """Scale search (and GPTQ rounding) of one chunk of decoder layers: one scale file per layer."""
     input:
         inputs=paths.INPUTS,
         start=search_start,

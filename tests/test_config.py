@@ -69,7 +69,7 @@ def test_distort_false_is_the_same_run_as_no_distort(cfg):
     (lambda c: c["calib"]["demo"].update(sed=1), "config: calib.demo.sed: unknown key (did you mean seed?)"),
     (lambda c: c["calib"]["demo"].update(format="fewshot"), "calib.demo.format: 'fewshot' is not one of"),
     (lambda c: c["models"]["demo-qwen2vl"].update(family="gpt5"), "models.demo-qwen2vl.family: 'gpt5' is not one of"),
-    (lambda c: c["runs"]["rtn-w3g128"].update(method="gptq"), "runs.rtn-w3g128.method: 'gptq' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(method="autoround"), "runs.rtn-w3g128.method: 'autoround' is not one of"),
     (lambda c: c["runs"]["rtn-w3g128"].update(n_grid=10), "runs.rtn-w3g128.n_grid: rtn does not use n_grid"),
     (lambda c: c["runs"]["mbq-w4a8"].update(w_group=64), "runs.mbq-w4a8.w_group: weight-activation runs (a_bit)"),
     (lambda c: c.update(devise="cpu"), "config: devise: unknown key (did you mean device?)"),

@@ -26,7 +26,7 @@ def error(cfg):
     (lambda c: c["runs"]["mbq-w3g128"].update(w_grp=64), "config: runs.mbq-w3g128.w_grp: unknown key (did you mean w_group?)"),
     (lambda c: c.update(target={}), "config: target: unknown key (did you mean targets?)"),
     (lambda c: c["runs"]["awq-w3g128"].update(method="mqb"),
-     "config: runs.awq-w3g128.method: 'mqb' is not one of ['awq', 'mbq', 'rtn', 'smoothquant'] (did you mean mbq?)"),
+     "config: runs.awq-w3g128.method: 'mqb' is not one of ['awq', 'gptq', 'mbq', 'rtn', 'smoothquant'] (did you mean mbq?)"),
     (lambda c: c["eval"].update(xyz=1), "config: eval.xyz: unknown key"),  # nothing close: no suggestion
 ])
 def test_misspelled_key_or_choice_gets_the_closest(cfg, edit, line):

@@ -113,4 +113,4 @@ def test_every_method_with_scales_registers_its_searches_where_they_are_defined(
 def test_the_workflow_loads_the_method_registry_without_torch():
     code = "import sys, vlmquant.methods, vlmquant.spec; print(sorted(vlmquant.methods.METHODS), 'torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert res.stdout.split() == ["['awq',", "'mbq',", "'rtn',", "'smoothquant']", "False"], res.stderr
+    assert res.stdout.split() == ["['awq',", "'gptq',", "'mbq',", "'rtn',", "'smoothquant']", "False"], res.stderr

@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from vlmquant.errors import VlmquantError
 from vlmquant.methods import COMMON, METHODS, Method, get_method
+from vlmquant.methods.base import GPTQ_SETTINGS
 from vlmquant.quant.scheme import Scheme, check_scheme
+
+GPTQ_CHOICES = {"hessian": ("uniform", "modality"), "gptq_inputs": ("quantized", "fp")}
 
 DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": False, "w_sym": False, "w_type": "int"}
 FORMATS = ("pseudo", "compressed-tensors")
@@ -20,7 +23,11 @@ class RunSpec:
 
     formats: the checkpoints it exports ("pseudo", "compressed-tensors"). scale_cache: a scale cache made
     elsewhere (ours or the MBQ reference's) that replaces the search. ignore: `export.ignore` patterns
-    (decoder linears the checkpoint keeps fp); a distort run's search keeps them fp too.
+    (decoder linears the checkpoint keeps fp); a distort or GPTQ run's search keeps them fp too.
+    gptq: the weights are rounded with GPTQ in the search job (method gptq, or `gptq: true` on awq/mbq after
+    the scales are folded); hessian ("uniform" | "modality"), dampening, act_order and gptq_inputs
+    ("quantized": each layer's Hessian from the quantized previous layers' outputs | "fp") then apply, else
+    they are None/False.
     """
     name: str
     method: str
@@ -36,6 +43,11 @@ class RunSpec:
     reweight: bool = False
     alpha: float | None = None
     distort: bool = False
+    gptq: bool = False
+    hessian: str | None = None
+    dampening: float | None = None
+    act_order: bool = False
+    gptq_inputs: str | None = None
     ignore: tuple[str, ...] = ()
 
     @classmethod
@@ -62,6 +74,15 @@ class RunSpec:
         values = {**DEFAULTS, **dict(method.defaults), "reweight": method.reweight, **cfg}
         if values["reweight"] and not method.reweight:
             raise VlmquantError(_unused(name, "reweight", method))
+        if values.get("gptq"):
+            values = {"hessian": "modality" if values["reweight"] else "uniform", "dampening": 0.01,
+                      "gptq_inputs": "quantized", **values}
+            _check_gptq(name, values)
+        else:
+            for key in GPTQ_SETTINGS:
+                if key in cfg:
+                    raise VlmquantError(f"config: runs.{name}.{key}: only GPTQ runs use {key} (method gptq, or "
+                                        "gptq: true on awq/mbq); remove it or set gptq: true")
         known = {f.name for f in fields(cls)} - {"name", "ignore", "formats"}
         spec = cls(name=name, ignore=tuple(ignore), **{k: v for k, v in values.items() if k in known})
         packed = spec.packed_form()
@@ -80,13 +101,24 @@ class RunSpec:
         return self.method_def.scales
 
     @property
+    def has_cache(self):
+        """The run's export reads a scale cache: it has scales, or GPTQ weights (which the merge writes there)."""
+        return self.has_scales or self.gptq
+
+    @property
     def searches(self):
-        """The run's scale cache comes from its own search jobs (not from `scale_cache`)."""
-        return self.has_scales and self.scale_cache is None
+        """The run has search jobs: its scales are not imported (`scale_cache`), or it rounds with GPTQ."""
+        return self.has_scales and self.scale_cache is None or self.gptq
 
     @property
     def needs_grads(self):
-        return self.searches and self.reweight
+        return self.searches and (self.reweight or self.hessian == "modality")
+
+    @property
+    def chained(self):
+        """Each search chunk starts from the quantized outputs of the previous one (distort, or GPTQ on
+        quantized inputs), so a run's chunks form a chain."""
+        return self.distort or self.gptq and self.gptq_inputs == "quantized"
 
     @property
     def weight_activation(self):
@@ -123,13 +155,15 @@ class RunSpec:
 
     def search_params(self):
         """What a search job's output depends on (rule params): the run's settings, plus export.ignore for
-        distort runs, whose forwards to the next layer keep those linears fp."""
-        return {**self.config(), **({"ignore": list(self.ignore)} if self.distort else {})}
+        distort and GPTQ runs, whose searches keep those linears fp."""
+        return {**self.config(), **({"ignore": list(self.ignore)} if self.distort or self.gptq else {})}
 
     def export_params(self):
-        """What a checkpoint depends on besides the scale cache: the quantizer and export.ignore. The search
+        """What a checkpoint depends on besides the scale cache: the quantizer, export.ignore, and for GPTQ runs
+        `gptq` (the cache's weights are written) and `act_order` (the packed config says so). The search
         settings are recorded in the checkpoint through the cache's metadata."""
-        return {**{k: v for k, v in self.config().items() if k in COMMON}, "ignore": list(self.ignore)}
+        keep = (*COMMON, "gptq", "act_order")
+        return {**{k: v for k, v in self.config().items() if k in keep}, "ignore": list(self.ignore)}
 
     @classmethod
     def from_params(cls, name, params):
@@ -140,6 +174,26 @@ class RunSpec:
 
     def as_dict(self):
         return asdict(self)
+
+
+def _check_gptq(name, values):
+    """A GPTQ run's settings: integer weight-only scheme, no imported scales, valid choices."""
+    where = f"config: runs.{name}"
+    if values.get("a_bit") is not None or values.get("w_type", "int") != "int":
+        key = "a_bit" if values.get("a_bit") is not None else "w_type"
+        raise VlmquantError(f"{where}.{key}: GPTQ rounds integer weight-only schemes (W3/W4/W8); remove a_bit and "
+                            "w_type or use another method")
+    if values.get("scale_cache") is not None:
+        raise VlmquantError(f"{where}.scale_cache: an imported scale cache has no search job for GPTQ to run in; "
+                            "remove scale_cache or gptq")
+    for key, choices in GPTQ_CHOICES.items():
+        if values[key] not in choices:
+            raise VlmquantError(f"{where}.{key}: {values[key]!r} is not one of {', '.join(choices)}")
+    if isinstance(values["dampening"], bool) or not isinstance(values["dampening"], (int, float)) \
+            or not values["dampening"] > 0:
+        raise VlmquantError(f"{where}.dampening: {values['dampening']!r} must be a number > 0 (0.01 is standard)")
+    if not isinstance(values.get("act_order", False), bool):
+        raise VlmquantError(f"{where}.act_order: {values['act_order']!r} must be true or false")
 
 
 def _unused(name, key, method):

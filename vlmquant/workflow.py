@@ -424,10 +424,10 @@ def chunk_layers(config, model, chunk):
 
 
 def search_start(config, spec, wildcards):
-    """Input of a search job with the inputs of its first layer: the fp acts folder, or for a distort
-    run's later chunks the previous chunk's folder (its next_inputs), which chains the run's chunks."""
+    """Input of a search job with the inputs of its first layer: the fp acts folder, or for a chained (distort,
+    GPTQ on quantized inputs) run's later chunks the previous chunk's folder (its next_inputs)."""
     first = chunk_layers(config, wildcards.model, wildcards.chunk)[0]
-    if spec.distort and first > 0:
+    if spec.chained and first > 0:
         previous = [a for a, _ in chunks(config, wildcards.model) if a < first][-1]
         return fill(paths.SCALES, wildcards, chunk=paths.chunk_id(previous))
     return fill(paths.ACTS, wildcards)
@@ -467,7 +467,7 @@ def targets(config):
             out += [paths.ACTS.format(**ids), paths.SEARCH_TABLE.format(**ids)]
             out += [paths.SCALES.format(**ids, chunk=paths.chunk_id(a)) for a, _ in chunks(config, m)]
             out += [paths.GRADS.format(**ids)] if specs[r].needs_grads else []
-        out += [paths.SCALE_CACHE.format(**ids)] if specs[r].has_scales else []
+        out += [paths.SCALE_CACHE.format(**ids)] if specs[r].has_cache else []
         out += [template.format(**ids) for fmt, template in CHECKPOINTS.items() if fmt in specs[r].formats]
         if config["lmms_eval"]["enabled"]:
             out.append(paths.LMMS.format(**ids))
@@ -521,7 +521,7 @@ def plot_runs(config):
 def search_runs(config):
     """Target runs with a scale search (their α goes into the plots)."""
     specs = run_specs(config)
-    return [r for r in config["targets"].get("runs", []) if specs[r].searches]
+    return [r for r in config["targets"].get("runs", []) if specs[r].searches and specs[r].has_scales]
 
 
 def evaluated_checkpoint(spec):

@@ -7,6 +7,9 @@ vision tower, embeddings or lm_head; minus `export.ignore`) → an ordinary HF f
     quantization.json   method, bits, group, scale-cache sha256, source model, run, ignored modules
     scales.safetensors  the scales folded into the weights (absent for RTN), to unfold them again
 
+GPTQ runs: the weights their search stored (the cache's "gptq" entries, io.scales) are written dequantized,
+exactly (code - zero_point) x scale, in place of round to nearest.
+
 The quantization.json dict is also stored as JSON under the `vlmquant` key of every shard's
 safetensors metadata. The weights are plain floats, so the folder loads with the family's
 `from_pretrained` and needs nothing from this package.
@@ -34,6 +37,7 @@ from vlmquant.io.scales import load_cache
 from vlmquant.models.memory import use_streaming
 from vlmquant.models.stream import StreamedModel
 from vlmquant.quant.scheme import Scheme
+from vlmquant.quant.codes import QuantizedWeight
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import (check_experts, decoder_experts, decoder_linears, groups_to_fold, layer_experts,
@@ -67,9 +71,9 @@ def resolve_export(model, adapter, spec, cache=None, source="scale cache"):
     """Every check of fold_for_export, nothing changed: (the resolved scale groups to fold (quant.fold.Fold), its
     result dict). `model` may be on the meta device (a streamed export checks the whole model before loading any
     layer)."""
-    if not spec.has_scales and cache is not None:
+    if not spec.has_cache and cache is not None:
         raise VlmquantError(f"{source}: method {spec.method} uses no scale cache")
-    if spec.has_scales and cache is None:
+    if spec.has_cache and cache is None:
         raise VlmquantError(f"method {spec.method} needs the run's scale cache")
     names = [n for n, _ in decoder_linears(model, adapter)]
     ignored = resolve_ignore(names, spec.ignore)
@@ -81,13 +85,49 @@ def resolve_export(model, adapter, spec, cache=None, source="scale cache"):
         except VlmquantError as e:
             raise VlmquantError(f"{n}: {e}") from None
     applied, skipped = [], []
-    if cache is not None:
-        if not isinstance(cache, dict):
-            raise VlmquantError(f"{source}: not a scale cache (no 'scale' list)")
+    if cache is not None and not isinstance(cache, dict):
+        raise VlmquantError(f"{source}: not a scale cache (no 'scale' list)")
+    if cache is not None and spec.has_scales:  # a gptq run's cache holds its weights only
         folds = resolve_scales(root, cache.get("scale"), source, n_layers=len(adapter.layers(model)))
         applied, skipped = groups_to_fold(folds, ignored)
+    stored = check_stored(cache, spec, quantized + [n for n, _ in decoder_experts(model, adapter)], source)
     return applied, {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped,
-                     "applied": [(f.prev_name, f.linear_names, f.s) for f in applied]}
+                     "applied": [(f.prev_name, f.linear_names, f.s) for f in applied], "stored": stored}
+
+
+def check_stored(cache, spec, weights, source):
+    """The cache's GPTQ weights {name: entry} (io.scales.gptq_entry; {} for runs without GPTQ), checked: a GPTQ run's
+    cache holds one for every weight to quantize (`weights`, relative to the layer root), another run's none."""
+    stored = (cache or {}).get("gptq") or {}
+    if stored and not spec.gptq:
+        raise VlmquantError(f"{source}: holds GPTQ weights, but run uses no GPTQ; rerun its search")
+    missing = [n for n in weights if n not in stored] if spec.gptq else []
+    if missing:
+        raise VlmquantError(f"{source}: no GPTQ weights of {missing[0]} (of {len(missing)} weights to quantize); "
+                            "delete the run's scales/ and scale_cache.pt and rerun the search")
+    return stored
+
+
+def stored_weights(entry):
+    """The QuantizedWeights of a stored GPTQ weight: one for a linear, one per expert for a fused (E, out, in) one."""
+    codes, scale, zero = entry["codes"], entry["scale"], entry.get("zero_point")
+    group = codes.shape[-1] // scale.shape[-1]
+    if codes.dim() == 2:
+        return [QuantizedWeight(codes, scale, zero, group)]
+    return [QuantizedWeight(codes[e], scale[e], None if zero is None else zero[e], group) for e in range(len(codes))]
+
+
+@torch.no_grad()
+def write_stored(root, stored, prefix=""):
+    """Overwrite the weights of `root` named in `stored` ({prefix + name: entry}, names relative to root; others are
+    skipped) with their dequantized GPTQ codes: the pseudo checkpoint's weights of a GPTQ run."""
+    for key, entry in stored.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        w = root.get_parameter(name if entry["codes"].dim() == 3 else f"{name}.weight")
+        for e, q in enumerate(stored_weights(entry)):
+            (w if w.dim() == 2 else w[e]).copy_(q.dequantize(w.dtype))
 
 
 @torch.no_grad()
@@ -110,6 +150,7 @@ def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
     """fold_for_export, then fake-quantize the decoder linears to quantize: the pseudo checkpoint, in memory."""
     result = fold_for_export(model, adapter, spec, cache, source)
     pseudo_quantize(model, adapter, spec, exclude=result["ignored"])
+    write_stored(layer_root(model, adapter), result["stored"])
     return result
 
 
@@ -316,13 +357,17 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
     else:
         fp, result, info = load_and_fold(model, spec, cache_path, names)
         pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
+        write_stored(layer_root(fp, model.adapter), result["stored"])
         info = pseudo_info(model, spec, result, info)
     src = Path(model.path)
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:
         if streamed:
-            job.write(tmp, lambda layer, i, linears, experts: quantize_linears(
-                [layer.get_submodule(n) for n in linears] + [w for _, w in experts], spec), max_shard_size)
+            def quantize(layer, i, linears, experts):
+                quantize_linears([layer.get_submodule(n) for n in linears] + [w for _, w in experts], spec)
+                write_stored(layer, result["stored"], f"layers.{i}.")
+
+            job.write(tmp, quantize, max_shard_size)
         else:
             fp.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
         for shard in shard_files(tmp):

@@ -50,12 +50,13 @@ import torch
 
 from vlmquant.errors import VlmquantError
 from vlmquant.export.checkpoint import (QUANT_FILE, StreamedExport, check_complete, copy_processor_files,
-                                       load_and_fold, remove_stale_temps, set_safetensors_metadata, shard_files)
+                                       load_and_fold, remove_stale_temps, set_safetensors_metadata, shard_files,
+                                       stored_weights)
 from vlmquant.export.shards import shard_bytes
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
 from vlmquant.models.memory import use_streaming
-from vlmquant.quant.codes import quantize_weight
+from vlmquant.quant.codes import QuantizedWeight, quantize_weight
 from vlmquant.quant.scheme import Scheme, check_scheme
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.model import decoder_experts, decoder_linears, layer_experts, layer_root
@@ -76,14 +77,16 @@ def require_compressed_tensors():
                             "pip install compressed-tensors") from None
 
 
-def ct_scheme(scheme: Scheme):
-    """The compressed-tensors QuantizationScheme (targets ["Linear"]) of a vlmquant Scheme."""
+def ct_scheme(scheme: Scheme, act_order=False):
+    """The compressed-tensors QuantizationScheme (targets ["Linear"]) of a vlmquant Scheme; act_order: GPTQ's
+    columns were rounded in act-order, stored as `actorder: weight` (codes in column order, no g_idx: search.gptq)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     grouped = scheme.w_group > 0
     weights = QuantizationArgs(num_bits=scheme.w_bit, type=scheme.w_type, symmetric=scheme.symmetric,
                                strategy="group" if grouped else "channel",
-                               group_size=scheme.w_group if grouped else None)
+                               group_size=scheme.w_group if grouped else None,
+                               actorder="weight" if act_order else None)
     acts = None
     if scheme.a_bit is not None:
         acts = QuantizationArgs(num_bits=scheme.a_bit, type=scheme.a_type, symmetric=True, strategy="token",
@@ -145,8 +148,9 @@ def ignore_list(model, quantized, extra=()):
 
 
 @torch.no_grad()
-def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
-    """Replace lin's weight by its compressed-tensors parameters (weight_packed/weight, weight_scale, …), in place.
+def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct, q=None) -> None:
+    """Replace lin's weight by its compressed-tensors parameters (weight_packed/weight, weight_scale, …), in place:
+    the codes `q` (quant.codes.QuantizedWeight: a GPTQ run's stored ones), else those of quantize_weight.
 
     The compressor re-derives codes as round(weight / scale + zero_point): it is handed our scale and zero
     point and the exact (code - zero) x scale weight in fp32, so it finds our codes (from a bf16 weight
@@ -155,7 +159,7 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
     from compressed_tensors.compressors import compress_module
     from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 
-    q = quantize_weight(lin.weight, scheme)
+    q = quantize_weight(lin.weight, scheme) if q is None else q
     initialize_module_for_quantization(lin, ct, force_zero_point=False)  # weight_scale [, weight_zero_point]
     lin.weight_scale.copy_(q.scale)
     if q.zero_point is not None:
@@ -165,15 +169,17 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
 
 
 @torch.no_grad()
-def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
+def pack_experts(layer, experts, adapter, scheme: Scheme, ct, stored=None) -> None:
     """Replace one decoder layer's fused expert weights [(name relative to the layer, (E, out, in) parameter)] by
     per-expert compressed linears `<experts module>.{e}.<adapter.expert_linears[name][k]>`, in place; the fused
     parameters are removed. Codes, scales and zero points are those of quantizer(scheme).weight on the fused weight: it
-    quantizes every expert's rows like a linear's, groups along the input."""
+    quantizes every expert's rows like a linear's, groups along the input; or a GPTQ run's, stored: {name: entry}
+    (names relative to the layer; export.checkpoint.stored_weights), split by rows the same way."""
     for name, w in experts:
         parent_name, _, leaf = name.rpartition(".")
         parent, parts = layer.get_submodule(parent_name), adapter.expert_linears[name]
         rows = w.shape[1] // len(parts)
+        codes = stored_weights(stored[name]) if stored and name in stored else None
         for e in range(w.shape[0]):
             if not hasattr(parent, str(e)):
                 parent.add_module(str(e), torch.nn.Module())
@@ -181,7 +187,10 @@ def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
                 with torch.device("meta"):
                     lin = torch.nn.Linear(w.shape[2], rows, bias=False)
                 lin.weight = torch.nn.Parameter(w[e, k * rows:(k + 1) * rows].clone(), requires_grad=False)
-                compress_linear(lin, scheme, ct)
+                q = None if codes is None else QuantizedWeight(
+                    *(None if t is None else t[k * rows:(k + 1) * rows] for t in
+                      (codes[e].codes, codes[e].scale, codes[e].zero_point)), codes[e].group)
+                compress_linear(lin, scheme, ct, q)
                 getattr(parent, str(e)).add_module(part, lin)
         delattr(parent, leaf)
 
@@ -200,6 +209,12 @@ def check_experts_packable(experts, adapter, scheme: Scheme):
             raise VlmquantError(f"{name}: {e}") from None
 
 
+def layer_stored(stored, index):
+    """The GPTQ entries of decoder layer `index`, named relative to the layer."""
+    prefix = f"layers.{index}."
+    return {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+
+
 def ct_versions():
     versions = package_versions()
     try:
@@ -209,7 +224,7 @@ def ct_versions():
     return versions
 
 
-def plan_packed(model, adapter, quantize, scheme: Scheme):
+def plan_packed(model, adapter, quantize, scheme: Scheme, act_order=False):
     """Every check of write_packed, nothing written: (compressed-tensors scheme, ignore list, decoder-linear names,
     fused expert weight names (packed per expert)). `model` may be on the meta device."""
     names = [n for n, _ in decoder_linears(model, adapter)]
@@ -225,7 +240,7 @@ def plan_packed(model, adapter, quantize, scheme: Scheme):
         except VlmquantError as e:
             raise VlmquantError(f"{n}: {e}") from None
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
-    ct = ct_scheme(scheme)
+    ct = ct_scheme(scheme, act_order)
     experts = decoder_experts(model, adapter)
     check_experts_packable(experts, adapter, scheme)
     ignore = ignore_list(model, [prefix + n for n in quantize], routers(model, adapter))
@@ -269,25 +284,29 @@ def finish_packed(folder, ct, ignore, scheme, record, source=None):
     (folder / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB"):
+def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB",
+                 stored=None, act_order=False):
     """Write `model` (scales folded, weights not yet quantized) as a compressed-tensors checkpoint at `out_dir`.
 
     quantize: names of the decoder linears to quantize, relative to the decoder-layer root (as
     quant.model.decoder_linears gives them); the other decoder linears stay as they are. info: provenance
     merged into quantization.json (run, scale cache sha256, …); source: model folder whose processor and
-    tokenizer files are copied. The model is consumed: its quantized linears hold packed codes afterwards.
+    tokenizer files are copied. stored: a GPTQ run's codes {name relative to the layer root: entry} (written instead
+    of round to nearest's), act_order: they were found in act-order. The model is consumed: its quantized linears
+    hold packed codes afterwards.
     Everything that can fail is checked before anything is written; the folder is written under a
     temporary name and renamed when complete. Returns the quantization.json dict.
     Raises VlmquantError for an unknown linear, a w_group not dividing a linear's input width, a split
     q/k/v or gate/up group, or compressed-tensors missing.
     """
     require_compressed_tensors()
-    ct, ignore, names, experts = plan_packed(model, adapter, quantize, scheme)
+    ct, ignore, names, experts = plan_packed(model, adapter, quantize, scheme, act_order)
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
+    stored = stored or {}
     for n in quantize:
-        compress_linear(model.get_submodule(prefix + n), scheme, ct)
-    for layer in adapter.layers(model):
-        pack_experts(layer, layer_experts(layer, adapter), adapter, scheme, ct)
+        compress_linear(model.get_submodule(prefix + n), scheme, ct, stored_weights(stored[n])[0] if n in stored else None)
+    for i, layer in enumerate(adapter.layers(model)):
+        pack_experts(layer, layer_experts(layer, adapter), adapter, scheme, ct, layer_stored(stored, i))
     record = packed_record(model, adapter, names, quantize, experts, scheme, ignore, info)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
@@ -324,18 +343,20 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
         fp, result, info = load_and_fold(model, spec, cache_path, names)
         remove_stale_temps(out_dir)
         return write_packed(fp, model.adapter, result["quantized"], spec.scheme, out_dir, info=info, source=model.path,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, stored=result["stored"], act_order=spec.act_order)
     require_compressed_tensors()
     job = StreamedExport(model, spec, cache_path, names)
     skeleton, scheme = job.sm.skeleton, spec.scheme
-    ct, ignore, linear_names, experts = plan_packed(skeleton, model.adapter, job.result["quantized"], scheme)
+    ct, ignore, linear_names, experts = plan_packed(skeleton, model.adapter, job.result["quantized"], scheme,
+                                                    spec.act_order)
     record = packed_record(skeleton, model.adapter, linear_names, job.result["quantized"], experts, scheme, ignore,
                            job.info)
 
     def compress(layer, index, linears, experts):
+        stored = layer_stored(job.result["stored"], index)
         for n in linears:
-            compress_linear(layer.get_submodule(n), scheme, ct)
-        pack_experts(layer, experts, model.adapter, scheme, ct)
+            compress_linear(layer.get_submodule(n), scheme, ct, stored_weights(stored[n])[0] if n in stored else None)
+        pack_experts(layer, experts, model.adapter, scheme, ct, stored)
 
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -14,6 +14,11 @@ Scale cache (torch.save, loads with weights_only=True):
 with names relative to the decoder-layer stack (`layers.{i}.…`); scales (C,), or (E, C) for a per-expert group.
 Search table (merge): one row per group and layer, one per expert for a per-expert group (`expert`,
 `tokens`), one with a `note` and no α for a group that did not apply.
+GPTQ runs (search.gptq_layer): per GPTQ-rounded weight `gptq.{name}.codes`, `.scale` [, `.zero_point`] (a fused
+expert weight's stacked over experts) and per result `.tokens`, `.error`, `.rtn_error`, `.rtn` in the layer file,
+`gptq` [{name, ratio}] in its metadata; the cache adds {"gptq": {"layers.{i}.{name}": {"codes", "scale"[,
+"zero_point"], "rtn"}}}, and the table a row per weight (per expert) with group "gptq", loss = its calibration
+output error, rtn_loss = round to nearest's, and the experts rounded to nearest for lack of tokens noted.
 """
 import io
 from pathlib import Path
@@ -36,9 +41,10 @@ def rtn_losses(result):
     return losses[:, 0].tolist() if isinstance(losses, torch.Tensor) and losses.dim() == 2 else [losses[0]]
 
 
-def save_layer(path, index, groups, results, ratios, meta):
+def save_layer(path, index, groups, results, ratios, meta, gptq=None):
     """Write one layer's search results. groups: ScaleGroups; results: GroupResults (ExpertsResults for
-    per-expert groups); ratios: per group or None."""
+    per-expert groups); ratios: per group or None; gptq: (tensors, records) of the layer's GPTQ weights
+    (search.gptq_layer.rounded_tensors), None for runs without GPTQ."""
     tensors = {f"scale.{k}": r.scales.detach().float().cpu().contiguous() for k, r in enumerate(results)}
     alpha, losses, best = [], [], []
     for k, r in enumerate(results):
@@ -59,6 +65,9 @@ def save_layer(path, index, groups, results, ratios, meta):
     info = {**meta, "layer": index,
             "groups": [{"prev": g.prev, "linears": list(g.consumers), "block": g.block, "ratio": ratio}
                        for g, ratio in zip(groups, ratios)]}
+    if gptq is not None:
+        tensors.update(gptq[0])
+        info["gptq"] = gptq[1]
     tensor_file.save(path, tensors, info)
 
 
@@ -73,7 +82,7 @@ def chunk_layer_files(chunk_dirs):
 
 def merge(layer_paths, cache_path, table_path, expect):
     """Check every layer file against `expect` (model, run settings…), write the cache and a table."""
-    entries, rows = [], []
+    entries, rows, stored = [], [], {}
     for want, path in enumerate(layer_paths):
         tensors, info = load_layer(path)
         for key, value in expect.items():
@@ -95,10 +104,14 @@ def merge(layer_paths, cache_path, table_path, expect):
             else:
                 losses = tensors["losses"][k]
                 rows.append({**row, **table_row(float(tensors["alpha"][k]), losses, int(tensors["best"][k]))})
+        for r in info.get("gptq", []):
+            stored[prefix + r["name"]], gptq_rows = gptq_entry(tensors, r)
+            rows += [{"layer": want, **row} for row in gptq_rows]
         for g in info.get("skipped", []):
             rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]), "ratio": None,
                          **table_row(None, None, None, note=f"skipped: {g['reason']}")})
-    save_cache({"scale": entries, "meta": {**expect, "n_layers": len(layer_paths)}}, cache_path)
+    save_cache({"scale": entries, **({"gptq": stored} if stored else {}),
+                "meta": {**expect, "n_layers": len(layer_paths)}}, cache_path)
     with atomic_path(table_path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), tmp)
 
@@ -107,6 +120,22 @@ TABLE_SCHEMA = pa.schema([("layer", pa.int64()), ("group", pa.string()), ("linea
                           ("alpha", pa.float64()), ("loss", pa.float64()), ("rtn_loss", pa.float64()),
                           ("ratio", pa.float64()), ("expert", pa.int64()), ("tokens", pa.int64()),
                           ("note", pa.string())])
+
+
+def gptq_entry(tensors, record):
+    """(the scale cache's GPTQ entry of one weight: {"codes", "scale"[, "zero_point"], "rtn"}, its search-table
+    rows) from a layer file's tensors and its `gptq` record {"name", "ratio"}."""
+    key = f"gptq.{record['name']}"
+    entry = {k: tensors[f"{key}.{k}"] for k in ("codes", "scale", "zero_point", "rtn") if f"{key}.{k}" in tensors}
+    fused = entry["codes"].dim() == 3
+    rows = []
+    for e, (tokens, error, rtn_error, rtn) in enumerate(zip(tensors[f"{key}.tokens"].tolist(),
+                                                             tensors[f"{key}.error"].tolist(),
+                                                             tensors[f"{key}.rtn_error"].tolist(), entry["rtn"].tolist())):
+        note = f"gptq: {tokens} calibration tokens, rounded to nearest" if rtn else None
+        rows.append({"group": "gptq", "linears": record["name"], "ratio": record["ratio"],
+                     **table_row(None, [rtn_error, error], 1, e if fused else None, tokens, note)})
+    return entry, rows
 
 
 def table_row(alpha, losses, best, expert=None, tokens=None, note=None):

@@ -18,6 +18,8 @@ from vlmquant.errors import VlmquantError
 
 # settings every run has; a method adds the ones it reads (Method.settings)
 COMMON = ("method", "w_bit", "w_group", "a_bit", "w_sym", "w_type", "formats")
+# settings of GPTQ rounding (method gptq, and awq/mbq with `gptq: true`): vlmquant.search.gptq_layer
+GPTQ_SETTINGS = ("hessian", "dampening", "act_order", "gptq_inputs")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ The division by Σ w_t only keeps H's scale independent of the token count: GPTQ
 when H is multiplied by a positive constant (its damping is relative to the mean diagonal).
 
 Accumulation is streaming: `Hessian.add` takes any number of token batches, in any split, and the sum
-runs in the accumulator's dtype (fp32; fp64 for tests) whatever the inputs' dtype. Tokens of one weight
-value are summed in one matmul and the weight applied to their product, so bf16 inputs lose nothing
-more than their own rounding.
+runs in the accumulator's dtype (fp32; fp64 for tests) whatever the inputs' dtype. The rows are cast to
+that dtype, scaled by √w_t and summed in one matmul, Σ (√w_t x_t)(√w_t x_t)ᵀ, so with ρ = 1 a modality
+Hessian is bit for bit the uniform one.
 """
+import math
+
 import torch
 
 from vlmquant.errors import VlmquantError
@@ -67,17 +69,21 @@ class Hessian:
         if self.mode == "modality" and vision is None:
             raise VlmquantError("hessian=modality needs the vision-token mask of the calibration batch")
         x, loss = x.reshape(-1, n_in), loss.reshape(-1).to(x.device)
-        parts = [(loss, 1.0)]
+        rows = loss.nonzero().squeeze(1)
+        root = None  # √w_t of the rows (modality); uniform rows are added as they are
         if self.mode == "modality":
-            vision = vision.reshape(-1).to(x.device)
-            parts = [(loss & ~vision, 1.0), (loss & vision, float(self.ratio))]
-        for keep, weight in parts:
-            rows = keep.nonzero().squeeze(1)
-            for start in range(0, rows.numel(), ROWS_PER_MATMUL):
-                xs = x[rows[start:start + ROWS_PER_MATMUL]].to(device=self.sum.device, dtype=self.sum.dtype)
-                self.sum.addmm_(xs.T, xs, alpha=weight)  # (C_in, C_in)
-            self.total += weight * rows.numel()
-            self.n_tokens += rows.numel()
+            at_vision = vision.reshape(-1).to(x.device)[rows]
+            root = torch.ones(rows.numel(), dtype=self.sum.dtype, device=x.device)
+            root[at_vision] = math.sqrt(self.ratio)
+            self.total += float(self.ratio) * int(at_vision.sum()) + rows.numel() - int(at_vision.sum())
+        else:
+            self.total += rows.numel()
+        for start in range(0, rows.numel(), ROWS_PER_MATMUL):
+            xs = x[rows[start:start + ROWS_PER_MATMUL]].to(device=self.sum.device, dtype=self.sum.dtype)
+            if root is not None:
+                xs.mul_(root[start:start + ROWS_PER_MATMUL, None].to(xs.device))
+            self.sum.addmm_(xs.T, xs)  # (C_in, C_in): Σ (√w x)(√w x)ᵀ
+        self.n_tokens += rows.numel()
 
     def value(self) -> torch.Tensor:
         """H (C_in, C_in) in the accumulator's dtype; zeros when no token was added."""

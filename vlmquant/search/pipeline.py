@@ -22,6 +22,7 @@ from vlmquant.models.memory import MB, acts_micro_batch, search_micro_batch, use
 from vlmquant.models.stream import StreamedModel, forward_micro_batched
 from vlmquant.quant.fold import resolve_scales
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
+from vlmquant.search.gptq_layer import gptq_layer, rounded_tensors
 from vlmquant.search.layer import quantized_forward, search_layer
 from vlmquant.search.plan import plan_layer
 
@@ -106,12 +107,14 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
     """Search the consecutive decoder layers `layer_ids` of `model` (ModelRef) for the run `spec`.
 
     Writes out_dir/layer_NNN.safetensors per layer (io.scales). start_dir holds the inputs of
-    layer_ids[0]: the acts folder (fp inputs), or for a distort run's later chunks the previous chunk's
-    folder, whose next_inputs.safetensors are those inputs as the quantized model computes them; a
-    distort chunk that is not the last leaves its own. names: {"model", "calib", "run"}.
+    layer_ids[0]: the acts folder (fp inputs), or for a chained run's (spec.chained: distort, GPTQ on quantized
+    inputs) later chunks the previous chunk's folder, whose next_inputs.safetensors are those inputs as the
+    quantized model computes them; a chained chunk that is not the last leaves its own. GPTQ runs round every
+    layer after its scales (search.gptq_layer) and store the weights in the layer files. names: {"model",
+    "calib", "run"}.
     """
     first, last = layer_ids[0], layer_ids[-1]
-    chained = spec.distort and first > 0
+    chained = spec.chained and first > 0
     start = Path(start_dir) / paths.NEXT_INPUTS if chained else layer_file(start_dir, first)
     meta = {**names, "run_config": spec.search_params()}
     samples, _ = load_samples(inputs_path)
@@ -120,8 +123,9 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
     if info["layer"] != first:
         raise VlmquantError(f"{start}: holds the inputs of layer {info['layer']}, expected {first}")
     if chained and info.get("run") != names["run"]:
-        raise VlmquantError(f"{start}: holds another run's layer inputs; distort run {names['run']!r} "
-                            "needs those its previous chunk left")
+        kind = "distort" if spec.distort else "GPTQ"
+        raise VlmquantError(f"{start}: holds another run's layer inputs; {kind} run {names['run']!r} needs those its "
+                            "previous chunk left")
     ratios = load_ratios(grads_path) if spec.needs_grads else None
     sm = StreamedModel(model)  # decoder layers loaded one at a time
     layers = sm.layers  # on the meta device until loaded
@@ -136,8 +140,15 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         plan = plans[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
-        results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch, host)
-        if spec.distort:
+        results, out, rounded = [], None, None
+        if spec.has_scales:
+            results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
+                                        host)
+        if spec.gptq:
+            rounded, q_out = gptq_layer(layer, i, plan, results, spec, hidden, args.kwargs(i), masks, layer_ratios,
+                                        model.adapter, per_batch, quantized_output=spec.chained)
+            out = q_out if spec.chained or out is None else out
+        elif spec.distort:
             out = quantized_forward(layer, i, plan.groups, results, spec, hidden, args.kwargs(i), model.adapter,
                                     per_batch)
         hidden = args.after(i, out)
@@ -146,11 +157,13 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         for g, r in zip(plan.groups, results):
             if not all(map(math.isfinite, scales.rtn_losses(r))):
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
-        scales.save_layer(layer_file(out_dir, i), i, plan.groups, results,
-                          [layer_ratios[g.site] if layer_ratios else None for g in plan.groups],
+        groups, skipped = (plan.groups, plan.skipped) if spec.has_scales else ([], [])
+        scales.save_layer(layer_file(out_dir, i), i, groups, results,
+                          [layer_ratios[g.site] if layer_ratios else None for g in groups],
                           {**meta, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
-                                               for g, why in plan.skipped]})
-    if spec.distort and last + 1 < n_layers(model.path):
+                                               for g, why in skipped]},
+                          None if rounded is None else rounded_tensors(rounded))
+    if spec.chained and last + 1 < n_layers(model.path):
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
         save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
                           {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})

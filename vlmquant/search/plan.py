@@ -27,7 +27,7 @@ class LayerPlan:
 
     groups: its scale groups (models.base.ScaleGroup) in search order; skipped: [(group, reason)] of those that do
     not apply. Per group: searches, the method's function of its job ((GroupSearch or ExpertsSearch, RunSpec) →
-    result); periods, the period of its scales (group_period) or None.
+    result; None for a method without scales, whose GPTQ uses the groups' sites and shapes only); periods, the period of its scales (group_period) or None.
     """
     index: int
     groups: list
@@ -74,10 +74,10 @@ def plan_layer(spec, layer, index, adapter) -> LayerPlan:
     for g in groups:
         n_in = group_width(layer, index, g, spec.scheme)
         if g.experts:
-            searches.append(experts_search_of(spec.method_def))
-            check_gated_experts(layer.get_submodule(g.block))
+            check_gated_experts(layer.get_submodule(g.block))  # GPTQ reads gate_up_proj, down_proj too
+            searches.append(experts_search_of(spec.method_def) if spec.has_scales else None)
             periods.append(None)
         else:
-            searches.append(group_search_of(spec.method_def))
+            searches.append(group_search_of(spec.method_def) if spec.has_scales else None)
             periods.append(group_period(layer, g, n_in))
     return LayerPlan(index, groups, skipped, searches, periods)

@@ -1,0 +1,27 @@
+"""End to end: GPTQ alone and MBQ + GPTQ through every stage of the workflow to packed checkpoints (issue 26)."""
+import pandas as pd
+import pytest
+
+from vlmquant.io.scales import load_cache
+
+pytestmark = pytest.mark.slow
+RUNS = ("gptq-w3g128", "mbq-gptq-w3g128")
+
+
+def test_gptq_runs_go_through_every_stage_to_packed(workdir):
+    workdir.edit(lambda cfg: cfg["targets"].update(runs=list(RUNS)))
+    planned = workdir.planned()
+    assert planned["search"] == 2 * 2 and planned["grads"] == 1  # 4 layers in chunks of 2; only mbq needs ρ
+    workdir.snakemake()
+    for run in RUNS:
+        base = workdir.file(f"results/demo-qwen2vl/demo/{run}")
+        cache = load_cache(base / "scale_cache.pt")
+        assert len(cache["gptq"]) == 4 * 7 and bool(cache["scale"]) == run.startswith("mbq")
+        assert (base / "packed" / "config.json").is_file() and (base / "checkpoint" / "config.json").is_file()
+        table = pd.read_parquet(base / "search.parquet")
+        gptq = table[table.group == "gptq"]
+        assert len(gptq) == 28 and (gptq.loss <= gptq.rtn_loss).all()
+        if run.startswith("mbq"):
+            assert gptq.ratio.notna().all()  # the modality Hessian's ρ
+    summary = pd.read_csv(workdir.file("results/summary.csv"))
+    assert set(RUNS) <= set(summary["run"])
