@@ -22,7 +22,7 @@ from vlmquant.models.memory import MB, acts_micro_batch, search_micro_batch, use
 from vlmquant.models.stream import StreamedModel, forward_micro_batched
 from vlmquant.quant.fold import resolve_scales
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
-from vlmquant.search.layer import quantized_forward, search_layer
+from vlmquant.search.layer import quantized_forward, search_layer, search_layer_in_order
 from vlmquant.search.plan import plan_layer
 
 log = logging.getLogger(__name__)
@@ -107,21 +107,21 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
 
     Writes out_dir/layer_NNN.safetensors per layer (io.scales). start_dir holds the inputs of
     layer_ids[0]: the acts folder (fp inputs), or for a distort run's later chunks the previous chunk's
-    folder, whose next_inputs.safetensors are those inputs as the quantized model computes them; a
-    distort chunk that is not the last leaves its own. names: {"model", "calib", "run"}.
+    folder, whose next_inputs.safetensors are those inputs as the quantized model computes them (and for
+    `distort: reference` next_fp_inputs.safetensors, as the fp model computes them); a distort chunk that is not
+    the last leaves its own. names: {"model", "calib", "run"}.
     """
     first, last = layer_ids[0], layer_ids[-1]
     chained = spec.distort and first > 0
+    in_order = spec.distort == "reference"
     start = Path(start_dir) / paths.NEXT_INPUTS if chained else layer_file(start_dir, first)
     meta = {**names, "run_config": spec.search_params()}
     samples, _ = load_samples(inputs_path)
     masks = token_masks(ragged.collate(samples), model.device)
-    hidden, args, info = load_layer_inputs(start, model.device, model.dtype)
-    if info["layer"] != first:
-        raise VlmquantError(f"{start}: holds the inputs of layer {info['layer']}, expected {first}")
-    if chained and info.get("run") != names["run"]:
-        raise VlmquantError(f"{start}: holds another run's layer inputs; distort run {names['run']!r} "
-                            "needs those its previous chunk left")
+    hidden, args = chunk_inputs(start, first, chained, names, model)
+    # the fp chain: layer 0's inputs are the same in both models
+    hidden_fp = chunk_inputs(Path(start_dir) / paths.NEXT_FP_INPUTS, first, True, names, model)[0] \
+        if in_order and chained else hidden
     ratios = load_ratios(grads_path) if spec.needs_grads else None
     sm = StreamedModel(model)  # decoder layers loaded one at a time
     layers = sm.layers  # on the meta device until loaded
@@ -136,7 +136,14 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         plan = plans[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
-        results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch, host)
+        if in_order:
+            results, fp_out = search_layer_in_order(layer, plan, hidden, hidden_fp, args.kwargs(i), masks, spec,
+                                                    layer_ratios, model.adapter, per_batch, host)
+            hidden_fp = args.after(i, fp_out)
+            del fp_out
+        else:
+            results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
+                                        host)
         if spec.distort:
             out = quantized_forward(layer, i, plan.groups, results, spec, hidden, args.kwargs(i), model.adapter,
                                     per_batch)
@@ -152,8 +159,22 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                                                for g, why in plan.skipped]})
     if spec.distort and last + 1 < n_layers(model.path):
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
-        save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
-                          {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
+        next_meta = {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]}
+        save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args, next_meta)
+        if in_order:
+            save_layer_inputs(Path(out_dir) / paths.NEXT_FP_INPUTS, hidden_fp, args, next_meta)
+
+
+def chunk_inputs(path, first, chained, names, model):
+    """(hidden, LayerArgs) of a search chunk's first layer `first` from `path`: an acts file or, chained, a file
+    the run's previous chunk left (checked to be this run's)."""
+    hidden, args, info = load_layer_inputs(path, model.device, model.dtype)
+    if info["layer"] != first:
+        raise VlmquantError(f"{path}: holds the inputs of layer {info['layer']}, expected {first}")
+    if chained and info.get("run") != names["run"]:
+        raise VlmquantError(f"{path}: holds another run's layer inputs; distort run {names['run']!r} "
+                            "needs those its previous chunk left")
+    return hidden, args
 
 
 # --- import ----------------------------------------------------------------------------------
