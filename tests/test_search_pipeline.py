@@ -21,7 +21,7 @@ from vlmquant.models.capture import capture_layer_inputs, load_layer_inputs, loa
 from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.layer import search_layer
-from vlmquant.search.plan import plan_layer
+from vlmquant.search.plan import SMOOTH_NORMS, plan_layer
 
 from conftest import run_spec
 from test_calib import coco_cfg
@@ -186,15 +186,35 @@ def test_awq_needs_no_grads(staged, tmp_path):
     assert table["ratio"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
 
 
-def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
-    """SmoothQuant: no grads, scales from maxima (not a grid point), fp logits unchanged once applied."""
-    spec = run_spec("sq", method="smoothquant", w_bit=8, a_bit=8)
-    assert spec.alpha == 0.5
+@pytest.mark.parametrize("smooth", [None, "all"], ids=["norms", "all"])
+def test_smoothquant_run_through_the_search_jobs(staged, tmp_path, smooth):
+    """SmoothQuant: no grads, scales from maxima (not a grid point), fp logits unchanged once applied. By default
+    only the norm-fed groups are smoothed, and folding the cache changes only their norms' and linears' weights
+    (no bias, no o_proj or down_proj); `smooth: all` adds v_proj → o_proj and up_proj → down_proj."""
+    spec = run_spec("sq", method="smoothquant", w_bit=8, a_bit=8, **({"smooth": smooth} if smooth else {}))
+    assert spec.alpha == 0.5 and spec.smooth == (smooth or "norms")
     cache = search_all(staged, tmp_path, per_job=2, spec=spec)
     table = pd.read_parquet(cache.parent / "search.parquet")
-    assert len(table) == 16 and (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
+    skipped, table = table[table["alpha"].isna()], table[table["alpha"].notna()]  # skipped groups: a row, no α
+    assert len(skipped) == (0 if smooth else 8) and (skipped["note"] == f"skipped: {SMOOTH_NORMS}").all()
+    assert (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
     assert (table["loss"] != table["rtn_loss"]).all()  # the smoothed candidate is kept, whatever its loss
     assert logits_change_when_applied(staged, cache) <= 1e-3
+    norms = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+    groups = [(prev.split(".", 2)[2], tuple(n.split(".", 2)[2] for n in lins))
+              for prev, lins, _ in load_cache(cache)["scale"]]
+    if smooth == "all":
+        assert len(groups) == 16 and {p for p, _ in groups} == {*norms, "self_attn.v_proj", "mlp.up_proj"}
+        return
+    assert groups == list(norms.items()) * 4
+    model = staged[1].load()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_scale_cache(model, staged[1].adapter, load_cache(cache))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    want = {f"model.language_model.layers.{i}.{n}.weight" for i in range(4) for p, lins in norms.items()
+            for n in (p, *lins)}
+    assert changed == want
 
 
 @pytest.mark.parametrize("ratios", [None, {"attn": 2.0, "mlp": 1.5}], ids=["awq", "mbq"])
