@@ -20,7 +20,7 @@ from vlmquant.search import pipeline as P
 from vlmquant.models.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
 from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
-from vlmquant.search.layer import search_layer
+from vlmquant.search.layer import search_layer, search_layer_in_order
 from vlmquant.search.plan import SMOOTH_NORMS, plan_layer
 
 from conftest import run_spec
@@ -395,6 +395,31 @@ def test_distort_reference_losses_match_a_direct_implementation(staged, tmp_path
     want = torch.tensor(reference_losses(layer, h_fp, h_q, args.kwargs(1), masks, run, ratios, found, run.n_grid))
     torch.testing.assert_close(t["losses"], want, rtol=1e-4, atol=1e-7)
     assert t["best"].tolist() == want.argmin(1).tolist()
+
+
+def test_reference_distort_in_micro_batches_picks_the_same_alpha(staged):
+    """search_layer_in_order one sample (and two samples) at a time: the same α, losses and fp output as all at
+    once, and the layer's weights left as loaded."""
+    d, ref = staged
+    h_fp, args, _ = load_layer_inputs(acts(staged, 1), "cpu", torch.float32)
+    h_q = h_fp + 0.05 * torch.randn(h_fp.shape, generator=torch.Generator().manual_seed(0))
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    run, ratios = w4a8_distort(), {"attn": 2.0, "mlp": 1.5}
+    out = []
+    for per_batch in (None, 1, 2):
+        layer = ref.load_layers([1])[1]
+        loaded = {k: v.clone() for k, v in layer.state_dict().items()}
+        plan = plan_layer(run, layer, 1, ref.adapter)
+        out.append(search_layer_in_order(layer, plan, h_q, h_fp, args.kwargs(1), masks, run, ratios, ref.adapter,
+                                         per_batch))
+        assert all(torch.equal(v, loaded[k]) for k, v in layer.state_dict().items())
+    (whole, fp_whole), *parts = out
+    assert len(whole) == 4 and len({r.alpha for r in whole}) > 1
+    for results, fp_out in parts:
+        assert [r.alpha for r in results] == [r.alpha for r in whole]
+        for a, b in zip(results, whole):
+            torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0)
+        torch.testing.assert_close(fp_out, fp_whole)
 
 
 def test_distort_chunks_refuse_fp_or_other_runs_inputs(staged, tmp_path):
