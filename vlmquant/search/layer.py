@@ -14,7 +14,7 @@ definition, docs/fidelity.md) keeps two chains, the fp model's and the quantized
 searched in order, each on its inputs as the layer computes them from the quantized chain with the earlier
 groups' scales folded and (from the second group on) every linear quantized.
 """
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -112,16 +112,15 @@ def record_in_order(layer, plan, gi, results, spec, hidden_q, kwargs, adapter, p
     from the second group on, every linear (and fused expert) quantized as export does, inputs too for
     weight-activation runs. The block's args and the group's input are taken before the linears' input
     quantization (records.record_layer). The layer's weights are restored."""
+    if not gi:  # the fp layer
+        return record_layer(layer, [plan.groups[0]], hidden_q, kwargs, per_batch, host)[1][0]
     with weights_kept(layer):
-        quantizing = nullcontext()
-        if gi:
-            linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{plan.index}.", spec.ignore)
-            folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales)
-                                           for g, r in zip(plan.groups[:gi], results)], "search")
-            fold(groups_to_fold(folds, ignored)[0])
-            quantize_linears(linears + experts, spec)
-            quantizing = quantized_inputs(linears, spec.scheme)
-        with quantizing:
+        linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{plan.index}.", spec.ignore)
+        folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(plan.groups[:gi], results)],
+                               "search")
+        fold(groups_to_fold(folds, ignored)[0])
+        quantize_linears(linears + experts, spec)
+        with quantized_inputs(linears, spec.scheme):
             return record_layer(layer, [plan.groups[gi]], hidden_q, kwargs, per_batch, host)[1][0]
 
 
