@@ -37,7 +37,8 @@ def test_runs_are_normalised_to_their_method_settings(cfg):
     assert out["mbq-w3g128"] == {"method": "mbq", "w_bit": 3, "w_group": 128, "loss": "mae", "n_grid": 20,
                                  "reweight": True}
     assert out["mbq-w4a8"] == {"method": "mbq", "w_bit": 4, "a_bit": 8, "loss": "mae", "n_grid": 20, "reweight": True}
-    assert out["smoothquant-w8a8"] == {"method": "smoothquant", "w_bit": 8, "a_bit": 8, "loss": "mae", "alpha": 0.5}
+    assert out["smoothquant-w8a8"] == {"method": "smoothquant", "w_bit": 8, "a_bit": 8, "loss": "mae", "alpha": 0.5,
+                                       "smooth": "norms"}
 
 
 def test_family_is_read_from_the_model_folder(cfg, demo_model_path):
@@ -56,12 +57,13 @@ def test_unknown_model_type_names_the_folder_and_the_families(cfg, tmp_path):
     assert f"models.demo-qwen2vl.path: {tmp_path} has model_type 'gpt5_vl'" in msg and "qwen2_vl" in msg
 
 
-def test_distort_false_is_the_same_run_as_no_distort(cfg):
+def test_distort_false_is_the_same_run_as_no_distort_and_true_the_reference(cfg):
     plain = check(cfg)["runs"]["awq-w3g128"]
     cfg["runs"]["awq-w3g128"]["distort"] = False
     assert check(cfg)["runs"]["awq-w3g128"] == plain
-    cfg["runs"]["awq-w3g128"]["distort"] = True
-    assert check(cfg)["runs"]["awq-w3g128"] == {**plain, "distort": True}
+    for value, run in ((True, "reference"), ("reference", "reference"), ("layer", "layer")):
+        cfg["runs"]["awq-w3g128"]["distort"] = value
+        assert check(cfg)["runs"]["awq-w3g128"] == {**plain, "distort": run}
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -82,7 +84,9 @@ def test_distort_false_is_the_same_run_as_no_distort(cfg):
     (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: awq does not use alpha (only smoothquant takes it)"),
     (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", alpha=1.5), "runs.mbq-w4a8.alpha: 1.5 is greater"),
     (lambda c: c["runs"]["rtn-w3g128"].update(distort=True), "runs.rtn-w3g128.distort: rtn does not use distort"),
-    (lambda c: c["runs"]["awq-w3g128"].update(distort="yes"), "runs.awq-w3g128.distort: 'yes' is not of type 'boolean'"),
+    (lambda c: c["runs"]["awq-w3g128"].update(distort="yes"), "runs.awq-w3g128.distort: 'yes' is not one of [True, False, 'reference', 'layer']"),
+    (lambda c: c["runs"]["awq-w3g128"].update(smooth="all"), "runs.awq-w3g128.smooth: awq does not use smooth (only smoothquant takes it)"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", smooth="some"), "runs.mbq-w4a8.smooth: 'some' is not one of ['norms', 'all']"),
 ])
 def test_bad_config_names_the_key(cfg, edit, needle):
     edit(cfg)

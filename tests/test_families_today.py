@@ -19,7 +19,6 @@ from vlmquant.search.grid import GroupResult
 from conftest import run_spec
 
 NAMES = {"model": "demo", "calib": "demo", "run": "distort"}
-DISTORT = run_spec("distort", method="awq", w_bit=3, n_grid=2, distort=True)
 
 
 @torch.no_grad()
@@ -122,11 +121,13 @@ def test_deepstack_layers_get_what_the_full_model_feeds_them(family_demo, family
 
 
 @torch.no_grad()
-def test_distort_chain_feeds_each_chunk_what_the_quantized_model_computes(family_demo, tmp_path):
+@pytest.mark.parametrize("distort", ["reference", "layer"])
+def test_distort_chain_feeds_each_chunk_what_the_quantized_model_computes(family_demo, tmp_path, distort):
     """Qwen3-VL distort run in chunks of two layers: the next chunk's inputs are layer 2's inputs in the full
-    pseudo-quantized model (deepstack added after layers 0 and 1 of the quantized chain); one chunk per
-    layer writes the same cache."""
+    pseudo-quantized model (deepstack added after layers 0 and 1 of the quantized chain), and for the reference's
+    definition its fp chain layer 2's inputs in the fp model; one chunk per layer writes the same cache."""
     d, ref = family_demo("qwen3_vl")
+    run = run_spec("distort", method="awq", w_bit=3, n_grid=2, distort=distort)
     caches = {}
     for per_job in (2, 1):
         folders = []
@@ -135,15 +136,21 @@ def test_distort_chain_feeds_each_chunk_what_the_quantized_model_computes(family
             if not a:
                 P.run_acts(ref, d / "inputs.safetensors", [0], start)
             folders.append(tmp_path / f"{per_job}" / f"chunk_{a:03d}")
-            P.run_search(ref, DISTORT, d / "inputs.safetensors", start, None, list(range(a, a + per_job)), folders[-1],
+            P.run_search(ref, run, d / "inputs.safetensors", start, None, list(range(a, a + per_job)), folders[-1],
                          NAMES)
         caches[per_job] = tmp_path / f"{per_job}.pt"
         merge(chunk_layer_files(folders), caches[per_job], tmp_path / f"{per_job}.parquet",
-              {**NAMES, "run_config": DISTORT.search_params()})
+              {**NAMES, "run_config": run.search_params()})
     assert caches[1].read_bytes() == caches[2].read_bytes()
     got, _, info = load_layer_inputs(tmp_path / "2" / "chunk_000" / "next_inputs.safetensors", "cpu", torch.float32)
     model = ref.load()
-    quantize_in_memory(model, ref.adapter, DISTORT, load_cache(caches[2]))
+    fp_chain = tmp_path / "2" / "chunk_000" / "next_fp_inputs.safetensors"
+    if distort == "reference":
+        fp_got = load_layer_inputs(fp_chain, "cpu", torch.float32)[0]
+        torch.testing.assert_close(fp_got, hooked(model, ref.adapter, batch_of(d, model))[2]["in"])
+    else:
+        assert not fp_chain.exists()
+    quantize_in_memory(model, ref.adapter, run, load_cache(caches[2]))
     want = hooked(model, ref.adapter, batch_of(d, model))[2]["in"]
     assert info["layer"] == 2
     torch.testing.assert_close(got, want)

@@ -26,7 +26,8 @@ N_CALIB = 32  # calibration pool of the quantization tests (the organism config 
 # the runs of config/organism.yaml
 RUNS = {"rtn-w3g128": dict(method="rtn", w_bit=3, w_group=128), "awq-w3g128": dict(method="awq", w_bit=3, w_group=128),
         "mbq-w3g128": dict(method="mbq", w_bit=3, w_group=128), "rtn-w4a8": dict(method="rtn", w_bit=4, a_bit=8),
-        "awq-w4a8": dict(method="awq", w_bit=4, a_bit=8), "mbq-w4a8": dict(method="mbq", w_bit=4, a_bit=8)}
+        "awq-w4a8": dict(method="awq", w_bit=4, a_bit=8), "mbq-w4a8": dict(method="mbq", w_bit=4, a_bit=8),
+        "mbq-w4a8-distort": dict(method="mbq", w_bit=4, a_bit=8, distort="reference")}
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_organism_config_plans_every_run(tmp_path):
     planned = wd.planned("--configfile", "config/organism.yaml")
     runs = organism_config()["targets"]["runs"]
     assert planned == {"organism_data": 1, "organism_model": 1, "calib": 2, "inputs": 2, "grads": 1, "acts": 1,
-                       "search": 2 * 4, "merge": 4, "export": 6, "pack": 6, "eval_fp": 1, "eval": 6,
+                       "search": 2 * 5, "merge": 5, "export": 7, "pack": 7, "eval_fp": 1, "eval": 7,
                        "lmms_eval": len(runs), "lmms_eval_fp": 1, "summary": 1, "plots": 1, "all": 1}
 
 

@@ -90,7 +90,7 @@ def test_a_method_is_one_module_plus_a_registry_entry(monkeypatch, tmp_path):
     assert group_search_of(UNIT) is rtn_scales
     spec = RunSpec.from_config("u", {"method": "unit", "w_bit": 4, "distort": True})
     assert spec.has_scales and not spec.needs_grads and spec.config() == {"method": "unit", "w_bit": 4,
-                                                                           "w_group": 128, "distort": True}
+                                                                           "w_group": 128, "distort": "reference"}
     with pytest.raises(Exception, match="runs.u.n_grid: unit does not use n_grid"):
         RunSpec.from_config("u", {"method": "unit", "w_bit": 4, "n_grid": 3})
     from vlmquant.workflow import check_config

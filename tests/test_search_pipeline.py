@@ -1,4 +1,5 @@
 """Search stages on the demo model, called as library functions (no Snakemake)."""
+import copy
 import dataclasses
 
 import pandas as pd
@@ -11,7 +12,7 @@ from vlmquant.data.inputs import build_inputs
 from vlmquant.errors import VlmquantError
 from vlmquant.export.checkpoint import quantize_in_memory
 from vlmquant.io import ragged
-from vlmquant.io.scales import chunk_layer_files, load_cache, merge
+from vlmquant.io.scales import chunk_layer_files, load_cache, load_layer, merge
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import load_layers, open_model
 from vlmquant.quant.model import apply_scale_cache, quantized_activations
@@ -19,8 +20,8 @@ from vlmquant.search import pipeline as P
 from vlmquant.models.capture import capture_layer_inputs, load_layer_inputs, load_samples, model_inputs, token_masks
 from vlmquant.search.grads import gradient_stats
 from vlmquant.search.grid import loss_tokens
-from vlmquant.search.layer import search_layer
-from vlmquant.search.plan import plan_layer
+from vlmquant.search.layer import search_layer, search_layer_in_order
+from vlmquant.search.plan import SMOOTH_NORMS, plan_layer
 
 from conftest import run_spec
 from test_calib import coco_cfg
@@ -185,15 +186,35 @@ def test_awq_needs_no_grads(staged, tmp_path):
     assert table["ratio"].isna().all() and (table["loss"] <= table["rtn_loss"]).all()
 
 
-def test_smoothquant_run_through_the_search_jobs(staged, tmp_path):
-    """SmoothQuant: no grads, scales from maxima (not a grid point), fp logits unchanged once applied."""
-    spec = run_spec("sq", method="smoothquant", w_bit=8, a_bit=8)
-    assert spec.alpha == 0.5
+@pytest.mark.parametrize("smooth", [None, "all"], ids=["norms", "all"])
+def test_smoothquant_run_through_the_search_jobs(staged, tmp_path, smooth):
+    """SmoothQuant: no grads, scales from maxima (not a grid point), fp logits unchanged once applied. By default
+    only the norm-fed groups are smoothed, and folding the cache changes only their norms' and linears' weights
+    (no bias, no o_proj or down_proj); `smooth: all` adds v_proj → o_proj and up_proj → down_proj."""
+    spec = run_spec("sq", method="smoothquant", w_bit=8, a_bit=8, **({"smooth": smooth} if smooth else {}))
+    assert spec.alpha == 0.5 and spec.smooth == (smooth or "norms")
     cache = search_all(staged, tmp_path, per_job=2, spec=spec)
     table = pd.read_parquet(cache.parent / "search.parquet")
-    assert len(table) == 16 and (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
+    skipped, table = table[table["alpha"].isna()], table[table["alpha"].notna()]  # skipped groups: a row, no α
+    assert len(skipped) == (0 if smooth else 8) and (skipped["note"] == f"skipped: {SMOOTH_NORMS}").all()
+    assert (table["alpha"] == 0.5).all() and table["ratio"].isna().all()
     assert (table["loss"] != table["rtn_loss"]).all()  # the smoothed candidate is kept, whatever its loss
     assert logits_change_when_applied(staged, cache) <= 1e-3
+    norms = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+    groups = [(prev.split(".", 2)[2], tuple(n.split(".", 2)[2] for n in lins))
+              for prev, lins, _ in load_cache(cache)["scale"]]
+    if smooth == "all":
+        assert len(groups) == 16 and {p for p, _ in groups} == {*norms, "self_attn.v_proj", "mlp.up_proj"}
+        return
+    assert groups == list(norms.items()) * 4
+    model = staged[1].load()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_scale_cache(model, staged[1].adapter, load_cache(cache))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    want = {f"model.language_model.layers.{i}.{n}.weight" for i in range(4) for p, lins in norms.items()
+            for n in (p, *lins)}
+    assert changed == want
 
 
 @pytest.mark.parametrize("ratios", [None, {"attn": 2.0, "mlp": 1.5}], ids=["awq", "mbq"])
@@ -224,11 +245,12 @@ def test_token_wise_blocks_run_on_the_loss_tokens_only(staged, ratios):
         torch.testing.assert_close(a.scales, b.scales, rtol=0, atol=0)
 
 
-DISTORT = run_spec("distort", method="mbq", w_bit=3, distort=True)
+DISTORT = run_spec("distort", method="mbq", w_bit=3, distort=True)  # true: the reference's definition
+DISTORT_LAYER = run_spec("distort", method="mbq", w_bit=3, distort="layer")
 
 
-def w4a8_distort(ignore=()):
-    return run_spec("distort", ignore, method="mbq", w_bit=4, a_bit=8, n_grid=10, distort=True)
+def w4a8_distort(ignore=(), distort="reference"):
+    return run_spec("distort", ignore, method="mbq", w_bit=4, a_bit=8, n_grid=10, distort=distort)
 
 
 def layer_inputs_of_quantized_model(staged, spec, cache, layer):
@@ -246,25 +268,160 @@ def layer_inputs_of_quantized_model(staged, spec, cache, layer):
     return hidden
 
 
-@pytest.mark.parametrize("run", [DISTORT, w4a8_distort(), w4a8_distort(("mlp", "layers.0.self_attn.q_proj"))],
-                         ids=["w3g128", "w4a8", "w4a8-ignore"])
+@pytest.mark.parametrize("run", [DISTORT, DISTORT_LAYER, w4a8_distort(), w4a8_distort(distort="layer"),
+                                 w4a8_distort(("mlp", "layers.0.self_attn.q_proj"))],
+                         ids=["w3g128", "w3g128-layer", "w4a8", "w4a8-layer", "w4a8-ignore"])
 def test_distort_searches_each_layer_on_the_quantized_model_inputs(staged, merged, tmp_path, run):
     cache = search_all(staged, tmp_path, per_job=2, spec=run)
-    assert not (tmp_path / "chunk_002" / "next_inputs.safetensors").exists()  # the last chunk leaves none
+    last = sorted(p.name for p in (tmp_path / "chunk_002").iterdir())
+    assert last == ["layer_002.safetensors", "layer_003.safetensors"]  # the last chunk leaves no next inputs
     got, _, info = load_layer_inputs(tmp_path / "chunk_000" / "next_inputs.safetensors", "cpu", torch.float32)
     assert info["layer"] == 2 and info["run"] == "distort"
     torch.testing.assert_close(got, layer_inputs_of_quantized_model(staged, run, cache, 2))
+    fp_chain = tmp_path / "chunk_000" / "next_fp_inputs.safetensors"
+    if run.distort == "reference":  # the fp model's inputs of layer 2 beside them
+        fp_got, _, fp_info = load_layer_inputs(fp_chain, "cpu", torch.float32)
+        assert fp_info == info and torch.equal(fp_got, load_layer_inputs(acts(staged, 2), "cpu", torch.float32)[0])
+    else:
+        assert not fp_chain.exists()
     if run.ignore:  # the linears export leaves fp change what the next layers see
         plain = tmp_path / "no_ignore"
         search_all(staged, plain, per_job=2, spec=w4a8_distort())
         next_inputs = plain / "chunk_000" / "next_inputs.safetensors"
         assert not torch.equal(got, load_layer_inputs(next_inputs, "cpu", torch.float32)[0])
-    if run is DISTORT:  # same run as `merged` but for distort: layer 0 is searched on the same inputs, later ones not
+    if run in (DISTORT, DISTORT_LAYER):  # same run as `merged` but for distort
         table, fp = pd.read_parquet(cache.parent / "search.parquet"), pd.read_parquet(merged.parent / "search.parquet")
-        assert table[table.layer == 0].equals(fp[fp.layer == 0])
-        assert not table.loc[table.layer > 0, "rtn_loss"].equals(fp.loc[fp.layer > 0, "rtn_loss"])
+        # layer: layer 0 is searched on the same inputs, later ones not; reference: only layer 0's first group
+        first_group = table.groupby("layer").cumcount() == 0
+        same = (table.layer == 0) & (first_group | (run is DISTORT_LAYER))
+        assert table[same].equals(fp[same])
+        assert not (table.loc[~same, "rtn_loss"] == fp.loc[~same, "rtn_loss"]).any()
         assert (table["loss"] <= table["rtn_loss"]).all()
+    if run in (DISTORT, DISTORT_LAYER, w4a8_distort()):  # resumed chunk by chunk, independent of layers_per_job
         assert search_all(staged, tmp_path / "one_per_job", per_job=1, spec=run).read_bytes() == cache.read_bytes()
+        assert search_all(staged, tmp_path / "one_job", per_job=4, spec=run).read_bytes() == cache.read_bytes()
+
+
+# the demo's (Qwen2) scale groups: prev, linears, block
+QWEN2_GROUPS = [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+                ("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                ("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")]
+
+
+def block_call(layer, block, hidden, kwargs, quantize_act=None):
+    """(args, kwargs, output) of `block` in one forward of `layer` on `hidden`; quantize_act: every linear's input
+    goes through it (hooks registered after the capture's)."""
+    seen = {}
+    hooks = [layer.get_submodule(block).register_forward_pre_hook(
+        lambda m, a, k: seen.update(args=a, kwargs=k), with_kwargs=True),
+        layer.get_submodule(block).register_forward_hook(lambda m, a, out: seen.update(out=out))]
+    if quantize_act:
+        hooks += [m.register_forward_pre_hook(lambda m, a: (quantize_act(a[0]),)) for m in layer.modules()
+                  if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        layer(hidden, **kwargs)
+    for h in hooks:
+        h.remove()
+    out = seen["out"]
+    return seen["args"], seen["kwargs"], out[0] if isinstance(out, tuple) else out
+
+
+def reference_losses(layer, h_fp, h_q, kwargs, masks, spec, ratios, found, n_grid):
+    """The MBQ reference's `distort` losses of each group, written out: target = the fp block on the fp chain;
+    the block's input x as the layer computes it from the quantized chain with the groups before it folded
+    (`found`, in order) and (from the second group on) every linear's weights and inputs quantized; candidate
+    s = a^α normalized, a = mean |x| (valid tokens), block(x / s) with the group's linears' weights Q(W·s) and
+    inputs Q_a (the block's other linears fp)."""
+    from vlmquant.quant.quantizer import quantizer
+    from vlmquant.search.grid import group_loss
+
+    q = quantizer(spec.scheme)
+    out = []
+    for gi, (prev, linears, block) in enumerate(QWEN2_GROUPS):
+        target = block_call(layer, block, h_fp, kwargs)[2]
+        quantized = copy.deepcopy(layer)
+        with torch.no_grad():
+            for (p, lins, _), s in zip(QWEN2_GROUPS[:gi], found):
+                op = quantized.get_submodule(p)
+                if isinstance(op, torch.nn.Linear):  # its last len(s) output rows, bias too
+                    op.weight[-len(s):] /= s[:, None]
+                    if op.bias is not None:
+                        op.bias[-len(s):] /= s
+                else:
+                    op.weight /= s
+                for n in lins:
+                    quantized.get_submodule(n).weight.mul_(s)
+            if gi:
+                for m in quantized.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.weight.copy_(q.weight(m.weight))
+        args, kw, _ = block_call(quantized, block, h_q, kwargs, q.act if gi and q.act else None)
+        key = "hidden_states" if "hidden_states" in kw else None
+        x = kw[key] if key else args[0]
+        a = x.reshape(-1, x.shape[-1])[masks["valid"].reshape(-1)].abs().mean(0)
+        losses = []
+        for i in range(n_grid):
+            s = a.pow(i / n_grid).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            cand = copy.deepcopy(layer.get_submodule(block))
+            lins = [cand if n == block else cand.get_submodule(n.removeprefix(block + ".")) for n in linears]
+            with torch.no_grad():
+                for lin in lins:
+                    lin.weight.copy_(q.weight(lin.weight * s))
+            hooks = [m.register_forward_pre_hook(lambda m, a_: (q.act(a_[0]),)) for m in lins] if q.act else []
+            with torch.no_grad():
+                o = cand(*args, **{**kw, key: x / s}) if key else cand(x / s, *args[1:], **kw)
+            for h in hooks:
+                h.remove()
+            losses.append(group_loss(target, o[0] if isinstance(o, tuple) else o, masks, spec.loss,
+                                     ratios["attn" if gi < 2 else "mlp"]))
+        out.append(losses)
+    return out
+
+
+@pytest.mark.parametrize("run", [DISTORT, w4a8_distort()], ids=["w3g128", "w4a8"])
+def test_distort_reference_losses_match_a_direct_implementation(staged, tmp_path, run):
+    """Layer 1 of a reference distort run (chunks of one layer): every group's losses, given the scales of the
+    groups before it, are those of the definition written out (reference_losses), and the best is kept."""
+    d, ref = staged
+    search_all(staged, tmp_path, per_job=1, spec=run)
+    t, _ = load_layer(tmp_path / "chunk_001" / "layer_001.safetensors")
+    h_fp, args, _ = load_layer_inputs(acts(staged, 1), "cpu", torch.float32)
+    h_q = load_layer_inputs(tmp_path / "chunk_000" / "next_inputs.safetensors", "cpu", torch.float32)[0]
+    assert not torch.equal(h_fp, h_q)
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    ratios = {site: float(r[1]) for site, r in P.load_ratios(d / "grads.safetensors").items()}
+    layer = ref.load_layers([1])[1]
+    found = [t[f"scale.{k}"] for k in range(4)]
+    want = torch.tensor(reference_losses(layer, h_fp, h_q, args.kwargs(1), masks, run, ratios, found, run.n_grid))
+    torch.testing.assert_close(t["losses"], want, rtol=1e-4, atol=1e-7)
+    assert t["best"].tolist() == want.argmin(1).tolist()
+
+
+def test_reference_distort_in_micro_batches_picks_the_same_alpha(staged):
+    """search_layer_in_order one sample (and two samples) at a time: the same α, losses and fp output as all at
+    once, and the layer's weights left as loaded."""
+    d, ref = staged
+    h_fp, args, _ = load_layer_inputs(acts(staged, 1), "cpu", torch.float32)
+    h_q = h_fp + 0.05 * torch.randn(h_fp.shape, generator=torch.Generator().manual_seed(0))
+    masks = token_masks(ragged.collate(load_samples(d / "inputs.safetensors")[0]))
+    run, ratios = w4a8_distort(), {"attn": 2.0, "mlp": 1.5}
+    out = []
+    for per_batch in (None, 1, 2):
+        layer = ref.load_layers([1])[1]
+        loaded = {k: v.clone() for k, v in layer.state_dict().items()}
+        plan = plan_layer(run, layer, 1, ref.adapter)
+        out.append(search_layer_in_order(layer, plan, h_q, h_fp, args.kwargs(1), masks, run, ratios, ref.adapter,
+                                         per_batch))
+        assert all(torch.equal(v, loaded[k]) for k, v in layer.state_dict().items())
+    (whole, fp_whole), *parts = out
+    assert len(whole) == 4 and len({r.alpha for r in whole}) > 1
+    for results, fp_out in parts:
+        assert [r.alpha for r in results] == [r.alpha for r in whole]
+        for a, b in zip(results, whole):
+            torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0)
+        torch.testing.assert_close(fp_out, fp_whole)
 
 
 def test_distort_chunks_refuse_fp_or_other_runs_inputs(staged, tmp_path):

@@ -5,10 +5,14 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
+import torch
 
 from conftest import Workdir, snakemake_env
 from e2e_pipeline import full_run
+from vlmquant import paths
+from vlmquant.io.scales import load_cache
 
 pytestmark = pytest.mark.slow
 MBQ = "results/demo-qwen2vl/demo/mbq-w3g128/scale_cache.pt"
@@ -93,7 +97,7 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(pipe, tmp_path_factor
     assert workdir.planned("--forceall", f"{SCALES}/chunk_002")["search"] == 1
     workdir.snakemake(f"{run_dir}/scale_cache.pt")
     assert sorted(p.name for p in workdir.file(f"{run_dir}/scales/chunk_000").glob("[!.]*")) == [
-        "layer_000.safetensors", "layer_001.safetensors", "next_inputs.safetensors"]
+        "layer_000.safetensors", "layer_001.safetensors", "next_fp_inputs.safetensors", "next_inputs.safetensors"]
 
     cfg = check_config(workdir.config, workdir.file("workflow/schemas/config.schema.yaml"))
     spec = run_specs(cfg)["mbq-distort"]
@@ -110,3 +114,25 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(pipe, tmp_path_factor
     # the linears export leaves fp stay fp in a distort run's forwards: export.ignore reruns its search
     workdir.edit(lambda c: c["export"].update(ignore=["mlp.down_proj"]))
     assert workdir.planned(f"{run_dir}/scale_cache.pt") == {"search": 2, "merge": 1}
+
+
+def test_both_distort_definitions_run_through_every_stage(workdir):
+    """The demo with a reference and a layer distort run (chunks of two layers): calib → … → eval → summary;
+    only the reference's chunks carry the fp chain, and the two definitions pick different scales."""
+    runs = {"distort-reference": "reference", "distort-layer": "layer"}
+    workdir.edit(lambda c: (c["runs"].update({name: {"method": "mbq", "w_bit": 3, "n_grid": 4, "distort": d}
+                                              for name, d in runs.items()}),
+                            c["targets"].update(runs=list(runs))))
+    workdir.snakemake()
+    caches = {}
+    for name, d in runs.items():
+        where = {"model": "demo-qwen2vl", "calib": "demo", "run": name}
+        for out in (paths.EVAL, paths.CHECKPOINT):
+            assert workdir.file(out.format(**where)).exists()
+        chained = {p.name for p in workdir.file(paths.SCALES.format(**where, chunk="000")).iterdir()}
+        assert paths.NEXT_INPUTS in chained and (paths.NEXT_FP_INPUTS in chained) == (d == "reference")
+        caches[name] = load_cache(workdir.file(paths.SCALE_CACHE.format(**where)))
+        assert caches[name]["meta"]["run_config"]["distort"] == d
+    assert sorted(pd.read_csv(workdir.file(paths.SUMMARY_CSV)).run) == sorted([*runs, "fp"])
+    scales = [torch.cat([s for _, _, s in c["scale"]]) for c in caches.values()]
+    assert not torch.equal(*scales)

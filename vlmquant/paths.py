@@ -34,7 +34,7 @@ GRADS = "results/{model}/{calib}/grads.safetensors"
 ACTS = "results/{model}/{calib}/acts"  # folder: layer_NNN.safetensors, the fp inputs of each chunk's first layer
 
 RUN = "results/{model}/{calib}/{run}"
-SCALES = RUN + "/scales/chunk_{chunk}"  # folder: layer_NNN.safetensors (+ next_inputs.safetensors for distort runs)
+SCALES = RUN + "/scales/chunk_{chunk}"  # folder: layer_NNN.safetensors (+ NEXT_INPUTS for distort runs)
 SCALE_CACHE = RUN + "/scale_cache.pt"
 SEARCH_TABLE = RUN + "/search.parquet"
 CHECKPOINT = RUN + "/checkpoint"  # pseudo-quantized (weights rounded, stored in the model dtype)
@@ -56,6 +56,7 @@ PLOT = "results/plots/{model}/{calib}/{figure}.png"
 LAYER_FILE = "layer_{layer:03d}.safetensors"
 LAYER_GLOB = "layer_*.safetensors"
 NEXT_INPUTS = "next_inputs.safetensors"
+NEXT_FP_INPUTS = "next_fp_inputs.safetensors"  # distort: reference, the fp chain beside it
 
 # one log per job; a benchmark file (wall time, memory) per heavy job, read back by the summary
 LOGS = {

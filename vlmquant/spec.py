@@ -12,8 +12,13 @@ from vlmquant.quant.scheme import Scheme, check_scheme
 
 GPTQ_CHOICES = {"hessian": ("uniform", "modality"), "gptq_inputs": ("quantized", "fp")}
 
-DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": False, "w_sym": False, "w_type": "int"}
+DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": None, "w_sym": False, "w_type": "int"}
 FORMATS = ("pseudo", "compressed-tensors")
+# `distort` values (docs/fidelity.md): the reference's definition (fp-chain targets, groups in order) or this
+# layer's own error only; `true` is the reference's, `false` none
+DISTORTS = {None: None, False: None, True: "reference", "reference": "reference", "layer": "layer"}
+# smoothquant's `smooth`: the norm-fed groups (the reference's and the paper's) or every group
+SMOOTHS = ("norms", "all")
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,8 @@ class RunSpec:
 
     formats: the checkpoints it exports ("pseudo", "compressed-tensors"). scale_cache: a scale cache made
     elsewhere (ours or the MBQ reference's) that replaces the search. ignore: `export.ignore` patterns
-    (decoder linears the checkpoint keeps fp); a distort or GPTQ run's search keeps them fp too.
+    (decoder linears the checkpoint keeps fp); a distort or GPTQ run's search keeps them fp too. distort: None,
+    "reference" or "layer" (docs/fidelity.md). smooth: smoothquant's groups, "norms" (fed by a norm) or "all".
     gptq: the weights are rounded with GPTQ in the search job (method gptq, or `gptq: true` on awq/mbq after
     the scales are folded); hessian ("uniform" | "modality"), dampening, act_order and gptq_inputs
     ("quantized": each layer's Hessian from the quantized previous layers' outputs | "fp") then apply, else
@@ -42,7 +48,8 @@ class RunSpec:
     n_grid: int = 20
     reweight: bool = False
     alpha: float | None = None
-    distort: bool = False
+    distort: str | None = None
+    smooth: str | None = None
     gptq: bool = False
     hessian: str | None = None
     dampening: float | None = None
@@ -72,6 +79,12 @@ class RunSpec:
         if "scale_cache" in cfg and not method.scales:
             raise VlmquantError(f"config: runs.{name}.scale_cache: {method.name} uses no scales")
         values = {**DEFAULTS, **dict(method.defaults), "reweight": method.reweight, **cfg}
+        if not isinstance(values["distort"], (bool, str, type(None))) or values["distort"] not in DISTORTS:
+            raise VlmquantError(f"config: runs.{name}.distort: {values['distort']!r} is not one of true, false, "
+                                "reference, layer")
+        values["distort"] = DISTORTS[values["distort"]]
+        if values.get("smooth", SMOOTHS[0]) not in SMOOTHS:
+            raise VlmquantError(f"config: runs.{name}.smooth: {values['smooth']!r} is not one of {', '.join(SMOOTHS)}")
         if values["reweight"] and not method.reweight:
             raise VlmquantError(_unused(name, "reweight", method))
         if values.get("gptq"):
@@ -141,7 +154,7 @@ class RunSpec:
 
     def config(self):
         """The settings that define the run's scales and weights: COMMON plus the method's own, but formats (a
-        setting at its default-off value is left out: a_bit, alpha, scale_cache None; distort, w_sym False;
+        setting at its default-off value is left out: a_bit, alpha, scale_cache, distort None; w_sym False;
         w_type int; w_group for weight-activation runs)."""
         keys = [k for k in (*COMMON, *self.method_def.settings) if k not in ("method", "formats")]
         out = {"method": self.method}

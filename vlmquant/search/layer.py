@@ -1,4 +1,4 @@
-"""Search all scale groups of one decoder layer on its fp inputs.
+"""Search all scale groups of one decoder layer.
 
 One fp forward of the layer, with hooks, records every group's input and its block's inputs and
 output (search/records.py). Each group is then searched from the layer's fp weights (groups are independent); a
@@ -7,7 +7,15 @@ micro-batches and a loss sums over them (grid.block_loss); when the records do n
 (models.memory.search_micro_batch), they are kept in pinned host memory. The next
 layer's input is the layer's fp output, or with `distort` the layer's output as the quantized model
 computes it (`quantized_forward`).
+
+`distort: layer` searches that way on the quantized model's inputs. `distort: reference` (the MBQ reference's
+definition, docs/fidelity.md) keeps two chains, the fp model's and the quantized model's inputs of the layer
+(`search_layer_in_order`): each group's target is the fp layer's output on the fp chain, and the groups are
+searched in order, each on its inputs as the layer computes them from the quantized chain with the earlier
+groups' scales folded and (from the second group on) every linear quantized.
 """
+from contextlib import contextmanager
+
 import torch
 
 from vlmquant.models.base import layer_part
@@ -88,6 +96,67 @@ def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batc
         results.append(search(job, spec))
         del job, rec
     return results, out
+
+
+@contextmanager
+def weights_kept(layer):
+    """While inside, `layer`'s parameters may change; they are restored on exit (a copy of them on their device)."""
+    saved = [(p, p.detach().clone()) for p in layer.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+
+
+@torch.no_grad()
+def record_in_order(layer, plan, gi, results, spec, hidden_q, kwargs, adapter, per_batch, host):
+    """Group gi's records on the quantized chain `hidden_q`: the layer with groups 0…gi-1's `results` folded and,
+    from the second group on, every linear (and fused expert) quantized as export does, inputs too for
+    weight-activation runs. The block's args and the group's input are taken before the linears' input
+    quantization (records.record_layer). The layer's weights are restored."""
+    if not gi:  # the fp layer
+        return record_layer(layer, [plan.groups[0]], hidden_q, kwargs, per_batch, host)[1][0]
+    with weights_kept(layer):
+        linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{plan.index}.", spec.ignore)
+        folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(plan.groups[:gi], results)],
+                               "search")
+        fold(groups_to_fold(folds, ignored)[0])
+        quantize_linears(linears + experts, spec)
+        with quantized_inputs(linears, spec.scheme):
+            return record_layer(layer, [plan.groups[gi]], hidden_q, kwargs, per_batch, host)[1][0]
+
+
+def search_layer_in_order(layer, plan, hidden_q, hidden_fp, kwargs, masks, spec, ratios=None, adapter=None,
+                          per_batch=None, host=False):
+    """`distort: reference`: search the groups of `layer` in order. Returns (results per group, the layer's fp
+    output on the fp chain `hidden_fp`).
+
+    Group gi's target is its block's fp output on the fp chain (one fp forward records every group); its
+    candidates run the block on the inputs `record_in_order` takes from the quantized chain `hidden_q`, whose
+    channel statistics (a, max|X|) they use. A per-expert group's job is built from those inputs as in
+    search_layer (its target is the fp experts on them). Arguments as search_layer; adapter: the family's
+    (keep_fp linears, fused experts).
+    """
+    fp_out, fp_records = record_layer(layer, plan.groups, hidden_fp, kwargs, per_batch, host)
+    targets = {gi: [part["out"] for part in r["parts"]] for gi, r in fp_records.items()}  # per micro-batch
+    del fp_records
+    results = []
+    for gi, (g, search) in enumerate(zip(plan.groups, plan.searches)):
+        rec = record_in_order(layer, plan, gi, results, spec, hidden_q, kwargs, adapter, per_batch, host)
+        target = targets.pop(gi)
+        ratio = ratios[g.site] if ratios else None
+        if g.experts:
+            hidden_in, top_k_index = (on_device(t, hidden_q.device) for t in expert_args(rec)[:2])
+            job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio)
+            del hidden_in, top_k_index
+        else:
+            rec["parts"] = [{**part, "out": out} for part, out in zip(rec["parts"], target)]
+            job = group_job(layer, g, rec, masks, ratio, plan.periods[gi], hidden_q.device)
+        results.append(search(job, spec))
+        del job, rec, target
+    return results, fp_out
 
 
 def quantized_parts(layer, adapter, prefix, ignore):

@@ -23,7 +23,7 @@ from vlmquant.models.stream import StreamedModel, forward_micro_batched
 from vlmquant.quant.fold import resolve_scales
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
 from vlmquant.search.gptq_layer import gptq_layer, rounded_tensors
-from vlmquant.search.layer import quantized_forward, search_layer
+from vlmquant.search.layer import quantized_forward, search_layer, search_layer_in_order
 from vlmquant.search.plan import plan_layer
 
 log = logging.getLogger(__name__)
@@ -109,23 +109,21 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
     Writes out_dir/layer_NNN.safetensors per layer (io.scales). start_dir holds the inputs of
     layer_ids[0]: the acts folder (fp inputs), or for a chained run's (spec.chained: distort, GPTQ on quantized
     inputs) later chunks the previous chunk's folder, whose next_inputs.safetensors are those inputs as the
-    quantized model computes them; a chained chunk that is not the last leaves its own. GPTQ runs round every
-    layer after its scales (search.gptq_layer) and store the weights in the layer files. names: {"model",
-    "calib", "run"}.
+    quantized model computes them (and for `distort: reference` next_fp_inputs.safetensors, as the fp model
+    computes them); a chained chunk that is not the last leaves its own. GPTQ runs round every layer after its
+    scales (search.gptq_layer) and store the weights in the layer files. names: {"model", "calib", "run"}.
     """
     first, last = layer_ids[0], layer_ids[-1]
     chained = spec.chained and first > 0
+    in_order = spec.distort == "reference"
     start = Path(start_dir) / paths.NEXT_INPUTS if chained else layer_file(start_dir, first)
     meta = {**names, "run_config": spec.search_params()}
     samples, _ = load_samples(inputs_path)
     masks = token_masks(ragged.collate(samples), model.device)
-    hidden, args, info = load_layer_inputs(start, model.device, model.dtype)
-    if info["layer"] != first:
-        raise VlmquantError(f"{start}: holds the inputs of layer {info['layer']}, expected {first}")
-    if chained and info.get("run") != names["run"]:
-        kind = "distort" if spec.distort else "GPTQ"
-        raise VlmquantError(f"{start}: holds another run's layer inputs; {kind} run {names['run']!r} needs those its "
-                            "previous chunk left")
+    hidden, args = chunk_inputs(start, first, chained, names, model, spec)
+    # the fp chain: layer 0's inputs are the same in both models
+    hidden_fp = chunk_inputs(Path(start_dir) / paths.NEXT_FP_INPUTS, first, True, names, model, spec)[0] \
+        if in_order and chained else hidden
     ratios = load_ratios(grads_path) if spec.needs_grads else None
     sm = StreamedModel(model)  # decoder layers loaded one at a time
     layers = sm.layers  # on the meta device until loaded
@@ -141,7 +139,12 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
         results, out, rounded = [], None, None
-        if spec.has_scales:
+        if in_order:
+            results, fp_out = search_layer_in_order(layer, plan, hidden, hidden_fp, args.kwargs(i), masks, spec,
+                                                    layer_ratios, model.adapter, per_batch, host)
+            hidden_fp = args.after(i, fp_out)
+            del fp_out
+        elif spec.has_scales:
             results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
                                         host)
         if spec.gptq:
@@ -165,8 +168,23 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                           None if rounded is None else rounded_tensors(rounded))
     if spec.chained and last + 1 < n_layers(model.path):
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
-        save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args,
-                          {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]})
+        next_meta = {"inputs_sha256": sha256_file(inputs_path), "layer": last + 1, "run": names["run"]}
+        save_layer_inputs(Path(out_dir) / paths.NEXT_INPUTS, hidden, args, next_meta)
+        if in_order:
+            save_layer_inputs(Path(out_dir) / paths.NEXT_FP_INPUTS, hidden_fp, args, next_meta)
+
+
+def chunk_inputs(path, first, chained, names, model, spec):
+    """(hidden, LayerArgs) of a search chunk's first layer `first` from `path`: an acts file or, chained, a file
+    the run's previous chunk left (checked to be this run's)."""
+    hidden, args, info = load_layer_inputs(path, model.device, model.dtype)
+    if info["layer"] != first:
+        raise VlmquantError(f"{path}: holds the inputs of layer {info['layer']}, expected {first}")
+    if chained and info.get("run") != names["run"]:
+        kind = "distort" if spec.distort else "GPTQ"
+        raise VlmquantError(f"{path}: holds another run's layer inputs; {kind} run {names['run']!r} "
+                            "needs those its previous chunk left")
+    return hidden, args
 
 
 # --- import ----------------------------------------------------------------------------------

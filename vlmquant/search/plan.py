@@ -36,13 +36,20 @@ class LayerPlan:
     periods: list
 
 
+SMOOTH_NORMS = "smooth: norms smooths only the groups a norm feeds"
+
+
+def norm_fed(layer, g):
+    """Is group `g`'s prev op a norm (not a linear or a fused expert weight)?"""
+    return not isinstance(layer_part(layer, g.prev), (torch.Tensor, torch.nn.Linear))
+
+
 def group_period(layer, g, n_in):
     """The period of the group's scales: a norm's width where its weight is shared by every head of a wider
     input (Qwen3.5's gated norm in linear attention), else None."""
-    prev = layer_part(layer, g.prev)
-    if isinstance(prev, (torch.Tensor, torch.nn.Linear)):
+    if not norm_fed(layer, g):
         return None
-    d = prev.weight.numel()
+    d = layer_part(layer, g.prev).weight.numel()
     return d if d < n_in else None
 
 
@@ -70,6 +77,9 @@ def plan_layer(spec, layer, index, adapter) -> LayerPlan:
         raise VlmquantError(f"n_grid={spec.n_grid} must be at least 1")
     quantizer(spec.scheme)  # its bit widths
     groups, skipped = adapter.layer_groups(layer, index)
+    if spec.smooth == "norms":  # smoothquant: only the groups a norm feeds (search.smooth)
+        skipped = skipped + [(g, SMOOTH_NORMS) for g in groups if not norm_fed(layer, g)]
+        groups = [g for g in groups if norm_fed(layer, g)]
     searches, periods = [], []
     for g in groups:
         n_in = group_width(layer, index, g, spec.scheme)

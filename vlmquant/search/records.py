@@ -53,15 +53,21 @@ def record_layer(layer, groups, hidden, kwargs, per_batch=None, host=False):
     current, handles = {}, []
     for gi, g in enumerate(groups):
         def input_hook(module, args, gi=gi):
-            current.setdefault(gi, {}).update(x=args[0], args=args)
+            current.setdefault(gi, {}).update(x=args[0], in_args=args)
 
-        def block_hook(module, args, kwargs, output, gi=gi):
-            current.setdefault(gi, {}).update(args=args, kwargs=kwargs,
-                                              out=output[0] if isinstance(output, tuple) else output)
+        def block_hook(module, args, kwargs, gi=gi):
+            current.setdefault(gi, {}).update(args=args, kwargs=kwargs)
 
-        handles.append(layer.get_submodule(g.inputs or g.linears[0]).register_forward_pre_hook(input_hook))
+        def out_hook(module, args, output, gi=gi):
+            current[gi]["out"] = output[0] if isinstance(output, tuple) else output
+
+        # prepended: what the modules are called with, before any other pre-hook (an input quantizer) changes it
+        handles.append(layer.get_submodule(g.inputs or g.linears[0]).register_forward_pre_hook(input_hook,
+                                                                                               prepend=True))
         if not g.experts:
-            handles.append(layer.get_submodule(g.block).register_forward_hook(block_hook, with_kwargs=True))
+            block = layer.get_submodule(g.block)
+            handles.append(block.register_forward_pre_hook(block_hook, with_kwargs=True, prepend=True))
+            handles.append(block.register_forward_hook(out_hook))
     out = None
     try:
         for start in range(0, n, per_batch):
@@ -76,7 +82,7 @@ def record_layer(layer, groups, hidden, kwargs, per_batch=None, host=False):
                 out[start:stop] = part
             for gi, rec in records.items():
                 cur = current.pop(gi)
-                x, args = cur["x"], cur["args"]
+                x, args = cur["x"], cur.get("args", cur["in_args"])  # the block's, or a per-expert group's input
                 if whole:
                     rec["x"] = view = stored(x, host)
                 else:
