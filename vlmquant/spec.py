@@ -131,7 +131,7 @@ class RunSpec:
     def chained(self):
         """Each search chunk starts from the quantized outputs of the previous one (distort, or GPTQ on
         quantized inputs), so a run's chunks form a chain."""
-        return self.distort or self.gptq and self.gptq_inputs == "quantized"
+        return bool(self.distort) or (self.gptq and self.gptq_inputs == "quantized")
 
     @property
     def weight_activation(self):
