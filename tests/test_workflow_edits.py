@@ -182,8 +182,8 @@ def truncate(folder):
 
 @pytest.mark.parametrize("damage, needle", [
     (break_nan, "models/tiny/model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 2 non-finite values"),
-    (lambda d: (d / "tokenizer.json").unlink(), "config: models.demo-qwen2vl.path: models/tiny: no tokenizer"),
-    (truncate, "config: models.demo-qwen2vl.path: models/tiny/model.safetensors: safetensors shard is"),
+    (lambda d: (d / "tokenizer.json").unlink(), "config.yaml: line 9: models.demo-qwen2vl.path: models/tiny: no tokenizer"),
+    (truncate, "config.yaml: line 9: models.demo-qwen2vl.path: models/tiny/model.safetensors: safetensors shard is"),
 ])
 def test_broken_model_folder_fails_at_load(workdir, demo_root, damage, needle):
     """NaN weights, no tokenizer file, a truncated shard: one line naming the file, before any job."""
