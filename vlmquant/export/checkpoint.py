@@ -322,7 +322,7 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
     with atomic_dir(out_dir) as tmp:
         if streamed:
             job.write(tmp, lambda layer, i, linears, experts: quantize_linears(
-                [layer.get_submodule(n) for n in linears] + [w for _, w in experts], spec), max_shard_size)
+                [(n, layer.get_submodule(n)) for n in linears] + experts, spec), max_shard_size)
         else:
             fp.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))
         for shard in shard_files(tmp):

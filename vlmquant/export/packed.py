@@ -56,16 +56,14 @@ from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
 from vlmquant.models.memory import use_streaming
 from vlmquant.quant.codes import quantize_weight
-from vlmquant.quant.scheme import Scheme, check_scheme
+from vlmquant.quant.fp4 import ct_fp4_scheme, nvfp4_global_scale, pack_fp4, shared_global_scale
+from vlmquant.quant.scheme import FP4_GROUP, FUSED, Scheme, check_scheme, fused_sets
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.model import decoder_experts, decoder_linears, layer_experts, layer_root
 
 log = logging.getLogger(__name__)
 
 FORMAT = "compressed-tensors"
-# linears that serving engines fuse into one layer (vLLM packed_modules_mapping: qkv_proj, gate_up_proj, and
-# Qwen3.5's linear attention in_proj_qkvz)
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"))
 
 
 def require_compressed_tensors():
@@ -77,8 +75,12 @@ def require_compressed_tensors():
 
 
 def ct_scheme(scheme: Scheme):
-    """The compressed-tensors QuantizationScheme (targets ["Linear"]) of a vlmquant Scheme."""
+    """The compressed-tensors QuantizationScheme (targets ["Linear"]) of a vlmquant Scheme (FP4: its preset,
+    NVFP4 / NVFP4A16 / MXFP4A16)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if scheme.w_type in FP4_GROUP:
+        return ct_fp4_scheme(scheme)
 
     grouped = scheme.w_group > 0
     weights = QuantizationArgs(num_bits=scheme.w_bit, type=scheme.w_type, symmetric=scheme.symmetric,
@@ -165,6 +167,33 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct) -> None:
 
 
 @torch.no_grad()
+def compress_fp4(lin: torch.nn.Linear, scheme: Scheme, global_scale=None, input_global_scale=None) -> None:
+    """Replace lin's weight by its FP4 parameters (quant.fp4.pack_fp4: weight_packed, weight_scale
+    [, weight_global_scale, input_global_scale]), in place. global_scale: NVFP4's FP32 (1,), shared by the linears
+    it is fused with; input_global_scale: NVFP4 W4A4's static one (1,)."""
+    packed = pack_fp4(lin.weight, scheme, global_scale, input_global_scale)
+    del lin.weight
+    for name, t in packed.items():  # a shared global scale is stored once per linear (save_pretrained refuses aliases)
+        t = t.clone() if name.endswith("global_scale") else t
+        lin.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+
+
+def compress_linears(named, scheme: Scheme, ct, input_scales=None) -> None:
+    """compress_linear (or compress_fp4) every linear of [(name, module)], in place; under NVFP4 the linears a
+    serving engine fuses (quant.scheme.fused_sets) share one global scale (fp4.shared_global_scale: the pseudo
+    checkpoint's). input_scales: {name: static global input scale (1,)} of NVFP4 W4A4 runs."""
+    if scheme.w_type not in FP4_GROUP:
+        for _, lin in named:
+            compress_linear(lin, scheme, ct)
+        return
+    for idx in fused_sets([n for n, _ in named]):
+        members = [named[i] for i in idx]
+        gs = shared_global_scale([lin.weight for _, lin in members]) if scheme.w_type == "nvfp4" else None
+        for name, lin in members:
+            compress_fp4(lin, scheme, gs, None if input_scales is None else input_scales[name])
+
+
+@torch.no_grad()
 def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
     """Replace one decoder layer's fused expert weights [(name relative to the layer, (E, out, in) parameter)] by
     per-expert compressed linears `<experts module>.{e}.<adapter.expert_linears[name][k]>`, in place; the fused
@@ -174,6 +203,8 @@ def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
         parent_name, _, leaf = name.rpartition(".")
         parent, parts = layer.get_submodule(parent_name), adapter.expert_linears[name]
         rows = w.shape[1] // len(parts)
+        # NVFP4: each expert's global scale over its fused rows (gate and up share it, as the pseudo weights)
+        global_scales = nvfp4_global_scale(w) if scheme.w_type == "nvfp4" else None
         for e in range(w.shape[0]):
             if not hasattr(parent, str(e)):
                 parent.add_module(str(e), torch.nn.Module())
@@ -181,7 +212,10 @@ def pack_experts(layer, experts, adapter, scheme: Scheme, ct) -> None:
                 with torch.device("meta"):
                     lin = torch.nn.Linear(w.shape[2], rows, bias=False)
                 lin.weight = torch.nn.Parameter(w[e, k * rows:(k + 1) * rows].clone(), requires_grad=False)
-                compress_linear(lin, scheme, ct)
+                if scheme.w_type in FP4_GROUP:
+                    compress_fp4(lin, scheme, None if global_scales is None else global_scales[e:e + 1])
+                else:
+                    compress_linear(lin, scheme, ct)
                 getattr(parent, str(e)).add_module(part, lin)
         delattr(parent, leaf)
 
@@ -284,8 +318,7 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     require_compressed_tensors()
     ct, ignore, names, experts = plan_packed(model, adapter, quantize, scheme)
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
-    for n in quantize:
-        compress_linear(model.get_submodule(prefix + n), scheme, ct)
+    compress_linears([(n, model.get_submodule(prefix + n)) for n in quantize], scheme, ct)
     for layer in adapter.layers(model):
         pack_experts(layer, layer_experts(layer, adapter), adapter, scheme, ct)
     record = packed_record(model, adapter, names, quantize, experts, scheme, ignore, info)
@@ -333,8 +366,7 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
                            job.info)
 
     def compress(layer, index, linears, experts):
-        for n in linears:
-            compress_linear(layer.get_submodule(n), scheme, ct)
+        compress_linears([(n, layer.get_submodule(n)) for n in linears], scheme, ct)
         pack_experts(layer, experts, model.adapter, scheme, ct)
 
     remove_stale_temps(out_dir)

@@ -9,6 +9,7 @@ from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.quantizer import InputQuantizer, quantizer
+from vlmquant.quant.scheme import fused_sets
 
 
 def layer_root(model, adapter):
@@ -92,14 +93,16 @@ def apply_scale_cache(model, adapter, cache, source="scale cache"):
 
 
 @torch.no_grad()
-def quantize_linears(linears, spec):
-    """Replace every linear's weight (or fused expert parameter (E, out, in), per expert) with its fake-quantized
-    value under the run's scheme (spec.scheme): the weights of the pseudo checkpoint, equal to the packed
-    checkpoint's codes × scales."""
-    quantize = quantizer(spec.scheme).weight
-    for lin in linears:
-        w = lin if isinstance(lin, torch.Tensor) else lin.weight
-        w.copy_(quantize(w))
+def quantize_linears(named, spec):
+    """Replace every linear's weight (or fused expert parameter (E, out, in), per expert) of [(name, module or
+    parameter)] with its fake-quantized value under the run's scheme (spec.scheme), linears a serving engine fuses
+    (quant.scheme.fused_sets of the names) quantized together: the weights of the pseudo checkpoint, equal to the
+    packed checkpoint's codes × scales."""
+    q = quantizer(spec.scheme)
+    weights = [lin if isinstance(lin, torch.Tensor) else lin.weight for _, lin in named]
+    for idx in fused_sets([n for n, _ in named]):
+        for i, w_q in zip(idx, q.weights([weights[i] for i in idx])):
+            weights[i].copy_(w_q)
 
 
 def check_experts(experts, spec):
@@ -122,7 +125,7 @@ def pseudo_quantize(model, adapter, spec, exclude=()):
     weight per expert (check_experts first)."""
     experts = decoder_experts(model, adapter)
     check_experts(experts, spec)
-    quantize_linears([lin for _, lin in decoder_linears(model, adapter, exclude)] + [w for _, w in experts], spec)
+    quantize_linears(decoder_linears(model, adapter, exclude) + experts, spec)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from vlmquant.models.base import layer_part
 from vlmquant.models.stream import forward_micro_batched
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import groups_to_fold, layer_experts, quantize_linears, quantized_inputs, resolve_ignore
+from vlmquant.quant.scheme import fused_sets
 from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 from vlmquant.search.records import expert_args, on_device, record_layer
@@ -58,7 +59,7 @@ def group_job(layer, g, rec, masks, ratio, period, device) -> GroupSearch:
         del part, args, fp_out
     # rec["x"] stays whole: the channel statistics (a, max|X|) are over every valid token
     return GroupSearch(rec["x"], [layer_part(layer, name) for name in g.linears], forwards, fp_outs, loss_masks,
-                       masks, period, ratio)
+                       masks, period, ratio, fused_sets(g.linears))
 
 
 def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batch=None, host=False):
@@ -87,13 +88,14 @@ def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batc
 
 
 def quantized_parts(layer, adapter, prefix, ignore):
-    """(linears to quantize, names of the ignored ones, fused expert weights to quantize) of one decoder layer as
-    export quantizes it: adapter.keep_fp linears are never quantized, `ignore` patterns (export.ignore) keep
-    linears fp. Names relative to the layer; prefix: the layer's name relative to the layer root."""
+    """([(name, linear)] to quantize, names of the ignored ones, [(name, fused expert weight)] to quantize) of one
+    decoder layer as export quantizes it: adapter.keep_fp linears are never quantized, `ignore` patterns
+    (export.ignore) keep linears fp. Names relative to the layer; prefix: the layer's name relative to the layer
+    root."""
     keep = set(adapter.keep_fp) if adapter else set()
     named = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in keep]
     ignored = {n.removeprefix(prefix) for n in resolve_ignore([prefix + n for n, _ in named], ignore, strict=False)}
-    return [m for n, m in named if n not in ignored], ignored, [w for _, w in layer_experts(layer, adapter)]
+    return [(n, m) for n, m in named if n not in ignored], ignored, layer_experts(layer, adapter)
 
 
 @torch.no_grad()
@@ -107,5 +109,5 @@ def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapt
     folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(groups, results)], "search")
     fold(groups_to_fold(folds, ignored)[0])
     quantize_linears(linears + experts, spec)
-    with quantized_inputs(linears, spec.scheme):
+    with quantized_inputs([m for _, m in linears], spec.scheme):
         return forward_micro_batched(layer, hidden, kwargs, hidden.shape[0] if per_batch is None else per_batch)
