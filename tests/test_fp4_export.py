@@ -49,7 +49,7 @@ def folded_demo(family):
 
 def tensors(folder):
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.glob("model*.safetensors")):  # the weights (not scales.safetensors)
         out.update(load_file(f))
     return out
 

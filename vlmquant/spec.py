@@ -53,7 +53,7 @@ class RunSpec:
         weight_activation = cfg.get("a_bit") is not None
         fp4 = cfg.get("w_type") in FP4_GROUP
         if fp4:
-            check_fp4_config(name, cfg)
+            check_fp4_config(name, cfg, method)
             cfg = {**cfg, "w_group": FP4_GROUP[cfg["w_type"]]}
         for key in ("w_group", "w_sym"):
             if weight_activation and not fp4 and key in cfg:
@@ -150,9 +150,10 @@ class RunSpec:
         return asdict(self)
 
 
-def check_fp4_config(name, cfg):
+def check_fp4_config(name, cfg, method):
     """One-line errors for a run with w_type nvfp4 / mxfp4 (quant/fp4.py): FP4 E2M1 weights (w_bit 4, symmetric,
-    groups of 16 / 32, which w_group may omit); NVFP4 may add FP4 activations (a_bit 4), MXFP4 may not."""
+    groups of 16 / 32, which w_group may omit); NVFP4 may add FP4 activations (a_bit 4), MXFP4 may not. NVFP4 W4A4
+    needs its own search jobs: they calibrate the static input scales (search.act_scales)."""
     w_type, where = cfg["w_type"], f"config: runs.{name}"
     group = FP4_GROUP[w_type]
     if cfg["w_bit"] != 4:
@@ -165,6 +166,13 @@ def check_fp4_config(name, cfg):
     if cfg.get("a_bit") is not None and (w_type != "nvfp4" or cfg["a_bit"] != 4):
         raise VlmquantError(f"{where}.a_bit: FP4 weight-activation runs are NVFP4 W4A4 (w_type nvfp4, a_bit 4); "
                             f"{w_type} takes {'a_bit 4' if w_type == 'nvfp4' else 'no a_bit (weights only)'}")
+    if cfg.get("a_bit") is not None and cfg.get("distort"):
+        raise VlmquantError(f"{where}.distort: NVFP4 W4A4 searches on the fp inputs only (its static input scales "
+                            "are not yet carried along a distort chain); remove distort")
+    if cfg.get("a_bit") is not None and (not method.scales or "scale_cache" in cfg):
+        raise VlmquantError(f"{where}.{'scale_cache' if method.scales else 'method'}: NVFP4 W4A4 calibrates its static "
+                            "input scales in the run's own search jobs; use method smoothquant, awq or mbq without "
+                            "scale_cache")
 
 
 def _unused(name, key, method):

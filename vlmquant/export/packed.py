@@ -181,7 +181,7 @@ def compress_fp4(lin: torch.nn.Linear, scheme: Scheme, global_scale=None, input_
 def compress_linears(named, scheme: Scheme, ct, input_scales=None) -> None:
     """compress_linear (or compress_fp4) every linear of [(name, module)], in place; under NVFP4 the linears a
     serving engine fuses (quant.scheme.fused_sets) share one global scale (fp4.shared_global_scale: the pseudo
-    checkpoint's). input_scales: {name: static global input scale (1,)} of NVFP4 W4A4 runs."""
+    checkpoint's). input_scales: {name: static global input scale (a float)} of NVFP4 W4A4 runs."""
     if scheme.w_type not in FP4_GROUP:
         for _, lin in named:
             compress_linear(lin, scheme, ct)
@@ -190,7 +190,8 @@ def compress_linears(named, scheme: Scheme, ct, input_scales=None) -> None:
         members = [named[i] for i in idx]
         gs = shared_global_scale([lin.weight for _, lin in members]) if scheme.w_type == "nvfp4" else None
         for name, lin in members:
-            compress_fp4(lin, scheme, gs, None if input_scales is None else input_scales[name])
+            igs = None if input_scales is None else torch.tensor([input_scales[name]], dtype=torch.float32)
+            compress_fp4(lin, scheme, gs, igs)
 
 
 @torch.no_grad()
@@ -303,13 +304,15 @@ def finish_packed(folder, ct, ignore, scheme, record, source=None):
     (folder / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB"):
+def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB",
+                 input_scales=None):
     """Write `model` (scales folded, weights not yet quantized) as a compressed-tensors checkpoint at `out_dir`.
 
     quantize: names of the decoder linears to quantize, relative to the decoder-layer root (as
     quant.model.decoder_linears gives them); the other decoder linears stay as they are. info: provenance
     merged into quantization.json (run, scale cache sha256, …); source: model folder whose processor and
-    tokenizer files are copied. The model is consumed: its quantized linears hold packed codes afterwards.
+    tokenizer files are copied. input_scales: NVFP4 W4A4's {name: static global input scale}
+    (export.checkpoint.resolve_export). The model is consumed: its quantized linears hold packed codes afterwards.
     Everything that can fail is checked before anything is written; the folder is written under a
     temporary name and renamed when complete. Returns the quantization.json dict.
     Raises VlmquantError for an unknown linear, a w_group not dividing a linear's input width, a split
@@ -318,7 +321,7 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     require_compressed_tensors()
     ct, ignore, names, experts = plan_packed(model, adapter, quantize, scheme)
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
-    compress_linears([(n, model.get_submodule(prefix + n)) for n in quantize], scheme, ct)
+    compress_linears([(n, model.get_submodule(prefix + n)) for n in quantize], scheme, ct, input_scales)
     for layer in adapter.layers(model):
         pack_experts(layer, layer_experts(layer, adapter), adapter, scheme, ct)
     record = packed_record(model, adapter, names, quantize, experts, scheme, ignore, info)
@@ -357,7 +360,7 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
         fp, result, info = load_and_fold(model, spec, cache_path, names)
         remove_stale_temps(out_dir)
         return write_packed(fp, model.adapter, result["quantized"], spec.scheme, out_dir, info=info, source=model.path,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, input_scales=result.get("input_global_scales"))
     require_compressed_tensors()
     job = StreamedExport(model, spec, cache_path, names)
     skeleton, scheme = job.sm.skeleton, spec.scheme
@@ -366,7 +369,8 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
                            job.info)
 
     def compress(layer, index, linears, experts):
-        compress_linears([(n, layer.get_submodule(n)) for n in linears], scheme, ct)
+        compress_linears([(f"layers.{index}.{n}", layer.get_submodule(n)) for n in linears], scheme, ct,
+                         job.result.get("input_global_scales"))
         pack_experts(layer, experts, model.adapter, scheme, ct)
 
     remove_stale_temps(out_dir)

@@ -144,6 +144,17 @@ def input_global_scale(x_absmax: torch.Tensor, s: torch.Tensor | None = None) ->
     return global_scale_from_amax(amax.amax().reshape(1))
 
 
+def input_global_scales(amax: dict, names, source: str) -> dict:
+    """{name: static NVFP4 global input scale (a float, FP32-exact)} of the linears `names` from {name: amax of its
+    scaled calibration input} (a scale cache's meta "input_amax", search.act_scales). Raises VlmquantError naming
+    `source` and the first linear without one."""
+    missing = [n for n in names if n not in amax]
+    if missing:
+        raise VlmquantError(f"{source}: no calibrated input amax for {missing[0]} ({len(missing)} linears); NVFP4 W4A4 "
+                            "needs the run's own search (rerun it)")
+    return {n: float(global_scale_from_amax(torch.tensor([amax[n]], dtype=torch.float32))) for n in names}
+
+
 def mxfp4_exponents(g: torch.Tensor) -> torch.Tensor:
     """Unbiased E8M0 exponents X (..., n_groups, 1), int32 in [-127, 128], of groups g (..., n_groups, 32):
     the group scale is 2^X (see the module doc for the rounding)."""

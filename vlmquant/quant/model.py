@@ -129,24 +129,33 @@ def pseudo_quantize(model, adapter, spec, exclude=()):
 
 
 @contextlib.contextmanager
-def quantized_inputs(linears, scheme):
+def quantized_inputs(linears, scheme, input_scales=None):
     """While inside, every linear sees its input fake-quantized per token as `scheme` (codes.Scheme) says:
     the runtime half of a weight-activation (W·A·) run. A weight-only scheme or None: no change.
-    Yields the number of hooked linears."""
+    input_scales: NVFP4 W4A4's static global input scale of each linear (floats, in order). Yields the number of
+    hooked linears."""
     if scheme is None or scheme.a_bit is None:
         yield 0
         return
-    hook = InputQuantizer(scheme)
-    handles = [lin.register_forward_pre_hook(hook) for lin in linears]
+    hooks = {}  # one per static input scale (None: the integer/FP8 schemes' one)
+    handles = []
+    for lin, gs in zip(linears, input_scales or [None] * len(linears)):
+        if gs not in hooks:
+            hooks[gs] = InputQuantizer(scheme, None if gs is None else torch.tensor([gs], dtype=torch.float32))
+        handles.append(lin.register_forward_pre_hook(hooks[gs]))
     try:
         yield len(handles)
     finally:
         for h in handles:
             h.remove()
-        hook.reset()
+        for hook in hooks.values():
+            hook.reset()
 
 
-def quantized_activations(model, adapter, scheme, exclude=()):
+def quantized_activations(model, adapter, scheme, exclude=(), input_scales=None):
     """quantized_inputs over every decoder-layer linear of the model, minus the names in `exclude`
-    (a checkpoint's `ignored_modules`). scheme: the checkpoint's (quantization.json `scheme`), or None."""
-    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, exclude)], scheme)
+    (a checkpoint's `ignored_modules`). scheme: the checkpoint's (quantization.json `scheme`), or None;
+    input_scales: its NVFP4 W4A4 {name: static global input scale} (quantization.json `input_global_scales`)."""
+    named = decoder_linears(model, adapter, exclude)
+    return quantized_inputs([lin for _, lin in named], scheme,
+                            None if input_scales is None else [input_scales[n] for n, _ in named])

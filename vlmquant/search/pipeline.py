@@ -22,7 +22,8 @@ from vlmquant.models.memory import MB, acts_micro_batch, search_micro_batch, use
 from vlmquant.models.stream import StreamedModel, forward_micro_batched
 from vlmquant.quant.fold import resolve_scales
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
-from vlmquant.search.layer import quantized_forward, search_layer
+from vlmquant.search.act_scales import input_amax, input_maxima
+from vlmquant.search.layer import quantized_forward, quantized_parts, search_layer
 from vlmquant.search.plan import plan_layer
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,17 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
             raise VlmquantError(f"{model.path}: layer {i} requested, the model has {sm.n_layers} decoder layers")
         plans[i] = plan_layer(spec, layers[i], i, model.adapter)
     per_batch, host = search_micro_batch(sm, hidden, model.max_batch_mb)
+    static_acts = spec.scheme.w_type == "nvfp4" and spec.a_bit is not None
     for i in tqdm(layer_ids, desc="search", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         plan = plans[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
-        results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch, host)
+        calibrated = quantized_parts(layer, model.adapter, f"layers.{i}.", spec.ignore)[0] if static_acts else []
+        with input_maxima(calibrated, masks["valid"]) as maxima:  # NVFP4 W4A4's static input scales
+            results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
+                                        host)
+        amax = {"input_amax": input_amax(maxima, plan.groups, results, f"layers.{i}.")} if static_acts else {}
         if spec.distort:
             out = quantized_forward(layer, i, plan.groups, results, spec, hidden, args.kwargs(i), model.adapter,
                                     per_batch)
@@ -148,7 +154,7 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
                 raise VlmquantError(f"decoder layer {i} {g.prev}: the RTN loss is not finite")
         scales.save_layer(layer_file(out_dir, i), i, plan.groups, results,
                           [layer_ratios[g.site] if layer_ratios else None for g in plan.groups],
-                          {**meta, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
+                          {**meta, **amax, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
                                                for g, why in plan.skipped]})
     if spec.distort and last + 1 < n_layers(model.path):
         check_finite(hidden, f"the quantized outputs of decoder layer {last}")
