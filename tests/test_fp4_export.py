@@ -10,6 +10,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from vlmquant.export.sizes import packed_size
 from vlmquant.models import get_adapter
 from vlmquant.models.base import layer_part
 from vlmquant.models.tiny import make_demo_model
@@ -178,3 +179,14 @@ def fp_weight(model, adapter, saved):
     rows = w.shape[0] // len(parts)
     return w[parts.index(part) * rows:(parts.index(part) + 1) * rows]
 
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl_moe"])
+def test_predicted_size_is_the_stored_size(exported, family, run):
+    """export.sizes predicts the FP4 folder's tensor bytes from shapes alone (one byte per two codes, one per group
+    scale, four per global scale)."""
+    packed, _ = exported(family, run)
+    stored = sum(t.numel() * t.element_size() for t in tensors(packed).values())
+    model, adapter = folded_demo(family)
+    assert packed_size(model, adapter, run_spec(run, **RUNS[run]).scheme)["packed"] == stored

@@ -13,6 +13,7 @@ from vlmquant.errors import VlmquantError
 from vlmquant.export.checkpoint import export_checkpoint, runtime_activations
 from vlmquant.io import ragged
 from vlmquant.io.scales import chunk_layer_files, load_cache, load_layer, merge
+from vlmquant.export.sizes import packed_size
 from vlmquant.models import get_adapter
 from vlmquant.models.capture import load_samples, model_inputs, token_masks
 from vlmquant.models.loading import open_model
@@ -215,6 +216,8 @@ def test_nvfp4_w4a4_packed_equals_pseudo_in_weights_scales_and_logits(staged, w4
     with torch.no_grad():
         plain = ref_model(**batch).logits
     assert not torch.equal(plain, want)  # the activation quantization is on
+    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    assert packed_size(ref_model, ADAPTER, scheme)["packed"] == stored_bytes  # input_global_scale counted too
 
 
 def test_smoothquant_nvfp4_w4a4_runs_and_keeps_its_scales(searched):
