@@ -14,6 +14,13 @@ writes the shards → `ModelCompressor.update_config` writes `quantization_confi
                         for int-/float-quantized, weight_scale in the model dtype; the rest as saved
     quantization.json   provenance (run, scale cache sha256, package versions, scheme, module lists)
 
+FP4 schemes (quant/fp4.py): NVFP4 / NVFP4A16 / MXFP4A16 are written by compressed-tensors' own FP4 compressors
+(`pack_fp4`): weight_packed uint8 (two E2M1 codes a byte), weight_scale float8_e4m3fn (NVFP4, groups of 16) or uint8
+E8M0 (MXFP4, groups of 32), NVFP4's weight_global_scale float32 (1,), shared by the linears vLLM fuses (q/k/v,
+gate/up; each expert's gate/up: the pseudo checkpoint's, quant.quantizer.Quantizer.weights), and for W4A4 the static
+input_global_scale (1,) calibrated in the search (search.act_scales). vLLM takes the max of the fused linears'
+global scales, which are stored equal.
+
 Module names in `ignore`: each skipped linear is written under the name save_pretrained gives its
 weight (transformers' revert_weight_conversion: Qwen2-VL `visual.blocks.0.attn.qkv`, `model.layers.3…`)
 and, where it differs, under the model's own module name (`model.visual.blocks.0.attn.qkv`). vLLM

@@ -116,8 +116,8 @@ def fp4_quantizer(scheme: Scheme) -> Quantizer:
     act = None
     if scheme.a_bit is not None:
         if scheme.w_type != "nvfp4":
-            raise VlmquantError(f"scheme {scheme.name}: FP4 activations are NVFP4 only (MXFP4 W4A4 is not served "
-                                "from compressed-tensors checkpoints); use w_type nvfp4 or drop a_bit")
+            raise VlmquantError(f"scheme {scheme.name}: FP4 activations are NVFP4 only here; use w_type nvfp4 or "
+                                "drop a_bit")
 
         def act(x, s=None, global_scale=None):
             if global_scale is None:
@@ -146,7 +146,7 @@ class InputQuantizer:
     """Forward pre-hook that fake-quantizes a linear's input per token as a weight-activation scheme does
     (quantizer(scheme).act), as the scaled model sees it, Q_a(x/s)·s, when `s` (C_in,) is set. Linears that
     share one input tensor (q/k/v, gate/up) quantize it once: the result is kept for that tensor, its version
-    and `s`, until `reset()`."""
+    and `s` (and NVFP4's static `global_scale`), until `reset()`."""
 
     def __init__(self, scheme: Scheme, global_scale: torch.Tensor | None = None):
         self.act, self.s, self.last = quantizer(scheme).act, None, {}
@@ -154,8 +154,9 @@ class InputQuantizer:
 
     def __call__(self, module, args):
         x, last = args[0], self.last
-        if last.get("x") is not x or last["version"] != x._version or last["s"] is not self.s:
-            self.last = {"x": x, "version": x._version, "s": self.s,
+        if (last.get("x") is not x or last["version"] != x._version or last["s"] is not self.s
+                or last["global_scale"] is not self.global_scale):
+            self.last = {"x": x, "version": x._version, "s": self.s, "global_scale": self.global_scale,
                          "q": self.act(x.detach(), self.s, self.global_scale)}
         return (self.last["q"], *args[1:])
 
