@@ -223,3 +223,39 @@ def test_nvfp4_w4a4_packed_equals_pseudo_in_weights_scales_and_logits(staged, w4
 def test_smoothquant_nvfp4_w4a4_runs_and_keeps_its_scales(searched):
     cache = load_cache(searched("sq-nvfp4"))
     assert len(cache["scale"]) == 4 * 4 and len(cache["meta"]["input_amax"]) == 4 * 7
+
+
+def test_mbq_nvfp4a16_on_the_moe_demo_searches_and_packs_per_expert(family_demo, tmp_path):
+    """Qwen3-VL-MoE: grads → acts → MBQ NVFP4A16 search (per-expert groups included, never losing to RTN) → merge →
+    pseudo and packed checkpoints in bf16, the packed experts (per expert) decompressing to the pseudo weights."""
+    pytest.importorskip("compressed_tensors")
+    from vlmquant.export.packed import export_packed
+    from test_fp4_export import decompressed, fused_back, tensors
+
+    d, ref = family_demo("qwen3_vl_moe")
+    spec = run_spec("mbq-nvfp4a16", method="mbq", w_bit=4, w_type="nvfp4", n_grid=5)
+    names = {"model": "moe", "calib": "demo", "run": spec.name}
+    P.run_grads(ref, d / "inputs.safetensors", tmp_path / "grads.safetensors")
+    P.run_acts(ref, d / "inputs.safetensors", [0], tmp_path / "acts")
+    P.run_search(ref, spec, d / "inputs.safetensors", tmp_path / "acts", tmp_path / "grads.safetensors",
+                 [0, 1, 2, 3], tmp_path / "chunk_000", names)
+    experts = 0
+    for path in chunk_layer_files([tmp_path / "chunk_000"]):
+        t, _ = load_layer(path)
+        for losses, best in zip(t["losses"], t["best"]):
+            assert best < 0 or losses[best] == losses.min() <= losses[0]
+        for key in [k for k in t if k.endswith(".losses") and k.startswith("experts.")]:
+            per_expert, chosen = t[key], t[key.replace(".losses", ".best")]
+            assert (per_expert.gather(1, chosen[:, None])[:, 0] <= per_expert[:, 0]).all()
+            experts += 1
+    assert experts == 3  # the MoE layers' up → down groups (the last demo layer is dense)
+    merge(chunk_layer_files([tmp_path / "chunk_000"]), tmp_path / "cache.pt", tmp_path / "search.parquet",
+          {**names, "run_config": spec.search_params()})
+    bf16 = open_model({"family": "qwen3_vl_moe", "path": str(ref.path), "dtype": "bfloat16"}, "cpu")
+    export_checkpoint(bf16, spec, tmp_path / "checkpoint", tmp_path / "cache.pt", names=names)
+    export_packed(bf16, spec, tmp_path / "packed", tmp_path / "cache.pt", names=names)
+    reference = tensors(tmp_path / "checkpoint")
+    dense = fused_back(decompressed(tmp_path / "packed"), reference, ref.adapter)
+    differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert any(".mlp.experts.7.gate_proj.weight_global_scale" in k for k in tensors(tmp_path / "packed"))
