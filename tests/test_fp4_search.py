@@ -55,6 +55,22 @@ def test_invalid_fp4_runs_are_one_line_errors(cfg, key):
         run_spec("bad", **{"method": "mbq", "w_bit": 4, **cfg})
 
 
+def test_the_default_config_checks_fp4_runs_against_the_schema(cfg):
+    from conftest import check
+
+    cfg["runs"]["bad"] = {"method": "mbq", "w_bit": 4, "w_type": "fp4"}
+    with pytest.raises(Exception, match="fp4"):
+        check(cfg)
+    del cfg["runs"]["bad"]
+    runs = check(cfg)["runs"]
+    assert runs["mbq-nvfp4"] == {"method": "mbq", "w_bit": 4, "w_type": "nvfp4", "a_bit": 4, "loss": "mae",
+                                 "n_grid": 20, "reweight": True}
+    assert runs["awq-mxfp4"]["w_group"] == 32
+    cfg["runs"]["mbq-nvfp4"]["w_group"] = 32
+    with pytest.raises(VlmquantError, match=r"runs\.mbq-nvfp4\.w_group: nvfp4 quantizes weights in groups of 16"):
+        check(cfg)
+
+
 # --- quantizer -----------------------------------------------------------------------------------
 def test_fused_weights_share_the_smallest_global_scale_and_others_quantize_alone():
     g = torch.Generator().manual_seed(0)
