@@ -275,3 +275,21 @@ def test_mbq_nvfp4a16_on_the_moe_demo_searches_and_packs_per_expert(family_demo,
     differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     assert any(".mlp.experts.7.gate_proj.weight_global_scale" in k for k in tensors(tmp_path / "packed"))
+
+
+def test_streamed_exports_write_the_resident_bytes(searched, demo_model_path, w4a4_export, tmp_path):
+    """With decoder layers streamed one at a time, the NVFP4 W4A4 pseudo and packed folders (fused global scales,
+    static input scales) hold the very tensors of the resident exports."""
+    from vlmquant.export.packed import export_packed
+    from test_fp4_export import tensors
+
+    spec = run_spec("mbq-nvfp4", **RUNS["mbq-nvfp4"])
+    model = open_model({"family": "qwen2_vl", "path": str(demo_model_path), "dtype": "bfloat16"}, "cpu",
+                       {"stream": "always"})
+    names = {"model": "demo", "calib": "demo", "run": "mbq-nvfp4"}
+    export_checkpoint(model, spec, tmp_path / "checkpoint", searched("mbq-nvfp4"), names=names)
+    export_packed(model, spec, tmp_path / "packed", searched("mbq-nvfp4"), names=names)
+    for resident, streamed in zip(w4a4_export, (tmp_path / "checkpoint", tmp_path / "packed")):
+        a, b = tensors(resident), tensors(streamed)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (runtime_activations(tmp_path / "checkpoint")[2] == runtime_activations(w4a4_export[0])[2])
