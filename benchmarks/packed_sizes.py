@@ -25,7 +25,7 @@ ADAPTER = get_adapter("qwen2_vl")
 MOE_ADAPTER = get_adapter("qwen3_vl_moe")
 SCHEMES = [Scheme(4, 128), Scheme(4, 128, True), Scheme(4, -1, True), Scheme(8, 128), Scheme(8, -1, True),
            Scheme(3, 128), Scheme(8, -1, True, a_bit=8), Scheme(4, -1, True, a_bit=8),
-           Scheme(8, -1, True, "float", 8, "float")]
+           Scheme(8, -1, True, "float", 8, "float"), Scheme(4, 16, True, "nvfp4"), Scheme(4, 32, True, "mxfp4")]
 
 
 def stored_bytes(folder):

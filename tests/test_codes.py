@@ -93,7 +93,7 @@ def test_the_run_scheme_is_what_the_pseudo_checkpoint_quantizes(run):
         with torch.no_grad():
             lin.weight.copy_(weight(dtype, 2))
         expected = quantize_weight(lin.weight, spec.scheme).dequantize(dtype)
-        quantize_linears([lin], spec)
+        quantize_linears([("lin", lin)], spec)
         assert torch.equal(lin.weight, expected)
 
 

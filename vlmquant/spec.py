@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from vlmquant.errors import VlmquantError
 from vlmquant.methods import COMMON, METHODS, Method, get_method
 from vlmquant.methods.base import GPTQ_SETTINGS
-from vlmquant.quant.scheme import Scheme, check_scheme
+from vlmquant.quant.scheme import FP4_GROUP, Scheme, check_scheme
 
 GPTQ_CHOICES = {"hessian": ("uniform", "modality"), "gptq_inputs": ("quantized", "fp")}
 
@@ -24,7 +24,8 @@ SMOOTHS = ("norms", "all")
 @dataclass(frozen=True)
 class RunSpec:
     """A validated run. w_group -1: one group per output row; a_bit None: weight-only; w_sym: weight-only
-    weights without zero point; w_type "float": FP8 E4M3 weights and activations (w_bit = a_bit = 8).
+    weights without zero point; w_type "float": FP8 E4M3 weights and activations (w_bit = a_bit = 8); "nvfp4" /
+    "mxfp4": FP4 E2M1 weights in groups of 16 / 32 (w_group filled), NVFP4 W4A4 with a_bit 4 (quant/fp4.py).
 
     formats: the checkpoints it exports ("pseudo", "compressed-tensors"). scale_cache: a scale cache made
     elsewhere (ours or the MBQ reference's) that replaces the search. ignore: `export.ignore` patterns
@@ -69,8 +70,12 @@ class RunSpec:
         if cfg.get("a_bit") is None and method.needs_a_bit:
             raise VlmquantError(f"config: runs.{name}.a_bit: {method.needs_a_bit}")
         weight_activation = cfg.get("a_bit") is not None
+        fp4 = cfg.get("w_type") in FP4_GROUP
+        if fp4:
+            check_fp4_config(name, cfg, method)
+            cfg = {**cfg, "w_group": FP4_GROUP[cfg["w_type"]]}
         for key in ("w_group", "w_sym"):
-            if weight_activation and key in cfg:
+            if weight_activation and not fp4 and key in cfg:
                 raise VlmquantError(f"config: runs.{name}.{key}: weight-activation runs (a_bit) quantize weights "
                                     f"symmetric per output channel; remove {key}")
         if cfg.get("w_type") == "float" and (cfg["w_bit"] != 8 or cfg.get("a_bit") != 8):
@@ -140,6 +145,9 @@ class RunSpec:
     @property
     def scheme(self) -> Scheme:
         """How the run quantizes weights (and activations), in the search, the checkpoints and the eval."""
+        if self.w_type in FP4_GROUP:  # symmetric E2M1 in the format's groups; W4A4: FP4 activations
+            return Scheme(4, FP4_GROUP[self.w_type], True, self.w_type, self.a_bit,
+                          "int" if self.a_bit is None else "float")
         fp8 = self.w_type == "float"
         return Scheme(self.w_bit, -1 if self.weight_activation else self.w_group, self.w_sym or self.weight_activation,
                       self.w_type, self.a_bit, "float" if fp8 else "int")
@@ -207,6 +215,31 @@ def _check_gptq(name, values):
         raise VlmquantError(f"{where}.dampening: {values['dampening']!r} must be a number > 0 (0.01 is standard)")
     if not isinstance(values.get("act_order", False), bool):
         raise VlmquantError(f"{where}.act_order: {values['act_order']!r} must be true or false")
+
+
+def check_fp4_config(name, cfg, method):
+    """One-line errors for a run with w_type nvfp4 / mxfp4 (quant/fp4.py): FP4 E2M1 weights (w_bit 4, symmetric,
+    groups of 16 / 32, which w_group may omit); NVFP4 may add FP4 activations (a_bit 4), MXFP4 may not. NVFP4 W4A4
+    needs its own search jobs: they calibrate the static input scales (search.act_scales)."""
+    w_type, where = cfg["w_type"], f"config: runs.{name}"
+    group = FP4_GROUP[w_type]
+    if cfg["w_bit"] != 4:
+        raise VlmquantError(f"{where}.w_bit: {w_type} is FP4 (E2M1): set w_bit 4")
+    if cfg.get("w_group", group) != group:
+        raise VlmquantError(f"{where}.w_group: {w_type} quantizes weights in groups of {group}: set w_group {group} "
+                            "or leave it out")
+    if cfg.get("w_sym", True) is not True:
+        raise VlmquantError(f"{where}.w_sym: {w_type} weights are symmetric (no zero point): remove w_sym")
+    if cfg.get("a_bit") is not None and (w_type != "nvfp4" or cfg["a_bit"] != 4):
+        raise VlmquantError(f"{where}.a_bit: FP4 weight-activation runs are NVFP4 W4A4 (w_type nvfp4, a_bit 4); "
+                            f"{w_type} takes {'a_bit 4' if w_type == 'nvfp4' else 'no a_bit (weights only)'}")
+    if cfg.get("a_bit") is not None and cfg.get("distort"):
+        raise VlmquantError(f"{where}.distort: NVFP4 W4A4 searches on the fp inputs only (its static input scales "
+                            "are not yet carried along a distort chain); remove distort")
+    if cfg.get("a_bit") is not None and (not method.scales or "scale_cache" in cfg):
+        raise VlmquantError(f"{where}.{'scale_cache' if method.scales else 'method'}: NVFP4 W4A4 calibrates its static "
+                            "input scales in the run's own search jobs; use method smoothquant, awq or mbq without "
+                            "scale_cache")
 
 
 def _unused(name, key, method):

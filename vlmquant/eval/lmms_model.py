@@ -48,7 +48,7 @@ class VlmquantVLM(lmms):
         self.model = self.adapter.load_model(pretrained, self.dtype, self.device, trust_remote_code)
         self.processor = self.adapter.load_processor(pretrained, trust_remote_code)
         self.tokenizer = self.processor.tokenizer
-        self.scheme, self.ignored = runtime_activations(pretrained)
+        self.scheme, self.ignored, self.input_scales = runtime_activations(pretrained)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -67,7 +67,7 @@ class VlmquantVLM(lmms):
         enc = self.processor(text=[self.prompt(c, len(imgs)) for c, imgs in zip(contexts, images)],
                              images=flat or None, padding=True, padding_side="left", return_tensors="pt")
         enc = enc.to(self.device)
-        with quantized_activations(self.model, self.adapter, self.scheme, self.ignored):
+        with quantized_activations(self.model, self.adapter, self.scheme, self.ignored, self.input_scales):
             ids = self.model.generate(**enc, do_sample=False, num_beams=int(gen_kwargs.get("num_beams", 1)),
                                       max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
                                       eos_token_id=self.tokenizer.eos_token_id,

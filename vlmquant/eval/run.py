@@ -100,13 +100,13 @@ def forward_batches(model, adapter, samples, selection, batch_size, device, dtyp
 
 
 @torch.no_grad()
-def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=(), on_layer=None):
+def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=(), on_layer=None, input_scales=None):
     """forward_batches layer-major over a models.stream.StreamedModel: every batch goes through decoder layer i,
     then the layer is dropped; the same dicts, in the same order, once all layers have run.
 
     scheme, exclude: weight-activation checkpoints quantize every decoder linear's input (minus the names in
     `exclude`, relative to the layer root) and the fused experts' inputs as quant.model.quantized_activations does
-    on a whole model.
+    on a whole model (NVFP4 W4A4: with the static `input_scales` {name: global input scale}).
     on_layer(i, layer): called with each loaded decoder layer (the weight errors).
     """
     parts, exclude = [], set(exclude)
@@ -118,9 +118,10 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
     sm.phase("host")
     for i in tqdm(range(sm.n_layers), desc="eval", unit="layer"):
         layer = sm.layer(i)
-        linears = [m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
-                   and f"layers.{i}.{n}" not in exclude and not never_quantized(f"layers.{i}.{n}", sm.adapter)]
-        with quantized_inputs(linears, scheme, expert_modules(layer, sm.adapter)):
+        named = [(f"layers.{i}.{n}", m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+                 and f"layers.{i}.{n}" not in exclude and not never_quantized(f"layers.{i}.{n}", sm.adapter)]
+        scales = None if input_scales is None else [input_scales[n] for n, _ in named]
+        with quantized_inputs([m for _, m in named], scheme, expert_modules(layer, sm.adapter), input_scales=scales):
             for p in parts:
                 out = layer_forward(layer, p["hidden"], p["args"].kwargs(i))  # (B, T, C)
                 p["captured"][i] = out[p["rows"], p["cols"]]  # the layer's output, as its forward hook sees it
@@ -277,19 +278,21 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     # weight-activation runs: activations are quantized at run time
     scheme = Scheme(**quant["scheme"]) if quant.get("scheme") else None
     ignored = quant.get("ignored_modules", ())
+    input_scales = quant.get("input_global_scales")  # NVFP4 W4A4's static ones
     weights = WeightErrors(adapter, fp_path, load_scales(checkpoint))
     if use_streaming(model.stream, model):
         sm = StreamedModel(model, checkpoint)
         n_layers = sm.n_layers
         _check_depth(checkpoint, n_layers, ref_meta)
-        batches = streamed_batches(sm, samples, selection, settings["batch_size"], scheme, ignored, weights.add_layer)
+        batches = streamed_batches(sm, samples, selection, settings["batch_size"], scheme, ignored, weights.add_layer,
+                                   input_scales)
         context = contextlib.nullcontext()
     else:
         full = model.load(checkpoint)
         n_layers = len(adapter.layers(full))
         _check_depth(checkpoint, n_layers, ref_meta)
         batches = forward_batches(full, adapter, samples, selection, settings["batch_size"], device, dtype)
-        context = quantized_activations(full, adapter, scheme, ignored)
+        context = quantized_activations(full, adapter, scheme, ignored, input_scales)
     errors = ErrorSums()
     nll_sum = kl_sum = top1 = 0.0
     n_cap = n_hid = 0

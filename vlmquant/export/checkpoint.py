@@ -40,6 +40,7 @@ from vlmquant.quant.scheme import Scheme
 from vlmquant.quant.codes import QuantizedWeight
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold, resolve_scales
+from vlmquant.quant.fp4 import input_global_scales
 from vlmquant.quant.model import (check_experts, decoder_experts, decoder_linears, groups_to_fold, layer_experts,
                                   layer_root, pseudo_quantize, quantize_linears, resolve_ignore)
 
@@ -91,8 +92,12 @@ def resolve_export(model, adapter, spec, cache=None, source="scale cache"):
         folds = resolve_scales(root, cache.get("scale"), source, n_layers=len(adapter.layers(model)))
         applied, skipped = groups_to_fold(folds, ignored)
     stored = check_stored(cache, spec, quantized + [n for n, _ in decoder_experts(model, adapter)], source)
-    return applied, {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped,
-                     "applied": [(f.prev_name, f.linear_names, f.s) for f in applied], "stored": stored}
+    result = {"quantized": quantized, "ignored": sorted(ignored), "skipped_groups": skipped,
+              "applied": [(f.prev_name, f.linear_names, f.s) for f in applied], "stored": stored}
+    if spec.scheme.w_type == "nvfp4" and spec.a_bit is not None:  # static input scales, calibrated in the search
+        result["input_global_scales"] = input_global_scales(((cache or {}).get("meta") or {}).get("input_amax", {}),
+                                                            quantized, source)
+    return applied, result
 
 
 def check_stored(cache, spec, weights, source):
@@ -304,15 +309,16 @@ def read_quant_info(folder):
 
 
 def runtime_activations(folder):
-    """(scheme, ignored module names) with which a model folder's decoder-linear inputs are fake-quantized at
-    run time (quant.model.quantized_activations): its quantization.json `scheme` and `ignored_modules`; for a
-    folder without quantization.json (an fp model), (None, ()). Weight-only schemes quantize no activation."""
+    """(scheme, ignored module names, static input scales) with which a model folder's decoder-linear inputs are
+    fake-quantized at run time (quant.model.quantized_activations): its quantization.json `scheme`,
+    `ignored_modules` and (NVFP4 W4A4) `input_global_scales`, else None; for a folder without quantization.json (an
+    fp model), (None, (), None). Weight-only schemes quantize no activation."""
     if not (Path(folder) / QUANT_FILE).is_file():
-        return None, ()
+        return None, (), None
     info = read_quant_info(folder)
     if "scheme" not in info:
         raise VlmquantError(f"{folder}/{QUANT_FILE}: no 'scheme' (written by an older vlmquant; rerun the export)")
-    return Scheme(**info["scheme"]), tuple(info.get("ignored_modules", ()))
+    return Scheme(**info["scheme"]), tuple(info.get("ignored_modules", ())), info.get("input_global_scales")
 
 
 def remove_stale_temps(out_dir):
@@ -336,6 +342,7 @@ def pseudo_info(model, spec, result, info):
                          if scheme.a_bit else "") + "; weights stored dequantized, in the model dtype"),
         "dtype": str(model.dtype).removeprefix("torch."),
         "n_quantized": len(result["quantized"]),
+        **({"input_global_scales": result["input_global_scales"]} if "input_global_scales" in result else {}),
         "modules_relative_to": model.adapter.layers_path.rsplit(".", 1)[0],
         "packages": package_versions(),
     }
@@ -364,7 +371,7 @@ def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB
     with atomic_dir(out_dir) as tmp:
         if streamed:
             def quantize(layer, i, linears, experts):
-                quantize_linears([layer.get_submodule(n) for n in linears] + [w for _, w in experts], spec)
+                quantize_linears([(n, layer.get_submodule(n)) for n in linears] + experts, spec)
                 write_stored(layer, result["stored"], f"layers.{i}.")
 
             job.write(tmp, quantize, max_shard_size)

@@ -14,6 +14,13 @@ writes the shards → `ModelCompressor.update_config` writes `quantization_confi
                         for int-/float-quantized, weight_scale in the model dtype; the rest as saved
     quantization.json   provenance (run, scale cache sha256, package versions, scheme, module lists)
 
+FP4 schemes (quant/fp4.py): NVFP4 / NVFP4A16 / MXFP4A16 are written by compressed-tensors' own FP4 compressors
+(`pack_fp4`): weight_packed uint8 (two E2M1 codes a byte), weight_scale float8_e4m3fn (NVFP4, groups of 16) or uint8
+E8M0 (MXFP4, groups of 32), NVFP4's weight_global_scale float32 (1,), shared by the linears vLLM fuses (q/k/v,
+gate/up; each expert's gate/up: the pseudo checkpoint's, quant.quantizer.Quantizer.weights), and for W4A4 the static
+input_global_scale (1,) calibrated in the search (search.act_scales). vLLM takes the max of the fused linears'
+global scales, which are stored equal.
+
 Module names in `ignore`: each skipped linear is written under the name save_pretrained gives its
 weight (transformers' revert_weight_conversion: Qwen2-VL `visual.blocks.0.attn.qkv`, `model.layers.3…`)
 and, where it differs, under the model's own module name (`model.visual.blocks.0.attn.qkv`). vLLM
@@ -57,16 +64,14 @@ from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import dumps, package_versions
 from vlmquant.models.memory import use_streaming
 from vlmquant.quant.codes import QuantizedWeight, quantize_weight
-from vlmquant.quant.scheme import Scheme, check_scheme
+from vlmquant.quant.fp4 import ct_fp4_scheme, nvfp4_global_scale, pack_fp4, shared_global_scale
+from vlmquant.quant.scheme import FP4_GROUP, FUSED, Scheme, check_scheme, fused_sets
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.model import decoder_experts, decoder_linears, layer_experts, layer_root
 
 log = logging.getLogger(__name__)
 
 FORMAT = "compressed-tensors"
-# linears that serving engines fuse into one layer (vLLM packed_modules_mapping: qkv_proj, gate_up_proj, and
-# Qwen3.5's linear attention in_proj_qkvz)
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"))
 
 
 def require_compressed_tensors():
@@ -78,9 +83,13 @@ def require_compressed_tensors():
 
 
 def ct_scheme(scheme: Scheme, act_order=False):
-    """The compressed-tensors QuantizationScheme (targets ["Linear"]) of a vlmquant Scheme; act_order: GPTQ's
-    columns were rounded in act-order, stored as `actorder: weight` (codes in column order, no g_idx: search.gptq)."""
+    """The compressed-tensors QuantizationScheme (targets ["Linear"]) of a vlmquant Scheme (FP4: its preset,
+    NVFP4 / NVFP4A16 / MXFP4A16); act_order: GPTQ's columns were rounded in act-order, stored as `actorder: weight`
+    (codes in column order, no g_idx: search.gptq)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if scheme.w_type in FP4_GROUP:
+        return ct_fp4_scheme(scheme)
 
     grouped = scheme.w_group > 0
     weights = QuantizationArgs(num_bits=scheme.w_bit, type=scheme.w_type, symmetric=scheme.symmetric,
@@ -169,6 +178,35 @@ def compress_linear(lin: torch.nn.Linear, scheme: Scheme, ct, q=None) -> None:
 
 
 @torch.no_grad()
+def compress_fp4(lin: torch.nn.Linear, scheme: Scheme, global_scale=None, input_global_scale=None) -> None:
+    """Replace lin's weight by its FP4 parameters (quant.fp4.pack_fp4: weight_packed, weight_scale
+    [, weight_global_scale, input_global_scale]), in place. global_scale: NVFP4's FP32 (1,), shared by the linears
+    it is fused with; input_global_scale: NVFP4 W4A4's static one (1,)."""
+    packed = pack_fp4(lin.weight, scheme, global_scale, input_global_scale)
+    del lin.weight
+    for name, t in packed.items():  # a shared global scale is stored once per linear (save_pretrained refuses aliases)
+        t = t.clone() if name.endswith("global_scale") else t
+        lin.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+
+
+def compress_linears(named, scheme: Scheme, ct, input_scales=None, stored=None) -> None:
+    """compress_linear (or compress_fp4) every linear of [(name, module)], in place; under NVFP4 the linears a
+    serving engine fuses (quant.scheme.fused_sets) share one global scale (fp4.shared_global_scale: the pseudo
+    checkpoint's). input_scales: {name: static global input scale (a float)} of NVFP4 W4A4 runs; stored: a GPTQ
+    run's codes {name: entry} (export.checkpoint.stored_weights), written instead of round to nearest's."""
+    if scheme.w_type not in FP4_GROUP:
+        for name, lin in named:
+            compress_linear(lin, scheme, ct, stored_weights(stored[name])[0] if stored and name in stored else None)
+        return
+    for idx in fused_sets([n for n, _ in named]):
+        members = [named[i] for i in idx]
+        gs = shared_global_scale([lin.weight for _, lin in members]) if scheme.w_type == "nvfp4" else None
+        for name, lin in members:
+            igs = None if input_scales is None else torch.tensor([input_scales[name]], dtype=torch.float32)
+            compress_fp4(lin, scheme, gs, igs)
+
+
+@torch.no_grad()
 def pack_experts(layer, experts, adapter, scheme: Scheme, ct, stored=None) -> None:
     """Replace one decoder layer's fused expert weights [(name relative to the layer, (E, out, in) parameter)] by
     per-expert compressed linears `<experts module>.{e}.<adapter.expert_linears[name][k]>`, in place; the fused
@@ -180,6 +218,8 @@ def pack_experts(layer, experts, adapter, scheme: Scheme, ct, stored=None) -> No
         parent, parts = layer.get_submodule(parent_name), adapter.expert_linears[name]
         rows = w.shape[1] // len(parts)
         codes = stored_weights(stored[name]) if stored and name in stored else None
+        # NVFP4: each expert's global scale over its fused rows (gate and up share it, as the pseudo weights)
+        global_scales = nvfp4_global_scale(w) if scheme.w_type == "nvfp4" else None
         for e in range(w.shape[0]):
             if not hasattr(parent, str(e)):
                 parent.add_module(str(e), torch.nn.Module())
@@ -187,10 +227,13 @@ def pack_experts(layer, experts, adapter, scheme: Scheme, ct, stored=None) -> No
                 with torch.device("meta"):
                     lin = torch.nn.Linear(w.shape[2], rows, bias=False)
                 lin.weight = torch.nn.Parameter(w[e, k * rows:(k + 1) * rows].clone(), requires_grad=False)
-                q = None if codes is None else QuantizedWeight(
-                    *(None if t is None else t[k * rows:(k + 1) * rows] for t in
-                      (codes[e].codes, codes[e].scale, codes[e].zero_point)), codes[e].group)
-                compress_linear(lin, scheme, ct, q)
+                if scheme.w_type in FP4_GROUP:
+                    compress_fp4(lin, scheme, None if global_scales is None else global_scales[e:e + 1])
+                else:
+                    q = None if codes is None else QuantizedWeight(
+                        *(None if t is None else t[k * rows:(k + 1) * rows] for t in
+                          (codes[e].codes, codes[e].scale, codes[e].zero_point)), codes[e].group)
+                    compress_linear(lin, scheme, ct, q)
                 getattr(parent, str(e)).add_module(part, lin)
         delattr(parent, leaf)
 
@@ -285,15 +328,16 @@ def finish_packed(folder, ct, ignore, scheme, record, source=None):
 
 
 def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, source=None, max_shard_size="5GB",
-                 stored=None, act_order=False):
+                 stored=None, act_order=False, input_scales=None):
     """Write `model` (scales folded, weights not yet quantized) as a compressed-tensors checkpoint at `out_dir`.
 
     quantize: names of the decoder linears to quantize, relative to the decoder-layer root (as
     quant.model.decoder_linears gives them); the other decoder linears stay as they are. info: provenance
     merged into quantization.json (run, scale cache sha256, …); source: model folder whose processor and
     tokenizer files are copied. stored: a GPTQ run's codes {name relative to the layer root: entry} (written instead
-    of round to nearest's), act_order: they were found in act-order. The model is consumed: its quantized linears
-    hold packed codes afterwards.
+    of round to nearest's), act_order: they were found in act-order. input_scales: NVFP4 W4A4's {name: static global
+    input scale} (export.checkpoint.resolve_export). The model is consumed: its quantized linears hold packed codes
+    afterwards.
     Everything that can fail is checked before anything is written; the folder is written under a
     temporary name and renamed when complete. Returns the quantization.json dict.
     Raises VlmquantError for an unknown linear, a w_group not dividing a linear's input width, a split
@@ -303,8 +347,7 @@ def write_packed(model, adapter, quantize, scheme: Scheme, out_dir, info=None, s
     ct, ignore, names, experts = plan_packed(model, adapter, quantize, scheme, act_order)
     prefix = adapter.layers_path.rsplit(".", 1)[0] + "."
     stored = stored or {}
-    for n in quantize:
-        compress_linear(model.get_submodule(prefix + n), scheme, ct, stored_weights(stored[n])[0] if n in stored else None)
+    compress_linears([(n, model.get_submodule(prefix + n)) for n in quantize], scheme, ct, input_scales, stored)
     for i, layer in enumerate(adapter.layers(model)):
         pack_experts(layer, layer_experts(layer, adapter), adapter, scheme, ct, layer_stored(stored, i))
     record = packed_record(model, adapter, names, quantize, experts, scheme, ignore, info)
@@ -343,7 +386,8 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
         fp, result, info = load_and_fold(model, spec, cache_path, names)
         remove_stale_temps(out_dir)
         return write_packed(fp, model.adapter, result["quantized"], spec.scheme, out_dir, info=info, source=model.path,
-                            max_shard_size=max_shard_size, stored=result["stored"], act_order=spec.act_order)
+                            max_shard_size=max_shard_size, stored=result["stored"], act_order=spec.act_order,
+                            input_scales=result.get("input_global_scales"))
     require_compressed_tensors()
     job = StreamedExport(model, spec, cache_path, names)
     skeleton, scheme = job.sm.skeleton, spec.scheme
@@ -353,10 +397,9 @@ def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", n
                            job.info)
 
     def compress(layer, index, linears, experts):
-        stored = layer_stored(job.result["stored"], index)
-        for n in linears:
-            compress_linear(layer.get_submodule(n), scheme, ct, stored_weights(stored[n])[0] if n in stored else None)
-        pack_experts(layer, experts, model.adapter, scheme, ct, stored)
+        compress_linears([(f"layers.{index}.{n}", layer.get_submodule(n)) for n in linears], scheme, ct,
+                         job.result.get("input_global_scales"), job.result["stored"])
+        pack_experts(layer, experts, model.adapter, scheme, ct, layer_stored(job.result["stored"], index))
 
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -6,6 +6,8 @@ point in `groups` = in / w_group groups per row (1 per channel):
                      + weight_scale (out, groups) in the model dtype
                      + asymmetric: weight_zero_point int32 (ceil(out·b/32), groups), packed along out
     int-/float-quantized   weight int8 / float8_e4m3fn (out, in) + weight_scale (out, groups)
+    nvfp4-/mxfp4-pack-quantized   weight_packed uint8 (out, in/2) + weight_scale float8_e4m3fn / uint8 E8M0
+                     (out, in/16 | in/32) + NVFP4: weight_global_scale float32 (1,) [+ W4A4: input_global_scale (1,)]
 A fused MoE expert weight (E, out, in) is stored as E x its per-expert linears (adapter.expert_linears: gate_up_proj
 as gate_proj and up_proj, (out/2, in) each), every expert quantized. Everything else (vision tower, projector,
 embeddings, lm_head, routers, norms, biases, ignored linears) stays in the model dtype. Safetensors headers (a few
@@ -15,13 +17,16 @@ import math
 
 import torch
 
-from vlmquant.quant.scheme import PACK_QUANTIZED, Scheme
+from vlmquant.quant.scheme import FP4_GROUP, PACK_QUANTIZED, Scheme
 from vlmquant.quant.model import decoder_experts, decoder_linears, layer_root
 
 
 def quantized_linear_bytes(out_features: int, in_features: int, scheme: Scheme, dtype_bytes: int) -> int:
     """Bytes compressed-tensors stores for one quantized (out, in) linear weight (bias not included)."""
     groups = in_features // scheme.w_group if scheme.w_group > 0 else 1
+    if scheme.w_type in FP4_GROUP:  # one-byte group scales, FP32 global scales
+        global_scales = 0 if scheme.w_type == "mxfp4" else 4 * (1 if scheme.a_bit is None else 2)
+        return out_features * in_features // 2 + out_features * groups + global_scales
     scale = out_features * groups * dtype_bytes
     if scheme.format != PACK_QUANTIZED:
         return out_features * in_features + scale

@@ -4,7 +4,9 @@ Layer file (safetensors, `layer_NNN.safetensors` in a search chunk's folder): `s
 per group k, `alpha` (G,), `losses` (G, n_candidates: the grid, or RTN and SmoothQuant's scales),
 `best` (G,) index of the kept candidate; metadata: layer index, model, run settings, per group its
 names (prev, every consumer folding scales) and reweight ratio ρ (`ratio`, null without reweighting),
-and the groups of the layer's kind that did not apply, with the reason (`skipped`).
+and the groups of the layer's kind that did not apply, with the reason (`skipped`); NVFP4 W4A4 runs add
+`input_amax` {layers.{i}.<linear>: amax of its scaled calibration input} (search.act_scales), merged into the
+cache's meta.
 A per-expert group (fused MoE experts) k has `scale.{k}` (E, I) and per expert `experts.{k}.alpha`
 (E,), `experts.{k}.losses` (E, n_candidates), `experts.{k}.best` (E,), `experts.{k}.tokens` (E,)
 (routed calibration tokens in its loss; 0: α stays 0); its `alpha` is the mean over experts with
@@ -82,7 +84,7 @@ def chunk_layer_files(chunk_dirs):
 
 def merge(layer_paths, cache_path, table_path, expect):
     """Check every layer file against `expect` (model, run settings…), write the cache and a table."""
-    entries, rows, stored = [], [], {}
+    entries, rows, stored, amax = [], [], {}, {}
     for want, path in enumerate(layer_paths):
         tensors, info = load_layer(path)
         for key, value in expect.items():
@@ -92,6 +94,7 @@ def merge(layer_paths, cache_path, table_path, expect):
         if info["layer"] != want:
             raise VlmquantError(f"{path}: holds layer {info['layer']}, expected layer {want}")
         prefix = f"layers.{want}."
+        amax.update(info.get("input_amax", {}))  # NVFP4 W4A4: amax of each linear's scaled input (search.act_scales)
         for k, g in enumerate(info["groups"]):
             entries.append((prefix + g["prev"], tuple(prefix + n for n in g["linears"]), tensors[f"scale.{k}"]))
             row = {"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]), "ratio": g["ratio"]}
@@ -110,8 +113,9 @@ def merge(layer_paths, cache_path, table_path, expect):
         for g in info.get("skipped", []):
             rows.append({"layer": want, "group": g["prev"], "linears": ",".join(g["linears"]), "ratio": None,
                          **table_row(None, None, None, note=f"skipped: {g['reason']}")})
+    extra = {"input_amax": amax} if amax else {}
     save_cache({"scale": entries, **({"gptq": stored} if stored else {}),
-                "meta": {**expect, "n_layers": len(layer_paths)}}, cache_path)
+                "meta": {**expect, "n_layers": len(layer_paths), **extra}}, cache_path)
     with atomic_path(table_path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), tmp)
 

@@ -87,9 +87,9 @@ def accuracy(model_dir, parquet_or_split="heldout", device="cpu", limit=None, se
     if not Path(model_dir).is_dir():
         raise VlmquantError(f"{model_dir}: model folder not found")
     model, processor = load_organism(model_dir, device)
-    scheme, ignored = runtime_activations(model_dir)
+    scheme, ignored, input_scales = runtime_activations(model_dir)
     rows = task_rows(parquet_or_split, limit, seed)
-    with quantized_activations(model, get_adapter(FAMILY), scheme, ignored):
+    with quantized_activations(model, get_adapter(FAMILY), scheme, ignored, input_scales):
         return evaluate(model, processor, rows, batch_size)
 
 

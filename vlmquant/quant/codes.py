@@ -27,7 +27,7 @@ import torch
 from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import asym_qparams, check_weight_groups, compute_dtype, sym_qparams
 from vlmquant.quant.fp8 import fp8_codes, fp8_scales
-from vlmquant.quant.scheme import Scheme, check_scheme
+from vlmquant.quant.scheme import FP4_GROUP, Scheme, check_scheme
 
 
 @dataclass
@@ -55,6 +55,8 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     divide its input width.
     """
     check_scheme(scheme)
+    if scheme.w_type in FP4_GROUP:
+        raise VlmquantError(f"scheme {scheme.name}: FP4 codes and scales are packed by quant.fp4.pack_fp4")
     if w.dim() != 2:
         raise VlmquantError(f"weight of shape {tuple(w.shape)} is not 2-D (out, in); packed codes are written for "
                             "linear weights only")

@@ -136,6 +136,25 @@ def calibrate_input_global_scale(batches) -> torch.Tensor:
     return global_scale_from_amax(amax.reshape(1))
 
 
+def input_global_scale(x_absmax: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+    """Static NVFP4 global input scale (1,) FP32 of a linear from the per-channel maxima x_absmax (C,) of its
+    calibration inputs (over the valid tokens), those inputs divided by scales s (C,) folded into the previous op
+    (None: none): 448 x 6 / max_c(x_absmax_c / s_c), in FP32 (as calibrate_input_global_scale on x / s)."""
+    amax = x_absmax.float() if s is None else x_absmax.float() / s.float()
+    return global_scale_from_amax(amax.amax().reshape(1))
+
+
+def input_global_scales(amax: dict, names, source: str) -> dict:
+    """{name: static NVFP4 global input scale (a float, FP32-exact)} of the linears `names` from {name: amax of its
+    scaled calibration input} (a scale cache's meta "input_amax", search.act_scales). Raises VlmquantError naming
+    `source` and the first linear without one."""
+    missing = [n for n in names if n not in amax]
+    if missing:
+        raise VlmquantError(f"{source}: no calibrated input amax for {missing[0]} ({len(missing)} linears); NVFP4 W4A4 "
+                            "needs the run's own search (rerun it)")
+    return {n: float(global_scale_from_amax(torch.tensor([amax[n]], dtype=torch.float32))) for n in names}
+
+
 def mxfp4_exponents(g: torch.Tensor) -> torch.Tensor:
     """Unbiased E8M0 exponents X (..., n_groups, 1), int32 in [-127, 128], of groups g (..., n_groups, 32):
     the group scale is 2^X (see the module doc for the rounding)."""

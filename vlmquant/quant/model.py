@@ -10,6 +10,7 @@ from vlmquant.errors import VlmquantError
 from vlmquant.quant.fake import check_weight_groups
 from vlmquant.quant.fold import fold_scales
 from vlmquant.quant.quantizer import InputQuantizer, quantizer
+from vlmquant.quant.scheme import fused_sets
 
 
 def layer_root(model, adapter):
@@ -93,14 +94,16 @@ def apply_scale_cache(model, adapter, cache, source="scale cache"):
 
 
 @torch.no_grad()
-def quantize_linears(linears, spec):
-    """Replace every linear's weight (or fused expert parameter (E, out, in), per expert) with its fake-quantized
-    value under the run's scheme (spec.scheme): the weights of the pseudo checkpoint, equal to the packed
-    checkpoint's codes × scales."""
-    quantize = quantizer(spec.scheme).weight
-    for lin in linears:
-        w = lin if isinstance(lin, torch.Tensor) else lin.weight
-        w.copy_(quantize(w))
+def quantize_linears(named, spec):
+    """Replace every linear's weight (or fused expert parameter (E, out, in), per expert) of [(name, module or
+    parameter)] with its fake-quantized value under the run's scheme (spec.scheme), linears a serving engine fuses
+    (quant.scheme.fused_sets of the names) quantized together: the weights of the pseudo checkpoint, equal to the
+    packed checkpoint's codes × scales."""
+    q = quantizer(spec.scheme)
+    weights = [lin if isinstance(lin, torch.Tensor) else lin.weight for _, lin in named]
+    for idx in fused_sets([n for n, _ in named]):
+        for i, w_q in zip(idx, q.weights([weights[i] for i in idx])):
+            weights[i].copy_(w_q)
 
 
 def check_experts(experts, spec):
@@ -165,23 +168,30 @@ def pseudo_quantize(model, adapter, spec, exclude=()):
     (quantized_activations)."""
     experts = decoder_experts(model, adapter)
     check_experts(experts, spec)
-    quantize_linears([lin for _, lin in decoder_linears(model, adapter, exclude)] + [w for _, w in experts], spec)
+    quantize_linears(decoder_linears(model, adapter, exclude) + experts, spec)
 
 
 @contextlib.contextmanager
-def quantized_inputs(linears, scheme, experts=()):
+def quantized_inputs(linears, scheme, experts=(), input_scales=None):
     """While inside, every linear sees its input fake-quantized per token as `scheme` (codes.Scheme) says, and every
     fused experts module in `experts` runs quantized_experts_forward: the runtime half of a weight-activation
-    (W·A·) run. A weight-only scheme or None: no change. Yields the number of hooked linears and experts modules."""
+    (W·A·) run. A weight-only scheme or None: no change. input_scales: NVFP4 W4A4's static global input scale of
+    each linear (floats, in order; experts take none: NVFP4 W4A4 is refused for them in search.plan). Yields the
+    number of hooked linears and experts modules."""
     if scheme is None or scheme.a_bit is None:
         yield 0
         return
-    hook = InputQuantizer(scheme)
-    handles = [lin.register_forward_pre_hook(hook) for lin in linears]
+    hooks = {}  # one per static input scale (None: the integer/FP8 schemes' one)
+    handles = []
+    for lin, gs in zip(linears, input_scales or [None] * len(linears)):
+        if gs not in hooks:
+            hooks[gs] = InputQuantizer(scheme, None if gs is None else torch.tensor([gs], dtype=torch.float32))
+        handles.append(lin.register_forward_pre_hook(hooks[gs]))
     # an instance `forward` (as accelerate's hooks set one) is put back on exit
     previous = [m.__dict__.get("forward") for m in experts]
+    expert_act = quantizer(scheme).act if experts else None
     for m in experts:
-        m.forward = quantized_experts_forward(m, hook.act)
+        m.forward = quantized_experts_forward(m, expert_act)
     try:
         yield len(handles) + len(experts)
     finally:
@@ -192,12 +202,16 @@ def quantized_inputs(linears, scheme, experts=()):
                 del m.forward
             else:
                 m.forward = f
-        hook.reset()
+        for hook in hooks.values():
+            hook.reset()
 
 
-def quantized_activations(model, adapter, scheme, exclude=()):
+def quantized_activations(model, adapter, scheme, exclude=(), input_scales=None):
     """quantized_inputs over every decoder-layer linear of the model, minus the names in `exclude`
-    (a checkpoint's `ignored_modules`), and every fused experts module. scheme: the checkpoint's
-    (quantization.json `scheme`), or None."""
-    return quantized_inputs([lin for _, lin in decoder_linears(model, adapter, exclude)], scheme,
-                            [m for layer in adapter.layers(model) for m in expert_modules(layer, adapter)])
+    (a checkpoint's `ignored_modules`), and every fused experts module. scheme: the checkpoint's (quantization.json
+    `scheme`), or None; input_scales: its NVFP4 W4A4 {name: static global input scale} (quantization.json
+    `input_global_scales`)."""
+    named = decoder_linears(model, adapter, exclude)
+    return quantized_inputs([lin for _, lin in named], scheme,
+                            [m for layer in adapter.layers(model) for m in expert_modules(layer, adapter)],
+                            None if input_scales is None else [input_scales[n] for n, _ in named])

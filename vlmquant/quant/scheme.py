@@ -8,6 +8,9 @@ PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED = "pack-quantized", "int-quantize
 NVFP4_PACK_QUANTIZED, MXFP4_PACK_QUANTIZED = "nvfp4-pack-quantized", "mxfp4-pack-quantized"
 # FP4 (E2M1) weight types and their group sizes along the input dim (quant/fp4.py has the formats)
 FP4_GROUP = {"nvfp4": 16, "mxfp4": 32}
+# linears that serving engines fuse into one layer (vLLM packed_modules_mapping: qkv_proj, gate_up_proj, and
+# Qwen3.5's linear attention in_proj_qkvz): whole or not at all in a packed checkpoint, one NVFP4 global scale
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"))
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,20 @@ def check_fp4(s: Scheme, what: str) -> None:
     if s.a_bit != 4 or s.a_type != "float":
         raise VlmquantError(f"{what}: {s.w_type} activations are FP4 of the same format (a_bit 4, a_type float), "
                             "or none (a_bit unset)")
+
+
+def fused_sets(names) -> list[list[int]]:
+    """The indices of `names` (module names, any prefix) partitioned into the sets a serving engine fuses into one
+    layer (FUSED members under one parent), in order of first appearance; every other name alone."""
+    sets, where = [], {}
+    for i, name in enumerate(names):
+        parent, _, leaf = name.rpartition(".")
+        group = next((k for k, members in enumerate(FUSED) if leaf in members), None)
+        key = (parent, group) if group is not None else None
+        if key in where:
+            sets[where[key]].append(i)
+            continue
+        if key is not None:
+            where[key] = len(sets)
+        sets.append([i])
+    return sets

@@ -16,6 +16,7 @@ from vlmquant.compile import cuda_compiled
 from vlmquant.errors import VlmquantError
 from vlmquant.methods import awq, mbq
 from vlmquant.methods.base import register_group_search
+from vlmquant.quant.fp4 import input_global_scale
 from vlmquant.quant.quantizer import InputQuantizer, quantizer
 
 
@@ -100,6 +101,8 @@ class GroupSearch:
     this period (a norm weight shared by every head), or None. ratio: the group's reweight ratio ρ, None: no
     reweighting. act_modules: the modules whose first input is the group input, quantized per token under a
     weight-activation scheme (a fused consumer's experts module); None: the linears.
+    fused: index sets of `linears` a serving engine fuses into one layer (quant.scheme.fused_sets),
+    quantized together (one NVFP4 global scale); None: each alone.
     """
     x: torch.Tensor
     linears: list
@@ -110,6 +113,7 @@ class GroupSearch:
     period: int | None = None
     ratio: float | None = None
     act_modules: list | None = None
+    fused: list | None = None
 
 
 @dataclass
@@ -189,22 +193,31 @@ def channel_stat(x, masks, device, reduce="mean", chunk_bytes=STAT_CHUNK_BYTES):
 def candidate_losses(job: GroupSearch, candidates, spec) -> list[float]:
     """block_loss with each candidate scale vector s (C_in,) folded in and the weights fake-quantized.
 
-    The weights become Q(W·s)/s under the run's scheme (quant.quantizer), the input x/s; weight-activation
-    schemes also quantize each linear's input per token as the scaled model sees it, Q_a(x/s)·s. The linears'
-    weights are restored on return.
+    The weights become Q(W·s)/s under the run's scheme (quant.quantizer; fused linears quantized together), the
+    input x/s; weight-activation schemes also quantize each linear's input per token as the scaled model sees it,
+    Q_a(x/s)·s (NVFP4 against the static global scale of x/s over the job's valid tokens, as export calibrates
+    it). The linears' weights are restored on return.
     """
-    scaled_weight = quantizer(spec.scheme).scaled_weight
+    q = quantizer(spec.scheme)
     weights = [weight_of(lin) for lin in job.linears]
     originals = [w.detach().clone() for w in weights]
+    fused = job.fused or [[i] for i in range(len(weights))]
     quantize_input = InputQuantizer(spec.scheme) if spec.scheme.a_bit is not None else None
-    hooks = [m.register_forward_pre_hook(quantize_input) for m in job.act_modules or job.linears] if quantize_input else []
+    hooks = [m.register_forward_pre_hook(quantize_input) for m in job.act_modules or job.linears] \
+        if quantize_input else []
+    x_max = None
+    if spec.scheme.w_type == "nvfp4" and quantize_input is not None:
+        x_max = channel_stat(job.x, job.stat_masks, weights[0].device, "max")  # (C_in,)
     losses = []
     try:
         for s in candidates:
             if quantize_input is not None:
                 quantize_input.s = s
-            for w, w0 in zip(weights, originals):
-                w.copy_(scaled_weight(w0, s))
+            if x_max is not None:
+                quantize_input.global_scale = input_global_scale(x_max, s)
+            for idx in fused:
+                for i, w_q in zip(idx, q.scaled_weights([originals[i] for i in idx], s)):
+                    weights[i].copy_(w_q)
             losses.append(block_loss(job, spec.loss))
             if quantize_input is not None:
                 quantize_input.reset()  # free the quantized input before the next candidate

@@ -23,6 +23,7 @@ from vlmquant.models.stream import forward_micro_batched
 from vlmquant.quant.fold import fold, resolve_scales
 from vlmquant.quant.model import (expert_modules, groups_to_fold, layer_experts, quantize_linears, quantized_inputs,
                                   resolve_ignore)
+from vlmquant.quant.scheme import fused_sets
 from vlmquant.search.experts import experts_job
 from vlmquant.search.grid import GroupSearch, loss_tokens
 from vlmquant.search.records import expert_args, on_device, record_layer
@@ -70,7 +71,8 @@ def group_job(layer, g, rec, masks, ratio, period, device) -> GroupSearch:
     linears = [layer_part(layer, name) for name in g.linears]
     act_modules = [layer.get_submodule(n.rsplit(".", 1)[0]) if isinstance(m, torch.Tensor) else m
                    for n, m in zip(g.linears, linears)]
-    return GroupSearch(rec["x"], linears, forwards, fp_outs, loss_masks, masks, period, ratio, act_modules)
+    return GroupSearch(rec["x"], linears, forwards, fp_outs, loss_masks, masks, period, ratio, act_modules,
+                       fused_sets(g.linears))
 
 
 def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batch=None, host=False):
@@ -124,7 +126,7 @@ def record_in_order(layer, plan, gi, results, spec, hidden_q, kwargs, adapter, p
                                "search")
         fold(groups_to_fold(folds, ignored)[0])
         quantize_linears(linears + experts, spec)
-        with quantized_inputs(linears, spec.scheme):
+        with quantized_inputs([m for _, m in linears], spec.scheme, expert_modules(layer, adapter)):
             return record_layer(layer, [plan.groups[gi]], hidden_q, kwargs, per_batch, host)[1][0]
 
 
@@ -160,13 +162,14 @@ def search_layer_in_order(layer, plan, hidden_q, hidden_fp, kwargs, masks, spec,
 
 
 def quantized_parts(layer, adapter, prefix, ignore):
-    """(linears to quantize, names of the ignored ones, fused expert weights to quantize) of one decoder layer as
-    export quantizes it: adapter.keep_fp linears are never quantized, `ignore` patterns (export.ignore) keep
-    linears fp. Names relative to the layer; prefix: the layer's name relative to the layer root."""
+    """([(name, linear)] to quantize, names of the ignored ones, [(name, fused expert weight)] to quantize) of one
+    decoder layer as export quantizes it: adapter.keep_fp linears are never quantized, `ignore` patterns
+    (export.ignore) keep linears fp. Names relative to the layer; prefix: the layer's name relative to the layer
+    root."""
     keep = set(adapter.keep_fp) if adapter else set()
     named = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in keep]
     ignored = {n.removeprefix(prefix) for n in resolve_ignore([prefix + n for n, _ in named], ignore, strict=False)}
-    return [m for n, m in named if n not in ignored], ignored, [w for _, w in layer_experts(layer, adapter)]
+    return [(n, m) for n, m in named if n not in ignored], ignored, layer_experts(layer, adapter)
 
 
 @torch.no_grad()
@@ -180,5 +183,5 @@ def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapt
     folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(groups, results)], "search")
     fold(groups_to_fold(folds, ignored)[0])
     quantize_linears(linears + experts, spec)
-    with quantized_inputs(linears, spec.scheme, expert_modules(layer, adapter)):
+    with quantized_inputs([m for _, m in linears], spec.scheme, expert_modules(layer, adapter)):
         return forward_micro_batched(layer, hidden, kwargs, hidden.shape[0] if per_batch is None else per_batch)

@@ -22,8 +22,9 @@ from vlmquant.models.memory import MB, acts_micro_batch, search_micro_batch, use
 from vlmquant.models.stream import StreamedModel, forward_micro_batched
 from vlmquant.quant.fold import resolve_scales
 from vlmquant.search.grads import SITES, gradient_stats, reweight_ratios, streamed_gradient_stats
+from vlmquant.search.act_scales import input_amax, input_maxima
 from vlmquant.search.gptq_layer import gptq_layer, rounded_tensors
-from vlmquant.search.layer import quantized_forward, search_layer, search_layer_in_order
+from vlmquant.search.layer import quantized_forward, quantized_parts, search_layer, search_layer_in_order
 from vlmquant.search.plan import plan_layer
 
 log = logging.getLogger(__name__)
@@ -133,20 +134,25 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
             raise VlmquantError(f"{model.path}: layer {i} requested, the model has {sm.n_layers} decoder layers")
         plans[i] = plan_layer(spec, layers[i], i, model.adapter)
     per_batch, host = search_micro_batch(sm, hidden, model.max_batch_mb)
+    static_acts = spec.scheme.w_type == "nvfp4" and spec.a_bit is not None
     for i in tqdm(layer_ids, desc="search", unit="layer"):
         check_finite(hidden, f"the input activations of decoder layer {i}")
         plan = plans[i]
         layer_ratios = {site: float(r[i]) for site, r in ratios.items()} if ratios else None
         layer = sm.layer(i)
-        results, out, rounded = [], None, None
+        results, out, rounded, amax = [], None, None, {}
         if in_order:
             results, fp_out = search_layer_in_order(layer, plan, hidden, hidden_fp, args.kwargs(i), masks, spec,
                                                     layer_ratios, model.adapter, per_batch, host)
             hidden_fp = args.after(i, fp_out)
             del fp_out
         elif spec.has_scales:
-            results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
-                                        host)
+            calibrated = quantized_parts(layer, model.adapter, f"layers.{i}.", spec.ignore)[0] if static_acts else []
+            with input_maxima(calibrated, masks["valid"]) as maxima:  # NVFP4 W4A4's static input scales
+                results, out = search_layer(layer, plan, hidden, args.kwargs(i), masks, spec, layer_ratios, per_batch,
+                                            host)
+            if static_acts:
+                amax = {"input_amax": input_amax(maxima, plan.groups, results, f"layers.{i}.")}
         if spec.gptq:
             rounded, q_out = gptq_layer(layer, i, plan, results, spec, hidden, args.kwargs(i), masks, layer_ratios,
                                         model.adapter, per_batch, quantized_output=spec.chained)
@@ -163,7 +169,7 @@ def run_search(model, spec, inputs_path, start_dir, grads_path, layer_ids, out_d
         groups, skipped = (plan.groups, plan.skipped) if spec.has_scales else ([], [])
         scales.save_layer(layer_file(out_dir, i), i, groups, results,
                           [layer_ratios[g.site] if layer_ratios else None for g in groups],
-                          {**meta, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
+                          {**meta, **amax, "skipped": [{"prev": g.prev, "linears": list(g.consumers), "reason": why}
                                                for g, why in skipped]},
                           None if rounded is None else rounded_tensors(rounded))
     if spec.chained and last + 1 < n_layers(model.path):

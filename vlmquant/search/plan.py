@@ -85,6 +85,9 @@ def plan_layer(spec, layer, index, adapter) -> LayerPlan:
         n_in = group_width(layer, index, g, spec.scheme)
         if g.experts:
             check_gated_experts(layer.get_submodule(g.block))  # GPTQ reads gate_up_proj, down_proj too
+            if spec.scheme.w_type == "nvfp4" and spec.a_bit is not None:
+                raise VlmquantError(f"decoder layer {index} {g.block}: NVFP4 W4A4 has no static input scales for "
+                                    "fused experts yet; use NVFP4A16 (no a_bit) on mixture-of-experts models")
             searches.append(experts_search_of(spec.method_def) if spec.has_scales else None)
             periods.append(None)
         else:
