@@ -164,8 +164,7 @@ def gptq_layer(layer, index, plan, results, spec, hidden, kwargs, masks, ratios=
     linears, ignored, _ = quantized_parts(layer, adapter, f"layers.{index}.", spec.ignore)
     folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(plan.groups, results)], "search")
     fold(groups_to_fold(folds, ignored)[0])
-    names = {id(m): n for n, m in layer.named_modules()}
-    linears = {names[id(m)]: m for m in linears}
+    linears = dict(linears)  # {name relative to the layer: module}
     experts = {}  # the layer's fused experts modules (quant.model.check_gated_experts: gate_up_proj, down_proj)
     for name, _ in layer_experts(layer, adapter):
         module_name = name.rsplit(".", 1)[0]
