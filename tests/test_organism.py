@@ -23,7 +23,7 @@ from conftest import run_spec
 
 RECORD = json.loads((MODEL_DIR / "training.json").read_text())
 N_CALIB = 32  # calibration pool of the quantization tests (the organism config draws 128 of 256)
-# the runs of config/organism.yaml
+# the integer-scheme runs of config/organism.yaml (GPTQ and FP4 runs: test_gptq_pipeline.py, test_fp4_search.py)
 RUNS = {"rtn-w3g128": dict(method="rtn", w_bit=3, w_group=128), "awq-w3g128": dict(method="awq", w_bit=3, w_group=128),
         "mbq-w3g128": dict(method="mbq", w_bit=3, w_group=128), "rtn-w4a8": dict(method="rtn", w_bit=4, a_bit=8),
         "awq-w4a8": dict(method="awq", w_bit=4, a_bit=8), "mbq-w4a8": dict(method="mbq", w_bit=4, a_bit=8),
