@@ -4,9 +4,7 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-from vlmquant import run_stop
-from vlmquant.config_messages import config_errors
-from vlmquant.workflow import check_yaml
+from vlmquant.workflow import check_yaml, config_errors, exit_if_stopped, watch
 
 # config.yaml, then each --configfile (rising precedence), and the --config values: where config errors point
 CONFIG_FILES = ["config.yaml", *map(str, workflow.overwrite_configfiles)]
@@ -37,11 +35,11 @@ include: "rules/summary.smk"
 
 # SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what was stopped instead
 onstart:
-    run_stop.watch()
+    watch()
 
 
 onerror:
-    run_stop.exit_if_stopped(workflow.scheduler)
+    exit_if_stopped(workflow.scheduler)
 
 
 rule all:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import Workdir, check, snakemake_env
-from vlmquant.config_messages import key_line, locate, notes
+from vlmquant.workflow.checks import key_line, locate, notes
 from vlmquant.errors import VlmquantError
 
 

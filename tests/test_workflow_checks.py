@@ -1,5 +1,6 @@
-"""What the workflow checks when it loads (paths, w_group, eval vs search sets, YAML syntax), the files a
-job reads, the weights fingerprint, the scripts' logging and output permissions. No Snakemake here."""
+"""What the workflow checks when it loads (the schema's errors name the key, defaults are filled, names are
+cross-checked; paths, w_group, eval vs search sets, YAML syntax), the files a job reads, the weights fingerprint,
+the scripts' logging and output permissions. No Snakemake here."""
 import json
 import logging
 import os
@@ -20,14 +21,106 @@ from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import check_weights, weights_fingerprint
 from vlmquant.io.scales import check_cache_weights, save_cache
-from vlmquant.workflow import (calib_sources, check_calib_sets, check_eval_parquets, check_yaml,
-                               model_files, quantized_widths)
+from vlmquant.data.overlap import check_eval_parquets
+from vlmquant.eval.run import run_eval
+from vlmquant.workflow import (calib_params, calib_sources, check_calib_sets, check_yaml, model_files,
+                               quantized_widths, targets)
 
 def error(cfg):
     with pytest.raises(VlmquantError) as e:
         check(cfg)
     assert "\n" not in str(e.value)
     return str(e.value)
+
+
+def test_the_tests_config_is_the_shipped_default():
+    """tests/data/config.yaml is config.yaml as committed; the checkout's config.yaml is the user's to edit
+    (adding runs to targets must not fail the tests) and no test reads it."""
+    res = subprocess.run(["git", "show", "HEAD:config.yaml"], cwd=REPO, capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip("not a git checkout")
+    assert DEFAULT_CONFIG.read_text() == res.stdout, "the default config.yaml changed: copy it to tests/data/"
+
+
+def test_default_config_is_valid_and_filled(cfg):
+    out = check(cfg)
+    assert out["device"] == "auto"
+    assert out["calib"]["demo"]["prompt"] == "Describe this image."
+    assert out["runs"]["mbq-w3g128"]["reweight"] is True
+    assert "reweight" not in out["runs"]["awq-w3g128"]  # awq has no such setting
+    assert out["runs"]["mbq-w3g128"]["n_grid"] == 20
+    assert out["memory"] == {"stream": "auto", "max_batch_mb": None, "grads_store_mb": None}
+    del cfg["memory"]
+    assert check(cfg)["memory"] == out["memory"]  # the block is optional
+    assert targets(out)
+
+
+def test_runs_are_normalised_to_their_method_settings(cfg):
+    out = check(cfg)["runs"]
+    assert out["rtn-w3g128"] == {"method": "rtn", "w_bit": 3, "w_group": 128}
+    assert out["mbq-w3g128"] == {"method": "mbq", "w_bit": 3, "w_group": 128, "loss": "mae", "n_grid": 20,
+                                 "reweight": True}
+    assert out["mbq-w4a8"] == {"method": "mbq", "w_bit": 4, "a_bit": 8, "loss": "mae", "n_grid": 20, "reweight": True}
+    assert out["smoothquant-w8a8"] == {"method": "smoothquant", "w_bit": 8, "a_bit": 8, "loss": "mae", "alpha": 0.5}
+
+
+def test_family_is_read_from_the_model_folder(cfg, demo_model_path):
+    cfg["models"]["demo-qwen2vl"] = {"path": str(demo_model_path)}
+    assert check(cfg)["models"]["demo-qwen2vl"]["family"] == "qwen2_vl"
+    cfg["models"]["demo-qwen2vl"] = {"path": "results/demo/model-llava"}  # a demo model not built yet
+    assert check(cfg)["models"]["demo-qwen2vl"]["family"] == "llava"
+
+
+def test_unknown_model_type_names_the_folder_and_the_families(cfg, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt5_vl"}')
+    cfg["models"]["demo-qwen2vl"] = {"path": str(tmp_path)}
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    msg = str(e.value)
+    assert f"models.demo-qwen2vl.path: {tmp_path} has model_type 'gpt5_vl'" in msg and "qwen2_vl" in msg
+
+
+def test_distort_false_is_the_same_run_as_no_distort(cfg):
+    plain = check(cfg)["runs"]["awq-w3g128"]
+    cfg["runs"]["awq-w3g128"]["distort"] = False
+    assert check(cfg)["runs"]["awq-w3g128"] == plain
+    cfg["runs"]["awq-w3g128"]["distort"] = True
+    assert check(cfg)["runs"]["awq-w3g128"] == {**plain, "distort": True}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["calib"]["demo"].update(n_samples="x"), "calib.demo.n_samples: 'x' is not of type 'integer'"),
+    (lambda c: c["calib"]["demo"].update(sed=1), "config: calib.demo.sed: unknown key (did you mean seed?)"),
+    (lambda c: c["calib"]["demo"].update(format="fewshot"), "calib.demo.format: 'fewshot' is not one of"),
+    (lambda c: c["models"]["demo-qwen2vl"].update(family="gpt5"), "models.demo-qwen2vl.family: 'gpt5' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(method="gptq"), "runs.rtn-w3g128.method: 'gptq' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(n_grid=10), "runs.rtn-w3g128.n_grid: rtn does not use n_grid"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(w_group=64), "runs.mbq-w4a8.w_group: weight-activation runs (a_bit)"),
+    (lambda c: c.update(devise="cpu"), "config: devise: unknown key (did you mean device?)"),
+    (lambda c: c["memory"].update(stream="sometimes"), "memory.stream: 'sometimes' is not one of ['auto', 'always', 'never']"),
+    (lambda c: c["memory"].update(max_batch_mb=0), "memory.max_batch_mb: 0 is less than the minimum of 1"),
+    (lambda c: c["runs"]["mbq-w3g128"].update(w_bit=1), "runs.mbq-w3g128.w_bit: 1 is less than the minimum"),
+    (lambda c: c["targets"].update(models=["nope"]), "targets.models: 'nope' is not defined"),
+    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: awq does not use reweight (only mbq reweights)"),
+    (lambda c: c["runs"]["awq-w3g128"].update(method="smoothquant"), "runs.awq-w3g128.a_bit: smoothquant smooths"),
+    (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: awq does not use alpha (only smoothquant takes it)"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", alpha=1.5), "runs.mbq-w4a8.alpha: 1.5 is greater"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(distort=True), "runs.rtn-w3g128.distort: rtn does not use distort"),
+    (lambda c: c["runs"]["awq-w3g128"].update(distort="yes"), "runs.awq-w3g128.distort: 'yes' is not of type 'boolean'"),
+])
+def test_bad_config_names_the_key(cfg, edit, needle):
+    edit(cfg)
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_calib_params_drop_unused_corpus(cfg):
+    out = check(cfg)
+    assert "text" not in calib_params(out["calib"]["demo"])
+    out["calib"]["demo"]["format"] = "interleave"
+    assert "text" in calib_params(out["calib"]["demo"])
 
 
 @pytest.fixture
@@ -171,6 +264,12 @@ def test_eval_job_checks_the_parquets(cfg, user_data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_eval_parquets("demo-holdout", b, "demo", b, allow=True)
     assert "(allowed by eval.allow_overlap)" in caplog.text
+    # the eval job's one call: refused before the model, checkpoint or inputs are read, and no table written
+    ids = {"model": "m", "eval_calib": "demo-holdout", "calib": "demo", "run": "r"}
+    with pytest.raises(VlmquantError, match="'demo-holdout' shares 8 of its 8 images with search set 'demo'"):
+        run_eval(None, tmp_path / "none", tmp_path / "none", tmp_path / "none", tmp_path / "eval.parquet", {}, ids,
+                 held_out=(tmp_path / "c.parquet", a))
+    assert not (tmp_path / "eval.parquet").exists()
 
 
 def test_missing_image_of_a_set_fails_at_load(cfg, user_data):
