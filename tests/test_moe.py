@@ -294,21 +294,3 @@ def test_qwen3_5_linear_attention_projections_are_fused_for_serving():
     with pytest.raises(VlmquantError, match="in_proj_z ignored but layers.0.linear_attn.in_proj_qkv quantized"):
         check_fused(names, [names[0], names[2]])
     check_fused(names, [names[2]])
-
-
-@pytest.mark.slow
-def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
-    """Qwen3-VL-MoE (deepstack, MoE layers and a dense one) through Snakemake: grads, acts, two search chunks,
-    merge, both checkpoint formats, eval and the summary, with the per-expert rows in the search table."""
-    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
-                            c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"])))
-    workdir.snakemake()
-    summary = pd.read_csv(workdir.file("results/summary.csv"))
-    assert summary.run.tolist() == ["fp", "mbq-w3g128"] and set(summary.model) == {"demo-moe"}
-    assert summary.kl[1] > 0
-    run = workdir.file("results/demo-moe/demo/mbq-w3g128")
-    table = pd.read_parquet(run / "search.parquet")
-    experts = table[table.expert.notna()]
-    assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
-    packed = json.loads((run / "packed" / "quantization.json").read_text())
-    assert len(packed["packed_experts"]) == 6

@@ -4,6 +4,7 @@ the scripts' logging and output permissions. No Snakemake here."""
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import DEFAULT_CONFIG, REPO, check, default_config
+from vlmquant import paths
 from vlmquant.data.calib import build_calib, sample_rows
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors
@@ -121,6 +123,36 @@ def test_calib_params_drop_unused_corpus(cfg):
     assert "text" not in calib_params(out["calib"]["demo"])
     out["calib"]["demo"]["format"] = "interleave"
     assert "text" in calib_params(out["calib"]["demo"])
+
+
+def test_eval_export_lmms_config_defaults(cfg):
+    for key in ("eval", "export", "lmms_eval"):
+        cfg.pop(key)
+    cfg = check(cfg)
+    assert cfg["eval"] == {"calib": "demo-holdout", "batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16,
+                           "mem_mb": None, "allow_overlap": False}
+    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": None}
+    assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
+    assert not any("lmms_eval" in t for t in targets(cfg))
+    cfg["lmms_eval"]["enabled"] = True
+    model, runs = "demo-qwen2vl", ("rtn-w3g128", "awq-w3g128", "mbq-w3g128")
+    assert {t for t in targets(cfg) if "lmms_eval" in t} == {
+        paths.LMMS.format(model=model, calib="demo", run=r) for r in runs} | {paths.LMMS_FP.format(model=model)}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["eval"].update(calib="nope"), "eval.calib: 'nope' is not defined under 'calib'"),
+    (lambda c: c["eval"].update(kl_topk=5), "eval.kl_topk: unknown key (did you mean kl_top_k?)"),
+    (lambda c: c["eval"].update(batch_size=0), "eval.batch_size"),
+    (lambda c: c["export"].update(max_shard_size="5 gigs"), "export.max_shard_size"),
+    (lambda c: c["export"].update(ignore="mlp.down_proj"), "export.ignore"),
+    (lambda c: c["lmms_eval"].update(limit=0), "lmms_eval.limit"),
+    (lambda c: c["lmms_eval"].update(taks=["mme"]), "lmms_eval.taks: unknown key (did you mean tasks?)"),
+])
+def test_bad_eval_export_lmms_config_names_the_key(cfg, edit, needle):
+    edit(cfg)
+    with pytest.raises(VlmquantError, match=re.escape(needle)):
+        check(cfg)
 
 
 @pytest.fixture

@@ -1,15 +1,14 @@
-"""One end-to-end run of the default (demo) workflow, shared by test_export, test_eval and test_workflow_full.
-
-`full_run()` copies the workflow into a temporary folder (with the demo data and model prebuilt by
-conftest's `demo_root`) and runs `snakemake --cores 2` there once per pytest process.
-"""
+"""The default (demo) workflow run end to end, shared by the tests of tests/workflow/ through conftest's `pipe`
+fixture: once per session, a copy of the workflow in a temporary folder (with the demo data and model prebuilt
+by conftest's `demo_root`) runs `snakemake --cores 2`. The tests read its outputs; a test that edits its config
+or reruns a job puts it back as it was (Workdir.edited_config, `planned() == {}` at its end)."""
 from conftest import Workdir
+from vlmquant import paths
 
 MODEL = "demo-qwen2vl"
 CALIB = "demo"
 EVAL_CALIB = "demo-holdout"
 RUNS = ("rtn-w3g128", "awq-w3g128", "mbq-w3g128")
-_RUNS = {}
 
 
 class Pipeline(Workdir):
@@ -19,25 +18,23 @@ class Pipeline(Workdir):
         return self.path / rel
 
     def run_dir(self, run):
-        return self.path / f"results/{MODEL}/{CALIB}/{run}"
+        return self.path / paths.RUN.format(model=MODEL, calib=CALIB, run=run)
 
     @property
     def model_dir(self):
-        return self.path / "results/demo/model-qwen2_vl"
+        return self.path / paths.DEMO_MODEL.format(family="qwen2_vl")
 
     @property
     def eval_inputs(self):
-        return self.path / f"results/{MODEL}/{EVAL_CALIB}/inputs.safetensors"
+        return self.path / paths.INPUTS.format(model=MODEL, calib=EVAL_CALIB)
 
     @property
     def fp_ref(self):
-        return self.path / f"results/{MODEL}/eval-{EVAL_CALIB}/fp.safetensors"
+        return self.path / paths.FP_REF.format(model=MODEL, eval_calib=EVAL_CALIB)
 
 
-def full_run(tmp_path_factory, demo_root):
-    """The default workflow run to completion (once per process); returns a Pipeline."""
-    if "default" not in _RUNS:
-        pipe = Pipeline(tmp_path_factory.mktemp("full_pipeline"), demo_root)
-        pipe.first_run = pipe.snakemake()  # its terminal output (stdout, stderr)
-        _RUNS["default"] = pipe
-    return _RUNS["default"]
+def run_pipeline(path, demo_root):
+    """The default workflow run to completion in `path`; its terminal output in `first_run`."""
+    pipe = Pipeline(path, demo_root)
+    pipe.first_run = pipe.snakemake()
+    return pipe

@@ -1,4 +1,5 @@
-"""Cluster execution: scheduler resources of the rules, and the demo through a real single-node SLURM.
+"""Cluster execution: scheduler resources of the rules (the estimates: tests/test_resources.py), and the demo
+through a real single-node SLURM.
 
 The SLURM tests install Debian's slurm packages and start slurmctld, slurmd and munged as root
 (tests/slurm/slurm-up.sh); without root or apt-get they skip, except in CI (CI=true), where they fail.
@@ -15,13 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from safetensors import safe_open
 
 from conftest import REPO, Workdir, parse_job_stats, snakemake_env
-from e2e_pipeline import full_run
-from vlmquant.errors import VlmquantError
-from vlmquant.workflow import BASE_MB, job_mem_mb, model_params
+from vlmquant.workflow import BASE_MB, model_params
 
+pytestmark = pytest.mark.slow
 MODEL = "demo-qwen2vl"
 RUN = "mbq-w3g128"
 CACHE = f"results/{MODEL}/demo/{RUN}/scale_cache.pt"
@@ -65,23 +64,6 @@ def test_gpu_resource_follows_device(workdir):
     assert not any("gpu" in r for rule, r in auto.items() if rule not in MODEL_RULES)
 
 
-def test_memory_estimate_from_model_size(demo_model_path):
-    n = 0
-    for file in demo_model_path.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            n += sum(f.get_tensor(k).numel() for k in f.keys())
-    assert model_params(str(demo_model_path)) == n > 0
-    cfg = {"device": "cpu", "models": {MODEL: {"path": str(demo_model_path), "dtype": "auto"}},
-           "search": {"layers_per_job": 2, "mem_mb": None}, "export": {"mem_mb": None}, "eval": {"mem_mb": None}}
-    fp32_mb = n * 4 / 2**20
-    assert job_mem_mb(cfg, MODEL, "export") == job_mem_mb(cfg, MODEL, "grads") == BASE_MB + math.ceil(1.5 * fp32_mb)
-    assert job_mem_mb(cfg, MODEL, "search") == BASE_MB + math.ceil(3 * fp32_mb * 2 / 4)  # 2 of the 4 layers
-    cfg["device"] = "auto"  # bf16 on a GPU
-    assert job_mem_mb(cfg, MODEL, "eval") == BASE_MB + math.ceil(1.5 * fp32_mb / 2)
-    cfg["search"]["mem_mb"] = 1234
-    assert job_mem_mb(cfg, MODEL, "acts") == job_mem_mb(cfg, MODEL, "search") == 1234
-    with pytest.raises(VlmquantError, match=r"/nowhere has no \*.safetensors files"):
-        model_params("/nowhere")
 
 
 def test_rules_ask_for_the_estimate_or_the_config(workdir):
@@ -204,12 +186,12 @@ def cluster(slurm, tmp_path_factory, demo_root):
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory, demo_root):
+def local(tmp_path_factory, demo_root, request):
     """The run without SLURM: without a GPU, the default workflow's run (its device, auto, is the CPU)."""
     import torch
 
     if not torch.cuda.is_available():
-        return full_run(tmp_path_factory, demo_root)
+        return request.getfixturevalue("pipe")
     wd = Workdir(tmp_path_factory.mktemp("local"), demo_root)
     wd.edit(one_run_on_cpu)
     wd.snakemake(CACHE)

@@ -15,17 +15,12 @@ import pytest
 from PIL import Image
 
 from conftest import snakemake_env
-from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS
 from vlmquant.report.summary import COLUMNS
 from vlmquant.workflow import FIGURES
 
 pytestmark = pytest.mark.slow
 DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    return full_run(tmp_path_factory, demo_root)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import time
 import pytest
 
 from conftest import Workdir, snakemake_env
-from e2e_pipeline import full_run
 
 pytestmark = pytest.mark.slow
 MBQ = "results/demo-qwen2vl/demo/mbq-w3g128/scale_cache.pt"
@@ -18,12 +17,6 @@ SCALES = "results/demo-qwen2vl/demo/mbq-w3g128/scales"  # chunk_NNN/ folders
 
 def one_layer_per_job(cfg):
     cfg["search"]["layers_per_job"] = 1
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    """The default workflow run to completion (two layers per search job), shared with test_workflow_full."""
-    return full_run(tmp_path_factory, demo_root)
 
 
 def test_awq_never_needs_grads(workdir):
