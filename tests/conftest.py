@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         in_workflow = Path(str(item.fspath)).parent == REPO / "tests" / "workflow"
         if (in_workflow or "pipe" in item.fixturenames) and "slow" not in item.keywords:
-            raise pytest.UsageError(f"{item.nodeid}: a test in tests/workflow/ or of the `pipe` fixture is marked slow")
+            raise pytest.UsageError(f"{item.nodeid}: a test in tests/workflow/ or of the `pipe` fixture must be "
+                                    "marked slow")
 
 
 def _starts_snakemake(args):

@@ -16,9 +16,10 @@ from vlmquant.workflow.inputs import (CHECKPOINTS, FIGURES, calib_fingerprints, 
 from vlmquant.workflow.joblog import exit_if_stopped, job_label, script_logging, watch
 from vlmquant.workflow.resources import BASE_MB, gpus_per_job, job_mem_mb, lmms_gpus, model_params
 
-__all__ = ["BASE_MB", "CHECKPOINTS", "FIGURES", "calib_fingerprints", "calib_params", "calib_sources", "check_calib_sets",
-           "check_config", "check_models", "check_yaml", "chunk_folders", "chunk_layers", "chunks", "config_errors",
-           "eval_settings", "evaluated_checkpoint", "exit_if_stopped", "fill", "gpus_per_job", "job_label", "job_mem_mb",
-           "lmms_eval_command", "lmms_gpus", "model_files", "model_fingerprints", "model_params", "name_pattern",
-           "plot_runs", "print_notes", "quantized_widths", "run_specs", "script_logging", "search_runs", "search_start",
-           "source_fingerprints", "summary_rows", "target_triples", "targets", "watch"]
+__all__ = ["BASE_MB", "CHECKPOINTS", "FIGURES", "calib_fingerprints", "calib_params", "calib_sources",
+           "check_calib_sets", "check_config", "check_models", "check_yaml", "chunk_folders", "chunk_layers",
+           "chunks", "config_errors", "eval_settings", "evaluated_checkpoint", "exit_if_stopped", "fill",
+           "gpus_per_job", "job_label", "job_mem_mb", "lmms_eval_command", "lmms_gpus", "model_files",
+           "model_fingerprints", "model_params", "name_pattern", "plot_runs", "print_notes", "quantized_widths",
+           "run_specs", "script_logging", "search_runs", "search_start", "source_fingerprints", "summary_rows",
+           "target_triples", "targets", "watch"]
