@@ -324,14 +324,14 @@ def test_calib_inputs_are_the_images_the_set_uses(cfg, user_data):
     all_images = sorted(str(p) for p in (user_data / "images").iterdir())
     assert set(want) < set(all_images)  # not the whole folder
     demo = calib_sources(check(default_config())["calib"]["demo"], "demo")
-    assert demo == {"captions": "results/demo/data/captions_train.json", "images": "results/demo/data/images"}
+    assert demo == {"captions": paths.DEMO_FILES["captions_train"], "images": paths.DEMO_FILES["images"]}
 
 
 def test_calib_file_list_is_kept_until_the_source_or_settings_change(cfg, user_data, tmp_path):
     use_data(cfg, user_data)
     out = check(cfg)["calib"]["demo"]
     first = calib_sources(out, "demo")["images"]
-    kept = tmp_path / "results/calib/demo.files.json"
+    kept = tmp_path / paths.CALIB_FILES.format(calib="demo")
     assert json.loads(kept.read_text())["files"] == first
     other = sorted({p.name for p in (user_data / "images").iterdir()} - {os.path.basename(f) for f in first})[0]
     kept.write_text(kept.read_text().replace(os.path.basename(first[0]), other))  # marks the kept list
@@ -351,7 +351,8 @@ def test_model_inputs_are_its_files(demo_model_path, tmp_path):
     assert "README.md" not in names
     processor = [os.path.basename(f) for f in model_files(str(folder), weights=False)]
     assert set(processor) == set(names) - {"model.safetensors"}
-    assert model_files("results/demo/model-qwen2_vl") == ["results/demo/model-qwen2_vl"]
+    demo = paths.DEMO_MODEL.format(family="qwen2_vl")
+    assert model_files(demo) == [demo]
 
 
 # --- weights fingerprint ------------------------------------------------------------------------------

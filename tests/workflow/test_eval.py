@@ -11,6 +11,7 @@ import transformers
 
 from conftest import open_demo, run_spec
 from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS
+from vlmquant import paths
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.run import load_reference, run_eval, run_fp_reference
 from vlmquant.eval.table import SCHEMA, read_table
@@ -98,7 +99,7 @@ def test_eval_refuses_mismatched_reference_and_incomplete_checkpoint(pipe, model
     with pytest.raises(VlmquantError, match="eval.hidden_positions=16, this eval 8"):
         run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "a.parquet",
                  {**SETTINGS, "hidden_positions": 8}, ids)
-    other_inputs = pipe / f"results/{MODEL}/{CALIB}/inputs.safetensors"
+    other_inputs = pipe / paths.INPUTS.format(model=MODEL, calib=CALIB)
     with pytest.raises(VlmquantError, match="computed on other inputs"):
         run_eval(model, ckpt, other_inputs, pipe.fp_ref, tmp_path / "b.parquet", SETTINGS, ids)
     half = tmp_path / "half"

@@ -26,6 +26,7 @@ from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quan
 from vlmquant.models.capture import load_samples, model_inputs
 
 from conftest import open_demo, run_spec
+from vlmquant import paths
 
 pytestmark = pytest.mark.slow
 ADAPTER = get_adapter("qwen2_vl")
@@ -95,7 +96,7 @@ def test_checkpoint_generates_and_ships_the_processor(pipe):
     processor = ADAPTER.load_processor(folder)
     source = ADAPTER.load_processor(pipe.model_dir)
     config = transformers.AutoConfig.from_pretrained(folder)
-    row = read_calib(pipe / f"results/calib/{CALIB}.parquet")[0]
+    row = read_calib(pipe / paths.CALIB.format(calib=CALIB))[0]
     enc = ADAPTER.encode(processor, config, row)
     assert torch.equal(enc["input_ids"], ADAPTER.encode(source, config, row)["input_ids"])
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
@@ -146,7 +147,7 @@ def test_quantization_metadata_in_json_and_shards(pipe, run):
     folder = pipe.run_dir(run) / "checkpoint"
     info = read_quant_info(folder)
     assert (info["method"], info["w_bit"], info["w_group"], info["run"], info["model"]) == (run[:3], 3, 128, run, MODEL)
-    assert info["source_model"] == "results/demo/model-qwen2_vl"
+    assert info["source_model"] == paths.DEMO_MODEL.format(family="qwen2_vl")
     if run == "rtn-w3g128":
         assert info["scale_cache_sha256"] is None and not (folder / "scales.safetensors").exists()
     else:

@@ -18,12 +18,13 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, Workdir, parse_job_stats, snakemake_env
+from vlmquant import paths
 from vlmquant.workflow import BASE_MB, model_params
 
 pytestmark = pytest.mark.slow
 MODEL = "demo-qwen2vl"
 RUN = "mbq-w3g128"
-CACHE = f"results/{MODEL}/demo/{RUN}/scale_cache.pt"
+CACHE = paths.SCALE_CACHE.format(model=MODEL, calib="demo", run=RUN)
 CANCELLED = "search_000"  # a job: its rule, and for search jobs the chunk
 MODEL_RULES = {"grads", "acts", "search", "export", "pack", "eval_fp", "eval"}
 MODEL_JOBS = MODEL_RULES - {"search"} | {"search_000", "search_002"}
@@ -68,7 +69,7 @@ def test_gpu_resource_follows_device(workdir):
 
 def test_rules_ask_for_the_estimate_or_the_config(workdir):
     workdir.edit(one_run_on_cpu)
-    fp32_mb = model_params(str(workdir.file("results/demo/model-qwen2_vl"))) * 4 / 2**20
+    fp32_mb = model_params(str(workdir.file(paths.DEMO_MODEL.format(family="qwen2_vl")))) * 4 / 2**20
     mem = {rule: int(r["mem_mb"]) for rule, r in planned_resources(workdir).items() if rule in MODEL_RULES}
     # whole-model jobs: 1.5 × the fp32 weights; a search chunk: 3 × its half of the layers, the same here
     assert mem == dict.fromkeys(MODEL_RULES, BASE_MB + math.ceil(1.5 * fp32_mb))
@@ -174,7 +175,8 @@ def cluster(slurm, tmp_path_factory, demo_root):
     # no automatic retry here, so that the cancelled chunk stays failed until the rerun
     first = Detached(wd.path, wd.path / "first.log", *SLURM_ARGS, "--retries", "0")
     try:
-        cancelled = cancel_when_running(first, CANCELLED, wd.file(f"results/logs/{MODEL}/demo/{RUN}/search_000.log"))
+        log = wd.file(paths.LOGS["search"].format(model=MODEL, calib="demo", run=RUN, chunk="000"))
+        cancelled = cancel_when_running(first, CANCELLED, log)
         first.wait(300)
         t1 = time.time()
         second = Detached(wd.path, wd.path / "second.log", *SLURM_ARGS)
@@ -207,7 +209,7 @@ def test_jobs_ran_as_slurm_jobs(cluster):
         assert jobs[i][0] == ("CANCELLED" if i == cancelled else "COMPLETED"), (i, rule, jobs[i])
     assert set(ids.values()) == MODEL_JOBS | {"calib", "inputs", "merge", "summary", "plots"}
     assert {int(p.stem) for p in wd.file(".snakemake/slurm_logs").rglob("*.log")} == set(ids)
-    assert pd.read_csv(wd.file("results/summary.csv")).run.tolist() == ["fp", RUN]
+    assert pd.read_csv(wd.file(paths.SUMMARY_CSV)).run.tolist() == ["fp", RUN]
 
 
 @pytest.mark.slow
@@ -231,11 +233,12 @@ def test_rerun_runs_only_the_cancelled_chunk_and_what_depends_on_it(cluster):
 def test_scale_cache_matches_a_local_run(cluster, local):
     wd = cluster[0]
     assert wd.file(CACHE).read_bytes() == local.file(CACHE).read_bytes()
-    scales = local.file(f"results/{MODEL}/demo/{RUN}/scales")
+    scales = local.file(paths.RUN.format(model=MODEL, calib="demo", run=RUN)) / "scales"
     layers = sorted(scales.rglob("*.safetensors"))
     assert len(layers) == 4
+    run_scales = wd.file(paths.RUN.format(model=MODEL, calib="demo", run=RUN)) / "scales"
     for layer in layers:
-        assert wd.file(f"results/{MODEL}/demo/{RUN}/scales/{layer.relative_to(scales)}").read_bytes() == layer.read_bytes()
+        assert (run_scales / layer.relative_to(scales)).read_bytes() == layer.read_bytes()
 
 
 @pytest.mark.slow
@@ -243,7 +246,8 @@ def test_gpu_jobs_get_a_slurm_gpu(cluster, tmp_path):
     """With a GPU device the model jobs ask SLURM for one (the test node has one in name only)."""
     wd = tmp_path / "wd"
     shutil.copytree(cluster[0].path, wd)  # device cpu, with .snakemake: the device change reruns acts
-    run = Detached(wd, tmp_path / "gpu.log", f"results/{MODEL}/demo/acts", *SLURM_ARGS, "--config", "device=auto")
+    run = Detached(wd, tmp_path / "gpu.log", paths.ACTS.format(model=MODEL, calib="demo"), *SLURM_ARGS, "--config",
+                   "device=auto")
     assert run.wait(120) == 0, run.text[-4000:]
     (job,) = submitted(run).items()
     assert job[1] == "acts" and slurm_jobs()[job[0]][0] == "COMPLETED"

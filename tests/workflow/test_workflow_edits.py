@@ -11,8 +11,8 @@ from conftest import Workdir, keep_times
 from vlmquant import paths
 
 pytestmark = pytest.mark.slow
-CALIB = "results/calib/demo.parquet"
-ACTS = "results/demo-qwen2vl/demo/acts"
+CALIB = paths.CALIB.format(calib="demo")
+ACTS = paths.ACTS.format(model="demo-qwen2vl", calib="demo")
 
 
 def error_line(res, needle):

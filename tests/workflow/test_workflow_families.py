@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, Workdir, snakemake_env
+from vlmquant import paths
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +56,14 @@ def test_a_family_is_one_file(tmp_path, demo_root):
     (package / "vlmquant/models/families/vipllava.py").write_text(VIPLLAVA)
     (tmp_path / "wd").mkdir()
     wd = Workdir(tmp_path / "wd", demo_root)
-    wd.edit(lambda c: (c["models"].update({"demo-vip": {"path": "results/demo/model-vipllava"}}),
+    wd.edit(lambda c: (c["models"].update({"demo-vip": {"path": paths.DEMO_MODEL.format(family="vipllava")}}),
                        c["runs"]["awq-w3g128"].update(formats=["pseudo"]),
                        c["targets"].update(models=["demo-vip"], runs=["awq-w3g128"])))
     env = {**snakemake_env(), "PYTHONPATH": str(package)}
     res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=wd.path, env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
-    summary = pd.read_csv(wd.file("results/summary.csv"))
+    summary = pd.read_csv(wd.file(paths.SUMMARY_CSV))
     assert summary.run.tolist() == ["fp", "awq-w3g128"] and set(summary.model) == {"demo-vip"}
     assert summary.kl[1] > 0
     # without the file, the same config is one line naming the families that exist
@@ -75,13 +76,13 @@ def test_a_family_is_one_file(tmp_path, demo_root):
 def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
     """Qwen3-VL-MoE (deepstack, MoE layers and a dense one) through Snakemake: grads, acts, two search chunks,
     merge, both checkpoint formats, eval and the summary, with the per-expert rows in the search table."""
-    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
+    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": paths.DEMO_MODEL.format(family="qwen3_vl_moe")}}),
                             c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"])))
     workdir.snakemake()
-    summary = pd.read_csv(workdir.file("results/summary.csv"))
+    summary = pd.read_csv(workdir.file(paths.SUMMARY_CSV))
     assert summary.run.tolist() == ["fp", "mbq-w3g128"] and set(summary.model) == {"demo-moe"}
     assert summary.kl[1] > 0
-    run = workdir.file("results/demo-moe/demo/mbq-w3g128")
+    run = workdir.file(paths.RUN.format(model="demo-moe", calib="demo", run="mbq-w3g128"))
     table = pd.read_parquet(run / "search.parquet")
     experts = table[table.expert.notna()]
     assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
