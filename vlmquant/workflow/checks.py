@@ -20,6 +20,7 @@ from vlmquant.io.model_folder import check_processor_files, safetensors_header
 from vlmquant.models import family_names, folder_family
 from vlmquant.workflow.inputs import calib_images, demo_output, on_demo_data, weight_files
 
+# --- one-line messages, located at the file and line that set the key ---------------------------------
 KEY_ERROR = re.compile(r"config: (.+?): (.*)")  # check_config's messages: "config: <dotted key>: <what>"
 
 
@@ -136,7 +137,7 @@ def print_notes(config):
         print(line, file=sys.stderr)
 
 
-# --- the config's values ----------------------------------------------------------------------------
+# --- the checks -------------------------------------------------------------------------------------
 def check_yaml(path):
     """A YAML syntax error in `path` as one line with its line and column (Snakemake's own message has
     neither). A missing file is left to Snakemake."""
