@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "workflow")
 # The tests' copy of the shipped default config.yaml: tests never read the checkout's config.yaml (users edit it)
-# or its results/. test_config checks the copy against config.yaml as committed.
+# or its results/. test_workflow_checks checks the copy against config.yaml as committed.
 DEFAULT_CONFIG = REPO / "tests" / "data" / "config.yaml"
 
 
