@@ -33,9 +33,11 @@ include: "rules/eval.smk"
 include: "rules/summary.smk"
 
 
-# SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what was stopped instead
+# One `onstart:` (Snakemake keeps the last one defined): SIGTERM watched (Snakemake finishes the running jobs,
+# then reports a failure; say what was stopped instead), and the jobs' plan with estimates (rules/summary.smk)
 onstart:
     watch()
+    print_plan()
 
 
 onerror:

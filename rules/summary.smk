@@ -91,7 +91,8 @@ rule plots:
 PLANNED = []
 
 
-onstart:
+def print_plan():
+    """In the Snakefile's `onstart:` (Snakemake keeps one handler)."""
     PLANNED.extend(planned_jobs(workflow))
     print("\n".join(plan_lines(PLANNED)), file=sys.stderr)
 

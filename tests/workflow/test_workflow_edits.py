@@ -182,12 +182,15 @@ def truncate(folder):
 
 @pytest.mark.parametrize("damage, needle", [
     (break_nan, "models/tiny/model.safetensors: tensor model.layers.1.mlp.down_proj.weight has 2 non-finite values"),
-    (lambda d: (d / "tokenizer.json").unlink(), "config: models.demo-qwen2vl.path: models/tiny: no tokenizer"),
-    (truncate, "config: models.demo-qwen2vl.path: models/tiny/model.safetensors: safetensors shard is"),
+    (lambda d: (d / "tokenizer.json").unlink(), "models.demo-qwen2vl.path: models/tiny: no tokenizer"),
+    (truncate, "models.demo-qwen2vl.path: models/tiny/model.safetensors: safetensors shard is"),
 ])
 def test_broken_model_folder_fails_at_load(workdir, demo_root, damage, needle):
-    """NaN weights, no tokenizer file, a truncated shard: one line naming the file, before any job."""
+    """NaN weights, no tokenizer file, a truncated shard: one line naming the file, before any job, located at
+    the config.yaml line that sets the model's path."""
     shutil.copytree(demo_root / "model-qwen2_vl", workdir.file("models/tiny"))
     damage(workdir.file("models/tiny"))
     workdir.edit(lambda c: c["models"]["demo-qwen2vl"].update(path="models/tiny"))
-    assert needle in error_line(workdir.snakemake("-n", check=False), needle)  # error_line falls back to the output
+    line = error_line(workdir.snakemake("-n", check=False), needle)
+    assert needle in line  # error_line falls back to the output
+    assert line.startswith("config.yaml: line ") and ": models.demo-qwen2vl.path: models/tiny" in line
