@@ -6,10 +6,8 @@ min_version("9.0")
 
 import sys
 
-from vlmquant import run_stop
-from vlmquant.config_messages import config_errors
 from vlmquant.report.plan import final_table, plan_lines, planned_jobs
-from vlmquant.workflow import check_yaml
+from vlmquant.workflow import check_yaml, config_errors, exit_if_stopped, watch
 
 # config.yaml, then each --configfile (rising precedence), and the --config values: where config errors point
 CONFIG_FILES = ["config.yaml", *map(str, workflow.overwrite_configfiles)]
@@ -41,12 +39,12 @@ include: "rules/summary.smk"
 # Snakemake keeps one handler per hook, so every hook is here. Before running: per stage, the jobs with estimates
 # of time and memory; after a run that made the summary: its main columns; on stderr, so both show with --quiet
 # too (vlmquant/report/plan.py). SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what
-# was stopped instead (vlmquant/run_stop.py).
+# was stopped instead (vlmquant/workflow/joblog.py).
 PLANNED = []
 
 
 onstart:
-    run_stop.watch()
+    watch()
     PLANNED.extend(planned_jobs(workflow))
     print("\n".join(plan_lines(PLANNED)), file=sys.stderr)
 
@@ -65,7 +63,7 @@ onsuccess:
 
 
 onerror:
-    run_stop.exit_if_stopped(workflow.scheduler)
+    exit_if_stopped(workflow.scheduler)
 
 
 rule all:

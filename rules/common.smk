@@ -1,15 +1,14 @@
 # Config validation, wildcard constraints and the input/param functions of the rules. The logic lives
-# in vlmquant/workflow.py, the paths in vlmquant/paths.py.
+# in the vlmquant/workflow/ package, the paths in vlmquant/paths.py.
 import os
 
 from vlmquant import paths
 from vlmquant import workflow as W
-from vlmquant.config_messages import config_errors, print_notes
 from vlmquant.io.fingerprint import use_cache
 
 # content hashes of the files read from outside results/, once per file version
 use_cache(paths.FINGERPRINTS)
-with config_errors(CONFIG_FILES, CONFIG_ARGS):
+with W.config_errors(CONFIG_FILES, CONFIG_ARGS):
     config = W.check_config(
         config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
     )
@@ -17,7 +16,7 @@ with config_errors(CONFIG_FILES, CONFIG_ARGS):
     if workflow.is_main_process:
         W.check_calib_sets(config)
         W.check_models(config)
-        print_notes(config)
+        W.print_notes(config)
     RUNS = W.run_specs(config)
 
 

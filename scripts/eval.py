@@ -1,12 +1,11 @@
 from vlmquant.eval.run import run_eval
 from vlmquant.models.loading import open_model
-from vlmquant.workflow import check_eval_parquets, script_logging
+from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
-    ids = dict(snakemake.params.ids)
-    if snakemake.input.get("search_set"):  # runs with scales: the eval set is held out from their set
-        check_eval_parquets(ids["eval_calib"], snakemake.input.eval_set, ids["calib"], snakemake.input.search_set,
-                            snakemake.config["eval"]["allow_overlap"])
+    inputs = snakemake.input
+    # runs with scales: the eval set is held out from their search set
+    held_out = (inputs.eval_set, inputs.search_set) if inputs.get("search_set") else None
     run_eval(open_model(snakemake.params.model, snakemake.params.device, snakemake.config["memory"]),
-             snakemake.input.checkpoint, snakemake.input.inputs, snakemake.input.ref, snakemake.output[0],
-             dict(snakemake.params.settings), ids)
+             inputs.checkpoint, inputs.inputs, inputs.ref, snakemake.output[0], dict(snakemake.params.settings),
+             dict(snakemake.params.ids), held_out, snakemake.config["eval"]["allow_overlap"])

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "workflow")
 # The tests' copy of the shipped default config.yaml: tests never read the checkout's config.yaml (users edit it)
-# or its results/. test_config checks the copy against config.yaml as committed.
+# or its results/. test_workflow_checks checks the copy against config.yaml as committed.
 DEFAULT_CONFIG = REPO / "tests" / "data" / "config.yaml"
 
 
@@ -30,6 +30,34 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    # the tests that run Snakemake (tests/workflow/, the `pipe` fixture) are `slow`, so `-m "not slow"` runs none
+    for item in items:
+        in_workflow = Path(str(item.fspath)).parent == REPO / "tests" / "workflow"
+        if (in_workflow or "pipe" in item.fixturenames) and "slow" not in item.keywords:
+            raise pytest.UsageError(f"{item.nodeid}: a test in tests/workflow/ or of the `pipe` fixture must be "
+                                    "marked slow")
+
+
+def _starts_snakemake(args):
+    """Whether a subprocess command line runs Snakemake (`python -m snakemake …` or `snakemake …`)."""
+    args = [args] if isinstance(args, (str, os.PathLike)) else list(args)
+    words = [str(a) for a in args] if len(args) > 1 else str(args[0]).split()
+    return bool(words) and (Path(words[0]).name == "snakemake" or "snakemake" in words[1:3] and "-m" in words[1:3])
+
+
+@pytest.fixture(autouse=True)
+def no_snakemake_unless_slow(request, monkeypatch):
+    """A test not marked slow that starts Snakemake fails: Snakemake runs belong in tests/workflow/, marked slow."""
+    if "slow" in request.keywords:
+        return
+    start = subprocess.Popen.__init__
+
+    def refuse(self, args, *a, **kw):
+        if _starts_snakemake(args):
+            pytest.fail(f"{request.node.nodeid} starts Snakemake: move it to tests/workflow/ and mark it slow")
+        start(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 def run_spec(name, ignore=(), **cfg):
@@ -205,6 +233,15 @@ def parse_job_stats(text):
 @pytest.fixture
 def workdir(tmp_path, demo_root):
     return Workdir(tmp_path, demo_root)
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory, demo_root):
+    """The default workflow run to completion once per session (tests/workflow/e2e_pipeline.py, importable from
+    the tests there, the only ones that may use it: slow)."""
+    from e2e_pipeline import run_pipeline
+
+    return run_pipeline(tmp_path_factory.mktemp("full_pipeline"), demo_root)
 
 
 def keep_times(path, write):

@@ -11,15 +11,16 @@ from conftest import REPO
 # the order of DESIGN.md; a package may import its own level or any level below. The packages DESIGN.md does not
 # name sit where their imports put them: compile (torch only) under quant, methods (the torch-free registry) and
 # demo (demo data and sizes) beside io, spec (a run's settings: methods + quant.scheme) beside models, organism
-# (the trained tiny VLM: models + export) beside export, run_stop (stop handling, the standard library only)
-# beside errors, config_messages (the workflow's config error messages, which build RunSpecs) with the workflow.
+# (the trained tiny VLM: models + export) beside export. The workflow package's modules import one way too:
+# inputs ← resources, checks; joblog imports none of them (WORKFLOW_LEVELS).
 LEVELS = {
-    "paths": 0, "errors": 0, "compile": 0, "run_stop": 0,
+    "paths": 0, "errors": 0, "compile": 0,
     "io": 1, "quant": 1, "methods": 1, "demo": 1,
     "models": 2, "data": 2, "spec": 2,
     "search": 3, "export": 3, "eval": 3, "organism": 3,
-    "report": 4, "workflow": 4, "config_messages": 4,
+    "report": 4, "workflow": 4,
 }
+WORKFLOW_LEVELS = {"joblog": 0, "inputs": 0, "resources": 1, "checks": 1}
 
 
 def package_of(module):
@@ -100,3 +101,16 @@ def test_no_upward_import(package):
 
 def test_no_circle_between_packages():
     assert cycle(import_graph(REPO / "vlmquant")) is None
+
+
+def test_workflow_modules_import_one_way():
+    """Inside vlmquant/workflow/: a module imports only modules of a lower level (WORKFLOW_LEVELS); __init__
+    re-exports them all."""
+    folder = REPO / "vlmquant" / "workflow"
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    assert modules == set(WORKFLOW_LEVELS), "place the new module in WORKFLOW_LEVELS (and DESIGN.md's order)"
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {node.module.split(".")[2] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module and node.module.startswith("vlmquant.workflow.")}
+        assert all(WORKFLOW_LEVELS[m] < WORKFLOW_LEVELS[name] for m in imported), (name, imported)

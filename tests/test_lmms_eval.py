@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from conftest import default_config
+from vlmquant import paths
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.lmms_results import read_metric, read_scores, run_lmms_eval
 from vlmquant.models import get_adapter
@@ -147,14 +148,15 @@ def test_lmms_eval_command_and_summary_rows():
     cfg["lmms_eval"] = {"enabled": True, "tasks": ["vlmquant_vqa", "mme"], "include_path": "tasks", "limit": 8,
                         "extra_args": ["--log_samples"]}
     cfg = check_config(cfg, REPO / "workflow/schemas/config.schema.yaml")
-    assert lmms_eval_command(cfg["lmms_eval"], "results/m/c/r/checkpoint") == [
+    assert lmms_eval_command(cfg["lmms_eval"], paths.CHECKPOINT.format(model="m", calib="c", run="r")) == [
         "", "-m", "lmms_eval", "--model", "vlmquant", "--model_args", "pretrained=results/m/c/r/checkpoint",
         "--tasks", "vlmquant_vqa,mme", "--batch_size", "1", "--include_path", "tasks", "--limit", "8", "--log_samples"]
     rows = summary_rows(cfg)
-    assert [r["lmms"] for r in rows] == ["results/demo-qwen2vl/fp/lmms_eval"] + [
-        f"results/demo-qwen2vl/demo/{r}/lmms_eval" for r in cfg["targets"]["runs"]]
+    assert [r["lmms"] for r in rows] == [paths.LMMS_FP.format(model="demo-qwen2vl")] + [
+        paths.LMMS.format(model="demo-qwen2vl", calib="demo", run=r) for r in cfg["targets"]["runs"]]
     cfg["lmms_eval"]["include_fp"] = False
-    assert [r["lmms"] for r in summary_rows(cfg)][:2] == [None, "results/demo-qwen2vl/demo/rtn-w3g128/lmms_eval"]
+    rtn = paths.LMMS.format(model="demo-qwen2vl", calib="demo", run="rtn-w3g128")
+    assert [r["lmms"] for r in summary_rows(cfg)][:2] == [None, rtn]
 
 
 STAND_IN = """import json, pathlib, sys

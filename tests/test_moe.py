@@ -386,26 +386,6 @@ def test_qwen3_5_linear_attention_projections_are_fused_for_serving():
     with pytest.raises(VlmquantError, match="in_proj_z ignored but layers.0.linear_attn.in_proj_qkv quantized"):
         check_fused(names, [names[0], names[2]])
     check_fused(names, [names[2]])
-
-
-@pytest.mark.slow
-def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
-    """Qwen3-VL-MoE (deepstack, MoE layers and a dense one) through Snakemake: grads, acts, two search chunks,
-    merge, both checkpoint formats, eval and the summary, with the per-expert rows in the search table."""
-    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
-                            c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"])))
-    workdir.snakemake()
-    summary = pd.read_csv(workdir.file("results/summary.csv"))
-    assert summary.run.tolist() == ["fp", "mbq-w3g128"] and set(summary.model) == {"demo-moe"}
-    assert summary.kl[1] > 0
-    run = workdir.file("results/demo-moe/demo/mbq-w3g128")
-    table = pd.read_parquet(run / "search.parquet")
-    experts = table[table.expert.notna()]
-    assert len(experts) == 3 * 8 and (experts.tokens > 0).all() and set(experts.layer) == {0, 1, 2}
-    packed = json.loads((run / "packed" / "quantization.json").read_text())
-    assert len(packed["packed_experts"]) == 6
-
-
 @torch.no_grad()
 def test_the_shared_expert_is_searched_and_quantized_like_a_dense_mlp(family_demo, tmp_path):
     """Qwen3.5-MoE, an AWQ W4A8 search (layer 0 checked): the shared expert's gate/up share the norm's group with the experts
@@ -444,31 +424,6 @@ def test_the_shared_expert_is_searched_and_quantized_like_a_dense_mlp(family_dem
     for proj in ("gate_proj", "up_proj", "down_proj"):
         assert base + proj + ".weight_scale" in packed and base + proj + ".weight" not in packed
         assert torch.equal(unpacked[base + proj + ".weight"], pseudo[base + proj + ".weight"])
-
-
-@pytest.mark.slow
-def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir):
-    """Qwen3-VL-MoE, MBQ W4A8 through Snakemake: grads, acts, search (experts searched with their routed tokens'
-    inputs quantized), merge, the pseudo checkpoint evaluated with activations quantized at run time, and packed/
-    with every expert per expert, equal to the pseudo checkpoint tensor for tensor."""
-    from test_moe_packed import assert_no_fused_experts, decompressed, in_pseudo_layout
-
-    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
-                            c["targets"].update(models=["demo-moe"], runs=["mbq-w4a8"])))
-    workdir.snakemake()
-    summary = pd.read_csv(workdir.file("results/summary.csv"))
-    assert summary.run.tolist() == ["fp", "mbq-w4a8"] and summary.kl[1] > 0
-    run = workdir.file("results/demo-moe/demo/mbq-w4a8")
-    table = pd.read_parquet(run / "search.parquet")
-    experts = table[table.expert.notna()]
-    assert len(experts) == 3 * 8 and (experts.tokens > 0).all()
-    packed = run / "packed"
-    info = json.loads((packed / "quantization.json").read_text())
-    assert info["scheme"]["a_bit"] == 8 and len(info["packed_experts"]) == 6
-    assert_no_fused_experts(packed, 8, 3)
-    reference = {k: v for f in (run / "checkpoint").glob("model*.safetensors") for k, v in load_file(f).items()}
-    dense = in_pseudo_layout(decompressed(packed), reference, get_adapter("qwen3_vl_moe"))
-    assert [k for k in reference if not torch.equal(dense[k], reference[k])] == []
 
 
 def test_weight_activation_moe_eval_streamed_equals_resident(family_demo, tmp_path):

@@ -1,78 +1,16 @@
-"""A model family is one adapter file; a method is one module plus a registry entry."""
-import shutil
+"""A method is one module plus a registry entry (a model family is one adapter file: the workflow runs one added
+that way in tests/workflow/test_workflow_families.py)."""
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, Workdir, default_config, snakemake_env
+from conftest import REPO, default_config
 from vlmquant.methods import METHODS, Method
 from vlmquant.methods.base import EXPERTS_SEARCHES, GROUP_SEARCHES, group_search_of, register_group_search
 from vlmquant.search.grid import GroupResult
 from vlmquant.spec import RunSpec
-
-# The whole of a new family: VipLLaVA (CLIP features of several layers, projected into a Llama decoder).
-VIPLLAVA = '''"""VipLLaVA: CLIP features of several vision layers, projected into a Llama decoder."""
-import transformers
-
-from vlmquant.models.base import Adapter
-from vlmquant.models.families.llava import LLAVA_LAYER_PREFIXES, LLAVA_TEMPLATE
-from vlmquant.models.tiny import TEXT_SIZES, VISION_SIZES, make_tokenizer
-
-
-class VipLlava(Adapter):
-    model_class = "VipLlavaForConditionalGeneration"
-    processor_class = "LlavaProcessor"
-    checkpoint_layer_prefixes = LLAVA_LAYER_PREFIXES
-
-    def demo(self):
-        tokenizer = make_tokenizer(("<s>", "</s>", "<pad>", "<image>"), bos="<s>", eos="</s>", pad="<pad>")
-        config = transformers.VipLlavaConfig(
-            vision_config=transformers.CLIPVisionConfig(**VISION_SIZES, image_size=112, patch_size=14),
-            text_config=transformers.LlamaConfig(vocab_size=len(tokenizer), **TEXT_SIZES,
-                                                 bos_token_id=tokenizer.bos_token_id,
-                                                 eos_token_id=tokenizer.eos_token_id,
-                                                 pad_token_id=tokenizer.pad_token_id),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layers=[-2, -1],
-            tie_word_embeddings=False)
-        image_processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 112},
-                                                             crop_size={"height": 112, "width": 112})
-        processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                                                vision_feature_select_strategy="full", chat_template=LLAVA_TEMPLATE)
-        return config, processor
-
-
-ADAPTER = VipLlava()
-'''
-
-
-@pytest.mark.slow
-def test_a_family_is_one_file(tmp_path, demo_root):
-    """The package with one file added under models/families/ runs the workflow on that family's demo
-    model, with the family read from the model folder's name: nothing else lists it."""
-    package = tmp_path / "pkg"
-    shutil.copytree(REPO / "vlmquant", package / "vlmquant", ignore=shutil.ignore_patterns("__pycache__"))
-    (package / "vlmquant/models/families/vipllava.py").write_text(VIPLLAVA)
-    (tmp_path / "wd").mkdir()
-    wd = Workdir(tmp_path / "wd", demo_root)
-    wd.edit(lambda c: (c["models"].update({"demo-vip": {"path": "results/demo/model-vipllava"}}),
-                       c["runs"]["awq-w3g128"].update(formats=["pseudo"]),
-                       c["targets"].update(models=["demo-vip"], runs=["awq-w3g128"])))
-    env = {**snakemake_env(), "PYTHONPATH": str(package)}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=wd.path, env=env,
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    summary = pd.read_csv(wd.file("results/summary.csv"))
-    assert summary.run.tolist() == ["fp", "awq-w3g128"] and set(summary.model) == {"demo-vip"}
-    assert summary.kl[1] > 0
-    # without the file, the same config is one line naming the families that exist
-    res = subprocess.run([sys.executable, "-m", "snakemake", "-n"], cwd=wd.path, env=snakemake_env(),
-                         capture_output=True, text=True)
-    assert res.returncode != 0
-    assert "models.demo-vip.path: results/demo/model-vipllava has model_type 'vipllava'" in res.stdout + res.stderr
-
 
 UNIT = Method(name="unit", summary="scales of one", settings=("distort",), scales=True)
 

@@ -1,8 +1,10 @@
-"""What the workflow checks when it loads (paths, w_group, eval vs search sets, YAML syntax), the files a
-job reads, the weights fingerprint, the scripts' logging and output permissions. No Snakemake here."""
+"""What the workflow checks when it loads (the schema's errors name the key, defaults are filled, names are
+cross-checked; paths, w_group, eval vs search sets, YAML syntax), the files a job reads, the weights fingerprint,
+the scripts' logging and output permissions. No Snakemake here."""
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -14,20 +16,147 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import DEFAULT_CONFIG, REPO, check, default_config
+from vlmquant import paths
 from vlmquant.data.calib import build_calib, sample_rows
 from vlmquant.errors import VlmquantError
 from vlmquant.io import tensors
 from vlmquant.io.atomic import atomic_dir
 from vlmquant.io.provenance import check_weights, weights_fingerprint
 from vlmquant.io.scales import check_cache_weights, save_cache
-from vlmquant.workflow import (calib_sources, check_calib_sets, check_eval_parquets, check_yaml,
-                               model_files, quantized_widths)
+from vlmquant.data.overlap import check_eval_parquets
+from vlmquant.eval.run import run_eval
+from vlmquant.workflow import (calib_params, calib_sources, check_calib_sets, check_yaml, model_files,
+                               quantized_widths, targets)
 
 def error(cfg):
     with pytest.raises(VlmquantError) as e:
         check(cfg)
     assert "\n" not in str(e.value)
     return str(e.value)
+
+
+def test_the_tests_config_is_the_shipped_default():
+    """tests/data/config.yaml is config.yaml as committed; the checkout's config.yaml is the user's to edit
+    (adding runs to targets must not fail the tests) and no test reads it."""
+    res = subprocess.run(["git", "show", "HEAD:config.yaml"], cwd=REPO, capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip("not a git checkout")
+    assert DEFAULT_CONFIG.read_text() == res.stdout, "the default config.yaml changed: copy it to tests/data/"
+
+
+def test_default_config_is_valid_and_filled(cfg):
+    out = check(cfg)
+    assert out["device"] == "auto"
+    assert out["calib"]["demo"]["prompt"] == "Describe this image."
+    assert out["runs"]["mbq-w3g128"]["reweight"] is True
+    assert "reweight" not in out["runs"]["awq-w3g128"]  # awq has no such setting
+    assert out["runs"]["mbq-w3g128"]["n_grid"] == 20
+    assert out["memory"] == {"stream": "auto", "max_batch_mb": None, "grads_store_mb": None}
+    del cfg["memory"]
+    assert check(cfg)["memory"] == out["memory"]  # the block is optional
+    assert targets(out)
+
+
+def test_runs_are_normalised_to_their_method_settings(cfg):
+    out = check(cfg)["runs"]
+    assert out["rtn-w3g128"] == {"method": "rtn", "w_bit": 3, "w_group": 128}
+    assert out["mbq-w3g128"] == {"method": "mbq", "w_bit": 3, "w_group": 128, "loss": "mae", "n_grid": 20,
+                                 "reweight": True}
+    assert out["mbq-w4a8"] == {"method": "mbq", "w_bit": 4, "a_bit": 8, "loss": "mae", "n_grid": 20, "reweight": True}
+    assert out["smoothquant-w8a8"] == {"method": "smoothquant", "w_bit": 8, "a_bit": 8, "loss": "mae", "alpha": 0.5,
+                                       "smooth": "norms"}
+
+
+def test_family_is_read_from_the_model_folder(cfg, demo_model_path):
+    cfg["models"]["demo-qwen2vl"] = {"path": str(demo_model_path)}
+    assert check(cfg)["models"]["demo-qwen2vl"]["family"] == "qwen2_vl"
+    cfg["models"]["demo-qwen2vl"] = {"path": "results/demo/model-llava"}  # a demo model not built yet
+    assert check(cfg)["models"]["demo-qwen2vl"]["family"] == "llava"
+
+
+def test_unknown_model_type_names_the_folder_and_the_families(cfg, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt5_vl"}')
+    cfg["models"]["demo-qwen2vl"] = {"path": str(tmp_path)}
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    msg = str(e.value)
+    assert f"models.demo-qwen2vl.path: {tmp_path} has model_type 'gpt5_vl'" in msg and "qwen2_vl" in msg
+
+
+def test_distort_false_is_the_same_run_as_no_distort_and_true_the_reference(cfg):
+    plain = check(cfg)["runs"]["awq-w3g128"]
+    cfg["runs"]["awq-w3g128"]["distort"] = False
+    assert check(cfg)["runs"]["awq-w3g128"] == plain
+    for value, run in ((True, "reference"), ("reference", "reference"), ("layer", "layer")):
+        cfg["runs"]["awq-w3g128"]["distort"] = value
+        assert check(cfg)["runs"]["awq-w3g128"] == {**plain, "distort": run}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["calib"]["demo"].update(n_samples="x"), "calib.demo.n_samples: 'x' is not of type 'integer'"),
+    (lambda c: c["calib"]["demo"].update(sed=1), "config: calib.demo.sed: unknown key (did you mean seed?)"),
+    (lambda c: c["calib"]["demo"].update(format="fewshot"), "calib.demo.format: 'fewshot' is not one of"),
+    (lambda c: c["models"]["demo-qwen2vl"].update(family="gpt5"), "models.demo-qwen2vl.family: 'gpt5' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(method="autoround"), "runs.rtn-w3g128.method: 'autoround' is not one of"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(n_grid=10), "runs.rtn-w3g128.n_grid: rtn does not use n_grid"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(w_group=64), "runs.mbq-w4a8.w_group: weight-activation runs (a_bit)"),
+    (lambda c: c.update(devise="cpu"), "config: devise: unknown key (did you mean device?)"),
+    (lambda c: c["memory"].update(stream="sometimes"), "memory.stream: 'sometimes' is not one of ['auto', 'always', 'never']"),
+    (lambda c: c["memory"].update(max_batch_mb=0), "memory.max_batch_mb: 0 is less than the minimum of 1"),
+    (lambda c: c["runs"]["mbq-w3g128"].update(w_bit=1), "runs.mbq-w3g128.w_bit: 1 is less than the minimum"),
+    (lambda c: c["targets"].update(models=["nope"]), "targets.models: 'nope' is not defined"),
+    (lambda c: c["runs"]["awq-w3g128"].update(reweight=True), "runs.awq-w3g128.reweight: awq does not use reweight (only mbq reweights)"),
+    (lambda c: c["runs"]["awq-w3g128"].update(method="smoothquant"), "runs.awq-w3g128.a_bit: smoothquant smooths"),
+    (lambda c: c["runs"]["awq-w3g128"].update(alpha=0.5), "runs.awq-w3g128.alpha: awq does not use alpha (only smoothquant takes it)"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", alpha=1.5), "runs.mbq-w4a8.alpha: 1.5 is greater"),
+    (lambda c: c["runs"]["rtn-w3g128"].update(distort=True), "runs.rtn-w3g128.distort: rtn does not use distort"),
+    (lambda c: c["runs"]["awq-w3g128"].update(distort="yes"), "runs.awq-w3g128.distort: 'yes' is not one of [True, False, 'reference', 'layer']"),
+    (lambda c: c["runs"]["awq-w3g128"].update(smooth="all"), "runs.awq-w3g128.smooth: awq does not use smooth (only smoothquant takes it)"),
+    (lambda c: c["runs"]["mbq-w4a8"].update(method="smoothquant", smooth="some"), "runs.mbq-w4a8.smooth: 'some' is not one of ['norms', 'all']"),
+])
+def test_bad_config_names_the_key(cfg, edit, needle):
+    edit(cfg)
+    with pytest.raises(VlmquantError) as e:
+        check(cfg)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_calib_params_drop_unused_corpus(cfg):
+    out = check(cfg)
+    assert "text" not in calib_params(out["calib"]["demo"])
+    out["calib"]["demo"]["format"] = "interleave"
+    assert "text" in calib_params(out["calib"]["demo"])
+
+
+def test_eval_export_lmms_config_defaults(cfg):
+    for key in ("eval", "export", "lmms_eval"):
+        cfg.pop(key)
+    cfg = check(cfg)
+    assert cfg["eval"] == {"calib": "demo-holdout", "batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16,
+                           "mem_mb": None, "allow_overlap": False}
+    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": None}
+    assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
+    assert not any("lmms_eval" in t for t in targets(cfg))
+    cfg["lmms_eval"]["enabled"] = True
+    model, runs = "demo-qwen2vl", ("rtn-w3g128", "awq-w3g128", "mbq-w3g128")
+    assert {t for t in targets(cfg) if "lmms_eval" in t} == {
+        paths.LMMS.format(model=model, calib="demo", run=r) for r in runs} | {paths.LMMS_FP.format(model=model)}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["eval"].update(calib="nope"), "eval.calib: 'nope' is not defined under 'calib'"),
+    (lambda c: c["eval"].update(kl_topk=5), "eval.kl_topk: unknown key (did you mean kl_top_k?)"),
+    (lambda c: c["eval"].update(batch_size=0), "eval.batch_size"),
+    (lambda c: c["export"].update(max_shard_size="5 gigs"), "export.max_shard_size"),
+    (lambda c: c["export"].update(ignore="mlp.down_proj"), "export.ignore"),
+    (lambda c: c["lmms_eval"].update(limit=0), "lmms_eval.limit"),
+    (lambda c: c["lmms_eval"].update(taks=["mme"]), "lmms_eval.taks: unknown key (did you mean tasks?)"),
+])
+def test_bad_eval_export_lmms_config_names_the_key(cfg, edit, needle):
+    edit(cfg)
+    with pytest.raises(VlmquantError, match=re.escape(needle)):
+        check(cfg)
 
 
 @pytest.fixture
@@ -171,6 +300,12 @@ def test_eval_job_checks_the_parquets(cfg, user_data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_eval_parquets("demo-holdout", b, "demo", b, allow=True)
     assert "(allowed by eval.allow_overlap)" in caplog.text
+    # the eval job's one call: refused before the model, checkpoint or inputs are read, and no table written
+    ids = {"model": "m", "eval_calib": "demo-holdout", "calib": "demo", "run": "r"}
+    with pytest.raises(VlmquantError, match="'demo-holdout' shares 8 of its 8 images with search set 'demo'"):
+        run_eval(None, tmp_path / "none", tmp_path / "none", tmp_path / "none", tmp_path / "eval.parquet", {}, ids,
+                 held_out=(tmp_path / "c.parquet", a))
+    assert not (tmp_path / "eval.parquet").exists()
 
 
 def test_missing_image_of_a_set_fails_at_load(cfg, user_data):
@@ -193,14 +328,14 @@ def test_calib_inputs_are_the_images_the_set_uses(cfg, user_data):
     all_images = sorted(str(p) for p in (user_data / "images").iterdir())
     assert set(want) < set(all_images)  # not the whole folder
     demo = calib_sources(check(default_config())["calib"]["demo"], "demo")
-    assert demo == {"captions": "results/demo/data/captions_train.json", "images": "results/demo/data/images"}
+    assert demo == {"captions": paths.DEMO_FILES["captions_train"], "images": paths.DEMO_FILES["images"]}
 
 
 def test_calib_file_list_is_kept_until_the_source_or_settings_change(cfg, user_data, tmp_path):
     use_data(cfg, user_data)
     out = check(cfg)["calib"]["demo"]
     first = calib_sources(out, "demo")["images"]
-    kept = tmp_path / "results/calib/demo.files.json"
+    kept = tmp_path / paths.CALIB_FILES.format(calib="demo")
     assert json.loads(kept.read_text())["files"] == first
     other = sorted({p.name for p in (user_data / "images").iterdir()} - {os.path.basename(f) for f in first})[0]
     kept.write_text(kept.read_text().replace(os.path.basename(first[0]), other))  # marks the kept list
@@ -220,7 +355,8 @@ def test_model_inputs_are_its_files(demo_model_path, tmp_path):
     assert "README.md" not in names
     processor = [os.path.basename(f) for f in model_files(str(folder), weights=False)]
     assert set(processor) == set(names) - {"model.safetensors"}
-    assert model_files("results/demo/model-qwen2_vl") == ["results/demo/model-qwen2_vl"]
+    demo = paths.DEMO_MODEL.format(family="qwen2_vl")
+    assert model_files(demo) == [demo]
 
 
 # --- weights fingerprint ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
+from vlmquant.data.overlap import check_eval_parquets
 from vlmquant.errors import VlmquantError
 from vlmquant.eval.table import write_table
 from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_logmass, select_positions,
@@ -255,10 +256,16 @@ def weight_rows(model, adapter, fp_path, entries):
 
 # --- eval of a checkpoint --------------------------------------------------------------------
 @torch.no_grad()
-def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids):
+def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids, held_out=None, allow_overlap=False):
     """Evaluate a pseudo-quantized checkpoint of `model` (ModelRef: the fp source, its family, device, dtype and
     memory settings) against the fp reference; write its table. Streamed (model.stream), the checkpoint's decoder
-    layers are loaded one at a time; resident, the whole checkpoint at once: the same table."""
+    layers are loaded one at a time; resident, the whole checkpoint at once: the same table.
+
+    held_out: (eval set Parquet, search set Parquet) of a run with scales, whose names are ids["eval_calib"] and
+    ids["calib"]: the eval set must share no image with the set the scales came from (data.overlap; a warning
+    with `allow_overlap`, eval.allow_overlap), else VlmquantError naming both sets, before anything is read."""
+    if held_out is not None:
+        check_eval_parquets(ids["eval_calib"], held_out[0], ids["calib"], held_out[1], allow_overlap)
     _check_settings(settings)
     adapter, device, dtype, fp_path = model.adapter, model.device, model.dtype, model.path
     quant = read_quant_info(checkpoint)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import snakemake_env
-from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS
+from vlmquant import paths
 from vlmquant.report.summary import COLUMNS
 from vlmquant.workflow import FIGURES
 
@@ -24,13 +25,8 @@ DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    return full_run(tmp_path_factory, demo_root)
-
-
-@pytest.fixture(scope="module")
 def summary(pipe):
-    return pd.read_csv(pipe / "results/summary.csv")
+    return pd.read_csv(pipe / paths.SUMMARY_CSV)
 
 
 def row(summary, run):
@@ -53,7 +49,7 @@ def test_summary_rows_and_columns(pipe, summary):
         assert r.kl > 0 and r.hidden_err_vision > 0 and r.hidden_err_text > 0 and r.weight_err > 0
         assert r.caption_ppl == pytest.approx(math.exp(r.caption_nll), rel=1e-5)
         assert r.hidden_err_vision_last >= r.hidden_err_vision  # errors grow through the (random) layers here
-    parquet = pd.read_parquet(pipe / "results/summary.parquet")
+    parquet = pd.read_parquet(pipe / paths.SUMMARY_PARQUET)
     assert list(parquet.columns) == COLUMNS and parquet.run.tolist() == summary.run.tolist()
     assert np.allclose(parquet.caption_nll, summary.caption_nll, rtol=1e-5)
 
@@ -80,7 +76,7 @@ def test_demo_figures_scale_search_beats_rtn(summary):
 
 def test_plots_are_drawn(pipe):
     for figure in FIGURES:
-        path = pipe / f"results/plots/{MODEL}/{CALIB}/{figure}.png"
+        path = pipe / paths.PLOT.format(model=MODEL, calib=CALIB, figure=figure)
         with Image.open(path) as img:
             assert img.format == "PNG" and img.width >= 800 and img.height >= 400
             pixels = np.asarray(img.convert("L"), dtype=float)
@@ -157,8 +153,8 @@ def add_rtn4(cfg):
 
 def test_half_written_checkpoint_is_never_complete(pipe):
     """A job killed mid-write leaves only a temporary folder; Snakemake redoes the export and it is cleared."""
-    target = f"results/{MODEL}/{CALIB}/rtn-w4g64/checkpoint"
-    run_dir = pipe / f"results/{MODEL}/{CALIB}/rtn-w4g64"
+    target = paths.CHECKPOINT.format(model=MODEL, calib=CALIB, run="rtn-w4g64")
+    run_dir = pipe / paths.RUN.format(model=MODEL, calib=CALIB, run="rtn-w4g64")
     with pipe.edited_config(add_rtn4):
         res = subprocess.run([sys.executable, "-c", KILL_SCRIPT, target], cwd=pipe.path, env=snakemake_env(),
                              capture_output=True, text=True)
@@ -174,8 +170,8 @@ def test_half_written_checkpoint_is_never_complete(pipe):
 
 
 def test_snakemake_killed_during_export_never_leaves_an_incomplete_checkpoint(pipe):
-    target = f"results/{MODEL}/{CALIB}/rtn-w4g64/checkpoint"
-    run_dir = pipe / f"results/{MODEL}/{CALIB}/rtn-w4g64"
+    target = paths.CHECKPOINT.format(model=MODEL, calib=CALIB, run="rtn-w4g64")
+    run_dir = pipe / paths.RUN.format(model=MODEL, calib=CALIB, run="rtn-w4g64")
     with pipe.edited_config(add_rtn4):
         proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=pipe.path, env=snakemake_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -196,13 +192,13 @@ def test_snakemake_killed_during_export_never_leaves_an_incomplete_checkpoint(pi
 
 
 def test_summary_table_relative_to_fp_and_rtn(pipe, summary):
-    s = pd.read_parquet(pipe / "results/summary.parquet").set_index("run")  # the csv rounds to 6 digits
+    s = pd.read_parquet(pipe / paths.SUMMARY_PARQUET).set_index("run")  # the csv rounds to 6 digits
     assert s.loc["fp"].delta_nll_fp == 0 and math.isnan(s.loc["fp"].kl_ratio_rtn)
     assert s.loc["rtn-w3g128"].delta_nll_rtn == 0 and s.loc["rtn-w3g128"].kl_ratio_rtn == 1
     for run in RUNS:
         assert s.loc[run].delta_nll_fp == pytest.approx(s.loc[run].caption_nll - s.loc["fp"].caption_nll, abs=1e-6)
         assert s.loc[run].kl_ratio_rtn == pytest.approx(s.loc[run].kl / s.loc["rtn-w3g128"].kl, rel=1e-5)
-    html = (pipe / "results/summary.html").read_text()
+    html = (pipe / paths.SUMMARY_HTML).read_text()
     assert html.count("<tr") == len(summary) + 1 and "ΔNLL vs RTN" in html and "KL / RTN" in html
 
 
@@ -232,7 +228,8 @@ def test_removed_run_folder_is_rebuilt_and_summary_follows_the_targets(pipe):
     shutil.rmtree(run_dir)
     try:
         assert pipe.planned() == {"search": 2, "merge": 1, "export": 1, "pack": 1, "eval": 1, **DOWNSTREAM_OF_EVAL}
-        assert pipe.planned(f"results/{MODEL}/{CALIB}/awq-w3g128/scale_cache.pt") == {"search": 2, "merge": 1}
+        cache = paths.SCALE_CACHE.format(model=MODEL, calib=CALIB, run="awq-w3g128")
+        assert pipe.planned(cache) == {"search": 2, "merge": 1}
     finally:
         shutil.copytree(keep, run_dir, symlinks=True)  # copy2: the times come back too
         shutil.rmtree(keep)
@@ -240,15 +237,15 @@ def test_removed_run_folder_is_rebuilt_and_summary_follows_the_targets(pipe):
     with pipe.edited_config(lambda c: c["targets"].update(runs=["rtn-w3g128", "mbq-w3g128"])):
         assert pipe.planned() == DOWNSTREAM_OF_EVAL
         pipe.snakemake()
-        assert list(pd.read_csv(pipe / "results/summary.csv").run) == ["fp", "rtn-w3g128", "mbq-w3g128"]
+        assert list(pd.read_csv(pipe / paths.SUMMARY_CSV).run) == ["fp", "rtn-w3g128", "mbq-w3g128"]
     pipe.snakemake()
-    assert list(pd.read_csv(pipe / "results/summary.csv").run) == ["fp", *RUNS]
+    assert list(pd.read_csv(pipe / paths.SUMMARY_CSV).run) == ["fp", *RUNS]
 
 
 def test_forcerun_a_stage_reruns_it_and_what_follows(pipe):
     """The docs' way to redo a stage (docs/running.md)."""
     assert pipe.planned("--forcerun", "export") == {"export": 3, "eval": 3, **DOWNSTREAM_OF_EVAL}
-    cache = f"results/{MODEL}/{CALIB}/mbq-w3g128/scale_cache.pt"
+    cache = paths.SCALE_CACHE.format(model=MODEL, calib=CALIB, run="mbq-w3g128")
     assert pipe.planned("--forcerun", cache) == {"merge": 1, "export": 1, "pack": 1, "eval": 1,
                                                  **DOWNSTREAM_OF_EVAL}
 
@@ -263,11 +260,11 @@ def test_scale_cache_from_other_weights_is_refused_at_import_and_export(pipe, tm
     shutil.copy2(weights, original)
     other = build_demo_model(tmp_path / "other", seed=1)
     run = "awq-imported"
-    cache = f"results/{MODEL}/{CALIB}/{run}/scale_cache.pt"
+    cache = paths.SCALE_CACHE.format(model=MODEL, calib=CALIB, run=run)
 
     def add(c):
         c["runs"][run] = {"method": "awq", "w_bit": 3, "w_group": 128,
-                          "scale_cache": f"results/{MODEL}/{CALIB}/awq-w3g128/scale_cache.pt"}
+                          "scale_cache": paths.SCALE_CACHE.format(model=MODEL, calib=CALIB, run="awq-w3g128")}
     try:
         with pipe.edited_config(add):
             shutil.copyfile(other / "model.safetensors", weights)
@@ -278,9 +275,9 @@ def test_scale_cache_from_other_weights_is_refused_at_import_and_export(pipe, tm
             shutil.copyfile(original, weights)
             pipe.snakemake(cache)
             shutil.copyfile(other / "model.safetensors", weights)
-            res = pipe.snakemake(f"results/{MODEL}/{CALIB}/{run}/checkpoint", check=False)
+            res = pipe.snakemake(paths.CHECKPOINT.format(model=MODEL, calib=CALIB, run=run), check=False)
             assert f"[export {MODEL}/{CALIB}/{run}] error: {cache}: scale cache: was made from other weights" in res.stderr
-            assert not (pipe / f"results/{MODEL}/{CALIB}/{run}/checkpoint").exists()
+            assert not (pipe / paths.CHECKPOINT.format(model=MODEL, calib=CALIB, run=run)).exists()
     finally:
         shutil.copyfile(original, weights)
         shutil.rmtree(pipe.run_dir(run), ignore_errors=True)

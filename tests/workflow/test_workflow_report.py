@@ -6,16 +6,11 @@ import shutil
 import pandas as pd
 import pytest
 
-from e2e_pipeline import CALIB, MODEL, RUNS, full_run
+from e2e_pipeline import CALIB, MODEL, RUNS
 from vlmquant import paths
 
 pytestmark = pytest.mark.slow
 DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    return full_run(tmp_path_factory, demo_root)
 
 
 def test_interrupted_forced_search_is_completed_by_the_next_run(pipe):

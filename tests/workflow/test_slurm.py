@@ -1,4 +1,5 @@
-"""Cluster execution: scheduler resources of the rules, and the demo through a real single-node SLURM.
+"""Cluster execution: scheduler resources of the rules (the estimates: tests/test_resources.py), and the demo
+through a real single-node SLURM.
 
 The SLURM tests install Debian's slurm packages and start slurmctld, slurmd and munged as root
 (tests/slurm/slurm-up.sh); without root or apt-get they skip, except in CI (CI=true), where they fail.
@@ -15,16 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from safetensors import safe_open
 
 from conftest import REPO, Workdir, parse_job_stats, snakemake_env
-from e2e_pipeline import full_run
-from vlmquant.errors import VlmquantError
-from vlmquant.workflow import BASE_MB, job_mem_mb, model_params
+from vlmquant import paths
+from vlmquant.workflow import BASE_MB, model_params
 
+pytestmark = pytest.mark.slow
 MODEL = "demo-qwen2vl"
 RUN = "mbq-w3g128"
-CACHE = f"results/{MODEL}/demo/{RUN}/scale_cache.pt"
+CACHE = paths.SCALE_CACHE.format(model=MODEL, calib="demo", run=RUN)
 CANCELLED = "search_000"  # a job: its rule, and for search jobs the chunk
 MODEL_RULES = {"grads", "acts", "search", "export", "pack", "eval_fp", "eval"}
 MODEL_JOBS = MODEL_RULES - {"search"} | {"search_000", "search_002"}
@@ -65,28 +65,11 @@ def test_gpu_resource_follows_device(workdir):
     assert not any("gpu" in r for rule, r in auto.items() if rule not in MODEL_RULES)
 
 
-def test_memory_estimate_from_model_size(demo_model_path):
-    n = 0
-    for file in demo_model_path.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            n += sum(f.get_tensor(k).numel() for k in f.keys())
-    assert model_params(str(demo_model_path)) == n > 0
-    cfg = {"device": "cpu", "models": {MODEL: {"path": str(demo_model_path), "dtype": "auto"}},
-           "search": {"layers_per_job": 2, "mem_mb": None}, "export": {"mem_mb": None}, "eval": {"mem_mb": None}}
-    fp32_mb = n * 4 / 2**20
-    assert job_mem_mb(cfg, MODEL, "export") == job_mem_mb(cfg, MODEL, "grads") == BASE_MB + math.ceil(1.5 * fp32_mb)
-    assert job_mem_mb(cfg, MODEL, "search") == BASE_MB + math.ceil(3 * fp32_mb * 2 / 4)  # 2 of the 4 layers
-    cfg["device"] = "auto"  # bf16 on a GPU
-    assert job_mem_mb(cfg, MODEL, "eval") == BASE_MB + math.ceil(1.5 * fp32_mb / 2)
-    cfg["search"]["mem_mb"] = 1234
-    assert job_mem_mb(cfg, MODEL, "acts") == job_mem_mb(cfg, MODEL, "search") == 1234
-    with pytest.raises(VlmquantError, match=r"/nowhere has no \*.safetensors files"):
-        model_params("/nowhere")
 
 
 def test_rules_ask_for_the_estimate_or_the_config(workdir):
     workdir.edit(one_run_on_cpu)
-    fp32_mb = model_params(str(workdir.file("results/demo/model-qwen2_vl"))) * 4 / 2**20
+    fp32_mb = model_params(str(workdir.file(paths.DEMO_MODEL.format(family="qwen2_vl")))) * 4 / 2**20
     mem = {rule: int(r["mem_mb"]) for rule, r in planned_resources(workdir).items() if rule in MODEL_RULES}
     # whole-model jobs: 1.5 × the fp32 weights; a search chunk: 3 × its half of the layers, the same here
     assert mem == dict.fromkeys(MODEL_RULES, BASE_MB + math.ceil(1.5 * fp32_mb))
@@ -192,7 +175,8 @@ def cluster(slurm, tmp_path_factory, demo_root):
     # no automatic retry here, so that the cancelled chunk stays failed until the rerun
     first = Detached(wd.path, wd.path / "first.log", *SLURM_ARGS, "--retries", "0")
     try:
-        cancelled = cancel_when_running(first, CANCELLED, wd.file(f"results/logs/{MODEL}/demo/{RUN}/search_000.log"))
+        log = wd.file(paths.LOGS["search"].format(model=MODEL, calib="demo", run=RUN, chunk="000"))
+        cancelled = cancel_when_running(first, CANCELLED, log)
         first.wait(300)
         t1 = time.time()
         second = Detached(wd.path, wd.path / "second.log", *SLURM_ARGS)
@@ -204,12 +188,12 @@ def cluster(slurm, tmp_path_factory, demo_root):
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory, demo_root):
+def local(tmp_path_factory, demo_root, request):
     """The run without SLURM: without a GPU, the default workflow's run (its device, auto, is the CPU)."""
     import torch
 
     if not torch.cuda.is_available():
-        return full_run(tmp_path_factory, demo_root)
+        return request.getfixturevalue("pipe")
     wd = Workdir(tmp_path_factory.mktemp("local"), demo_root)
     wd.edit(one_run_on_cpu)
     wd.snakemake(CACHE)
@@ -225,7 +209,7 @@ def test_jobs_ran_as_slurm_jobs(cluster):
         assert jobs[i][0] == ("CANCELLED" if i == cancelled else "COMPLETED"), (i, rule, jobs[i])
     assert set(ids.values()) == MODEL_JOBS | {"calib", "inputs", "merge", "summary", "plots"}
     assert {int(p.stem) for p in wd.file(".snakemake/slurm_logs").rglob("*.log")} == set(ids)
-    assert pd.read_csv(wd.file("results/summary.csv")).run.tolist() == ["fp", RUN]
+    assert pd.read_csv(wd.file(paths.SUMMARY_CSV)).run.tolist() == ["fp", RUN]
 
 
 @pytest.mark.slow
@@ -249,11 +233,12 @@ def test_rerun_runs_only_the_cancelled_chunk_and_what_depends_on_it(cluster):
 def test_scale_cache_matches_a_local_run(cluster, local):
     wd = cluster[0]
     assert wd.file(CACHE).read_bytes() == local.file(CACHE).read_bytes()
-    scales = local.file(f"results/{MODEL}/demo/{RUN}/scales")
+    scales = local.file(paths.RUN.format(model=MODEL, calib="demo", run=RUN)) / "scales"
     layers = sorted(scales.rglob("*.safetensors"))
     assert len(layers) == 4
+    run_scales = wd.file(paths.RUN.format(model=MODEL, calib="demo", run=RUN)) / "scales"
     for layer in layers:
-        assert wd.file(f"results/{MODEL}/demo/{RUN}/scales/{layer.relative_to(scales)}").read_bytes() == layer.read_bytes()
+        assert (run_scales / layer.relative_to(scales)).read_bytes() == layer.read_bytes()
 
 
 @pytest.mark.slow
@@ -261,7 +246,8 @@ def test_gpu_jobs_get_a_slurm_gpu(cluster, tmp_path):
     """With a GPU device the model jobs ask SLURM for one (the test node has one in name only)."""
     wd = tmp_path / "wd"
     shutil.copytree(cluster[0].path, wd)  # device cpu, with .snakemake: the device change reruns acts
-    run = Detached(wd, tmp_path / "gpu.log", f"results/{MODEL}/demo/acts", *SLURM_ARGS, "--config", "device=auto")
+    run = Detached(wd, tmp_path / "gpu.log", paths.ACTS.format(model=MODEL, calib="demo"), *SLURM_ARGS, "--config",
+                   "device=auto")
     assert run.wait(120) == 0, run.text[-4000:]
     (job,) = submitted(run).items()
     assert job[1] == "acts" and slurm_jobs()[job[0]][0] == "COMPLETED"

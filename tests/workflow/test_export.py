@@ -9,34 +9,31 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from e2e_pipeline import CALIB, MODEL, full_run
+from e2e_pipeline import CALIB, MODEL
 from vlmquant.data.calib import read_calib
 from vlmquant.errors import VlmquantError
 from vlmquant.export import export_checkpoint, read_quant_info
-from vlmquant.export.checkpoint import set_safetensors_metadata, shard_files
+from vlmquant.export.checkpoint import shard_files
 from vlmquant.io import ragged
 from vlmquant.io.provenance import sha256_file
 from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
 from vlmquant.models.loading import Checkpoint
 from vlmquant.quant.fold import fold_scales
-from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quantize, resolve_ignore
+from vlmquant.quant.model import apply_scale_cache, decoder_linears, pseudo_quantize
 from vlmquant.models.capture import load_samples, model_inputs
 
 from conftest import open_demo, run_spec
+from vlmquant import paths
 
+pytestmark = pytest.mark.slow
 ADAPTER = get_adapter("qwen2_vl")
 RUN = run_spec("mbq-w3g128", method="mbq", w_bit=3, w_group=128)
 RTN = run_spec("rtn-w3g128", method="rtn", w_bit=3, w_group=128)
 NAMES = {"model": MODEL, "calib": CALIB, "run": "mbq-w3g128"}
 LAYER_PREFIX = "model.layers."  # how the demo (transformers-saved Qwen2-VL) checkpoints name decoder layers
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    return full_run(tmp_path_factory, demo_root)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +96,7 @@ def test_checkpoint_generates_and_ships_the_processor(pipe):
     processor = ADAPTER.load_processor(folder)
     source = ADAPTER.load_processor(pipe.model_dir)
     config = transformers.AutoConfig.from_pretrained(folder)
-    row = read_calib(pipe / f"results/calib/{CALIB}.parquet")[0]
+    row = read_calib(pipe / paths.CALIB.format(calib=CALIB))[0]
     enc = ADAPTER.encode(processor, config, row)
     assert torch.equal(enc["input_ids"], ADAPTER.encode(source, config, row)["input_ids"])
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
@@ -150,7 +147,7 @@ def test_quantization_metadata_in_json_and_shards(pipe, run):
     folder = pipe.run_dir(run) / "checkpoint"
     info = read_quant_info(folder)
     assert (info["method"], info["w_bit"], info["w_group"], info["run"], info["model"]) == (run[:3], 3, 128, run, MODEL)
-    assert info["source_model"] == "results/demo/model-qwen2_vl"
+    assert info["source_model"] == paths.DEMO_MODEL.format(family="qwen2_vl")
     if run == "rtn-w3g128":
         assert info["scale_cache_sha256"] is None and not (folder / "scales.safetensors").exists()
     else:
@@ -177,35 +174,7 @@ def test_sharded_export_with_metadata_in_every_shard(pipe, model, tmp_path):
     assert torch.equal(loaded.lm_head.weight, whole["lm_head.weight"])
 
 
-def test_header_rewrite_keeps_tensors(tmp_path):
-    path = tmp_path / "x.safetensors"
-    data = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.ones(1, dtype=torch.bfloat16)}
-    save_file(data, path, metadata={"format": "pt"})
-    set_safetensors_metadata(path, {"vlmquant": '{"x": 1}'})
-    with safe_open(path, "pt") as f:
-        assert f.metadata() == {"format": "pt", "vlmquant": '{"x": 1}'}
-    again = load_file(path)
-    assert all(torch.equal(again[k], data[k]) for k in data)
-    header_len = int.from_bytes(path.read_bytes()[:8], "little")
-    assert header_len % 8 == 0
-
-
 # ---- export.ignore ---------------------------------------------------------------------------
-
-
-def test_ignore_patterns_resolve():
-    names = [f"layers.{i}.{m}" for i in range(12) for m in
-             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    assert resolve_ignore(names, ["mlp.down_proj"]) == {f"layers.{i}.mlp.down_proj" for i in range(12)}
-    assert resolve_ignore(names, ["layers.0.self_attn.q_proj"]) == {"layers.0.self_attn.q_proj"}
-    assert len(resolve_ignore(names, ["layers.1"])) == 7  # whole segments: not layers.10, layers.11
-    assert len(resolve_ignore(names, ["self_attn"])) == 48
-    assert resolve_ignore(names, ["layers.1*.mlp.*_proj"]) == {f"layers.{i}.mlp.{p}_proj" for i in (1, 10, 11)
-                                                              for p in ("gate", "up", "down")}
-    for bad in ("down", "mlp.down", "vision.blocks.0", "lm_head"):
-        with pytest.raises(VlmquantError, match="export.ignore"):
-            resolve_ignore(names, [bad])
 
 
 def test_ignored_modules_stay_fp(pipe, model, tmp_path):

@@ -11,8 +11,8 @@ from conftest import Workdir, keep_times
 from vlmquant import paths
 
 pytestmark = pytest.mark.slow
-CALIB = "results/calib/demo.parquet"
-ACTS = "results/demo-qwen2vl/demo/acts"
+CALIB = paths.CALIB.format(calib="demo")
+ACTS = paths.ACTS.format(model="demo-qwen2vl", calib="demo")
 
 
 def error_line(res, needle):
@@ -186,8 +186,11 @@ def truncate(folder):
     (truncate, "config.yaml: line 9: models.demo-qwen2vl.path: models/tiny/model.safetensors: safetensors shard is"),
 ])
 def test_broken_model_folder_fails_at_load(workdir, demo_root, damage, needle):
-    """NaN weights, no tokenizer file, a truncated shard: one line naming the file, before any job."""
+    """NaN weights, no tokenizer file, a truncated shard: one line naming the file, before any job, located at
+    the config.yaml line that sets the model's path."""
     shutil.copytree(demo_root / "model-qwen2_vl", workdir.file("models/tiny"))
     damage(workdir.file("models/tiny"))
     workdir.edit(lambda c: c["models"]["demo-qwen2vl"].update(path="models/tiny"))
-    assert needle in error_line(workdir.snakemake("-n", check=False), needle)  # error_line falls back to the output
+    line = error_line(workdir.snakemake("-n", check=False), needle)
+    assert needle in line  # error_line falls back to the output
+    assert line.startswith("config.yaml: line ") and ": models.demo-qwen2vl.path: models/tiny" in line

@@ -10,24 +10,17 @@ import pytest
 import torch
 
 from conftest import Workdir, snakemake_env
-from e2e_pipeline import full_run
 from vlmquant import paths
 from vlmquant.io.scales import load_cache
 
 pytestmark = pytest.mark.slow
-MBQ = "results/demo-qwen2vl/demo/mbq-w3g128/scale_cache.pt"
-AWQ = "results/demo-qwen2vl/demo/awq-w3g128/scale_cache.pt"
-SCALES = "results/demo-qwen2vl/demo/mbq-w3g128/scales"  # chunk_NNN/ folders
+MBQ = paths.SCALE_CACHE.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128")
+AWQ = paths.SCALE_CACHE.format(model="demo-qwen2vl", calib="demo", run="awq-w3g128")
+SCALES = paths.RUN.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128") + "/scales"  # chunk_NNN/ folders
 
 
 def one_layer_per_job(cfg):
     cfg["search"]["layers_per_job"] = 1
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    """The default workflow run to completion (two layers per search job), shared with test_workflow_full."""
-    return full_run(tmp_path_factory, demo_root)
 
 
 def test_awq_never_needs_grads(workdir):
@@ -43,7 +36,8 @@ def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_pat
     wd.edit(one_layer_per_job)
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", MBQ], cwd=wd.path, env=snakemake_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    logs, scales = wd.file("results/logs/demo-qwen2vl/demo/mbq-w3g128"), wd.file(SCALES)
+    logs = wd.file(paths.LOGS["merge"].format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128")).parent
+    scales = wd.file(SCALES)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         # one job at a time: once a chunk is finished and the next one has started, kill everything
@@ -89,7 +83,7 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(pipe, tmp_path_factor
     from vlmquant.search.pipeline import run_search
     from vlmquant.workflow import check_config, run_specs
 
-    run_dir = "results/demo-qwen2vl/demo/mbq-distort"
+    run_dir = paths.RUN.format(model="demo-qwen2vl", calib="demo", run="mbq-distort")
     workdir = pipe.copy(tmp_path_factory.mktemp("distort"))  # calib, inputs and acts done
     workdir.edit(lambda c: c["runs"].update({"mbq-distort": {"method": "mbq", "w_bit": 3, "distort": True}}))
     # chunk 2 of the distort run needs chunk 0's quantized outputs; chunks of other runs stay independent

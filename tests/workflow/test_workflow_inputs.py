@@ -3,9 +3,11 @@ import hashlib
 
 import pytest
 
+from vlmquant import paths
+
 pytestmark = pytest.mark.slow
-TARGET = "results/demo-qwen2vl/demo/inputs.safetensors"
-OUTPUTS = ("results/calib/demo.parquet", TARGET)
+TARGET = paths.INPUTS.format(model="demo-qwen2vl", calib="demo")
+OUTPUTS = (paths.CALIB.format(calib="demo"), TARGET)
 
 
 def digest(wd):
@@ -17,7 +19,7 @@ def test_inputs_from_scratch_cached_and_deterministic(tmp_path_factory):
 
     a = Workdir(tmp_path_factory.mktemp("a"), demo_root=None)  # builds demo data and model itself
     a.snakemake(TARGET)
-    assert a.file("results/demo/model-qwen2_vl/config.json").is_file()
+    assert (a.file(paths.DEMO_MODEL.format(family="qwen2_vl")) / "config.json").is_file()
     first = digest(a)
     assert a.planned(TARGET) == {}  # nothing to do after a run
 
@@ -44,13 +46,13 @@ def test_bad_config_fails_before_any_job(workdir):
 def test_bad_input_leaves_no_parquet(workdir):
     import json
 
-    captions = workdir.file("results/demo/data/captions_train.json")
+    captions = workdir.file(paths.DEMO_FILES["captions_train"])
     raw = json.loads(captions.read_text())
     victim = raw["images"][0]["file_name"]
     workdir.edit(lambda c: c["calib"]["demo"].update(n_samples=len(raw["images"])))
-    workdir.file(f"results/demo/data/images/{victim}").write_bytes(b"garbage")
-    res = workdir.snakemake("results/calib/demo.parquet", check=False)
+    (workdir.file(paths.DEMO_FILES["images"]) / victim).write_bytes(b"garbage")
+    res = workdir.snakemake(paths.CALIB.format(calib="demo"), check=False)
     assert res.returncode != 0
-    assert f"error: {workdir.path / 'results/demo/data/images' / victim}" in res.stderr or \
+    assert f"error: {workdir.file(paths.DEMO_FILES['images']) / victim}" in res.stderr or \
         f"images/{victim}: not a readable image" in res.stdout + res.stderr
-    assert not workdir.file("results/calib/demo.parquet").exists()
+    assert not workdir.file(paths.CALIB.format(calib="demo")).exists()

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, Workdir
+from vlmquant import paths
 from vlmquant.report.summary import COLUMNS
 
 pytestmark = pytest.mark.slow
@@ -71,24 +72,26 @@ def organism(tmp_path_factory):
 
 
 def test_organism_workflow_reports_task_accuracy(organism):
-    summary = pd.read_csv(organism.file("results/summary.csv"))
+    summary = pd.read_csv(organism.file(paths.SUMMARY_CSV))
     at = COLUMNS.index("top1_agreement") + 1
     assert list(summary.columns) == [*COLUMNS[:at], SCORE, *COLUMNS[at:]]
     assert list(summary.run) == ["fp", "rtn-w3g128", "rtn-w4a8"]
     assert summary[SCORE].tolist() == pytest.approx([0.95, 0.53, 0.54])
     assert summary.kl[0] == 0 and (summary.kl[1:] > 0).all()
-    call = json.loads(organism.file("results/organism-qwen2vl/organism/rtn-w3g128/lmms_eval/call.json").read_text())
+    lmms = organism.file(paths.LMMS.format(model="organism-qwen2vl", calib="organism", run="rtn-w3g128"))
+    call = json.loads((lmms / "call.json").read_text())
     assert call["offline"] == "1"
     assert call["args"] == ["-m", "lmms_eval", "--model", "vlmquant", "--model_args",
                             "pretrained=results/organism-qwen2vl/organism/rtn-w3g128/checkpoint", "--tasks", "vlmquant_vqa",
                             "--batch_size", "50", "--include_path", "results/demo/organism/lmms_task", "--output_path",
                             call["args"][-1]]
-    task = yaml.safe_load(organism.file("results/demo/organism/lmms_task/vlmquant_vqa.yaml").read_text())
-    assert task["dataset_kwargs"]["data_files"]["test"] == str(organism.file("results/demo/organism/data/heldout.parquet"))
+    task = yaml.safe_load((organism.file(paths.ORGANISM_TASK) / "vlmquant_vqa.yaml").read_text())
+    assert task["dataset_kwargs"]["data_files"]["test"] == str(organism.file(paths.ORGANISM_DATA) / "heldout.parquet")
     # evaluation on held-out scenes, through the sharegpt source
-    held = pq.read_table(organism.file("results/calib/organism-heldout.parquet")).column("sample_id").to_pylist()
+    held = pq.read_table(organism.file(paths.CALIB.format(calib="organism-heldout"))).column("sample_id").to_pylist()
     assert len(held) == 24 and all(s.startswith("heldout-") for s in held)
-    assert organism.file("results/plots/organism-qwen2vl/organism/metrics.png").stat().st_size > 0
+    plot = paths.PLOT.format(model="organism-qwen2vl", calib="organism", figure="metrics")
+    assert organism.file(plot).stat().st_size > 0
 
 
 def test_a_run_setting_reruns_only_that_runs_lmms_eval(organism):
@@ -101,10 +104,10 @@ def test_a_run_setting_reruns_only_that_runs_lmms_eval(organism):
 
 def test_lmms_eval_job_fails_without_a_results_file(organism, monkeypatch):
     monkeypatch.setenv("STAND_IN_FAILS", "1")
-    out = organism.file("results/organism-qwen2vl/fp/lmms_eval")
+    out = organism.file(paths.LMMS_FP.format(model="organism-qwen2vl"))
     with organism.edited_config(lambda c: c["lmms_eval"].update(limit=100)):  # reruns it (the fp job: no export)
-        res = organism.snakemake("results/organism-qwen2vl/fp/lmms_eval", check=False)
+        res = organism.snakemake(paths.LMMS_FP.format(model="organism-qwen2vl"), check=False)
     assert res.returncode != 0 and not out.exists()
-    log = organism.file("results/logs/organism-qwen2vl/fp/lmms_eval.log").read_text()
+    log = organism.file(paths.LOGS["lmms_eval_fp"].format(model="organism-qwen2vl")).read_text()
     assert "lmms-eval wrote no results file" in log
     assert not list(organism.file("results").rglob("*.tmp"))

@@ -1,36 +1,28 @@
-"""Eval: metric math, the fp reference, and the eval tables of the demo workflow."""
-import copy
+"""Eval on the demo workflow's outputs: the fp reference, the eval tables, and run_eval on its checkpoints
+(the metric math: tests/test_metrics.py)."""
 import json
 import math
-import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
-from conftest import REPO, default_config, open_demo, run_spec
-from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS, full_run
+from conftest import open_demo, run_spec
+from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS
+from vlmquant import paths
 from vlmquant.errors import VlmquantError
-from vlmquant.eval.metrics import ErrorSums, kl_topk, rest_logmass, select_positions, weight_error
 from vlmquant.eval.run import load_reference, run_eval, run_fp_reference
 from vlmquant.eval.table import SCHEMA, read_table
 from vlmquant.io.scales import load_cache
 from vlmquant.models import get_adapter
-from vlmquant.quant.fake import fake_quant_weight
 from vlmquant.quant.model import apply_scale_cache, decoder_linears
 from vlmquant.models.capture import load_samples, model_inputs
-from vlmquant.workflow import check_config, targets
 
 ADAPTER = get_adapter("qwen2_vl")
+pytestmark = pytest.mark.slow
 SETTINGS = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}  # the demo config's eval settings
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, demo_root):
-    return full_run(tmp_path_factory, demo_root)
 
 
 @pytest.fixture(scope="module")
@@ -49,69 +41,6 @@ def value(df, metric, layer=None, modality=None):
         rows = rows[rows.modality == modality]
     assert len(rows) == 1, (metric, layer, modality)
     return float(rows.value.iloc[0])
-
-
-# ---- metric math ---------------------------------------------------------------------------
-
-
-def test_kl_exact_and_topk_bound():
-    g = torch.Generator().manual_seed(0)
-    logp = F.log_softmax(torch.randn(50, 300, generator=g) * 3, dim=1)
-    logq = F.log_softmax(logp + 0.5 * torch.randn(50, 300, generator=g), dim=1)
-    exact = F.kl_div(logq.double(), logp.double(), log_target=True, reduction="none").sum(1)
-    full = logp.topk(300, dim=1)
-    assert torch.allclose(kl_topk(full.indices, full.values, logq), exact, rtol=1e-9, atol=1e-12)
-    for k in (1, 10, 100, 299):
-        top = logp.topk(k, dim=1)
-        coarse = kl_topk(top.indices, top.values, logq, rest_logmass(logp, top.indices))
-        assert (coarse >= 0).all() and (coarse <= exact + 1e-9).all(), k  # merging outcomes never raises KL
-        if k == 299:  # one vocabulary entry merged with nothing: still exact
-            assert torch.allclose(coarse, exact, rtol=1e-6, atol=1e-9)
-    top = logp.topk(100, dim=1)
-    rest = rest_logmass(logp, top.indices)
-    assert kl_topk(top.indices, top.values, logp, rest).abs().max() < 1e-7  # float32 inputs
-    assert kl_topk(top.indices, top.values, logq, rest).mean() > 0.5 * exact.mean()  # k=100 keeps most of it here
-    with pytest.raises(ValueError, match="rest mass"):
-        kl_topk(top.indices, top.values, logq)
-
-
-def test_select_positions():
-    attention = torch.tensor([1] * 40 + [0] * 5, dtype=torch.bool)
-    vision = torch.zeros(45, dtype=torch.bool)
-    vision[5:25] = True
-    pos, is_vis = select_positions(attention, vision, 4)
-    assert pos.tolist() == sorted(pos.tolist()) and len(pos) == 8
-    assert pos[is_vis].tolist() == [5, 11, 18, 24]  # evenly spaced, ends included
-    assert all(not vision[p] and p < 40 for p in pos[~is_vis].tolist())
-    assert pos[~is_vis].tolist()[0] == 0 and pos[~is_vis].tolist()[-1] == 39
-    every, every_vis = select_positions(attention, vision, 0)
-    assert every.tolist() == list(range(40)) and every_vis.sum() == 20
-
-
-def test_weight_error_bases():
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(64, 128, generator=g)
-    col = torch.rand(128, generator=g) + 0.5
-    rows = torch.rand(32, generator=g) + 0.5
-    scaled = w * col
-    scaled[-32:] /= rows[:, None]
-    q = fake_quant_weight(scaled, 3, 128)
-    num, den, num_s, den_s = weight_error(w, q, col, [rows])
-    assert num_s / den_s == pytest.approx(float((q - scaled).square().sum() / scaled.square().sum()), rel=1e-6)
-    unfolded = q / col
-    unfolded[-32:] *= rows[:, None]
-    assert num / den == pytest.approx(float((unfolded - w).square().sum() / w.square().sum()), rel=1e-5)
-    plain = fake_quant_weight(w, 3, 128)
-    a, b, c, d = weight_error(w, plain)
-    assert a == pytest.approx(c) and b == pytest.approx(d) and a > 0
-
-
-def test_error_sums():
-    sums = ErrorSums()
-    sums.add("x", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
-    sums.add("x", torch.tensor([0.0]), torch.tensor([2.0]))
-    assert sums.relative("x") == pytest.approx((0 + 1 + 4) / (1 + 1 + 4))
-    assert math.isnan(sums.relative("empty"))
 
 
 # ---- the fp reference ----------------------------------------------------------------------
@@ -170,7 +99,7 @@ def test_eval_refuses_mismatched_reference_and_incomplete_checkpoint(pipe, model
     with pytest.raises(VlmquantError, match="eval.hidden_positions=16, this eval 8"):
         run_eval(model, ckpt, pipe.eval_inputs, pipe.fp_ref, tmp_path / "a.parquet",
                  {**SETTINGS, "hidden_positions": 8}, ids)
-    other_inputs = pipe / f"results/{MODEL}/{CALIB}/inputs.safetensors"
+    other_inputs = pipe / paths.INPUTS.format(model=MODEL, calib=CALIB)
     with pytest.raises(VlmquantError, match="computed on other inputs"):
         run_eval(model, ckpt, other_inputs, pipe.fp_ref, tmp_path / "b.parquet", SETTINGS, ids)
     half = tmp_path / "half"
@@ -244,44 +173,7 @@ def test_weight_error_matches_unfolding_with_reciprocal_scales(pipe):
         assert value(df, "weight_rel_err", layer=i) == pytest.approx(math.sqrt(num / den), rel=1e-4)
 
 
-# ---- config --------------------------------------------------------------------------------
-
-
-def checked(edit=None):
-    cfg = default_config()
-    if edit:
-        edit(cfg)
-    return check_config(copy.deepcopy(cfg), REPO / "workflow/schemas/config.schema.yaml")
-
-
-def test_eval_export_lmms_config_defaults():
-    def drop(cfg):
-        for key in ("eval", "export", "lmms_eval"):
-            cfg.pop(key)
-
-    cfg = checked(drop)
-    assert cfg["eval"] == {"calib": "demo-holdout", "batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16,
-                           "mem_mb": None, "allow_overlap": False}
-    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": None}
-    assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
-    assert not any("lmms_eval" in t for t in targets(cfg))
-    cfg["lmms_eval"]["enabled"] = True
-    assert {t for t in targets(cfg) if "lmms_eval" in t} == {
-        f"results/{MODEL}/{CALIB}/{r}/lmms_eval" for r in RUNS} | {f"results/{MODEL}/fp/lmms_eval"}
-
-
-@pytest.mark.parametrize("edit, needle", [
-    (lambda c: c["eval"].update(calib="nope"), "eval.calib: 'nope' is not defined under 'calib'"),
-    (lambda c: c["eval"].update(kl_topk=5), "eval.kl_topk: unknown key (did you mean kl_top_k?)"),
-    (lambda c: c["eval"].update(batch_size=0), "eval.batch_size"),
-    (lambda c: c["export"].update(max_shard_size="5 gigs"), "export.max_shard_size"),
-    (lambda c: c["export"].update(ignore="mlp.down_proj"), "export.ignore"),
-    (lambda c: c["lmms_eval"].update(limit=0), "lmms_eval.limit"),
-    (lambda c: c["lmms_eval"].update(taks=["mme"]), "lmms_eval.taks: unknown key (did you mean tasks?)"),
-])
-def test_bad_eval_export_lmms_config_names_the_key(edit, needle):
-    with pytest.raises(VlmquantError, match=re.escape(needle)):
-        checked(edit)
+# ---- weight-activation runs --------------------------------------------------------------------
 
 
 def test_weight_activation_run_exports_per_channel_weights_and_quantizes_inputs_at_eval(pipe, model, tmp_path):

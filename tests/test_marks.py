@@ -1,0 +1,32 @@
+"""The marks hold: a test not marked slow that starts Snakemake fails (conftest's guard), and every test of
+tests/workflow/ is marked slow, so `pytest -m "not slow"` runs no Snakemake."""
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, _starts_snakemake
+
+
+@pytest.mark.parametrize("args, starts", [
+    ([sys.executable, "-m", "snakemake", "--cores", "2"], True), (["snakemake", "-n"], True),
+    ("/usr/bin/snakemake -n", True), ("python -m snakemake", True),
+    ([sys.executable, "-c", "print('snakemake')"], False),
+    (["git", "show", "HEAD:config.yaml"], False), (["bash", "slurm-up.sh"], False),
+])
+def test_what_starts_snakemake(args, starts):
+    assert _starts_snakemake(args) is starts
+
+
+def test_a_not_slow_test_that_starts_snakemake_fails():
+    with pytest.raises(pytest.fail.Exception, match="starts Snakemake: move it to tests/workflow/ and mark it slow"):
+        subprocess.run([sys.executable, "-m", "snakemake", "--version"], capture_output=True)
+    assert subprocess.run([sys.executable, "-c", "print(1)"], capture_output=True, text=True).stdout == "1\n"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tests" / "workflow").glob("test_*.py")), ids=lambda p: p.name)
+def test_every_workflow_test_file_is_marked_slow(path):
+    marks = [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.Assign)
+             and any(getattr(t, "id", None) == "pytestmark" for t in node.targets)]
+    assert marks and "slow" in ast.unparse(marks[0].value), f"{path.name}: set pytestmark = pytest.mark.slow"
