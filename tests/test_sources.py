@@ -139,6 +139,27 @@ def test_truncated_shard_is_refused_at_load_naming_it(cfg, model_copy):
         Checkpoint(model_copy)
 
 
+def test_a_built_demo_model_folder_is_checked_at_load_as_any_other(cfg, demo_model_path, tmp_path):
+    """The demo rules' folder (results/demo/model-qwen2_vl) once built: a truncated shard or a missing tokenizer is
+    one line at load, and the memory estimate names the shard instead of a SafetensorError traceback."""
+    from vlmquant.workflow.resources import model_params
+
+    folder = tmp_path / cfg["models"]["demo-qwen2vl"]["path"]
+    check(cfg)  # not built yet: nothing to check
+    shutil.copytree(demo_model_path, folder)
+    n = model_params(folder)
+    assert n == sum(t.numel() for t in load_file(folder / "model.safetensors").values())
+    check(cfg)
+    shard = folder / "model.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    with pytest.raises(VlmquantError, match=r"^config: models.demo-qwen2vl.path: .*model.safetensors: safetensors "
+                                            r"shard is \d+ bytes, its header says"):
+        check(cfg)
+    with pytest.raises(VlmquantError, match=f"^{shard}: safetensors shard is"):
+        model_params.__wrapped__(folder)  # uncached (one count per folder and process)
+
+
 def test_eval_refuses_a_checkpoint_from_other_weights(model_copy, demo_model_path, tmp_path):
     """The checkpoint records its source's weights fingerprint; once the folder holds other weights (same size,
     old times), eval names both fingerprints."""

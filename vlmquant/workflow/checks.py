@@ -219,8 +219,8 @@ def check_paths(config):
             raise VlmquantError(f"config: {key}: {path} {what}")
 
     for name, cfg in config["models"].items():
-        if demo_output(cfg["path"]):
-            continue
+        if demo_output(cfg["path"]) and not Path(cfg["path"]).is_dir():
+            continue  # built by the demo rules; once built, checked as any folder
         need(f"models.{name}.path", cfg["path"], "folder")
         if not (Path(cfg["path"]) / "config.json").is_file():
             raise VlmquantError(f"config: models.{name}.path: {cfg['path']} has no config.json (not a model folder)")

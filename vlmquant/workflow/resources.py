@@ -4,9 +4,8 @@ import functools
 import math
 from pathlib import Path
 
-from safetensors import safe_open
-
 from vlmquant.errors import VlmquantError
+from vlmquant.io.model_folder import safetensors_header
 from vlmquant.workflow.inputs import demo_output, model_depth
 
 BASE_MB = 4000  # Python, torch (with the CUDA context), the calibration inputs
@@ -32,11 +31,9 @@ def model_params(path):
         return 0  # a demo model not built yet; it is a few MB
     if not files:
         raise VlmquantError(f"config: models: {path} has no *.safetensors files (model folder missing?)")
-    n = 0
-    for file in files:
-        with safe_open(file, "np") as f:
-            n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return n
+    # the header checked against the file's size: a truncated shard is one line naming it, not a traceback
+    return sum(math.prod(t["shape"]) for file in files for k, t in safetensors_header(file).items()
+               if k != "__metadata__")
 
 
 def job_mem_mb(config, model, stage):
