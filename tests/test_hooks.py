@@ -14,4 +14,4 @@ def test_each_hook_is_defined_once():
         assert len(where) <= 1, f"{hook} defined in {where}"
     snakefile = (ROOT / "Snakefile").read_text()
     onstart = snakefile.split("onstart:", 1)[1].split("\n\n", 1)[0]
-    assert "run_stop.watch()" in onstart and "plan_lines" in onstart
+    assert "watch()" in onstart and "plan_lines" in onstart

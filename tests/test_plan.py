@@ -3,7 +3,11 @@ memory estimate; the final table."""
 import pandas as pd
 
 from vlmquant import paths
-from vlmquant.report.plan import PlannedJob, estimate_seconds, final_table, plan_lines
+from types import SimpleNamespace
+
+from snakemake.common.tbdstring import TBDString
+
+from vlmquant.report.plan import PlannedJob, estimate_seconds, final_table, plan_lines, planned_jobs
 
 
 def bench(path, seconds):
@@ -36,6 +40,18 @@ def test_time_from_the_job_own_benchmark_else_the_median_of_its_stage_for_that_m
     assert lines[2].split() == ["merge", "1", "job"]  # not timed by Snakemake, no memory asked
     assert lines[3].split() == ["export", "1", "job", "time", "unknown", "(first", "run", "here),", "up", "to", "6",
                                 "GiB", "each"]
+
+
+def test_memory_not_known_before_submission_is_left_out():
+    """Under a cluster executor Snakemake gives callable resources as "<TBD>" strings in onstart: the plan prints
+    no memory for them instead of failing the run."""
+    rule = SimpleNamespace(name="search")
+    jobs = [SimpleNamespace(rule=rule, output=["x"], wildcards_dict={"model": "m"}, benchmark=None,
+                            resources={"mem_mb": mem}) for mem in (TBDString(), 4013, None)]
+    workflow = SimpleNamespace(rules=[rule], dag=SimpleNamespace(needrun_jobs=lambda: jobs))
+    planned = planned_jobs(workflow)
+    assert [j.mem_mb for j in planned] == [None, 4013, None]
+    assert plan_lines(planned)[1].split() == ["search", "3", "jobs", "up", "to", "4", "GiB", "each"]
 
 
 def test_final_table(tmp_path):

@@ -1,6 +1,6 @@
 """What a Snakemake run is about to do, per stage, with estimates; and the summary table once it is done.
 
-Printed by the workflow's onstart/onsuccess hooks (rules/summary.smk) on stderr, so they show in quiet mode too.
+Printed by the workflow's onstart/onsuccess hooks (Snakefile) on stderr, so they show in quiet mode too.
 Both figures are estimates:
   time    the wall seconds this very job took when it last ran here (its benchmark file), else the median of the
           same stage's benchmark files of the same model here; none before a stage's first run in this folder
@@ -30,8 +30,14 @@ def planned_jobs(workflow):
     order the rules are defined (the stage order)."""
     order = {rule.name: i for i, rule in enumerate(workflow.rules)}
     jobs = sorted((j for j in workflow.dag.needrun_jobs() if j.output), key=lambda j: order.get(j.rule.name, 0))
-    return [PlannedJob(j.rule.name, dict(j.wildcards_dict), j.resources.get("mem_mb"),
+    return [PlannedJob(j.rule.name, dict(j.wildcards_dict), known_mb(j.resources.get("mem_mb")),
                        str(j.benchmark) if j.benchmark else None) for j in jobs]
+
+
+def known_mb(value):
+    """A job's mem_mb when known before it runs; None otherwise (none asked, or a cluster executor's
+    "<TBD>" string: resources evaluated when the job is submitted)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def bench_seconds(path):
