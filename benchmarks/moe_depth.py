@@ -18,8 +18,8 @@ n, acts n - 2, search 2, export n, pack n.
 
 Disk: the export of 235B-shaped layers is 5 GB a layer. Export and pack run at --write-depths only (default 4:
 35 GB on disk at most, the model folder's 12.5 GB included; at depth 8 the export alone would be 42 GB), and the
-export is removed before the pack runs. The pack keeps fused experts in bf16 today (export.packed), so it writes
-about as much as the export.
+export is removed before the pack runs. The pack writes every expert per expert in int4 (export.packed), about a
+quarter of the export's bytes.
 
 Read throughput, measured once on --root's disk: a --read-gib file of random bytes is written and fsynced (the
 write throughput), dropped from the page cache (posix_fadvise DONTNEED) and read back buffered, then dropped again
