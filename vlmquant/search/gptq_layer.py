@@ -24,13 +24,12 @@ from vlmquant.errors import VlmquantError
 from vlmquant.models.capture import layer_forward
 from vlmquant.models.stream import forward_micro_batched, split_kwargs
 from vlmquant.quant.codes import quantize_weight
-from vlmquant.quant.fold import fold, resolve_scales
-from vlmquant.quant.model import groups_to_fold, layer_experts
+from vlmquant.quant.model import layer_experts
 from vlmquant.search.experts import down_inputs, sort_pairs
 from vlmquant.search.gptq import GPTQResult, gptq
 from vlmquant.search.grid import loss_tokens
 from vlmquant.search.hessian import Hessian
-from vlmquant.search.layer import quantized_parts
+from vlmquant.search.layer import fold_searched
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +160,7 @@ def gptq_layer(layer, index, plan, results, spec, hidden, kwargs, masks, ratios=
     masks: {"valid", "cap", "vis"} (B, T); ratios: {"attn": ρ, "mlp": ρ} (needed for hessian modality); per_batch:
     samples per forward (None: all). Raises VlmquantError (one line naming the layer) on a Hessian GPTQ cannot use.
     """
-    linears, ignored, _ = quantized_parts(layer, adapter, f"layers.{index}.", spec.ignore)
-    folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(plan.groups, results)], "search")
-    fold(groups_to_fold(folds, ignored)[0])
+    linears = fold_searched(layer, index, plan.groups, results, spec, adapter)[0]
     linears = dict(linears)  # {name relative to the layer: module}
     experts = {}  # the layer's fused experts modules (quant.model.check_gated_experts: gate_up_proj, down_proj)
     for name, _ in layer_experts(layer, adapter):

@@ -86,18 +86,23 @@ def search_layer(layer, plan, hidden, kwargs, masks, spec, ratios=None, per_batc
     """
     out, records = record_layer(layer, plan.groups, hidden, kwargs, per_batch, host)
     results = []
-    for gi, (g, search) in enumerate(zip(plan.groups, plan.searches)):
+    for gi, search in enumerate(plan.searches):
         rec = records.pop(gi)
-        ratio = ratios[g.site] if ratios else None
-        if g.experts:
-            hidden_in, top_k_index = (on_device(t, hidden.device) for t in expert_args(rec)[:2])
-            job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio)
-            del hidden_in, top_k_index
-        else:
-            job = group_job(layer, g, rec, masks, ratio, plan.periods[gi], hidden.device)
+        job = plan_job(layer, plan, gi, rec, masks, ratios, hidden.device)
         results.append(search(job, spec))
         del job, rec
     return results, out
+
+
+def plan_job(layer, plan, gi, rec, masks, ratios, device):
+    """The search job of plan group gi from its records `rec` (records.record_layer): an experts job from the
+    routed inputs of a per-expert group, else a GroupSearch."""
+    g = plan.groups[gi]
+    ratio = ratios[g.site] if ratios else None
+    if not g.experts:
+        return group_job(layer, g, rec, masks, ratio, plan.periods[gi], device)
+    hidden_in, top_k_index = (on_device(t, device) for t in expert_args(rec)[:2])
+    return experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio)
 
 
 @contextmanager
@@ -120,14 +125,8 @@ def record_in_order(layer, plan, gi, results, spec, hidden_q, kwargs, adapter, p
     quantization (records.record_layer). The layer's weights are restored."""
     if not gi:  # the fp layer
         return record_layer(layer, [plan.groups[0]], hidden_q, kwargs, per_batch, host)[1][0]
-    with weights_kept(layer):
-        linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{plan.index}.", spec.ignore)
-        folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(plan.groups[:gi], results)],
-                               "search")
-        fold(groups_to_fold(folds, ignored)[0])
-        quantize_linears(linears + experts, spec)
-        with quantized_inputs([m for _, m in linears], spec.scheme, expert_modules(layer, adapter)):
-            return record_layer(layer, [plan.groups[gi]], hidden_q, kwargs, per_batch, host)[1][0]
+    with weights_kept(layer), quantized_layer(layer, plan.index, plan.groups[:gi], results, spec, adapter):
+        return record_layer(layer, [plan.groups[gi]], hidden_q, kwargs, per_batch, host)[1][0]
 
 
 def search_layer_in_order(layer, plan, hidden_q, hidden_fp, kwargs, masks, spec, ratios=None, adapter=None,
@@ -148,14 +147,9 @@ def search_layer_in_order(layer, plan, hidden_q, hidden_fp, kwargs, masks, spec,
     for gi, (g, search) in enumerate(zip(plan.groups, plan.searches)):
         rec = record_in_order(layer, plan, gi, results, spec, hidden_q, kwargs, adapter, per_batch, host)
         target = targets.pop(gi)
-        ratio = ratios[g.site] if ratios else None
-        if g.experts:
-            hidden_in, top_k_index = (on_device(t, hidden_q.device) for t in expert_args(rec)[:2])
-            job = experts_job(layer.get_submodule(g.block), hidden_in, top_k_index, masks, ratio)
-            del hidden_in, top_k_index
-        else:
+        if not g.experts:  # the fp chain's target
             rec["parts"] = [{**part, "out": out} for part, out in zip(rec["parts"], target)]
-            job = group_job(layer, g, rec, masks, ratio, plan.periods[gi], hidden_q.device)
+        job = plan_job(layer, plan, gi, rec, masks, ratios, hidden_q.device)
         results.append(search(job, spec))
         del job, rec, target
     return results, fp_out
@@ -179,9 +173,24 @@ def quantized_forward(layer, index, groups, results, spec, hidden, kwargs, adapt
     expert weights per expert. As in export, the linears spec.ignore selects (and adapter.keep_fp) stay fp and
     a group whose linears are all ignored is not folded. Changes `layer`. per_batch: samples per micro-batch
     (None: all at once)."""
-    linears, ignored, experts = quantized_parts(layer, adapter, f"layers.{index}.", spec.ignore)
+    with quantized_layer(layer, index, groups, results, spec, adapter):
+        return forward_micro_batched(layer, hidden, kwargs, hidden.shape[0] if per_batch is None else per_batch)
+
+
+def fold_searched(layer, index, groups, results, spec, adapter):
+    """Fold the searched scales of `groups` (their `results`) into decoder layer `index` as export does: a group
+    whose linears spec.ignore all selects is not folded. Returns quantized_parts of the layer."""
+    parts = quantized_parts(layer, adapter, f"layers.{index}.", spec.ignore)
     folds = resolve_scales(layer, [(g.prev, g.consumers, r.scales) for g, r in zip(groups, results)], "search")
-    fold(groups_to_fold(folds, ignored)[0])
+    fold(groups_to_fold(folds, parts[1])[0])
+    return parts
+
+
+@contextmanager
+def quantized_layer(layer, index, groups, results, spec, adapter):
+    """fold_searched, then every linear and fused expert export quantizes fake-quantized in place; while inside,
+    their inputs are quantized too for weight-activation runs. Changes `layer` (weights_kept restores it)."""
+    linears, _, experts = fold_searched(layer, index, groups, results, spec, adapter)
     quantize_linears(linears + experts, spec)
     with quantized_inputs([m for _, m in linears], spec.scheme, expert_modules(layer, adapter)):
-        return forward_micro_batched(layer, hidden, kwargs, hidden.shape[0] if per_batch is None else per_batch)
+        yield
