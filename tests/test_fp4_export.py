@@ -25,6 +25,7 @@ from compressed_tensors.compressors import BaseCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
 from vlmquant.export.packed import write_packed  # noqa: E402
+from test_moe_packed import in_pseudo_layout  # noqa: E402  (the fused expert weights rebuilt per expert)
 
 RUNS = {"nvfp4a16": {"method": "rtn", "w_bit": 4, "w_type": "nvfp4"},
         "mxfp4a16": {"method": "rtn", "w_bit": 4, "w_type": "mxfp4"}}
@@ -73,20 +74,6 @@ def decompressed(folder):
     return out
 
 
-def fused_back(dense, reference, adapter):
-    """The dense tensors under the pseudo folder's names: fused experts (E, out, in) rebuilt from per-expert weights."""
-    out = {}
-    for key in reference:
-        base, _, leaf = key.rpartition(".")
-        parts = adapter.expert_linears.get(f"mlp.experts.{leaf}") if base.endswith(".mlp.experts") else None
-        if parts is None:
-            out[key] = dense[key]
-            continue
-        out[key] = torch.stack([torch.cat([dense[f"{base}.{e}.{p}.weight"] for p in parts])
-                                for e in range(reference[key].shape[0])])
-    return out
-
-
 def logits(model):
     with torch.no_grad():
         return model(input_ids=INPUT_IDS).logits
@@ -125,7 +112,7 @@ def test_packed_decompresses_to_the_pseudo_checkpoint(exported, family, run, tmp
     if family == "qwen3_vl_moe":
         assert any(".mlp.experts.7.down_proj.weight_packed" in k for k in stored)
         assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in stored)
-    dense = fused_back(decompressed(packed), reference, adapter)
+    dense = in_pseudo_layout(decompressed(packed), reference, adapter)
     differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     model, _ = folded_demo(family)

@@ -247,7 +247,8 @@ def test_mbq_nvfp4a16_on_the_moe_demo_searches_and_packs_per_expert(family_demo,
     pseudo and packed checkpoints in bf16, the packed experts (per expert) decompressing to the pseudo weights."""
     pytest.importorskip("compressed_tensors")
     from vlmquant.export.packed import export_packed
-    from test_fp4_export import decompressed, fused_back, tensors
+    from test_fp4_export import decompressed, tensors
+    from test_moe_packed import in_pseudo_layout
 
     d, ref = family_demo("qwen3_vl_moe")
     spec = run_spec("mbq-nvfp4a16", method="mbq", w_bit=4, w_type="nvfp4", n_grid=5)
@@ -272,7 +273,7 @@ def test_mbq_nvfp4a16_on_the_moe_demo_searches_and_packs_per_expert(family_demo,
     export_checkpoint(bf16, spec, tmp_path / "checkpoint", tmp_path / "cache.pt", names=names)
     export_packed(bf16, spec, tmp_path / "packed", tmp_path / "cache.pt", names=names)
     reference = tensors(tmp_path / "checkpoint")
-    dense = fused_back(decompressed(tmp_path / "packed"), reference, ref.adapter)
+    dense = in_pseudo_layout(decompressed(tmp_path / "packed"), reference, ref.adapter)
     differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     assert any(".mlp.experts.7.gate_proj.weight_global_scale" in k for k in tensors(tmp_path / "packed"))
