@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--w-group", type=int, default=128)
     ap.add_argument("--grid", type=int, default=20)
     ap.add_argument("--a-bit", type=int, help="weight-activation run (weights per output channel)")
+    ap.add_argument("--w-type", default="int", choices=["int", "nvfp4", "mxfp4"],
+                    help="weight format (nvfp4/mxfp4: FP4 E2M1 in the format's groups; --w-bit 4, --w-group ignored)")
     ap.add_argument("--method", default="mbq", choices=["mbq", "smoothquant"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", action="store_true", help="also time the straightforward loop")
@@ -147,8 +149,11 @@ def main():
     if 16 + args.vision + args.caption > args.tokens:
         raise SystemExit("16 + --vision + --caption must fit in --tokens")
     hidden, kwargs, masks = layer_inputs(cfg, args.samples, args.tokens, device, dtype, args.vision, args.caption)
-    settings = {"method": args.method, "w_bit": args.w_bit, "loss": "mae"}
-    settings.update({"a_bit": args.a_bit} if args.a_bit else {"w_group": args.w_group})
+    settings = {"method": args.method, "w_bit": args.w_bit, "loss": "mae", "w_type": args.w_type}
+    if args.a_bit:
+        settings["a_bit"] = args.a_bit
+    elif args.w_type == "int":
+        settings["w_group"] = args.w_group
     settings.update({"alpha": 0.5} if args.method == "smoothquant" else {"n_grid": args.grid})
     run = RunSpec.from_config(args.method, settings)
     plan = plan_layer(run, layer, 0, get_adapter("qwen2_vl"))
@@ -156,8 +161,8 @@ def main():
     ratios = {"attn": 2.0, "mlp": 1.5} if args.method == "mbq" else None
     if args.method == "smoothquant" and args.a_bit is None:
         raise SystemExit("smoothquant needs --a-bit")
-    if args.baseline and (args.a_bit or args.method != "mbq"):
-        raise SystemExit("the straightforward loop is weight-only mbq; drop --baseline")
+    if args.baseline and (args.a_bit or args.method != "mbq" or args.w_type != "int"):
+        raise SystemExit("the straightforward loop is weight-only integer mbq; drop --baseline")
     result = {"settings": vars(args), "env": environment(), "groups": [g.prev for g in groups]}
 
     results, times = time_search(layer_mod.search_layer, args.repeats, layer, plan, hidden, kwargs, masks, run, ratios)
