@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlmquant.export.sizes import packed_size
 from vlmquant.models import get_adapter
@@ -21,11 +21,9 @@ from vlmquant.quant.model import decoder_experts, decoder_linears, layer_root, p
 from conftest import run_spec
 
 ct = pytest.importorskip("compressed_tensors", reason="the packed export needs compressed-tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
 from vlmquant.export.packed import write_packed  # noqa: E402
-from test_moe_packed import in_pseudo_layout  # noqa: E402  (the fused expert weights rebuilt per expert)
+from test_moe_packed import decompressed, in_pseudo_layout, tensors  # noqa: E402  (shared with the MoE export tests)
 
 RUNS = {"nvfp4a16": {"method": "rtn", "w_bit": 4, "w_type": "nvfp4"},
         "mxfp4a16": {"method": "rtn", "w_bit": 4, "w_type": "mxfp4"}}
@@ -47,31 +45,6 @@ def folded_demo(family):
             entries.append((f"layers.{i}.{grp.prev}", tuple(f"layers.{i}.{n}" for n in grp.linears), s))
     fold_scales(layer_root(model, adapter), entries)
     return model.to(torch.bfloat16), adapter
-
-
-def tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("model*.safetensors")):  # the weights (not scales.safetensors)
-        out.update(load_file(f))
-    return out
-
-
-def decompressed(folder):
-    """{saved name: dense weight} of a compressed-tensors folder, every quantized module decompressed by its format's
-    compressor (compressed-tensors' own code), every other tensor as stored."""
-    q = json.loads((folder / "config.json").read_text())["quantization_config"]
-    (scheme,) = QuantizationConfig.model_validate(q).config_groups.values()
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    stored, out = tensors(folder), {}
-    modules = {k.removesuffix(".weight_packed") for k in stored if k.endswith(".weight_packed")}
-    for key, t in stored.items():
-        module, _, local = key.rpartition(".")
-        if module not in modules or local == "bias":
-            out[key] = t
-        elif local == "weight_packed":
-            state = {k.rpartition(".")[2]: v for k, v in stored.items() if k.rpartition(".")[0] == module}
-            out[f"{module}.weight"] = compressor.decompress(state, scheme)["weight"]
-    return out
 
 
 def logits(model):
@@ -112,7 +85,7 @@ def test_packed_decompresses_to_the_pseudo_checkpoint(exported, family, run, tmp
     if family == "qwen3_vl_moe":
         assert any(".mlp.experts.7.down_proj.weight_packed" in k for k in stored)
         assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in stored)
-    dense = in_pseudo_layout(decompressed(packed), reference, adapter)
+    dense = in_pseudo_layout(decompressed(packed, "weight_packed", cast=False), reference, adapter)
     differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     model, _ = folded_demo(family)

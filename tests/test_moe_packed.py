@@ -76,8 +76,9 @@ def exported(demo, tmp_path_factory):
 
 
 def tensors(folder):
+    """Every weight tensor of a model folder (its model*.safetensors shards, not scales.safetensors)."""
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.glob("model*.safetensors")):
         out.update(load_file(f))
     return out
 
@@ -93,21 +94,23 @@ def assert_no_fused_experts(folder, n_experts, n_moe_layers):
     assert len(scales) == 3 * n_experts * n_moe_layers
 
 
-def decompressed(folder):
-    """{saved name: dense weight} of a compressed-tensors folder: every quantized module decompressed by its format's
-    compressor (compressed-tensors' own code), every other tensor as stored."""
+def decompressed(folder, marker="weight_scale", cast=True):
+    """{saved name: dense weight} of a compressed-tensors folder: every quantized module (one holding `marker`)
+    decompressed by its format's compressor (compressed-tensors' own code), every other tensor and biases as stored.
+    cast: the dense weight in the marker tensor's dtype (int formats: the scales carry the model dtype)."""
     q = json.loads((folder / "config.json").read_text())["quantization_config"]
     (scheme,) = QuantizationConfig.model_validate(q).config_groups.values()
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     stored, out = tensors(folder), {}
-    modules = {k.removesuffix(".weight_scale") for k in stored if k.endswith(".weight_scale")}
+    modules = {k.removesuffix(f".{marker}") for k in stored if k.endswith(f".{marker}")}
     for key, t in stored.items():
         module, _, local = key.rpartition(".")
-        if module not in modules:
+        if module not in modules or local == "bias":
             out[key] = t
-        elif local == "weight_scale":
+        elif local == marker:
             state = {k.rpartition(".")[2]: v for k, v in stored.items() if k.rpartition(".")[0] == module}
-            out[f"{module}.weight"] = compressor.decompress(state, scheme)["weight"].to(t.dtype)
+            weight = compressor.decompress(state, scheme)["weight"]
+            out[f"{module}.weight"] = weight.to(t.dtype) if cast else weight
     return out
 
 
