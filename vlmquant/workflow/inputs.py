@@ -290,7 +290,8 @@ def evaluated_checkpoint(spec):
 # --- lmms-eval --------------------------------------------------------------------------------------
 def lmms_eval_command(lm, pretrained):
     """The `python -m lmms_eval …` command line of a model folder, as a list, without --output_path
-    (eval.lmms_results.run_lmms_eval adds it). An empty first item stands for the job's own interpreter."""
+    (eval.lmms_results.run_lmms_eval adds it). An empty first item stands for the job's own interpreter.
+    --log_samples: the per-question scores the summary's standard errors and paired tests read."""
     model_args = f"pretrained={pretrained}" + (f",{lm['model_args']}" if lm["model_args"] else "")
     cmd = [lm["python"], "-m", "lmms_eval", "--model", lm["model"] or LMMS_MODEL, "--model_args", model_args,
            "--tasks", ",".join(lm["tasks"]), "--batch_size", str(lm["batch_size"])]
@@ -298,4 +299,4 @@ def lmms_eval_command(lm, pretrained):
         cmd += ["--include_path", lm["include_path"]]
     if lm["limit"] is not None:
         cmd += ["--limit", str(lm["limit"])]
-    return cmd + list(lm["extra_args"])
+    return cmd + ["--log_samples", *lm["extra_args"]]
