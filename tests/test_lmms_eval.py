@@ -178,7 +178,8 @@ def test_lmms_eval_command_and_summary_rows():
     cfg = check_config(cfg, REPO / "workflow/schemas/config.schema.yaml")
     assert lmms_eval_command(cfg["lmms_eval"], paths.CHECKPOINT.format(model="m", calib="c", run="r")) == [
         "", "-m", "lmms_eval", "--model", "vlmquant", "--model_args", "pretrained=results/m/c/r/checkpoint",
-        "--tasks", "vlmquant_vqa,mme", "--batch_size", "1", "--include_path", "tasks", "--limit", "8", "--log_samples", "--verbosity", "DEBUG"]
+        "--tasks", "vlmquant_vqa,mme", "--batch_size", "1", "--include_path", "tasks", "--limit", "8", "--log_samples",
+        "--verbosity", "DEBUG"]
     rows = summary_rows(cfg)
     assert [r["lmms"] for r in rows] == [paths.LMMS_FP.format(model="demo-qwen2vl")] + [
         paths.LMMS.format(model="demo-qwen2vl", calib="demo", run=r) for r in cfg["targets"]["runs"]]

@@ -15,6 +15,7 @@ from vlmquant.eval.lmms_results import COLUMN_PREFIX
 from vlmquant.io.atomic import atomic_path
 
 KEYS = ("model", "calib", "run", "method", "scheme", "calib_format")
+FIELDS = {"accuracy": "", "accuracy_se": "_se", "p_vs_rtn": "_p_vs_rtn", "p_vs_awq": "_p_vs_awq"}  # column suffixes
 
 
 def accuracy_rows(summary):
@@ -29,8 +30,8 @@ def accuracy_rows(summary):
             if r["gptq"] and r["method"] != "gptq":
                 row["method"] += "+gptq"
             row["score"] = score.removeprefix(COLUMN_PREFIX)
-            row.update({name: None if _null(r[score + suffix]) else float(r[score + suffix]) for name, suffix in
-                        (("accuracy", ""), ("accuracy_se", "_se"), ("p_vs_rtn", "_p_vs_rtn"), ("p_vs_awq", "_p_vs_awq"))})
+            for name, suffix in FIELDS.items():
+                row[name] = None if _null(r[score + suffix]) else float(r[score + suffix])
             rows.append(row)
     return rows
 

@@ -36,7 +36,8 @@ def mcnemar_p(first, second, where="scores"):
     if first.keys() != second.keys():
         only = sorted(first.keys() - second.keys()) or sorted(second.keys() - first.keys())
         raise VlmquantError(f"{where}: the two runs were scored on different questions ({len(first)} vs "
-                            f"{len(second)}; doc_id {only[0]} in one only); rerun lmms-eval with the same tasks and limit")
+                            f"{len(second)}; doc_id {only[0]} in one only); rerun lmms-eval with the same tasks "
+                            "and limit")
     if not (is_binary(first) and is_binary(second)):
         raise VlmquantError(f"{where}: McNemar's test needs 0/1 scores per question (an accuracy)")
     b = sum(1 for k in first if first[k] == 1 and second[k] == 0)

@@ -183,21 +183,31 @@ def relative_columns(df):
 def significance_columns(df, per_question):
     """Fill the STATS columns of every lmms-eval score from `per_question` ([{score column: {doc_id: score}}], one
     per row of `df`; see the module docstring)."""
-    rtn = [i for i in range(len(df)) if df.method.iat[i] == "rtn"]
-    awq = [i for i in range(len(df)) if df.method.iat[i] == "awq" and not df.gptq.iat[i] and pd.isna(df.distort.iat[i])]
     same = ["model", "eval_calib", "scheme"]
+    plain_awq = (df.method == "awq") & ~df.gptq.astype(bool) & df.distort.isna()
+    refs = {"rtn": reference_rows(df, df.method == "rtn", same),  # any calib: RTN reads none
+            "awq": reference_rows(df, plain_awq, ["calib", *same])}
     for col in [c for c in df.columns if c + "_se" in df.columns]:
         df[col + "_se"] = [standard_error(q[col]) if col in q else math.nan for q in per_question]
-        for name, refs, keys in (("rtn", rtn, same), ("awq", awq, ["calib", *same])):
+        for name, ref in refs.items():
             p = [math.nan] * len(df)
-            for i, q in enumerate(per_question):
-                ref = next((j for j in refs if all(df[k].iat[j] == df[k].iat[i] for k in keys)), None)
-                if ref is None or ref == i or df.run.iat[i] == "fp" or col not in q or col not in per_question[ref]:
-                    continue
-                if is_binary(q[col]) and is_binary(per_question[ref][col]):
-                    p[i] = mcnemar_p(q[col], per_question[ref][col], f"{col} of {df.calib.iat[i]}/{df.run.iat[i]} "
-                                                                   f"vs {df.calib.iat[ref]}/{df.run.iat[ref]}")
+            for i, j in enumerate(ref):
+                a, b = per_question[i].get(col), None if j is None else per_question[j].get(col)
+                if a is not None and b is not None and is_binary(a) and is_binary(b):
+                    where = f"{col} of {df.calib.iat[i]}/{df.run.iat[i]} vs {df.calib.iat[j]}/{df.run.iat[j]}"
+                    p[i] = mcnemar_p(a, b, where)
             df[f"{col}_p_vs_{name}"] = p
+
+
+def reference_rows(df, candidates, keys):
+    """Per row of `df`, the index of the first `candidates` row (bool Series) equal to it on `keys`; None for fp
+    rows, rows without one, and that row itself."""
+    pool = [j for j in range(len(df)) if candidates.iat[j]]
+    out = []
+    for i in range(len(df)):
+        j = next((j for j in pool if all(df[k].iat[j] == df[k].iat[i] for k in keys)), None)
+        out.append(None if j == i or df.run.iat[i] == "fp" else j)
+    return out
 
 
 def summary_html(df):
