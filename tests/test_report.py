@@ -76,7 +76,7 @@ def test_metrics_figure_grows_with_the_runs_and_starts_at_zero(tmp_path, n_runs)
 
 def test_lmms_scores_in_the_table_and_the_metrics_figure(tmp_path):
     """An lmms-eval score column (lmms.<task>.<metric>) follows top-1 agreement in summary.html and adds a
-    panel (a third row) to metrics.png."""
+    panel (a third row) to metrics.png; its standard error and p-value columns add none."""
     df = summary_rows(3).assign(top1_agreement=1.0, weight_err=0.1, time_total_s=np.nan)
     df["lmms.vlmquant_vqa.exact_match"] = [0.95, 0.947, 0.952, 0.951]
     headers = re.findall(r"<th>(.*?)</th>", summary_html(df))
@@ -86,8 +86,11 @@ def test_lmms_scores_in_the_table_and_the_metrics_figure(tmp_path):
     styles = run_styles(list(df.run), dict(zip(df.run, df.method)))
     plot_metrics(df, out, "title", styles)
     plot_metrics(df.drop(columns="lmms.vlmquant_vqa.exact_match"), plain, "title", styles)
-    with Image.open(out) as a, Image.open(plain) as b:
-        assert a.height > 1.4 * b.height
+    stats = tmp_path / "stats.png"
+    plot_metrics(df.assign(**{"lmms.vlmquant_vqa.exact_match_se": 0.007, "lmms.vlmquant_vqa.exact_match_p_vs_rtn": 0.5,
+                              "lmms.vlmquant_vqa.exact_match_p_vs_awq": 0.5}), stats, "title", styles)
+    with Image.open(out) as a, Image.open(plain) as b, Image.open(stats) as c:
+        assert a.height > 1.4 * b.height and c.size == a.size
 
 
 def test_summary_says_when_a_model_is_the_random_demo(tmp_path):
