@@ -145,7 +145,9 @@ def test_read_scores_keeps_the_tasks_numeric_scores(tmp_path):
 
 def fake_samples(folder, stamp, scores, task=TASK):
     """A samples file as lmms-eval 0.7.3 writes it with --log_samples (fields trimmed)."""
-    lines = [json.dumps({"doc_id": i, "target": "red", "filtered_resps": "red", "exact_match": v}) for i, v in scores]
+    records = [{"target": "red", "filtered_resps": "red", "exact_match": v} | ({} if i is None else {"doc_id": i})
+               for i, v in scores]
+    lines = [json.dumps(r) for r in records]
     (folder / f"{stamp}_samples_{task}.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
@@ -153,17 +155,28 @@ def test_read_samples_of_the_newest_run(tmp_path):
     folder = tmp_path / "lmms__ckpt"
     fake_results(folder, "20261201_091500", 0.75)
     fake_samples(folder, "20261201_091500", [(0, 1.0), (1, 1.0), (2, 0.0), (3, 1.0)])
-    assert read_samples(tmp_path, TASK) == {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}
+    samples = read_samples(tmp_path, TASK)
+    assert {doc: s["exact_match"] for doc, s in samples.items()} == {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}
     assert read_sample_scores(tmp_path) == {f"lmms.{TASK}.exact_match": {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}}
     fake_results(folder, "20261201_101500", 0.25)  # a newer run without its samples file
     with pytest.raises(VlmquantError, match=r"20261201_101500_samples_vlmquant_vqa.jsonl: not found; .*--log_samples"):
         read_samples(tmp_path, TASK)
 
 
+def test_read_sample_scores_keeps_numbers_only(tmp_path):
+    """A score whose per-question values are records for the task's aggregation (MME's) gets no per-question
+    scores; the numeric one of the same task does."""
+    data = {"results": {TASK: {"exact_match,none": 0.5, "mme_score,none": 80.0}}}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "20261201_101500_results.json").write_text(json.dumps(data))
+    lines = [{"doc_id": i, "exact_match": float(i), "mme_score": {"question_id": i, "score": 1}} for i in (0, 1)]
+    (tmp_path / "m" / f"20261201_101500_samples_{TASK}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_sample_scores(tmp_path) == {f"lmms.{TASK}.exact_match": {0: 0.0, 1: 1.0}}
+
+
 @pytest.mark.parametrize("scores, error", [([(0, 1.0), (1, 0.0), (2, 1.0)], r"3 questions, its results file says 4"),
                                            ([(0, 1.0), (0, 0.0), (1, 1.0), (2, 1.0)], r"doc_id 0 twice"),
-                                           ([(0, 1.0), (1, "yes"), (2, 1.0), (3, 1.0)], r"line 2 has no doc_id or no "
-                                                                                         r"numeric 'exact_match'")])
+                                           ([(0, 1.0), (None, 1.0), (2, 1.0), (3, 1.0)], r"line 2 has no doc_id")])
 def test_read_samples_refuses_a_mismatched_file(tmp_path, scores, error):
     fake_results(tmp_path / "m", "20261201_101500", 0.5)
     fake_samples(tmp_path / "m", "20261201_101500", scores)
@@ -289,7 +302,7 @@ def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_m
     except VlmquantError:
         raise AssertionError(res.stdout[-3000:] + res.stderr[-3000:]) from None
     assert accuracy == 0.5
-    assert read_samples(out, TASK) == {i: float(i % 2 == 0) for i in range(len(images))}  # per question
+    assert read_sample_scores(out) == {f"lmms.{TASK}.exact_match": {i: float(i % 2 == 0) for i in range(len(images))}}
 
 
 @pytest.mark.slow  # about 70 s here

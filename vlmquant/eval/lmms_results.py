@@ -75,35 +75,41 @@ def samples_file(out_dir, task):
     return path
 
 
-def read_samples(out_dir, task, metric="exact_match"):
-    """Per-question `metric` of `task` ({doc_id: float}) from samples_file, for tasks with the one filter "none".
+def read_samples(out_dir, task):
+    """The per-question records of `task` from samples_file: {doc_id: {"<metric>": score, "target": …, …}}.
 
-    Raises VlmquantError naming the file when it is missing, a line lacks doc_id or a numeric `metric`, a doc_id
-    repeats (several filters) or the count differs from the results file's n-samples."""
+    Raises VlmquantError naming the file when it is missing, a line has no doc_id, a doc_id repeats (a task with
+    several filters writes a line per filter) or the count differs from the results file's n-samples."""
     path = samples_file(out_dir, task)
-    scores = {}
+    samples = {}
     for k, line in enumerate(path.read_text().splitlines(), 1):
         sample = json.loads(line)
-        value = sample.get(metric)
-        if "doc_id" not in sample or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise VlmquantError(f"{path}: line {k} has no doc_id or no numeric {metric!r}")
-        if sample["doc_id"] in scores:
+        if not isinstance(sample, dict) or "doc_id" not in sample:
+            raise VlmquantError(f"{path}: line {k} has no doc_id; rerun the lmms_eval job")
+        if sample["doc_id"] in samples:
             raise VlmquantError(f"{path}: doc_id {sample['doc_id']} twice (a task with several filters); "
                                 "per-question scores need one filter")
-        scores[sample["doc_id"]] = float(value)
+        samples[sample["doc_id"]] = sample
     n = json.loads(results_file(out_dir).read_text()).get("n-samples", {}).get(task, {}).get("effective")
-    if n is not None and n != len(scores):
-        raise VlmquantError(f"{path}: {len(scores)} questions, its results file says {n}; rerun the lmms_eval job")
-    return scores
+    if n is not None and n != len(samples):
+        raise VlmquantError(f"{path}: {len(samples)} questions, its results file says {n}; rerun the lmms_eval job")
+    return samples
 
 
 def read_sample_scores(out_dir):
-    """Per-question scores of every read_scores column with filter "none": {"lmms.<task>.<metric>": {doc_id: float}}."""
-    out = {}
+    """Per-question scores of the read_scores columns of filter "none" whose every question has a number (exact_match:
+    0.0 or 1.0; not a task whose per-question values are records its aggregation reads, such as MME's):
+    {"lmms.<task>.<metric>": {doc_id: float}}."""
+    out, samples = {}, {}
     for column in read_scores(out_dir):
         task, metric = column.removeprefix(COLUMN_PREFIX).split(".")[:2]
-        if column == f"{COLUMN_PREFIX}{task}.{metric}":  # filter "none"
-            out[column] = read_samples(out_dir, task, metric)
+        if column != f"{COLUMN_PREFIX}{task}.{metric}":  # another filter
+            continue
+        if task not in samples:
+            samples[task] = read_samples(out_dir, task)
+        values = {doc: s.get(metric) for doc, s in samples[task].items()}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            out[column] = {doc: float(v) for doc, v in values.items()}
     return out
 
 
