@@ -6,7 +6,8 @@ from vlmquant.report.all_runs import other_tables
 # Those of other runs are not inputs (Snakemake would rebuild them) but params with their sha256, so the job reruns
 # when one appears, changes or goes (vlmquant/report/all_runs.py).
 rule summary:
-    """One row per (model, calib, run) plus an fp row per model, with stage wall times; and every eval table present."""
+    """One row per (model, calib, run) plus an fp row per model, with stage wall times; the lmms-eval accuracies with
+    standard errors and paired tests (accuracy.json); and every eval table present."""
     input:
         unpack(summary_inputs),
     output:
@@ -23,6 +24,7 @@ rule summary:
             category="Summary",
             labels={"table": "summary (table)"},
         ),
+        accuracy=paths.ACCURACY,
         all_runs=paths.ALL_RUNS,
     log:
         paths.LOGS["summary"],

@@ -74,6 +74,19 @@ def test_formats(demo_data):
         assert middle.images == () and len(middle.text.split()) == 50
 
 
+def test_text_format_is_the_plain_rows_without_their_images(demo_data, tmp_path):
+    plain = sample_rows(coco_cfg(demo_data, format="plain"))
+    text = sample_rows(coco_cfg(demo_data, format="text"))
+    assert [s.sample_id for s in text] == [s.sample_id for s in plain]
+    for s, p in zip(text, plain):
+        assert s.image_ids == () and s.file_names == () and all(t.images == () for t in s.turns)
+        assert [(t.role, t.text) for t in s.turns] == [(t.role, t.text) for t in p.turns]  # prompt, caption
+    build_calib(coco_cfg(demo_data, format="text"), tmp_path / "t.parquet")
+    rows = read_calib(tmp_path / "t.parquet")
+    assert [r["images"] for r in rows] == [[]] * 4 and all(t["images"] == [] for r in rows for t in r["turns"])
+    assert rows[0]["turns"][1]["text"] == plain[0].turns[1].text
+
+
 def test_parquet_columns_metadata_and_bytes(demo_data, tmp_path):
     out = tmp_path / "c.parquet"
     build_calib(coco_cfg(demo_data), out)

@@ -26,7 +26,7 @@ from PIL import Image
 from conftest import default_config
 from vlmquant import paths
 from vlmquant.errors import VlmquantError
-from vlmquant.eval.lmms_results import read_metric, read_scores, run_lmms_eval
+from vlmquant.eval.lmms_results import read_metric, read_sample_scores, read_samples, read_scores, run_lmms_eval
 from vlmquant.models import get_adapter
 from vlmquant.organism import MODEL_DIR, score, task
 from vlmquant.organism.lmms import TASK, TEMPLATE, exact_match, normalize_answer, write_task_yaml
@@ -143,14 +143,56 @@ def test_read_scores_keeps_the_tasks_numeric_scores(tmp_path):
     assert read_scores(tmp_path) == {f"lmms.{task}.{k}": v for task in (TASK, "other") for k, v in both.items()}
 
 
+def fake_samples(folder, stamp, scores, task=TASK):
+    """A samples file as lmms-eval 0.7.3 writes it with --log_samples (fields trimmed)."""
+    records = [{"target": "red", "filtered_resps": "red", "exact_match": v} | ({} if i is None else {"doc_id": i})
+               for i, v in scores]
+    lines = [json.dumps(r) for r in records]
+    (folder / f"{stamp}_samples_{task}.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def test_read_samples_of_the_newest_run(tmp_path):
+    folder = tmp_path / "lmms__ckpt"
+    fake_results(folder, "20261201_091500", 0.75)
+    fake_samples(folder, "20261201_091500", [(0, 1.0), (1, 1.0), (2, 0.0), (3, 1.0)])
+    samples = read_samples(tmp_path, TASK)
+    assert {doc: s["exact_match"] for doc, s in samples.items()} == {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}
+    assert read_sample_scores(tmp_path) == {f"lmms.{TASK}.exact_match": {0: 1.0, 1: 1.0, 2: 0.0, 3: 1.0}}
+    fake_results(folder, "20261201_101500", 0.25)  # a newer run without its samples file
+    with pytest.raises(VlmquantError, match=r"20261201_101500_samples_vlmquant_vqa.jsonl: not found; .*--log_samples"):
+        read_samples(tmp_path, TASK)
+
+
+def test_read_sample_scores_keeps_numbers_only(tmp_path):
+    """A score whose per-question values are records for the task's aggregation (MME's) gets no per-question
+    scores; the numeric one of the same task does."""
+    data = {"results": {TASK: {"exact_match,none": 0.5, "mme_score,none": 80.0}}}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "20261201_101500_results.json").write_text(json.dumps(data))
+    lines = [{"doc_id": i, "exact_match": float(i), "mme_score": {"question_id": i, "score": 1}} for i in (0, 1)]
+    (tmp_path / "m" / f"20261201_101500_samples_{TASK}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_sample_scores(tmp_path) == {f"lmms.{TASK}.exact_match": {0: 0.0, 1: 1.0}}
+
+
+@pytest.mark.parametrize("scores, error", [([(0, 1.0), (1, 0.0), (2, 1.0)], r"3 questions, its results file says 4"),
+                                           ([(0, 1.0), (0, 0.0), (1, 1.0), (2, 1.0)], r"doc_id 0 twice"),
+                                           ([(0, 1.0), (None, 1.0), (2, 1.0), (3, 1.0)], r"line 2 has no doc_id")])
+def test_read_samples_refuses_a_mismatched_file(tmp_path, scores, error):
+    fake_results(tmp_path / "m", "20261201_101500", 0.5)
+    fake_samples(tmp_path / "m", "20261201_101500", scores)
+    with pytest.raises(VlmquantError, match=r"_samples_vlmquant_vqa.jsonl: " + error):
+        read_samples(tmp_path, TASK)
+
+
 def test_lmms_eval_command_and_summary_rows():
     cfg = default_config()
     cfg["lmms_eval"] = {"enabled": True, "tasks": ["vlmquant_vqa", "mme"], "include_path": "tasks", "limit": 8,
-                        "extra_args": ["--log_samples"]}
+                        "extra_args": ["--verbosity", "DEBUG"]}
     cfg = check_config(cfg, REPO / "workflow/schemas/config.schema.yaml")
     assert lmms_eval_command(cfg["lmms_eval"], paths.CHECKPOINT.format(model="m", calib="c", run="r")) == [
         "", "-m", "lmms_eval", "--model", "vlmquant", "--model_args", "pretrained=results/m/c/r/checkpoint",
-        "--tasks", "vlmquant_vqa,mme", "--batch_size", "1", "--include_path", "tasks", "--limit", "8", "--log_samples"]
+        "--tasks", "vlmquant_vqa,mme", "--batch_size", "1", "--include_path", "tasks", "--limit", "8", "--log_samples",
+        "--verbosity", "DEBUG"]
     rows = summary_rows(cfg)
     assert [r["lmms"] for r in rows] == [paths.LMMS_FP.format(model="demo-qwen2vl")] + [
         paths.LMMS.format(model="demo-qwen2vl", calib="demo", run=r) for r in cfg["targets"]["runs"]]
@@ -251,7 +293,8 @@ def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_m
     write_task_yaml(write_questions(tmp_path / "q.parquet", images, answers), tmp_path / "task")
     out = tmp_path / "lmms_eval"
     cmd = [lmms_python, "-m", "lmms_eval", "--model", "vlmquant", "--model_args", f"pretrained={checkpoint},device=cpu",
-           "--include_path", str(tmp_path / "task"), "--tasks", TASK, "--batch_size", "3", "--output_path", str(out)]
+           "--include_path", str(tmp_path / "task"), "--tasks", TASK, "--batch_size", "3", "--log_samples",
+           "--output_path", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=lmms_env(tmp_path / "hf"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     try:
@@ -259,6 +302,7 @@ def test_lmms_eval_scores_the_checkpoint(a_bit, lmms_python, predictions, demo_m
     except VlmquantError:
         raise AssertionError(res.stdout[-3000:] + res.stderr[-3000:]) from None
     assert accuracy == 0.5
+    assert read_sample_scores(out) == {f"lmms.{TASK}.exact_match": {i: float(i % 2 == 0) for i in range(len(images))}}
 
 
 @pytest.mark.slow  # about 70 s here

@@ -1,6 +1,7 @@
 """Report figures and the summary's relative columns on synthetic rows (no workflow run)."""
 import dataclasses
 import hashlib
+import json
 import math
 import re
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.stats import binomtest
 from pathlib import Path
 
 from vlmquant.report.plots import plot_metrics, run_colors, run_styles
@@ -16,6 +18,7 @@ from vlmquant import paths
 from vlmquant.eval.table import write_table
 from vlmquant.quant.scheme import Scheme
 from vlmquant.report.all_runs import ALL_RUNS_COLUMNS, all_runs, other_tables
+from vlmquant.report.accuracy import accuracy_rows, write_accuracy
 from vlmquant.report.summary import COLUMNS, random_demo_models, relative_columns, summarize, summary_html
 
 METHODS = {"fp": "fp", **{f"mbq-{k}": "mbq" for k in range(4)}, **{f"awq-{k}": "awq" for k in range(3)},
@@ -73,7 +76,7 @@ def test_metrics_figure_grows_with_the_runs_and_starts_at_zero(tmp_path, n_runs)
 
 def test_lmms_scores_in_the_table_and_the_metrics_figure(tmp_path):
     """An lmms-eval score column (lmms.<task>.<metric>) follows top-1 agreement in summary.html and adds a
-    panel (a third row) to metrics.png."""
+    panel (a third row) to metrics.png; its standard error and p-value columns add none."""
     df = summary_rows(3).assign(top1_agreement=1.0, weight_err=0.1, time_total_s=np.nan)
     df["lmms.vlmquant_vqa.exact_match"] = [0.95, 0.947, 0.952, 0.951]
     headers = re.findall(r"<th>(.*?)</th>", summary_html(df))
@@ -83,8 +86,11 @@ def test_lmms_scores_in_the_table_and_the_metrics_figure(tmp_path):
     styles = run_styles(list(df.run), dict(zip(df.run, df.method)))
     plot_metrics(df, out, "title", styles)
     plot_metrics(df.drop(columns="lmms.vlmquant_vqa.exact_match"), plain, "title", styles)
-    with Image.open(out) as a, Image.open(plain) as b:
-        assert a.height > 1.4 * b.height
+    stats = tmp_path / "stats.png"
+    plot_metrics(df.assign(**{"lmms.vlmquant_vqa.exact_match_se": 0.007, "lmms.vlmquant_vqa.exact_match_p_vs_rtn": 0.5,
+                              "lmms.vlmquant_vqa.exact_match_p_vs_awq": 0.5}), stats, "title", styles)
+    with Image.open(out) as a, Image.open(plain) as b, Image.open(stats) as c:
+        assert a.height > 1.4 * b.height and c.size == a.size
 
 
 def test_summary_says_when_a_model_is_the_random_demo(tmp_path):
@@ -105,7 +111,7 @@ def test_summary_says_when_a_model_is_the_random_demo(tmp_path):
             "config/organism.yaml quantizes a trained model.</b></p><table") in summary_html(df)
 
 
-def eval_table(path, run, nll, kl, scheme=None, method="rtn", model="m", calib="c", eval_calib="e"):
+def eval_table(path, run, nll, kl, scheme=None, method="rtn", model="m", calib="c", eval_calib="e", run_config=None):
     """An eval table (fp: scheme None) as eval/run.py writes it, with a caption NLL and KL and two layers."""
     fp = scheme is None
     ids = {"model": model, "calib": None if fp else calib, "run": "fp" if fp else run, "eval_calib": eval_calib}
@@ -118,7 +124,8 @@ def eval_table(path, run, nll, kl, scheme=None, method="rtn", model="m", calib="
         meta = {"method": "fp", "dtype": "bfloat16"}
     else:
         meta = {"method": method, "w_bit": scheme.w_bit, "w_group": None if scheme.a_bit else scheme.w_group,
-                "a_bit": scheme.a_bit, "quantization": {"scheme": dataclasses.asdict(scheme)}}
+                "a_bit": scheme.a_bit, "quantization": {"scheme": dataclasses.asdict(scheme),
+                                                        "run_config": {"method": method, **(run_config or {})}}}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_table(rows, path, ids, {**ids, **meta})
     return {"model": model, "calib": ids["calib"], "run": ids["run"], "path": str(path)}
@@ -172,3 +179,75 @@ def test_all_runs_keeps_every_table_present(tmp_path, monkeypatch):
     assert by.loc[("e2", "mbq")].delta_nll_fp == pytest.approx(0.5)  # against e2's fp table, not e's
     assert by.loc[("e", "awq")].kl_ratio_rtn == pytest.approx(0.03 / 0.04)
     assert math.isnan(by.loc[("e2", "mbq")].kl_ratio_rtn)  # no RTN run on that calib and eval set
+
+
+def lmms_folder(path, correct):
+    """An lmms-eval output folder (results and --log_samples file) with 0/1 exact_match per question."""
+    folder = path / "lmms__m"
+    folder.mkdir(parents=True)
+    results = {"results": {"vlmquant_vqa": {"exact_match,none": sum(correct) / len(correct)}},
+               "n-samples": {"vlmquant_vqa": {"effective": len(correct)}}}
+    (folder / "20261201_101500_results.json").write_text(json.dumps(results))
+    lines = [json.dumps({"doc_id": i, "exact_match": float(x)}) for i, x in enumerate(correct)]
+    (folder / "20261201_101500_samples_vlmquant_vqa.jsonl").write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_standard_errors_and_paired_tests_against_rtn_and_plain_awq(tmp_path):
+    """p_vs_rtn pairs with the RTN run of the same scheme on any calibration set (RTN reads none), p_vs_awq with
+    the AWQ run of the same calibration set without GPTQ; the p-values are binomial tails of the discordant
+    questions, checked with scipy; accuracy.json carries them with the calibration format."""
+    w3, w4 = Scheme(3, 128), Scheme(4, 128)
+    correct = {  # 20 questions each
+        "fp": "11111111111111111110", "rtn": "11111111110000000000", "awq": "11111111111111000000",
+        "awq-gptq": "11111111111111111000", "mbq": "11111111111111110100", "mbq-text": "11111111111110000001",
+        "mbq-w4": "11111111111111111111"}
+    specs = {"fp": (None, "fp", "c", None), "rtn": (w3, "rtn", "c", None), "awq": (w3, "awq", "c", None),
+             "awq-gptq": (w3, "awq", "c", {"gptq": True}), "mbq": (w3, "mbq", "c", None),
+             "mbq-text": (w3, "mbq", "t", None), "mbq-w4": (w4, "mbq", "c", None)}
+    tables = []
+    for i, (run, (scheme, method, calib, run_config)) in enumerate(specs.items()):
+        table = eval_table(tmp_path / f"{i}.parquet", run, 2.0, 0.01, scheme, method, calib=calib,
+                           run_config=run_config)
+        table["lmms"] = lmms_folder(tmp_path / f"lmms{i}", [int(x) for x in correct[run]])
+        table["calib_format"] = None if run == "fp" else "text" if calib == "t" else "plain"
+        tables.append(table)
+    df = summarize(tables, {})
+    col = "lmms.vlmquant_vqa.exact_match"
+    at = list(df.columns).index(col)
+    assert list(df.columns)[at:at + 4] == [col, f"{col}_se", f"{col}_p_vs_rtn", f"{col}_p_vs_awq"]
+    by = df.set_index("run")
+
+    def p(a, b):
+        x, y = correct[a], correct[b]
+        only_a = sum(1 for u, v in zip(x, y) if u > v)
+        return binomtest(only_a, sum(1 for u, v in zip(x, y) if u != v), 0.5).pvalue
+
+    assert by.loc["awq", f"{col}_se"] == pytest.approx(math.sqrt(0.7 * 0.3 / 20))
+    assert by.loc["fp", f"{col}_se"] == pytest.approx(math.sqrt(0.95 * 0.05 / 20))
+    for run in ("awq", "awq-gptq", "mbq", "mbq-text"):
+        assert by.loc[run, f"{col}_p_vs_rtn"] == pytest.approx(p(run, "rtn"))
+    assert by.loc["mbq", f"{col}_p_vs_awq"] == pytest.approx(p("mbq", "awq"))  # the plain AWQ, not AWQ+GPTQ
+    assert by.loc["awq-gptq", f"{col}_p_vs_awq"] == pytest.approx(p("awq-gptq", "awq"))
+    for run, name in (("fp", "rtn"), ("fp", "awq"), ("rtn", "rtn"), ("awq", "awq"), ("mbq-text", "awq"),
+                      ("mbq-w4", "rtn"), ("mbq-w4", "awq")):
+        assert math.isnan(by.loc[run, f"{col}_p_vs_{name}"]), (run, name)  # itself, or no such run
+    assert by.gptq.to_dict() == {r: r == "awq-gptq" for r in specs}
+    out = tmp_path / "accuracy.json"
+    write_accuracy(df, out)
+    rows = {(r["calib"], r["run"]): r for r in json.loads(out.read_text())}
+    assert rows[("t", "mbq-text")] == {
+        "model": "m", "calib": "t", "run": "mbq-text", "method": "mbq", "scheme": "w3a16-asym-g128",
+        "calib_format": "text", "score": "vlmquant_vqa.exact_match", "accuracy": 0.7,
+        "accuracy_se": pytest.approx(math.sqrt(0.7 * 0.3 / 20)), "p_vs_rtn": pytest.approx(p("mbq-text", "rtn")),
+        "p_vs_awq": None}
+    assert rows[("c", "awq-gptq")]["method"] == "awq+gptq" and rows[(None, "fp")]["method"] == "fp"
+    assert rows[(None, "fp")]["p_vs_rtn"] is None and rows[(None, "fp")]["calib_format"] is None
+    csv = tmp_path / "summary.csv"
+    df.to_csv(csv, index=False)
+    assert accuracy_rows(pd.read_csv(csv)) == json.loads(out.read_text())  # the same from summary.csv
+
+
+def test_accuracy_table_is_empty_without_lmms_eval(tmp_path):
+    df = summarize([eval_table(tmp_path / "fp.parquet", "fp", 2.0, 0.0)], {})
+    assert accuracy_rows(df) == []

@@ -484,3 +484,24 @@ def test_lean_forwards_match_the_model(demo_model_path):
     assert all("forward" not in vars(m) for m in layers.modules())  # originals restored
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grad, ref_grad)
+
+
+def test_text_only_calibration_runs_mbq_on_the_caption_tokens(demo_data, demo_model_path, tmp_path):
+    """format: text rows have no vision token: the inputs carry no pixels, every layer's vision gradient and so
+    its ratio ρ is 0, and MBQ's search (loss on caption tokens alone) still never loses to RTN."""
+    model = open_model({"family": "qwen2_vl", "path": str(demo_model_path), "dtype": "float32"}, "cpu")
+    build_calib(coco_cfg(demo_data, n_samples=4, format="text"), tmp_path / "calib.parquet")
+    build_inputs(tmp_path / "calib.parquet", model, tmp_path / "inputs.safetensors")
+    samples, _ = load_samples(tmp_path / "inputs.safetensors")
+    assert all("pixel_values" not in x and not x["vision_mask"].any() and x["caption_mask"].any() for x in samples)
+    P.run_grads(model, tmp_path / "inputs.safetensors", tmp_path / "grads.safetensors")
+    g = load_file(tmp_path / "grads.safetensors")
+    for site in ("attn", "mlp"):
+        assert (g[f"{site}.vis"] == 0).all() and (g[f"{site}.cap"] > 0).all() and (g[f"{site}.ratio"] == 0).all()
+    P.run_acts(model, tmp_path / "inputs.safetensors", [0], tmp_path / "acts")
+    P.run_search(model, RUN, tmp_path / "inputs.safetensors", tmp_path / "acts", tmp_path / "grads.safetensors",
+                 [0, 1, 2, 3], tmp_path / "chunk_000", NAMES)
+    merge(chunk_layer_files([tmp_path / "chunk_000"]), tmp_path / "cache.pt", tmp_path / "search.parquet", META)
+    table = pd.read_parquet(tmp_path / "search.parquet")
+    assert len(table) == 16 and (table["ratio"] == 0).all() and table["loss"].notna().all()
+    assert (table["loss"] <= table["rtn_loss"]).all() and (table["alpha"] > 0).any()

@@ -49,6 +49,7 @@ LMMS_FP = "results/{model}/fp/lmms_eval"
 SUMMARY_CSV = "results/summary.csv"
 SUMMARY_PARQUET = "results/summary.parquet"
 SUMMARY_HTML = "results/summary.html"  # the table as shown in `snakemake --report`
+ACCURACY = "results/accuracy.json"  # task accuracy with standard errors and paired tests (report/accuracy.py)
 ALL_RUNS = "results/all_runs.csv"  # every eval table present, targets or not (report/all_runs.py)
 PLOT = "results/plots/{model}/{calib}/{figure}.png"
 

@@ -1,6 +1,7 @@
 """config/organism.yaml through Snakemake: the organism's data and model rules, evaluation on the task's
 held-out split, and the lmms-eval jobs, run here by a stand-in for `python -m lmms_eval` (the real lmms-eval
-is tested in test_lmms_eval.py) that scores fp 0.95 and a checkpoint 0.5 + w_bit / 100."""
+is tested in test_lmms_eval.py) that scores fp 0.95 and a checkpoint 0.5 + w_bit / 100 (of 100 questions: the first
+95, or 50 + w_bit, right)."""
 import json
 import shutil
 import stat
@@ -28,6 +29,8 @@ if os.environ.get("STAND_IN_FAILS") != "1":
     (out / "model").mkdir(parents=True)
     (out / "model" / "20261201_101500_results.json").write_text(json.dumps(
         {{"results": {{"vlmquant_vqa": {{"exact_match,none": score, "exact_match_stderr,none": 0.01}}}}}}))
+    (out / "model" / "20261201_101500_samples_vlmquant_vqa.jsonl").write_text("".join(
+        json.dumps({{"doc_id": i, "exact_match": float(i < round(100 * score))}}) + "\\n" for i in range(100)))
     (out / "call.json").write_text(json.dumps({{"args": args, "offline": os.environ.get("HF_DATASETS_OFFLINE")}}))
 """
 
@@ -74,16 +77,24 @@ def organism(tmp_path_factory):
 def test_organism_workflow_reports_task_accuracy(organism):
     summary = pd.read_csv(organism.file(paths.SUMMARY_CSV))
     at = COLUMNS.index("top1_agreement") + 1
-    assert list(summary.columns) == [*COLUMNS[:at], SCORE, *COLUMNS[at:]]
+    stats = [SCORE + s for s in ("_se", "_p_vs_rtn", "_p_vs_awq")]
+    assert list(summary.columns) == [*COLUMNS[:at], SCORE, *stats, *COLUMNS[at:]]
     assert list(summary.run) == ["fp", "rtn-w3g128", "rtn-w4a8"]
     assert summary[SCORE].tolist() == pytest.approx([0.95, 0.53, 0.54])
+    assert summary[SCORE + "_se"].tolist() == pytest.approx([(p * (1 - p) / 100) ** 0.5 for p in (0.95, 0.53, 0.54)])
+    assert summary[stats[1:]].isna().all().all()  # each RTN run is its own scheme's; no AWQ run
+    rows = json.loads(organism.file(paths.ACCURACY).read_text())
+    assert [(r["run"], r["method"], r["calib_format"], r["p_vs_rtn"]) for r in rows] == [
+        ("fp", "fp", None, None), ("rtn-w3g128", "rtn", "plain", None), ("rtn-w4a8", "rtn", "plain", None)]
+    assert [r["accuracy"] for r in rows] == pytest.approx([0.95, 0.53, 0.54])
     assert summary.kl[0] == 0 and (summary.kl[1:] > 0).all()
     lmms = organism.file(paths.LMMS.format(model="organism-qwen2vl", calib="organism", run="rtn-w3g128"))
     call = json.loads((lmms / "call.json").read_text())
     assert call["offline"] == "1"
     assert call["args"] == ["-m", "lmms_eval", "--model", "vlmquant", "--model_args",
                             "pretrained=results/organism-qwen2vl/organism/rtn-w3g128/checkpoint", "--tasks", "vlmquant_vqa",
-                            "--batch_size", "50", "--include_path", "results/demo/organism/lmms_task", "--output_path",
+                            "--batch_size", "50", "--include_path", "results/demo/organism/lmms_task", "--log_samples",
+                            "--output_path",
                             call["args"][-1]]
     task = yaml.safe_load((organism.file(paths.ORGANISM_TASK) / "vlmquant_vqa.yaml").read_text())
     assert task["dataset_kwargs"]["data_files"]["test"] == str(organism.file(paths.ORGANISM_DATA) / "heldout.parquet")

@@ -4,6 +4,8 @@ Row formats:
   plain       one image with its conversation (user: image + prompt, assistant: caption)
   few_shot    two plain samples concatenated into one conversation
   interleave  sample A, a user turn of ~`interleave_tokens` words of pure text, sample B
+  text        a plain sample's conversation without its image (prompt and caption/answer only): the text-only
+              calibration that image-text calibration is compared with
 
 Sampling is a function of (seed, sample ids) only, through sha256 (`draw`), so the same config
 gives the same rows on every Python version, whatever the order of the source file's records.
@@ -22,7 +24,7 @@ from vlmquant.errors import VlmquantError
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions, sha256_bytes, sha256_file
 
-FORMATS = {"plain": 1, "few_shot": 2, "interleave": 2}  # base samples per row
+FORMATS = {"plain": 1, "few_shot": 2, "interleave": 2, "text": 1}  # base samples per row
 SOURCES = ("coco", "sharegpt")
 
 SCHEMA = pa.schema([
@@ -73,6 +75,11 @@ def join(samples, middle_text=None):
     return Sample("+".join(s.sample_id for s in samples), tuple(image_ids), tuple(file_names), tuple(turns))
 
 
+def without_images(sample):
+    """The sample with its images removed: the same turns and texts, no image ids, files or image slots."""
+    return Sample(sample.sample_id, (), (), tuple(Turn(t.role, t.text) for t in sample.turns))
+
+
 def text_span(paragraphs, n_words, start):
     """n_words consecutive words of the corpus, from paragraph `start` on, wrapping around."""
     words = []
@@ -113,6 +120,8 @@ def sample_rows(cfg, name="calib"):
     picked = sorted(pool, key=lambda s: draw(seed, "sample", s.sample_id))[:need]
     if fmt == "plain":
         return picked
+    if fmt == "text":
+        return [without_images(s) for s in picked]
     paragraphs = None
     if fmt == "interleave":
         if not cfg.get("text"):

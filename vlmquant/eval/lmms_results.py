@@ -2,7 +2,10 @@
 
 `python -m lmms_eval ... --output_path OUT` writes OUT/<model name>/<YYYYMMDD_HHMMSS>_results.json
 with {"results": {task: {"alias": task, "<metric>,<filter>": value, "<metric>_stderr,<filter>": se}},
-"n-samples": {task: {"effective": n}}, ...}. lmms-eval 0.7.3 exits 0 even when the evaluation fails
+"n-samples": {task: {"effective": n}}, ...}, and with --log_samples (always passed: lmms_eval_command) one
+OUT/<model name>/<YYYYMMDD_HHMMSS>_samples_<task>.jsonl per task, a line per question: {"doc_id": int,
+"<metric>": per-question score (exact_match: 0.0 or 1.0), "target", "filtered_resps", ...}, one line per filter
+(our tasks have the one filter "none"). lmms-eval 0.7.3 exits 0 even when the evaluation fails
 (it logs the error and writes no results file), so a missing file is the sign of a failed run.
 """
 import json
@@ -60,6 +63,53 @@ def read_scores(out_dir):
                     or math.isnan(value):
                 continue
             out[f"{COLUMN_PREFIX}{task}.{metric}" + ("" if filter_name == "none" else f".{filter_name}")] = float(value)
+    return out
+
+
+def samples_file(out_dir, task):
+    """The per-question file of `task` written with the newest results file under `out_dir` (same timestamp)."""
+    results = results_file(out_dir)
+    path = results.with_name(results.name.removesuffix("_results.json") + f"_samples_{task}.jsonl")
+    if not path.is_file():
+        raise VlmquantError(f"{path}: not found; lmms-eval writes it with --log_samples: rerun the lmms_eval job")
+    return path
+
+
+def read_samples(out_dir, task):
+    """The per-question records of `task` from samples_file: {doc_id: {"<metric>": score, "target": …, …}}.
+
+    Raises VlmquantError naming the file when it is missing, a line has no doc_id, a doc_id repeats (a task with
+    several filters writes a line per filter) or the count differs from the results file's n-samples."""
+    path = samples_file(out_dir, task)
+    samples = {}
+    for k, line in enumerate(path.read_text().splitlines(), 1):
+        sample = json.loads(line)
+        if not isinstance(sample, dict) or "doc_id" not in sample:
+            raise VlmquantError(f"{path}: line {k} has no doc_id; rerun the lmms_eval job")
+        if sample["doc_id"] in samples:
+            raise VlmquantError(f"{path}: doc_id {sample['doc_id']} twice (a task with several filters); "
+                                "per-question scores need one filter")
+        samples[sample["doc_id"]] = sample
+    n = json.loads(results_file(out_dir).read_text()).get("n-samples", {}).get(task, {}).get("effective")
+    if n is not None and n != len(samples):
+        raise VlmquantError(f"{path}: {len(samples)} questions, its results file says {n}; rerun the lmms_eval job")
+    return samples
+
+
+def read_sample_scores(out_dir):
+    """Per-question scores of the read_scores columns of filter "none" whose every question has a number (exact_match:
+    0.0 or 1.0; not a task whose per-question values are records its aggregation reads, such as MME's):
+    {"lmms.<task>.<metric>": {doc_id: float}}."""
+    out, samples = {}, {}
+    for column in read_scores(out_dir):
+        task, metric = column.removeprefix(COLUMN_PREFIX).split(".")[:2]
+        if column != f"{COLUMN_PREFIX}{task}.{metric}":  # another filter
+            continue
+        if task not in samples:
+            samples[task] = read_samples(out_dir, task)
+        values = {doc: s.get(metric) for doc, s in samples[task].items()}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+            out[column] = {doc: float(v) for doc, v in values.items()}
     return out
 
 

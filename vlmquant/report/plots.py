@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from vlmquant.eval.lmms_results import COLUMN_PREFIX  # noqa: E402
 from vlmquant.eval.table import read_table  # noqa: E402
 from vlmquant.io.atomic import atomic_path  # noqa: E402
+from vlmquant.report.summary import STATS  # noqa: E402
 
 # a hue family per method; the runs of one method get shades of it (colour by run, method by hue)
 METHOD_CMAPS = {"fp": "Greys", "rtn": "Reds", "awq": "Blues", "mbq": "Greens", "smoothquant": "Purples"}
@@ -154,7 +155,7 @@ def plot_metrics(summary, out, title, styles):
               ("hidden_err_vision", "hidden error, vision positions", "relative MSE, mean over layers"),
               ("hidden_err_text", "hidden error, text positions", "relative MSE, mean over layers"))
     panels += tuple((col, f"{col.split('.')[1]} (lmms-eval)", col.split(".", 2)[2]) for col in summary.columns
-                    if col.startswith(COLUMN_PREFIX) and summary[col].notna().any())
+                    if col.startswith(COLUMN_PREFIX) and not col.endswith(STATS) and summary[col].notna().any())
     summary = summary.reset_index(drop=True)
     colors = {run: style[0] for run, style in styles.items()}
     n = len(summary)

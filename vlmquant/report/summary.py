@@ -8,6 +8,11 @@ Columns:
   caption_nll, caption_ppl, kl, top1_agreement            caption positions of the eval set
   lmms.<task>.<metric>                                    lmms-eval scores (e.g. lmms.vlmquant_vqa.exact_match, the
                                                           organism's task accuracy), only with lmms_eval enabled
+  lmms.<task>.<metric>_se                                 its standard error over the questions (significance.py)
+  lmms.<task>.<metric>_p_vs_rtn, _p_vs_awq                exact McNemar p-value against the RTN run (any calib: RTN
+                                                          reads none) / the plain AWQ run (same calib; no GPTQ, no
+                                                          distort) of the same model, eval_calib and scheme; null
+                                                          for that run itself, without one, or for scores not 0/1
   hidden_err_vision, hidden_err_text                      relative MSE of the decoder-layer outputs, mean over layers
   hidden_err_vision_last, hidden_err_text_last            the same at the last decoder layer
   weight_err, weight_err_scaled                           relative Frobenius weight error, mean over layers
@@ -15,6 +20,8 @@ Columns:
   delta_nll_rtn, kl_ratio_rtn                             caption_nll minus, and kl divided by, those of the RTN
                                                           run with the same model, calib, eval_calib and scheme
                                                           (null without one; 0 and 1 on that RTN row)
+  calib_format                                            the calibration set's `format` (null for fp)
+  gptq, distort                                           GPTQ rounding (bool) and the run's `distort` (null: none)
   time_<stage>_s                                          wall seconds from the stage's Snakemake benchmark file
                                                           (grads, acts, search = sum over chunk jobs, export, eval;
                                                           grads and acts are shared by the runs of a model and
@@ -31,18 +38,20 @@ import pyarrow.parquet as pq
 
 from vlmquant import paths
 from vlmquant.errors import VlmquantError
-from vlmquant.eval.lmms_results import COLUMN_PREFIX, read_scores
+from vlmquant.eval.lmms_results import COLUMN_PREFIX, read_sample_scores, read_scores
 from vlmquant.eval.table import read_table
 from vlmquant.io.atomic import atomic_path
 from vlmquant.io.provenance import dumps, package_versions
 from vlmquant.quant.scheme import Scheme
+from vlmquant.report.significance import is_binary, mcnemar_p, standard_error
 
 STAGES = ("grads", "acts", "search", "export", "pack", "eval")
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64}
 COLUMNS = ["model", "calib", "run", "method", "scheme", "w_bit", "w_group", "a_bit", "eval_calib", "n_samples",
            "n_caption_tokens", "caption_nll", "caption_ppl", "kl", "top1_agreement", "hidden_err_vision", "hidden_err_text",
            "hidden_err_vision_last", "hidden_err_text_last", "weight_err", "weight_err_scaled",
-           "delta_nll_fp", "delta_nll_rtn", "kl_ratio_rtn", *[f"time_{s}_s" for s in STAGES], "time_total_s"]
+           "delta_nll_fp", "delta_nll_rtn", "kl_ratio_rtn", "calib_format", "gptq", "distort",
+           *[f"time_{s}_s" for s in STAGES], "time_total_s"]
 # the columns of the report's table (summary.html), with their headers
 HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "method", "scheme": "scheme",
                 "w_bit": "w bits", "w_group": "group", "a_bit": "a bits", "caption_nll": "caption NLL", "delta_nll_fp": "ΔNLL vs fp",
@@ -50,6 +59,7 @@ HTML_COLUMNS = {"model": "model", "calib": "calib", "run": "run", "method": "met
                 "top1_agreement": "top-1 agreement", "hidden_err_vision": "hidden err. vision",
                 "hidden_err_text": "hidden err. text", "weight_err": "weight err.", "time_total_s": "time (s)"}
 SCHEME = ["model", "calib", "eval_calib", "scheme"]  # the rows that share an RTN reference
+STATS = ("_se", "_p_vs_rtn", "_p_vs_awq")  # suffixes of the per-question statistics of an lmms-eval score
 
 
 def metric(df, name, modality=None, layer="model"):
@@ -89,6 +99,9 @@ def table_row(path):
         row[f"hidden_err_{mod}_last"] = 0.0 if fp else layer_last(df, "hidden_rel_mse", mod)
     row["weight_err"] = 0.0 if fp else layer_mean(df, "weight_rel_err")
     row["weight_err_scaled"] = 0.0 if fp else layer_mean(df, "weight_rel_err_scaled")
+    run_config = (meta.get("quantization") or {}).get("run_config") or {}
+    row["gptq"] = meta.get("method") == "gptq" or bool(run_config.get("gptq"))
+    row["distort"] = run_config.get("distort")
     return row
 
 
@@ -111,14 +124,18 @@ def bench_seconds(paths):
 
 
 def summarize(tables, benchmarks):
-    """tables: [{"model", "calib", "run", "path", "lmms" (optional: lmms-eval results folder)}] (fp: run "fp",
-    calib None); benchmarks: {(model, calib, run): {stage: [benchmark tsv paths]}} → DataFrame of COLUMNS,
-    with the lmms-eval scores of any row inserted after top1_agreement (null where a row has none)."""
-    rows, scores = [], []
+    """tables: [{"model", "calib", "run", "path", "calib_format" (optional), "lmms" (optional: lmms-eval results
+    folder)}] (fp: run "fp", calib None); benchmarks: {(model, calib, run): {stage: [benchmark tsv paths]}} →
+    DataFrame of COLUMNS, with the lmms-eval scores of any row and their STATS columns inserted after
+    top1_agreement (null where a row has none)."""
+    rows, scores, per_question = [], [], []
     for t in tables:
         row = table_row(t["path"])
+        row["calib_format"] = t.get("calib_format")
+        per_question.append({})
         if t.get("lmms"):
             row.update(read_scores(t["lmms"]))
+            per_question[-1] = read_sample_scores(t["lmms"])
             scores += [k for k in row if k.startswith(COLUMN_PREFIX) and k not in scores]
         for key in ("model", "calib", "run"):
             if row[key] != t[key]:
@@ -129,8 +146,11 @@ def summarize(tables, benchmarks):
         times = [row[f"time_{s}_s"] for s in STAGES if not math.isnan(row[f"time_{s}_s"])]
         row["time_total_s"] = sum(times) if times else math.nan
         rows.append(row)
+    with_stats = {k for q in per_question for k in q}
+    scores = [c for k in scores for c in ([k, *[k + s for s in STATS]] if k in with_stats else [k])]
     at = COLUMNS.index("top1_agreement") + 1
     df = relative_columns(pd.DataFrame(rows, columns=[*COLUMNS[:at], *scores, *COLUMNS[at:]]))
+    significance_columns(df, per_question)
     df["w_bit"] = df["w_bit"].astype("Int64")
     df["w_group"] = df["w_group"].astype("Int64")
     df["a_bit"] = df["a_bit"].astype("Int64")
@@ -158,6 +178,36 @@ def relative_columns(df):
     df["delta_nll_rtn"] = (df.caption_nll - ref.caption_nll.to_numpy()).where(df.run != "fp")
     df["kl_ratio_rtn"] = (df.kl / ref.kl.to_numpy()).where(df.run != "fp")
     return df
+
+
+def significance_columns(df, per_question):
+    """Fill the STATS columns of every lmms-eval score from `per_question` ([{score column: {doc_id: score}}], one
+    per row of `df`; see the module docstring)."""
+    same = ["model", "eval_calib", "scheme"]
+    plain_awq = (df.method == "awq") & ~df.gptq.astype(bool) & df.distort.isna()
+    refs = {"rtn": reference_rows(df, df.method == "rtn", same),  # any calib: RTN reads none
+            "awq": reference_rows(df, plain_awq, ["calib", *same])}
+    for col in [c for c in df.columns if c + "_se" in df.columns]:
+        df[col + "_se"] = [standard_error(q[col]) if col in q else math.nan for q in per_question]
+        for name, ref in refs.items():
+            p = [math.nan] * len(df)
+            for i, j in enumerate(ref):
+                a, b = per_question[i].get(col), None if j is None else per_question[j].get(col)
+                if a is not None and b is not None and is_binary(a) and is_binary(b):
+                    where = f"{col} of {df.calib.iat[i]}/{df.run.iat[i]} vs {df.calib.iat[j]}/{df.run.iat[j]}"
+                    p[i] = mcnemar_p(a, b, where)
+            df[f"{col}_p_vs_{name}"] = p
+
+
+def reference_rows(df, candidates, keys):
+    """Per row of `df`, the index of the first `candidates` row (bool Series) equal to it on `keys`; None for fp
+    rows, rows without one, and that row itself."""
+    pool = [j for j in range(len(df)) if candidates.iat[j]]
+    out = []
+    for i in range(len(df)):
+        j = next((j for j in pool if all(df[k].iat[j] == df[k].iat[i] for k in keys)), None)
+        out.append(None if j == i or df.run.iat[i] == "fp" else j)
+    return out
 
 
 def summary_html(df):

@@ -203,15 +203,15 @@ def target_triples(config):
 
 def targets(config):
     """What `rule all` builds: every output of the target runs' stages (calibration sets, inputs, grads, acts,
-    search chunks, scale cache, checkpoints of its formats, eval and fp tables), the summary table, all_runs.csv,
-    the plots, and the lmms-eval results when enabled.
+    search chunks, scale cache, checkpoints of its formats, eval and fp tables), the summary table, accuracy.json,
+    all_runs.csv, the plots, and the lmms-eval results when enabled.
 
     Intermediate outputs are targets too: Snakemake rebuilds a missing file only when a job that must run needs
     it, so a search chunk folder that Snakemake removed after an interrupted `--forcerun search` (an incomplete
     output) would otherwise stay missing while the old scale cache and checkpoints were kept. As targets, a
     missing one is rebuilt and everything after it reruns (its outputs are newer)."""
     specs = run_specs(config)
-    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML, paths.ALL_RUNS]
+    out = [paths.SUMMARY_CSV, paths.SUMMARY_PARQUET, paths.SUMMARY_HTML, paths.ACCURACY, paths.ALL_RUNS]
     eval_calib = config["eval"]["calib"]
     for m in config["targets"].get("models", []):
         fp = dict(model=m, eval_calib=eval_calib)
@@ -253,8 +253,9 @@ def run_benchmarks(config, model, calib, run):
 
 
 def summary_rows(config):
-    """Every table of the summary: [{model, calib, run, path, bench, lmms}], the fp row of each model first.
-    lmms: the lmms-eval results folder of the row when lmms_eval is enabled (for fp: with include_fp), else None."""
+    """Every table of the summary: [{model, calib, run, path, bench, lmms, calib_format}], the fp row of each model
+    first. lmms: the lmms-eval results folder of the row when lmms_eval is enabled (for fp: with include_fp), else
+    None; calib_format: the calibration set's `format` (None for fp)."""
     eval_calib = config["eval"]["calib"]
     lm = config["lmms_eval"]
     rows = []
@@ -265,7 +266,8 @@ def summary_rows(config):
                      "lmms": paths.LMMS_FP.format(model=m) if lm["enabled"] and lm["include_fp"] else None})
         rows += [{"model": m, "calib": c, "run": r, "path": paths.EVAL.format(model=m, calib=c, run=r),
                   "bench": run_benchmarks(config, m, c, r),
-                  "lmms": paths.LMMS.format(model=m, calib=c, run=r) if lm["enabled"] else None}
+                  "lmms": paths.LMMS.format(model=m, calib=c, run=r) if lm["enabled"] else None,
+                  "calib_format": config["calib"][c]["format"]}
                  for mm, c, r in target_triples(config) if mm == m]
     return rows
 
@@ -290,7 +292,8 @@ def evaluated_checkpoint(spec):
 # --- lmms-eval --------------------------------------------------------------------------------------
 def lmms_eval_command(lm, pretrained):
     """The `python -m lmms_eval …` command line of a model folder, as a list, without --output_path
-    (eval.lmms_results.run_lmms_eval adds it). An empty first item stands for the job's own interpreter."""
+    (eval.lmms_results.run_lmms_eval adds it). An empty first item stands for the job's own interpreter.
+    --log_samples: the per-question scores the summary's standard errors and paired tests read."""
     model_args = f"pretrained={pretrained}" + (f",{lm['model_args']}" if lm["model_args"] else "")
     cmd = [lm["python"], "-m", "lmms_eval", "--model", lm["model"] or LMMS_MODEL, "--model_args", model_args,
            "--tasks", ",".join(lm["tasks"]), "--batch_size", str(lm["batch_size"])]
@@ -298,4 +301,4 @@ def lmms_eval_command(lm, pretrained):
         cmd += ["--include_path", lm["include_path"]]
     if lm["limit"] is not None:
         cmd += ["--limit", str(lm["limit"])]
-    return cmd + list(lm["extra_args"])
+    return cmd + ["--log_samples", *lm["extra_args"]]
