@@ -179,3 +179,46 @@ def test_moe_depth_benchmark_measures_every_stage_at_two_depths(tmp_path):
     assert not (tmp_path / "models/demo-moe-3").exists() and not (tmp_path / "models/demo-moe-4").exists()
     subprocess.run(cmd + ["--resume", "--depths", "3"], cwd=REPO / "benchmarks", check=True, capture_output=True)
     assert json.loads(out.read_text())["depths"] == {"3": result["depths"]["3"]}
+
+
+REGIME_RUNS = """
+import json, sys
+import organism_regimes as R
+from vlmquant.spec import RunSpec
+sys.argv = [R.__file__, "--help"]
+try:
+    R.main()
+except SystemExit as end:
+    assert end.code == 0
+specs = {name: RunSpec.from_config(name, cfg).scheme for name, cfg in R.runs(["rtn", *R.METHODS], R.SCHEMES).items()}
+print(json.dumps({name: [s.w_bit, s.w_group, s.a_bit, s.symmetric] for name, s in specs.items()}))
+"""
+
+
+def test_organism_regimes_benchmark_builds_a_valid_run_per_method_and_scheme():
+    """Every scheme of the regime sweep is a run the workflow accepts, with the bits and groups its name says;
+    GPTQ only at the weight-only schemes."""
+    res = subprocess.run([sys.executable, "-c", REGIME_RUNS], cwd=REPO / "benchmarks", check=True, capture_output=True,
+                         text=True, env=snakemake_env())
+    schemes = json.loads(res.stdout.strip().splitlines()[-1])
+    assert schemes["rtn-w3ch"] == [3, -1, None, False] and schemes["mbq-w2g32"] == [2, 32, None, False]
+    assert schemes["awq-w4a3"] == [4, -1, 3, True] and schemes["mbq-w2a8"] == [2, -1, 8, True]
+    assert "gptq-w2g64" in schemes and not any(n.startswith("gptq-") and a_bit for n, (_, _, a_bit, _) in schemes.items())
+    assert len(schemes) == 4 * 17 - 8  # 17 schemes, 8 of them weight-activation
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+def test_organism_regimes_benchmark_scores_the_organism_and_rtn(tmp_path):
+    """Snakemake builds the RTN W4A8 checkpoint; the fp model scores the first 200 held-out questions as its training
+    record says, and RTN at W4A8 loses too little for the scale searches to run."""
+    out = tmp_path / "regimes.json"
+    subprocess.run([sys.executable, "organism_regimes.py", "--work", str(tmp_path / "work"), "--schemes", "w4a8",
+                    "--limit", "200", "--out", str(out)], cwd=REPO / "benchmarks", check=True, capture_output=True,
+                   env=snakemake_env())
+    result = json.loads(out.read_text())
+    record = json.loads((REPO / "vlmquant/organism/model/training.json").read_text())
+    fp, rtn = result["rows"]
+    assert fp["run"] == "fp" and fp["accuracy"] == record["heldout_accuracy_first200"]["overall"] and fp["n"] == 200
+    assert rtn["run"] == "rtn-w4a8" and abs(rtn["loss_vs_fp_points"]) < 5 and result["separating_schemes"] == []
+    assert rtn["accuracy_se"] == pytest.approx((rtn["accuracy"] * (1 - rtn["accuracy"]) / 200) ** 0.5, abs=1e-4)

@@ -40,16 +40,17 @@ def organism_config():
 
 
 def test_organism_config_plans_every_run(tmp_path):
-    """The shipped config, as documented (--configfile on top of config.yaml): every run, its lmms-eval job."""
+    """The shipped config, as documented (--configfile on top of config.yaml): every run, its lmms-eval job; the
+    three W4A3 runs export pseudo checkpoints only (no pack job)."""
     wd = Workdir(tmp_path, None)
     shutil.copytree(REPO / "config", tmp_path / "config")
     planned = wd.planned("--configfile", "config/organism.yaml")
     cfg = organism_config()
     runs = cfg["targets"]["runs"]
     searched = [r for r in runs if cfg["runs"][r]["method"] != "rtn"]  # 4 layers, layers_per_job 2: 2 chunks each
-    assert len(runs) == 15 and len(searched) == 12
+    assert len(runs) == 18 and len(searched) == 14
     assert planned == {"organism_data": 1, "organism_model": 1, "calib": 2, "inputs": 2, "grads": 1, "acts": 1,
-                       "search": 2 * 12, "merge": 12, "export": 15, "pack": 15, "eval_fp": 1, "eval": 15,
+                       "search": 2 * 14, "merge": 14, "export": 18, "pack": 15, "eval_fp": 1, "eval": 18,
                        "lmms_eval": len(runs), "lmms_eval_fp": 1, "summary": 1, "plots": 1, "all": 1}
 
 
