@@ -54,6 +54,20 @@ def test_organism_config_plans_every_run(tmp_path):
                        "lmms_eval": len(runs), "lmms_eval_fp": 1, "summary": 1, "plots": 1, "all": 1}
 
 
+def test_organism_text_config_plans_the_text_calibrated_runs(tmp_path):
+    """config/organism-text.yaml on top of config/organism.yaml: the six runs on both calibration sets, the text set
+    calibrated from its own Parquet (3 calib sets with the held-out one, 3 inputs, grads and acts per set), the
+    four AWQ/MBQ runs searched twice; the W4A3 runs still pseudo only."""
+    wd = Workdir(tmp_path, None)
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    planned = wd.planned("--configfile", "config/organism.yaml", "config/organism-text.yaml")
+    text = yaml.safe_load((REPO / "config" / "organism-text.yaml").read_text())
+    assert text["calib"]["organism-text"]["format"] == "text"
+    assert planned == {"organism_data": 1, "organism_model": 1, "calib": 3, "inputs": 3, "grads": 2, "acts": 2,
+                       "search": 2 * 2 * 4, "merge": 2 * 4, "export": 2 * 6, "pack": 2 * 3, "eval_fp": 1,
+                       "eval": 2 * 6, "lmms_eval": 2 * 6, "lmms_eval_fp": 1, "summary": 1, "plots": 2, "all": 1}
+
+
 @pytest.fixture(scope="module")
 def organism(tmp_path_factory):
     """config/organism.yaml with its two RTN runs (no search jobs: the searches on the calib split are tested in

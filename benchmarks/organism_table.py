@@ -1,0 +1,53 @@
+"""The organism's task-accuracy table (issue 31): every run of config/organism.yaml, then AWQ and MBQ calibrated
+without images (config/organism-text.yaml), each row with its standard error and McNemar p-values vs RTN and AWQ
+of the same scheme (the summary's results/accuracy.json). Snakemake builds everything in --work from this
+checkout (lmms-eval must be installed: README, "The model organism"); rerunning with the same --work rebuilds
+only what changed.
+
+    python benchmarks/organism_table.py --work /tmp/organism_table --out benchmarks/results/organism_table.json
+
+Writes --out: the list of accuracy.json rows (run, method, scheme, calib_format, accuracy, accuracy_se,
+p_vs_rtn, p_vs_awq, model, calib, score), the organism config's rows first, then the text-calibrated ones; and
+next to it <stem>_summary.csv, the organism config's full summary (NLL, KL, hidden errors).
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from vlmquant import paths
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_CALIB = "organism-text"
+
+
+def build(work, configs, cores):
+    """Snakemake's default target under `work` with config.yaml and `configs`; returns (accuracy rows, seconds)."""
+    start = time.perf_counter()
+    subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", str(cores),
+                    "--configfile", *map(str, configs)], check=True)
+    return json.loads((work / paths.ACCURACY).read_text()), time.perf_counter() - start
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path("/tmp/organism_table"))
+    ap.add_argument("--cores", default="all")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "config.yaml", args.work / "config.yaml")
+    organism = REPO / "config" / "organism.yaml"
+    rows, s1 = build(args.work, [organism], args.cores)
+    summary = args.out.with_name(f"{args.out.stem}_summary.csv")
+    shutil.copy(args.work / paths.SUMMARY_CSV, summary)
+    text_rows, s2 = build(args.work, [organism, REPO / "config" / "organism-text.yaml"], args.cores)
+    rows += [r for r in text_rows if r["calib"] == TEXT_CALIB]
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"{len(rows)} rows in {args.out}, {summary}; {s1:.0f} s + {s2:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
