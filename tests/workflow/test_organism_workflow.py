@@ -46,7 +46,7 @@ def test_organism_config_plans_every_run(tmp_path):
     searched = [r for r in runs if cfg["runs"][r]["method"] != "rtn"]  # 4 layers, layers_per_job 2: 2 chunks each
     assert len(runs) == 15 and len(searched) == 12
     assert planned == {"organism_data": 1, "organism_model": 1, "calib": 2, "inputs": 2, "grads": 1, "acts": 1,
-                       "search": 2 * 12, "merge": 12, "export": 15, "pack": 15, "eval_fp": 1, "eval": 15,
+                       "search": 2 * 12, "merge": 12, "pack": 15, "eval_fp": 1, "eval": 15,
                        "lmms_eval": len(runs), "lmms_eval_fp": 1, "summary": 1, "plots": 1, "all": 1}
 
 
