@@ -350,8 +350,8 @@ def pseudo_info(model, spec, result, info):
 
 def pseudo_model(model, spec, cache_path=None, names=None):
     """The pseudo checkpoint's model, in memory: the fp model of `model` (ModelRef) loaded whole, the run's scale cache
-    folded in and the decoder linears fake-quantized (GPTQ runs: their stored weights). Returns (model, fold_for_export's result,
-    the quantization.json dict)."""
+    folded in and the decoder linears fake-quantized (GPTQ runs: their stored weights). Returns (model,
+    fold_for_export's result, the quantization.json dict)."""
     fp, result, info = load_and_fold(model, spec, cache_path, names)
     pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
     write_stored(layer_root(fp, model.adapter), result["stored"])
