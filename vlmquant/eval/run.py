@@ -1,4 +1,6 @@
-"""Eval stages: the fp reference (once per model and eval set) and the eval of a checkpoint against it.
+"""Eval stages: the fp reference (once per model and eval set) and the eval of a run's weights against it: made in
+memory from the fp model and the scale cache as export writes them (RunWeights: the workflow's), or read from a pseudo
+checkpoint folder; the same weights give the same table.
 
 fp reference, `fp.safetensors` (small: nothing of size sequence × vocabulary):
   cap.sample, cap.pos, cap.target (N,)   caption prediction positions, in sample order
