@@ -13,7 +13,6 @@ from vlmquant.quant.scheme import FP4_GROUP, Scheme, check_scheme
 GPTQ_CHOICES = {"hessian": ("uniform", "modality"), "gptq_inputs": ("quantized", "fp")}
 
 DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": None, "w_sym": False, "w_type": "int"}
-FORMATS = ("pseudo", "compressed-tensors")
 # export.formats' default: the packed checkpoint serving loads (the eval needs no checkpoint: eval.run.RunWeights)
 DEFAULT_FORMATS = ("compressed-tensors",)
 # `distort` values (docs/fidelity.md): the reference's definition (fp-chain targets, groups in order) or this

@@ -260,7 +260,7 @@ def weight_rows(model, adapter, fp_path, entries):
     return errors.table_rows()
 
 
-# --- eval of a checkpoint --------------------------------------------------------------------
+# --- eval of a run's weights ----------------------------------------------------------------
 @dataclass(frozen=True)
 class RunWeights:
     """A run's weights made in memory from the fp model and the run's scale cache (None for RTN) exactly as export
