@@ -1,5 +1,7 @@
 """The whole DAG on one device for a random-init Qwen2-VL of a real shape: calib, inputs, grads, acts, search,
-merge, export, eval_fp, eval. Wall time and peak memory per stage, and the total.
+merge, export, eval_fp, eval. Wall time and peak memory per stage, and the total. The eval makes the run's
+weights in memory from the scale cache (it reads no checkpoint); through Snakemake, `--formats` says which
+checkpoints are written (the workflow's default: compressed-tensors, the pack job).
 
 Through Snakemake when it is installed (`--via snakemake`: per-job seconds and max RSS from the rules'
 benchmark files), else the stages' library functions in DAG order, one fresh process each as Snakemake would
@@ -125,7 +127,7 @@ def via_snakemake(args, work, model_dir, train, held):
         "models": {"e2e": {"path": str(model_dir), "family": "qwen2_vl"}},
         "calib": {"e2e": calib_cfg(train, args.samples), "e2e-holdout": calib_cfg(held, args.eval_samples)},
         "targets": {"models": ["e2e"], "calib": ["e2e"], "runs": ["mbq"]},
-        "runs": {"mbq": {"method": "mbq", "w_bit": args.w_bit, "w_group": 128, "formats": ["pseudo"]}},
+        "runs": {"mbq": {"method": "mbq", "w_bit": args.w_bit, "w_group": 128, "formats": args.formats}},
         "search": {"layers_per_job": args.layers_per_job or DEPTH[args.shape]},
         "eval": {"calib": "e2e-holdout", **SETTINGS},
     }
@@ -185,7 +187,7 @@ def dag(args, work, model_dir, train, held):
         ("export", {**base, **run, "stage": "export", "cache": at(paths.SCALE_CACHE), "out": at(paths.CHECKPOINT)}),
         ("eval_fp", {**base, "stage": "eval_fp", "inputs": held_inputs, "ref": at(paths.FP_REF),
                      "table": at(paths.FP_TABLE), "settings": SETTINGS, "ids": {"model": "e2e", "eval_calib": "e2e-holdout"}}),
-        ("eval", {**base, "stage": "eval", "checkpoint": at(paths.CHECKPOINT), "inputs": held_inputs,
+        ("eval", {**base, **run, "stage": "eval", "cache": at(paths.SCALE_CACHE), "inputs": held_inputs,
                   "ref": at(paths.FP_REF), "table": at(paths.EVAL), "settings": SETTINGS, "ids": ids}),
     ]
     return jobs
@@ -212,6 +214,8 @@ def main():
     ap.add_argument("--cap-gib", type=float, default=None, help="GPU memory cap of every stage")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--via", default="auto", choices=["auto", "snakemake", "library"])
+    ap.add_argument("--formats", nargs="+", default=["compressed-tensors"], choices=["pseudo", "compressed-tensors"],
+                    help="the run's checkpoints through Snakemake (the library path runs export: pseudo)")
     ap.add_argument("--work", default="/tmp/vlmquant-e2e")
     ap.add_argument("--keep-model", action="store_true", help="reuse the model folder of an earlier run in --work")
     ap.add_argument("--keep-results", action="store_true", help="keep the run's results/ (checkpoint: the model's size)")

@@ -82,7 +82,7 @@ def stage_export(job):
 
 def stage_pack(job):
     from vlmquant.export.packed import export_packed
-    from vlmquant.io.provenance import check_cache_weights
+    from vlmquant.io.scales import check_cache_weights
 
     model = model_ref(job)
     check_cache_weights(job.get("cache"), model.path)
@@ -97,9 +97,10 @@ def stage_eval_fp(job):
 
 
 def stage_eval(job):
-    from vlmquant.eval.run import run_eval
+    from vlmquant.eval.run import RunWeights, run_eval
 
-    run_eval(model_ref(job), job["checkpoint"], job["inputs"], job["ref"], job["table"], job["settings"], job["ids"])
+    weights = RunWeights(spec(job), job.get("cache"), job["names"])
+    run_eval(model_ref(job), weights, job["inputs"], job["ref"], job["table"], job["settings"], job["ids"])
 
 
 STAGES = {name.removeprefix("stage_"): f for name, f in globals().items() if name.startswith("stage_")}

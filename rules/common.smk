@@ -136,10 +136,11 @@ def eval_inputs(wildcards):
         "inputs": paths.INPUTS.format(model=ids["model"], calib=ids["eval_calib"]),
         "ref": paths.FP_REF.format(**ids),
         "model": model_files(wildcards),
-        "checkpoint": W.fill(W.evaluated_checkpoint(RUNS[wildcards.run]), wildcards),
     }
-    # the eval set must not overlap the set the scales came from
+    # the run's weights are made in memory from the model and the scale cache (no checkpoint read); the eval set
+    # must not overlap the set the scales came from
     if RUNS[wildcards.run].has_cache:
+        files["cache"] = W.fill(paths.SCALE_CACHE, wildcards)
         files["eval_set"] = paths.CALIB.format(calib=ids["eval_calib"])
         files["search_set"] = paths.CALIB.format(calib=ids["calib"])
     return files
@@ -147,7 +148,7 @@ def eval_inputs(wildcards):
 
 def summary_inputs(wildcards):
     rows = W.summary_rows(config)
-    # every checkpoint of the targets: the summary reads the benchmark file of each (pack is not upstream of eval)
+    # every checkpoint of the targets: the summary reads the benchmark file of each (neither is upstream of eval)
     checkpoints = [
         template.format(model=m, calib=c, run=r)
         for m, c, r in W.target_triples(config)

@@ -1,4 +1,4 @@
-# Held-out evaluation: the fp model once per model and eval set, then every checkpoint against it.
+# Held-out evaluation: the fp model once per model and eval set, then every run's weights against it.
 
 
 rule eval_fp:
@@ -29,7 +29,8 @@ rule eval_fp:
 
 
 rule eval:
-    """Caption NLL/PPL, KL vs fp, per-layer hidden-state and weight errors of one checkpoint."""
+    """Caption NLL/PPL, KL vs fp, per-layer hidden-state and weight errors of one run's weights, made in memory
+    from the model and the scale cache as export writes them."""
     input:
         unpack(eval_inputs),
     output:
@@ -48,6 +49,8 @@ rule eval:
         model=model_cfg,
         settings=W.eval_settings(config),
         ids=eval_ids,
+        run=export_params,
+        names=names,
         device=config["device"],
     script:
         "../scripts/eval.py"

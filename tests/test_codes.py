@@ -100,8 +100,13 @@ def test_the_run_scheme_is_what_the_pseudo_checkpoint_quantizes(run):
 @pytest.mark.parametrize("run, packed", [({"w_bit": 2}, False), ({"w_bit": 4, "a_bit": 4}, False),
                                          ({"w_bit": 6, "w_group": -1}, False), ({"w_bit": 3}, True)], ids=str)
 def test_formats_default_to_the_packed_form_where_there_is_one(run, packed):
+    """export.formats (default: packed only) with the pseudo checkpoint in place of a packed form the scheme lacks."""
     spec = RunSpec.from_config("r", {"method": "rtn", **run})
-    assert ("compressed-tensors" in spec.formats) == packed and "pseudo" in spec.formats
+    assert spec.formats == (("compressed-tensors",) if packed else ("pseudo",))
+    both = RunSpec.from_config("r", {"method": "rtn", **run}, formats=("compressed-tensors", "pseudo"))
+    assert both.formats == (("compressed-tensors", "pseudo") if packed else ("pseudo",))
+    assert RunSpec.from_config("r", {"method": "rtn", **run, "formats": ["pseudo"]}, formats=("compressed-tensors",)
+                               ).formats == ("pseudo",)  # the run's own formats win
     if not packed:
         with pytest.raises(VlmquantError, match="runs.r.formats: scheme"):
             RunSpec.from_config("r", {"method": "rtn", **run, "formats": ["compressed-tensors"]})

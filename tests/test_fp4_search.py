@@ -39,7 +39,7 @@ def test_fp4_runs_fill_the_format_group_and_name_the_preset():
     assert run_spec("a", method="rtn", w_bit=4, w_type="mxfp4", w_group=32).scheme == Scheme(4, 32, True, "mxfp4")
     spec = run_spec("a", **RUNS["mbq-nvfp4"])
     assert spec.scheme == Scheme(4, 16, True, "nvfp4", 4, "float") and spec.scheme.name == "nvfp4"
-    assert spec.formats == ("pseudo", "compressed-tensors")
+    assert spec.formats == ("compressed-tensors",)
     assert run_spec("a", **spec.search_params()) == spec  # params round trip
 
 

@@ -135,7 +135,7 @@ def test_eval_export_lmms_config_defaults(cfg):
     cfg = check(cfg)
     assert cfg["eval"] == {"calib": "demo-holdout", "batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16,
                            "mem_mb": None, "allow_overlap": False}
-    assert cfg["export"] == {"ignore": [], "max_shard_size": "5GB", "mem_mb": None}
+    assert cfg["export"] == {"formats": ["compressed-tensors"], "ignore": [], "max_shard_size": "5GB", "mem_mb": None}
     assert cfg["lmms_eval"]["enabled"] is False and cfg["lmms_eval"]["limit"] is None
     assert not any("lmms_eval" in t for t in targets(cfg))
     cfg["lmms_eval"]["enabled"] = True

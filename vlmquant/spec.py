@@ -13,12 +13,19 @@ from vlmquant.quant.scheme import FP4_GROUP, Scheme, check_scheme
 GPTQ_CHOICES = {"hessian": ("uniform", "modality"), "gptq_inputs": ("quantized", "fp")}
 
 DEFAULTS = {"w_group": 128, "loss": "mae", "n_grid": 20, "distort": None, "w_sym": False, "w_type": "int"}
-FORMATS = ("pseudo", "compressed-tensors")
+# export.formats' default: the packed checkpoint serving loads (the eval needs no checkpoint: eval.run.RunWeights)
+DEFAULT_FORMATS = ("compressed-tensors",)
 # `distort` values (docs/fidelity.md): the reference's definition (fp-chain targets, groups in order) or this
 # layer's own error only; `true` is the reference's, `false` none
 DISTORTS = {None: None, False: None, True: "reference", "reference": "reference", "layer": "layer"}
 # smoothquant's `smooth`: the norm-fed groups (the reference's and the paper's) or every group
 SMOOTHS = ("norms", "all")
+
+
+def default_formats(formats, packed):
+    """A run's formats without runs.<name>.formats: export.formats `formats`, the pseudo checkpoint in place of the
+    packed one when the scheme has no packed form (`packed`: RunSpec.packed_form's reason, else None)."""
+    return tuple(dict.fromkeys("pseudo" if f == "compressed-tensors" and packed is not None else f for f in formats))
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,8 @@ class RunSpec:
     weights without zero point; w_type "float": FP8 E4M3 weights and activations (w_bit = a_bit = 8); "nvfp4" /
     "mxfp4": FP4 E2M1 weights in groups of 16 / 32 (w_group filled), NVFP4 W4A4 with a_bit 4 (quant/fp4.py).
 
-    formats: the checkpoints it exports ("pseudo", "compressed-tensors"). scale_cache: a scale cache made
+    formats: the checkpoints it exports ("pseudo", "compressed-tensors"; runs.<name>.formats, else
+    default_formats(export.formats)). scale_cache: a scale cache made
     elsewhere (ours or the MBQ reference's) that replaces the search. ignore: `export.ignore` patterns
     (decoder linears the checkpoint keeps fp); a distort or GPTQ run's search keeps them fp too. distort: None,
     "reference" or "layer" (docs/fidelity.md). smooth: smoothquant's groups, "norms" (fed by a norm) or "all".
@@ -43,7 +51,7 @@ class RunSpec:
     a_bit: int | None = None
     w_sym: bool = False
     w_type: str = "int"
-    formats: tuple[str, ...] = ("pseudo",)
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     scale_cache: str | None = None
     loss: str = "mae"
     n_grid: int = 20
@@ -59,9 +67,10 @@ class RunSpec:
     ignore: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, name, cfg, ignore=()):
+    def from_config(cls, name, cfg, ignore=(), formats=DEFAULT_FORMATS):
         """From `runs.<name>` (a dict, schema-checked). Fills the method's defaults and rejects settings the
-        method does not read; raises VlmquantError naming `runs.<name>.<key>`."""
+        method does not read; raises VlmquantError naming `runs.<name>.<key>`. ignore, formats: `export.ignore`,
+        `export.formats` (the formats of a run without its own: default_formats)."""
         method = get_method(cfg["method"])
         allowed = set(COMMON) | set(method.settings)
         for key in cfg:
@@ -104,10 +113,11 @@ class RunSpec:
         known = {f.name for f in fields(cls)} - {"name", "ignore", "formats"}
         spec = cls(name=name, ignore=tuple(ignore), **{k: v for k, v in values.items() if k in known})
         packed = spec.packed_form()
-        formats = tuple(cfg.get("formats", FORMATS if packed is None else ("pseudo",)))
-        if "compressed-tensors" in formats and packed is not None:
+        if "formats" not in cfg:
+            return replace(spec, formats=default_formats(formats, packed))
+        if "compressed-tensors" in cfg["formats"] and packed is not None:
             raise VlmquantError(f"config: runs.{name}.formats: {packed}")
-        return replace(spec, formats=formats)
+        return replace(spec, formats=tuple(cfg["formats"]))
 
     @property
     def method_def(self) -> Method:

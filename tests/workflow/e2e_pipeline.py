@@ -34,7 +34,13 @@ class Pipeline(Workdir):
 
 
 def run_pipeline(path, demo_root):
-    """The default workflow run to completion in `path`; its terminal output in `first_run`."""
+    """The default workflow run to completion in `path`; its terminal output in `first_run`, the files of each run's
+    folder then in `default_files` ({run: names}), the summary.csv text in `default_summary`. Then with the pseudo checkpoints too (export.formats both: the
+    tests of checkpoint/ read them), that run's output in `pseudo_run`: the config the tests see."""
     pipe = Pipeline(path, demo_root)
     pipe.first_run = pipe.snakemake()
+    pipe.default_files = {run: sorted(p.name for p in pipe.run_dir(run).iterdir()) for run in RUNS}
+    pipe.default_summary = (pipe / paths.SUMMARY_CSV).read_text()
+    pipe.edit(lambda c: c["export"].update(formats=["pseudo", "compressed-tensors"]))
+    pipe.pseudo_run = pipe.snakemake()
     return pipe

@@ -1,15 +1,17 @@
 """Eval on the demo workflow's outputs: the fp reference, the eval tables, and run_eval on its checkpoints
 (the metric math: tests/test_metrics.py)."""
+import io
 import json
 import math
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformers
 
-from conftest import open_demo, run_spec
+from conftest import open_demo, parse_job_stats, run_spec
 from e2e_pipeline import CALIB, EVAL_CALIB, MODEL, RUNS
 from vlmquant import paths
 from vlmquant.errors import VlmquantError
@@ -108,6 +110,26 @@ def test_eval_refuses_mismatched_reference_and_incomplete_checkpoint(pipe, model
     with pytest.raises(VlmquantError, match="not a complete vlmquant checkpoint"):
         run_eval(model, half, pipe.eval_inputs, pipe.fp_ref, tmp_path / "c.parquet", SETTINGS, ids)
     assert not any(p.suffix == ".parquet" for p in tmp_path.iterdir())
+
+
+def test_default_formats_write_packed_only_and_the_tables_are_those_of_the_checkpoints(pipe, model, tmp_path):
+    """export.formats' default: packed/ alone, every run in the eval tables and the summary. Asking for the pseudo
+    checkpoints too runs the export jobs and the summary alone (eval reads no checkpoint), and each eval table, made
+    in memory from the scale cache, equals run_eval's table of the pseudo checkpoint value for value."""
+    for run in RUNS:
+        assert "checkpoint" not in pipe.default_files[run] and {"packed", "eval.parquet"} <= set(pipe.default_files[run])
+    assert pd.read_csv(io.StringIO(pipe.default_summary)).run.tolist() == ["fp", *RUNS]
+    assert parse_job_stats(pipe.pseudo_run.stdout + pipe.pseudo_run.stderr) == {"export": 3, "summary": 1, "plots": 1,
+                                                                                "all": 1}
+    for run in RUNS:
+        ids = {"model": MODEL, "calib": CALIB, "run": run, "eval_calib": EVAL_CALIB}
+        run_eval(model, pipe.run_dir(run) / "checkpoint", pipe.eval_inputs, pipe.fp_ref, tmp_path / f"{run}.parquet",
+                 SETTINGS, ids)
+        (folder, _), (memory, meta) = read_table(tmp_path / f"{run}.parquet"), table(pipe, run)
+        pd.testing.assert_frame_equal(folder, memory, check_exact=True)
+        quant = json.loads((pipe.run_dir(run) / "checkpoint" / "quantization.json").read_text())
+        assert meta["quantization"]["scale_cache_sha256"] == quant["scale_cache_sha256"]
+        assert meta["quantization"]["source_weights"] == quant["source_weights"]
 
 
 def test_topk_reference_gives_a_lower_bound_of_the_exact_kl(pipe, model, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlmquant import paths
-from vlmquant.export.checkpoint import read_quant_info
+from vlmquant.eval.table import read_table
 from vlmquant.io.scales import load_cache
 
 pytestmark = pytest.mark.slow
@@ -28,8 +28,8 @@ def test_mbq_nvfp4_w4a4_runs_to_a_packed_folder_and_an_eval(workdir):
     stored = {}
     for f in folder.glob("model*.safetensors"):
         stored.update(load_file(f))
-    pseudo = read_quant_info(workdir.file(paths.CHECKPOINT.format(**IDS)))
-    for name, gs in pseudo["input_global_scales"].items():  # the pseudo eval and the packed folder: one scale
+    evaluated = read_table(workdir.file(eval_table))[1]["quantization"]
+    for name, gs in evaluated["input_global_scales"].items():  # the eval and the packed folder: one scale
         key = f"model.{name}.input_global_scale"
         assert stored[key].dtype == torch.float32 and stored[key].item() == gs
     for layer in range(4):

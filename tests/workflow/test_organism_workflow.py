@@ -40,8 +40,9 @@ def organism_config():
 
 
 def test_organism_config_plans_every_run(tmp_path):
-    """The shipped config, as documented (--configfile on top of config.yaml): every run, its lmms-eval job; the
-    three W4A3 runs export pseudo checkpoints only (no pack job)."""
+    """The shipped config, as documented (--configfile on top of config.yaml): every run, its lmms-eval job;
+    packed checkpoints (export.formats), pseudo ones for the three W4A3 runs only (no packed format holds int3
+    activations)."""
     wd = Workdir(tmp_path, None)
     shutil.copytree(REPO / "config", tmp_path / "config")
     planned = wd.planned("--configfile", "config/organism.yaml")
@@ -50,7 +51,7 @@ def test_organism_config_plans_every_run(tmp_path):
     searched = [r for r in runs if cfg["runs"][r]["method"] != "rtn"]  # 4 layers, layers_per_job 2: 2 chunks each
     assert len(runs) == 18 and len(searched) == 14
     assert planned == {"organism_data": 1, "organism_model": 1, "calib": 2, "inputs": 2, "grads": 1, "acts": 1,
-                       "search": 2 * 14, "merge": 14, "export": 18, "pack": 15, "eval_fp": 1, "eval": 18,
+                       "search": 2 * 14, "merge": 14, "export": 3, "pack": 15, "eval_fp": 1, "eval": 18,
                        "lmms_eval": len(runs), "lmms_eval_fp": 1, "summary": 1, "plots": 1, "all": 1}
 
 
@@ -64,7 +65,7 @@ def test_organism_text_config_plans_the_text_calibrated_runs(tmp_path):
     text = yaml.safe_load((REPO / "config" / "organism-text.yaml").read_text())
     assert text["calib"]["organism-text"]["format"] == "text"
     assert planned == {"organism_data": 1, "organism_model": 1, "calib": 3, "inputs": 3, "grads": 2, "acts": 2,
-                       "search": 2 * 2 * 4, "merge": 2 * 4, "export": 2 * 6, "pack": 2 * 3, "eval_fp": 1,
+                       "search": 2 * 2 * 4, "merge": 2 * 4, "export": 2 * 3, "pack": 2 * 3, "eval_fp": 1,
                        "eval": 2 * 6, "lmms_eval": 2 * 6, "lmms_eval_fp": 1, "summary": 1, "plots": 2, "all": 1}
 
 

@@ -36,8 +36,9 @@ SLURM_ARGS = ("--profile", "workflow/profiles/slurm", "--jobs", "4", "--default-
 
 
 def one_run_on_cpu(cfg):
-    """The demo with one MBQ run (every rule kind: grads, acts, chunks, merge, export, eval), on the CPU."""
+    """The demo with one MBQ run (every rule kind: grads, acts, chunks, merge, export, pack, eval), on the CPU."""
     cfg["device"] = "cpu"
+    cfg["export"]["formats"] = ["pseudo", "compressed-tensors"]
     cfg["targets"]["runs"] = [RUN]
 
 

@@ -75,7 +75,7 @@ def test_a_family_is_one_file(tmp_path, demo_root):
 
 def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
     """Qwen3-VL-MoE (deepstack, MoE layers and a dense one) through Snakemake: grads, acts, two search chunks,
-    merge, both checkpoint formats, eval and the summary, with the per-expert rows in the search table."""
+    merge, the packed checkpoint, eval and the summary, with the per-expert rows in the search table."""
     workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": paths.DEMO_MODEL.format(family="qwen3_vl_moe")}}),
                             c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"])))
     workdir.snakemake()
@@ -92,7 +92,7 @@ def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
 
 def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir):
     """Qwen3-VL-MoE, MBQ W4A8 through Snakemake: grads, acts, search (experts searched with their routed tokens'
-    inputs quantized), merge, the pseudo checkpoint evaluated with activations quantized at run time, and packed/
+    inputs quantized), merge, the eval with activations quantized at run time, the pseudo checkpoint and packed/
     with every expert per expert, equal to the pseudo checkpoint tensor for tensor."""
     import torch
     from safetensors.torch import load_file
@@ -101,6 +101,7 @@ def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir)
     from vlmquant.models import get_adapter
 
     workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
+                            c["export"].update(formats=["pseudo", "compressed-tensors"]),
                             c["targets"].update(models=["demo-moe"], runs=["mbq-w4a8"])))
     workdir.snakemake()
     summary = pd.read_csv(workdir.file("results/summary.csv"))

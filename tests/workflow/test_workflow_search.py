@@ -121,7 +121,7 @@ def test_both_distort_definitions_run_through_every_stage(workdir):
     caches = {}
     for name, d in runs.items():
         where = {"model": "demo-qwen2vl", "calib": "demo", "run": name}
-        for out in (paths.EVAL, paths.CHECKPOINT):
+        for out in (paths.EVAL, paths.PACKED):
             assert workdir.file(out.format(**where)).exists()
         chained = {p.name for p in workdir.file(paths.SCALES.format(**where, chunk="000")).iterdir()}
         assert paths.NEXT_INPUTS in chained and (paths.NEXT_FP_INPUTS in chained) == (d == "reference")

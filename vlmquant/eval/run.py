@@ -1,4 +1,6 @@
-"""Eval stages: the fp reference (once per model and eval set) and the eval of a checkpoint against it.
+"""Eval stages: the fp reference (once per model and eval set) and the eval of a run's weights against it: made in
+memory from the fp model and the scale cache as export writes them (RunWeights: the workflow's), or read from a pseudo
+checkpoint folder; the same weights give the same table.
 
 fp reference, `fp.safetensors` (small: nothing of size sequence × vocabulary):
   cap.sample, cap.pos, cap.target (N,)   caption prediction positions, in sample order
@@ -18,6 +20,7 @@ Tables (`fp.parquet`, `eval.parquet`), long format, one metric value per row:
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +32,10 @@ from vlmquant.errors import VlmquantError
 from vlmquant.eval.table import write_table
 from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_logmass, select_positions,
                                    weight_error, weight_scale_factors)
-from vlmquant.export.checkpoint import load_scales, read_quant_info
+from vlmquant.export.checkpoint import load_scales, pseudo_model, read_quant_info, streamed_pseudo
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import check_weights, package_versions, sha256_file, weights_fingerprint
+from vlmquant.io.scales import check_cache_weights
 from vlmquant.models.loading import Checkpoint
 from vlmquant.models.memory import use_streaming
 from vlmquant.models.stream import StreamedModel
@@ -101,14 +105,16 @@ def forward_batches(model, adapter, samples, selection, batch_size, device, dtyp
 
 
 @torch.no_grad()
-def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=(), on_layer=None, input_scales=None):
+def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=(), on_layer=None, input_scales=None,
+                     load_layer=None):
     """forward_batches layer-major over a models.stream.StreamedModel: every batch goes through decoder layer i,
     then the layer is dropped; the same dicts, in the same order, once all layers have run.
 
     scheme, exclude: weight-activation checkpoints quantize every decoder linear's input (minus the names in
     `exclude`, relative to the layer root) and the fused experts' inputs as quant.model.quantized_activations does
     on a whole model (NVFP4 W4A4: with the static `input_scales` {name: global input scale}).
-    on_layer(i, layer): called with each loaded decoder layer (the weight errors).
+    on_layer(i, layer): called with each loaded decoder layer (the weight errors). load_layer(i): decoder layer i on
+    the device (default sm.layer: as the folder holds it).
     """
     parts, exclude = [], set(exclude)
     for ids in batch_ids(len(samples), batch_size):
@@ -118,7 +124,7 @@ def streamed_batches(sm, samples, selection, batch_size, scheme=None, exclude=()
                       "args": args, "captured": {}})
     sm.phase("host")
     for i in tqdm(range(sm.n_layers), desc="eval", unit="layer"):
-        layer = sm.layer(i)
+        layer = (load_layer or sm.layer)(i)
         named = [(f"layers.{i}.{n}", m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
                  and f"layers.{i}.{n}" not in exclude and not never_quantized(f"layers.{i}.{n}", sm.adapter)]
         scales = None if input_scales is None else [input_scales[n] for n, _ in named]
@@ -254,12 +260,46 @@ def weight_rows(model, adapter, fp_path, entries):
     return errors.table_rows()
 
 
-# --- eval of a checkpoint --------------------------------------------------------------------
+# --- eval of a run's weights ----------------------------------------------------------------
+@dataclass(frozen=True)
+class RunWeights:
+    """A run's weights made in memory from the fp model and the run's scale cache (None for RTN) exactly as export
+    writes its pseudo checkpoint (export.checkpoint.pseudo_model, streamed_pseudo): what run_eval measures instead of
+    a written checkpoint folder. spec: the run's RunSpec; names: {"model", "calib", "run"}, checked against the
+    cache's metadata as export checks them."""
+    spec: object
+    cache_path: str | None = None
+    names: dict | None = None
+
+
+def open_quantized(model, quantized, streamed):
+    """(quantization.json dict, the scale entries folded into the weights, what runs them) of `quantized`: a pseudo
+    checkpoint folder or RunWeights. What runs them: streamed, (models.stream.StreamedModel, its load_layer(i));
+    resident, the whole model."""
+    if isinstance(quantized, RunWeights):
+        spec, cache, names = quantized.spec, quantized.cache_path, quantized.names
+        check_cache_weights(cache, model.path)
+        if streamed:
+            job, quantize, info = streamed_pseudo(model, spec, cache, names)
+            return info, job.result["applied"], (job.sm, lambda i: job.layer(i, quantize))
+        full, result, info = pseudo_model(model, spec, cache, names)
+        return info, result["applied"], full
+    info, entries = read_quant_info(quantized), load_scales(quantized)
+    # a checkpoint made from the weights the model folder holds now (a file without the record passes)
+    check_weights(info.get("source_weights"), model.path, f"{quantized}: checkpoint")
+    if streamed:
+        sm = StreamedModel(model, quantized)
+        return info, entries, (sm, sm.layer)
+    return info, entries, model.load(quantized)
+
+
 @torch.no_grad()
-def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids, held_out=None, allow_overlap=False):
-    """Evaluate a pseudo-quantized checkpoint of `model` (ModelRef: the fp source, its family, device, dtype and
-    memory settings) against the fp reference; write its table. Streamed (model.stream), the checkpoint's decoder
-    layers are loaded one at a time; resident, the whole checkpoint at once: the same table.
+def run_eval(model, quantized, inputs_path, ref_path, table_path, settings, ids, held_out=None, allow_overlap=False):
+    """Evaluate a pseudo-quantized model of `model` (ModelRef: the fp source, its family, device, dtype and memory
+    settings) against the fp reference; write its table. `quantized`: RunWeights (the run's weights made in memory,
+    as export would write them) or a pseudo checkpoint folder: the same table for the same weights. Streamed
+    (model.stream), the decoder layers are loaded (and quantized) one at a time; resident, the whole model at once:
+    the same table.
 
     held_out: (eval set Parquet, search set Parquet) of a run with scales, whose names are ids["eval_calib"] and
     ids["calib"]: the eval set must share no image with the set the scales came from (data.overlap; a warning
@@ -267,10 +307,10 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     if held_out is not None:
         check_eval_parquets(ids["eval_calib"], held_out[0], ids["calib"], held_out[1], allow_overlap)
     _check_settings(settings)
-    adapter, device, dtype, fp_path = model.adapter, model.device, model.dtype, model.path
-    quant = read_quant_info(checkpoint)
-    # checkpoint and fp reference made from the weights the model folder holds now (a file without the record passes)
-    check_weights(quant.get("source_weights"), fp_path, f"{checkpoint}: checkpoint")
+    adapter, fp_path = model.adapter, model.path
+    streamed = use_streaming(model.stream, model)
+    quant, entries, runner = open_quantized(model, quantized, streamed)
+    label = (quantized.cache_path or f"runs.{quantized.spec.name}") if isinstance(quantized, RunWeights) else quantized
     ref, ref_meta = load_reference(ref_path)
     check_weights(ref_meta.get("weights"), fp_path, f"{ref_path}: fp reference")
     inputs_sha = sha256_file(inputs_path)
@@ -286,19 +326,19 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     scheme = Scheme(**quant["scheme"]) if quant.get("scheme") else None
     ignored = quant.get("ignored_modules", ())
     input_scales = quant.get("input_global_scales")  # NVFP4 W4A4's static ones
-    weights = WeightErrors(adapter, fp_path, load_scales(checkpoint))
-    if use_streaming(model.stream, model):
-        sm = StreamedModel(model, checkpoint)
+    weights = WeightErrors(adapter, fp_path, entries)
+    if streamed:
+        sm, load_layer = runner
         n_layers = sm.n_layers
-        _check_depth(checkpoint, n_layers, ref_meta)
+        _check_depth(label, n_layers, ref_meta)
         batches = streamed_batches(sm, samples, selection, settings["batch_size"], scheme, ignored, weights.add_layer,
-                                   input_scales)
+                                   input_scales, load_layer)
         context = contextlib.nullcontext()
     else:
-        full = model.load(checkpoint)
+        full = runner
         n_layers = len(adapter.layers(full))
-        _check_depth(checkpoint, n_layers, ref_meta)
-        batches = forward_batches(full, adapter, samples, selection, settings["batch_size"], device, dtype)
+        _check_depth(label, n_layers, ref_meta)
+        batches = forward_batches(full, adapter, samples, selection, settings["batch_size"], model.device, model.dtype)
         context = quantized_activations(full, adapter, scheme, ignored, input_scales)
     errors = ErrorSums()
     nll_sum = kl_sum = top1 = 0.0
@@ -312,7 +352,7 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
                     raise VlmquantError(f"{ref_path}: the fp reference positions do not match the eval inputs; rerun it")
             logq = out["logp"]
             if not torch.isfinite(logq).all():
-                raise VlmquantError(f"{checkpoint}: non-finite logits on the eval set")
+                raise VlmquantError(f"{label}: non-finite logits on the eval set")
             dev = logq.device
             idx = ref["cap.topk_idx"][n_cap:n_cap + n].to(dev)
             lp = ref["cap.topk_logp"][n_cap:n_cap + n].to(dev)
@@ -335,12 +375,14 @@ def run_eval(model, checkpoint, inputs_path, ref_path, table_path, settings, ids
     rows += [("hidden_rel_mse", i, mod, errors.relative((i, mod))) for i in range(n_layers) for mod in ("vision", "text")]
     rows += weights.table_rows()
     provenance = {**ids, "settings": {k: settings[k] for k in SETTINGS}, "inputs_sha256": inputs_sha,
-                  "fp_reference_sha256": sha256_file(ref_path), "checkpoint": str(checkpoint),
+                  "fp_reference_sha256": sha256_file(ref_path),
+                  # in memory: the scale cache's path and sha256 and the weights' fingerprint are in `quantization`
+                  "checkpoint": None if isinstance(quantized, RunWeights) else str(quantized),
                   "method": quant["method"], "w_bit": quant["w_bit"], "w_group": quant["w_group"],
                   "a_bit": quant.get("a_bit"), "quantization": {k: v for k, v in quant.items() if k != "packages"}, "packages": package_versions()}
     write_table(rows, table_path, ids, provenance)
 
 
-def _check_depth(checkpoint, n_layers, ref_meta):
+def _check_depth(label, n_layers, ref_meta):
     if n_layers != ref_meta["n_layers"]:
-        raise VlmquantError(f"{checkpoint}: {n_layers} decoder layers, the fp reference has {ref_meta['n_layers']}")
+        raise VlmquantError(f"{label}: {n_layers} decoder layers, the fp reference has {ref_meta['n_layers']}")

@@ -348,32 +348,48 @@ def pseudo_info(model, spec, result, info):
     }
 
 
+def pseudo_model(model, spec, cache_path=None, names=None):
+    """The pseudo checkpoint's model, in memory: the fp model of `model` (ModelRef) loaded whole, the run's scale cache
+    folded in and the decoder linears fake-quantized (GPTQ runs: their stored weights). Returns (model,
+    fold_for_export's result, the quantization.json dict)."""
+    fp, result, info = load_and_fold(model, spec, cache_path, names)
+    pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
+    write_stored(layer_root(fp, model.adapter), result["stored"])
+    return fp, result, pseudo_info(model, spec, result, info)
+
+
+def streamed_pseudo(model, spec, cache_path=None, names=None):
+    """The streamed form of pseudo_model: (a StreamedExport, its `quantize` of the pseudo checkpoint, the
+    quantization.json dict). job.layer(i, quantize) is decoder layer i of the pseudo checkpoint on the device (free
+    it with job.sm.drop(i))."""
+    job = StreamedExport(model, spec, cache_path, names)
+    check_experts(decoder_experts(job.sm.skeleton, model.adapter), spec)
+
+    def quantize(layer, i, linears, experts):
+        quantize_linears([(n, layer.get_submodule(n)) for n in linears] + experts, spec)
+        write_stored(layer, job.result["stored"], f"layers.{i}.")
+
+    return job, quantize, pseudo_info(model, spec, job.result, job.info)
+
+
 def export_checkpoint(model, spec, out_dir, cache_path=None, max_shard_size="5GB", names=None):
     """fp model (ModelRef) + scale cache (none for RTN) → pseudo-quantized HF folder at `out_dir`.
 
     spec: the run's RunSpec (its ignore: export.ignore); names: {"model", "calib", "run"}. Streamed
     (model.stream: models.memory.use_streaming), decoder layers are loaded, folded, quantized and written one at a
-    time; resident, the whole model is loaded and saved with save_pretrained. Both write the same bytes.
+    time (streamed_pseudo); resident, the whole model is loaded (pseudo_model) and saved with save_pretrained. Both
+    write the same bytes, the weights eval.run.run_eval measures in memory.
     """
     streamed = use_streaming(model.stream, model)
     if streamed:
-        job = StreamedExport(model, spec, cache_path, names)
-        check_experts(decoder_experts(job.sm.skeleton, model.adapter), spec)
+        job, quantize, info = streamed_pseudo(model, spec, cache_path, names)
         result = job.result
-        info = pseudo_info(model, spec, result, job.info)
     else:
-        fp, result, info = load_and_fold(model, spec, cache_path, names)
-        pseudo_quantize(fp, model.adapter, spec, exclude=result["ignored"])
-        write_stored(layer_root(fp, model.adapter), result["stored"])
-        info = pseudo_info(model, spec, result, info)
+        fp, result, info = pseudo_model(model, spec, cache_path, names)
     src = Path(model.path)
     remove_stale_temps(out_dir)
     with atomic_dir(out_dir) as tmp:
         if streamed:
-            def quantize(layer, i, linears, experts):
-                quantize_linears([(n, layer.get_submodule(n)) for n in linears] + experts, spec)
-                write_stored(layer, result["stored"], f"layers.{i}.")
-
             job.write(tmp, quantize, max_shard_size)
         else:
             fp.save_pretrained(tmp, max_shard_size=shard_bytes(max_shard_size))

@@ -124,7 +124,7 @@ def notes(config):
     for name in config["targets"].get("runs", []):
         run = config["runs"][name]
         reason = RunSpec.from_config(name, run).packed_form()
-        if reason and "formats" not in run:
+        if reason and "formats" not in run and "compressed-tensors" in config["export"]["formats"]:
             why = reason.split(": ", 1)[-1]  # without the scheme's fields
             out.append(f"note: runs.{name}: writes checkpoint/ (pseudo) only, no packed/: {why} "
                        "(set formats: [pseudo] to drop this note)")

@@ -19,10 +19,12 @@ LMMS_MODEL = "vlmquant"  # lmms-eval's name of vlmquant.eval.lmms_model (every f
 
 
 def run_specs(config):
-    """{run name: RunSpec} of a checked config (export.ignore in every spec)."""
+    """{run name: RunSpec} of a checked config (export.ignore and export.formats in every spec)."""
     from vlmquant.spec import RunSpec
 
-    return {name: RunSpec.from_config(name, run, config["export"]["ignore"]) for name, run in config["runs"].items()}
+    export = config["export"]
+    return {name: RunSpec.from_config(name, run, export["ignore"], export["formats"])
+            for name, run in config["runs"].items()}
 
 
 def demo_output(path):
@@ -284,8 +286,8 @@ def search_runs(config):
 
 
 def evaluated_checkpoint(spec):
-    """The checkpoint the eval reads: the pseudo one, or the packed one (dequantized on load) when the run
-    exports no pseudo checkpoint."""
+    """The checkpoint lmms-eval reads: the pseudo one, or the packed one (dequantized on load) when the run
+    exports no pseudo checkpoint. (The eval table needs none: eval.run.RunWeights.)"""
     return paths.CHECKPOINT if "pseudo" in spec.formats else paths.PACKED
 
 
