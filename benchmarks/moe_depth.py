@@ -59,6 +59,7 @@ import torch
 import transformers
 
 import stages
+from vlmquant.models import get_adapter
 from common import (QWEN3_SHAPES, environment, qwen3_layer, qwen3_text_config, random_cache, stage_jobs,
                     write_inputs, write_json, write_model_folder)
 
@@ -88,9 +89,12 @@ def make_folder(root, shape, n_layers, vocab, dtype):
     def new_layer(device, seed):
         return qwen3_layer(shape, device, dtype, seed)[0]
 
-    return write_model_folder(root, model_config(shape, n_layers, vocab), model_config(shape, 0, vocab),
-                              "Qwen3VLMoeForConditionalGeneration", new_layer, [n_layers - 2, n_layers - 1], dtype,
-                              DEVICE)
+    folder = write_model_folder(root, model_config(shape, n_layers, vocab), model_config(shape, 0, vocab),
+                                "Qwen3VLMoeForConditionalGeneration", new_layer, [n_layers - 2, n_layers - 1], dtype,
+                                DEVICE)
+    # the demo's processor files, which export copies into each checkpoint (no stage tokenizes: write_inputs)
+    get_adapter("qwen3_vl_moe").demo()[1].save_pretrained(folder)
+    return folder
 
 
 def disk_throughput(folder, gib):
