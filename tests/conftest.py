@@ -36,6 +36,20 @@ def pytest_collection_modifyitems(config, items):
         if (in_workflow or "pipe" in item.fixturenames) and "slow" not in item.keywords:
             raise pytest.UsageError(f"{item.nodeid}: a test in tests/workflow/ or of the `pipe` fixture must be "
                                     "marked slow")
+    group_for_xdist(items)
+
+
+def group_for_xdist(items):
+    """pytest-xdist (`-n 2 --dist loadgroup` in pyproject's addopts) sends each group to one worker, which sets up
+    its module and session fixtures once: the modules of the `pipe` fixture are the group `pipe` (their
+    pytestmark names it; the run is built once), every other module is a group of its own."""
+    for item in items:
+        marks = [m.args[0] for m in item.iter_markers("xdist_group")]
+        if "pipe" in item.fixturenames and marks != ["pipe"]:
+            raise pytest.UsageError(f"{item.nodeid}: a test of the `pipe` fixture must be in its xdist group: add "
+                                    "pytest.mark.xdist_group(\"pipe\") to the module's pytestmark")
+        if not marks:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def _starts_snakemake(args):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, _starts_snakemake
+from conftest import REPO, _starts_snakemake, group_for_xdist
 
 
 @pytest.mark.parametrize("args, starts", [
@@ -30,3 +30,28 @@ def test_every_workflow_test_file_is_marked_slow(path):
     marks = [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.Assign)
              and any(getattr(t, "id", None) == "pytestmark" for t in node.targets)]
     assert marks and "slow" in ast.unparse(marks[0].value), f"{path.name}: set pytestmark = pytest.mark.slow"
+
+
+class Item:
+    """The parts of a pytest item that group_for_xdist reads and writes."""
+
+    def __init__(self, nodeid, fixtures, groups=()):
+        self.nodeid, self.fixturenames = nodeid, list(fixtures)
+        self.marks = [pytest.mark.xdist_group(g).mark for g in groups]
+
+    def iter_markers(self, name):
+        return (m for m in self.marks if m.name == name)
+
+    def add_marker(self, mark):
+        self.marks.append(mark.mark)
+
+
+def test_xdist_groups_are_the_modules_and_pipe():
+    items = [Item("tests/test_a.py::test_x", ["tmp_path"]), Item("tests/test_a.py::test_y", []),
+             Item("tests/workflow/test_b.py::test_z", ["pipe"], ["pipe"]),
+             Item("tests/workflow/test_b.py::test_w", ["workdir"], ["pipe"])]
+    group_for_xdist(items)
+    assert [[m.args[0] for m in i.iter_markers("xdist_group")] for i in items] == [
+        ["tests/test_a.py"], ["tests/test_a.py"], ["pipe"], ["pipe"]]
+    with pytest.raises(pytest.UsageError, match=r"test_c.py::test_v: a test of the `pipe` fixture must be in its xdist"):
+        group_for_xdist([Item("tests/workflow/test_c.py::test_v", ["pipe"])])
