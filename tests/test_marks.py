@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, _starts_snakemake, group_for_xdist
+from conftest import REPO, _starts_snakemake, pipe_first, xdist_scope
 
 
 @pytest.mark.parametrize("args, starts", [
@@ -32,26 +32,20 @@ def test_every_workflow_test_file_is_marked_slow(path):
     assert marks and "slow" in ast.unparse(marks[0].value), f"{path.name}: set pytestmark = pytest.mark.slow"
 
 
+
 class Item:
-    """The parts of a pytest item that group_for_xdist reads and writes."""
+    """The parts of a pytest item that pipe_first reads."""
 
-    def __init__(self, nodeid, fixtures, groups=()):
+    def __init__(self, nodeid, fixtures=()):
         self.nodeid, self.fixturenames = nodeid, list(fixtures)
-        self.marks = [pytest.mark.xdist_group(g).mark for g in groups]
-
-    def iter_markers(self, name):
-        return (m for m in self.marks if m.name == name)
-
-    def add_marker(self, mark):
-        self.marks.append(mark.mark)
 
 
-def test_xdist_groups_are_the_modules_and_pipe():
-    items = [Item("tests/test_a.py::test_x", ["tmp_path"]), Item("tests/test_a.py::test_y", []),
-             Item("tests/workflow/test_b.py::test_z", ["pipe"], ["pipe"]),
-             Item("tests/workflow/test_b.py::test_w", ["workdir"], ["pipe"])]
-    group_for_xdist(items)
-    assert [[m.args[0] for m in i.iter_markers("xdist_group")] for i in items] == [
-        ["tests/test_a.py"], ["tests/test_a.py"], ["pipe"], ["pipe"]]
-    with pytest.raises(pytest.UsageError, match=r"test_c.py::test_v: a test of the `pipe` fixture must be in its xdist"):
-        group_for_xdist([Item("tests/workflow/test_c.py::test_v", ["pipe"])])
+def test_the_pipe_modules_run_first_on_one_worker_and_other_modules_whole():
+    items = [Item("tests/test_a.py::test_x"), Item("tests/workflow/test_eval.py::test_y", ["pipe"]),
+             Item("tests/test_a.py::test_z[a::b]"), Item("tests/workflow/test_workflow_search.py::test_w")]
+    pipe_first(items)
+    assert [i.nodeid for i in items] == ["tests/workflow/test_eval.py::test_y", "tests/workflow/test_workflow_search.py::test_w",
+                                         "tests/test_a.py::test_x", "tests/test_a.py::test_z[a::b]"]
+    assert [xdist_scope(i.nodeid) for i in items] == ["pipe", "pipe", "tests/test_a.py", "tests/test_a.py"]
+    with pytest.raises(pytest.UsageError, match=r"test_c.py::test_v: a module of tests of the `pipe` fixture must be"):
+        pipe_first([Item("tests/workflow/test_c.py::test_v", ["pipe"])])

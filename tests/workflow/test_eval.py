@@ -21,7 +21,7 @@ from vlmquant.quant.model import apply_scale_cache, decoder_linears
 from vlmquant.models.capture import load_samples, model_inputs
 
 ADAPTER = get_adapter("qwen2_vl")
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 SETTINGS = {"batch_size": 4, "kl_top_k": 0, "hidden_positions": 16}  # the demo config's eval settings
 
 

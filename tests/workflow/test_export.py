@@ -28,7 +28,7 @@ from vlmquant.models.capture import load_samples, model_inputs
 from conftest import open_demo, run_spec
 from vlmquant import paths
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 ADAPTER = get_adapter("qwen2_vl")
 RUN = run_spec("mbq-w3g128", method="mbq", w_bit=3, w_group=128)
 RTN = run_spec("rtn-w3g128", method="rtn", w_bit=3, w_group=128)

@@ -9,7 +9,7 @@ from vlmquant import paths
 from vlmquant.export.checkpoint import read_quant_info
 from vlmquant.io.scales import load_cache
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 
 RUN = "mbq-nvfp4"
 IDS = {"model": "demo-qwen2vl", "calib": "demo", "run": RUN}

@@ -21,7 +21,7 @@ from conftest import REPO, Workdir, parse_job_stats, snakemake_env
 from vlmquant import paths
 from vlmquant.workflow import BASE_MB, model_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 MODEL = "demo-qwen2vl"
 RUN = "mbq-w3g128"
 CACHE = paths.SCALE_CACHE.format(model=MODEL, calib="demo", run=RUN)

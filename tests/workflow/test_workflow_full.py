@@ -20,7 +20,7 @@ from vlmquant import paths
 from vlmquant.report.summary import COLUMNS
 from vlmquant.workflow import FIGURES
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from vlmquant.io.scales import load_cache
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 RUNS = ("gptq-w3g128", "mbq-gptq-w3g128")
 
 

@@ -9,7 +9,7 @@ import pytest
 from e2e_pipeline import CALIB, MODEL, RUNS
 from vlmquant import paths
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 DOWNSTREAM_OF_EVAL = {"summary": 1, "plots": 1, "all": 1}
 
 

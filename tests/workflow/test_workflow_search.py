@@ -13,7 +13,7 @@ from conftest import Workdir, snakemake_env
 from vlmquant import paths
 from vlmquant.io.scales import load_cache
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipe")]  # one worker builds `pipe` once
+pytestmark = pytest.mark.slow
 MBQ = paths.SCALE_CACHE.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128")
 AWQ = paths.SCALE_CACHE.format(model="demo-qwen2vl", calib="demo", run="awq-w3g128")
 SCALES = paths.RUN.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128") + "/scales"  # chunk_NNN/ folders
