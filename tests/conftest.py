@@ -36,6 +36,48 @@ def pytest_collection_modifyitems(config, items):
         if (in_workflow or "pipe" in item.fixturenames) and "slow" not in item.keywords:
             raise pytest.UsageError(f"{item.nodeid}: a test in tests/workflow/ or of the `pipe` fixture must be "
                                     "marked slow")
+    pipe_first(items)
+
+
+# The modules whose tests use the `pipe` fixture (test_slurm's `local` asks for it without a GPU): one pytest-xdist
+# worker runs them all and builds the run once (pytest_xdist_make_scheduler).
+PIPE_MODULES = {f"tests/workflow/{name}.py" for name in (
+    "test_eval", "test_export", "test_fp4_workflow", "test_slurm", "test_workflow_full", "test_workflow_gptq",
+    "test_workflow_report", "test_workflow_search")}
+
+
+def module_of(nodeid):
+    """'tests/workflow/test_eval.py::test_x[a]' → 'tests/workflow/test_eval.py'."""
+    return nodeid.split("::")[0]
+
+
+def pipe_first(items):
+    """The tests of PIPE_MODULES first (the longest group starts first), the others in their order; a test of the
+    `pipe` fixture elsewhere is a usage error."""
+    for item in items:
+        if "pipe" in item.fixturenames and module_of(item.nodeid) not in PIPE_MODULES:
+            raise pytest.UsageError(f"{item.nodeid}: a module of tests of the `pipe` fixture must be listed in "
+                                    "tests/conftest.py PIPE_MODULES")
+    items.sort(key=lambda item: module_of(item.nodeid) not in PIPE_MODULES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (`-n 2` in pyproject's addopts) sends each test module whole to one worker, which sets up its
+    module and session fixtures once, and the modules of PIPE_MODULES together to one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return xdist_scope(nodeid)
+
+    return ByModule(config, log)
+
+
+def xdist_scope(nodeid):
+    """The scope a test runs in on one worker: 'pipe' for PIPE_MODULES, else its module."""
+    module = module_of(nodeid)
+    return "pipe" if module in PIPE_MODULES else module
 
 
 def _starts_snakemake(args):

@@ -1,7 +1,10 @@
 """Imports flow one way (DESIGN.md): paths, errors → io, quant → models, data → search, export, eval → report,
 workflow. The package-level import graph of vlmquant/, read with ast from the sources (imports inside functions
-included), has no circle and no edge against that order."""
+included), has no circle and no edge against that order. The scripts of the jobs that need no model import no torch
+or transformers."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,35 @@ def test_workflow_modules_import_one_way():
         imported = {node.module.split(".")[2] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                     and node.module and node.module.startswith("vlmquant.workflow.")}
         assert all(WORKFLOW_LEVELS[m] < WORKFLOW_LEVELS[name] for m in imported), (name, imported)
+
+
+# What each light script's imports (the lines above its `with script_logging`) may not load: these jobs start in
+# well under a second instead of the ~5 CPU seconds of torch + transformers.modeling_utils (issue 30).
+LIGHT_SCRIPTS = {
+    "calib": ("torch", "transformers", "pandas", "matplotlib"),
+    "demo_data": ("torch", "transformers", "pandas"),
+    "summary": ("torch", "transformers", "matplotlib"),
+    "plots": ("torch", "transformers"),
+    "merge": ("transformers", "pandas", "matplotlib"),
+    "lmms_eval": ("torch", "transformers", "pandas"),
+}
+
+
+def script_imports(name):
+    """The import statements of scripts/<name>.py, in order."""
+    tree = ast.parse((REPO / "scripts" / f"{name}.py").read_text())
+    return [ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT_SCRIPTS))
+def test_light_scripts_import_no_heavy_module(name):
+    code = "; ".join([*script_imports(name), "import sys", f"print(sorted(m for m in {LIGHT_SCRIPTS[name]!r} "
+                                                            "if m in sys.modules))"])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]", f"scripts/{name}.py imports {res.stdout.strip()}"
+
+
+def test_the_import_check_sees_a_heavy_module():
+    code = "; ".join([*script_imports("merge"), "import sys", "print('torch' in sys.modules)"])
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout == "True\n"

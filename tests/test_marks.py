@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, _starts_snakemake
+from conftest import REPO, _starts_snakemake, pipe_first, xdist_scope
 
 
 @pytest.mark.parametrize("args, starts", [
@@ -30,3 +30,22 @@ def test_every_workflow_test_file_is_marked_slow(path):
     marks = [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.Assign)
              and any(getattr(t, "id", None) == "pytestmark" for t in node.targets)]
     assert marks and "slow" in ast.unparse(marks[0].value), f"{path.name}: set pytestmark = pytest.mark.slow"
+
+
+
+class Item:
+    """The parts of a pytest item that pipe_first reads."""
+
+    def __init__(self, nodeid, fixtures=()):
+        self.nodeid, self.fixturenames = nodeid, list(fixtures)
+
+
+def test_the_pipe_modules_run_first_on_one_worker_and_other_modules_whole():
+    items = [Item("tests/test_a.py::test_x"), Item("tests/workflow/test_eval.py::test_y", ["pipe"]),
+             Item("tests/test_a.py::test_z[a::b]"), Item("tests/workflow/test_workflow_search.py::test_w")]
+    pipe_first(items)
+    assert [i.nodeid for i in items] == ["tests/workflow/test_eval.py::test_y", "tests/workflow/test_workflow_search.py::test_w",
+                                         "tests/test_a.py::test_x", "tests/test_a.py::test_z[a::b]"]
+    assert [xdist_scope(i.nodeid) for i in items] == ["pipe", "pipe", "tests/test_a.py", "tests/test_a.py"]
+    with pytest.raises(pytest.UsageError, match=r"test_c.py::test_v: a module of tests of the `pipe` fixture must be"):
+        pipe_first([Item("tests/workflow/test_c.py::test_v", ["pipe"])])

@@ -15,7 +15,8 @@ RUN = "mbq-nvfp4"
 IDS = {"model": "demo-qwen2vl", "calib": "demo", "run": RUN}
 
 
-def test_mbq_nvfp4_w4a4_runs_to_a_packed_folder_and_an_eval(workdir):
+def test_mbq_nvfp4_w4a4_runs_to_a_packed_folder_and_an_eval(pipe, tmp_path):
+    workdir = pipe.copy(tmp_path)  # calib, inputs, grads, acts and the fp eval done
     workdir.edit(lambda c: c["runs"].update({RUN: {"method": "mbq", "w_bit": 4, "w_type": "nvfp4", "a_bit": 4}}))
     packed, eval_table = paths.PACKED.format(**IDS), paths.EVAL.format(**IDS)
     workdir.snakemake(packed, eval_table)

@@ -73,11 +73,20 @@ def test_a_family_is_one_file(tmp_path, demo_root):
     assert "models.demo-vip.path: results/demo/model-vipllava has model_type 'vipllava'" in res.stdout + res.stderr
 
 
-def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory, demo_root):
+    """A workflow with the Qwen3-VL-MoE demo model as demo-moe; the tests below run one run each in it, sharing
+    its demo model, calib, inputs, grads, acts and fp eval."""
+    wd = Workdir(tmp_path_factory.mktemp("moe"), demo_root)
+    wd.edit(lambda c: c["models"].update({"demo-moe": {"path": paths.DEMO_MODEL.format(family="qwen3_vl_moe")}}))
+    return wd
+
+
+def test_a_mixture_of_experts_family_runs_the_workflow(moe):
     """Qwen3-VL-MoE (deepstack, MoE layers and a dense one) through Snakemake: grads, acts, two search chunks,
     merge, the packed checkpoint, eval and the summary, with the per-expert rows in the search table."""
-    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": paths.DEMO_MODEL.format(family="qwen3_vl_moe")}}),
-                            c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"])))
+    workdir = moe
+    workdir.edit(lambda c: c["targets"].update(models=["demo-moe"], runs=["mbq-w3g128"]))
     workdir.snakemake()
     summary = pd.read_csv(workdir.file(paths.SUMMARY_CSV))
     assert summary.run.tolist() == ["fp", "mbq-w3g128"] and set(summary.model) == {"demo-moe"}
@@ -90,7 +99,7 @@ def test_a_mixture_of_experts_family_runs_the_workflow(workdir):
     assert len(packed["packed_experts"]) == 6
 
 
-def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir):
+def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(moe):
     """Qwen3-VL-MoE, MBQ W4A8 through Snakemake: grads, acts, search (experts searched with their routed tokens'
     inputs quantized), merge, the eval with activations quantized at run time, the pseudo checkpoint and packed/
     with every expert per expert, equal to the pseudo checkpoint tensor for tensor."""
@@ -100,8 +109,8 @@ def test_an_mbq_w4a8_run_on_a_mixture_of_experts_model_runs_every_stage(workdir)
 
     from vlmquant.models import get_adapter
 
-    workdir.edit(lambda c: (c["models"].update({"demo-moe": {"path": "results/demo/model-qwen3_vl_moe"}}),
-                            c["export"].update(formats=["pseudo", "compressed-tensors"]),
+    workdir = moe
+    workdir.edit(lambda c: (c["export"].update(formats=["pseudo", "compressed-tensors"]),
                             c["targets"].update(models=["demo-moe"], runs=["mbq-w4a8"])))
     workdir.snakemake()
     summary = pd.read_csv(workdir.file("results/summary.csv"))

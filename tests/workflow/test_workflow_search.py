@@ -110,9 +110,10 @@ def test_distort_run_chains_its_chunks_and_matches_one_job(pipe, tmp_path_factor
     assert workdir.planned(f"{run_dir}/scale_cache.pt") == {"search": 2, "merge": 1}
 
 
-def test_both_distort_definitions_run_through_every_stage(workdir):
+def test_both_distort_definitions_run_through_every_stage(pipe, tmp_path):
     """The demo with a reference and a layer distort run (chunks of two layers): calib → … → eval → summary;
     only the reference's chunks carry the fp chain, and the two definitions pick different scales."""
+    workdir = pipe.copy(tmp_path)  # calib, inputs, grads, acts and the fp eval done: search → … → summary run
     runs = {"distort-reference": "reference", "distort-layer": "layer"}
     workdir.edit(lambda c: (c["runs"].update({name: {"method": "mbq", "w_bit": 3, "n_grid": 4, "distort": d}
                                               for name, d in runs.items()}),
