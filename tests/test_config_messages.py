@@ -52,6 +52,11 @@ def test_error_points_at_the_file_and_line_that_set_the_key(tmp_path, monkeypatc
     assert locate("config: runs.w4.5.w_bit: 5 bits", files) == "extra.yaml: line 4: runs.w4.5.w_bit: 5 bits"
     assert locate("config: runs.w4.5.method: bad", files[:1]) == "config.yaml: line 3: runs.w4.5.method: bad"
     assert locate("config: runs.w4.5.w_bit: x", files, {"runs": {"w4.5": {"w_bit": 5}}}) == "--config: runs.w4.5.w_bit: x"
+    listed = tmp_path / "listed.yaml"  # list items: the schema's messages name them by index
+    listed.write_text("export:\n  formats:\n    - compressed-tensors\n    - bogus\n")
+    assert key_line(listed, "export.formats.1") == (True, 3, 4)
+    assert locate("config: export.formats.0: x", files, {"export": {"formats": ["bogus"]}}) == (
+        "--config: export.formats.0: x")
     assert locate("config: (top level): 'models' is a required property", files) == (
         "extra.yaml: (top level): 'models' is a required property")
     assert locate("calib.parquet: not a calibration table", files) == "calib.parquet: not a calibration table"

@@ -264,6 +264,18 @@ def test_eval_set_that_is_a_search_set_is_refused(cfg):
     assert check(cfg)["eval"]["calib"] == "demo"
 
 
+def test_a_text_eval_set_is_refused(cfg):
+    """format text has no images: the eval's vision metrics would be empty and the held-out check (by image
+    content) would pass an eval set made of the search set's own conversations."""
+    held = cfg["eval"]["calib"]
+    cfg["calib"][held]["format"] = "text"
+    assert error(cfg) == (f"config: calib.{held}.format: the eval set (eval.calib) has no images in format text, so "
+                          "its vision metrics are empty and the held-out check (by image) cannot run; use plain")
+    cfg["calib"][held]["format"] = "plain"
+    cfg["calib"]["demo"]["format"] = "text"  # a text search set is fine
+    assert check(cfg)["calib"]["demo"]["format"] == "text"
+
+
 def test_overlap_by_image_content_names_both_sets(cfg, user_data, tmp_path):
     use_data(cfg, user_data)
     out = check(cfg)

@@ -53,12 +53,16 @@ def schema_error(config, schema):
 
 
 def _pairs(node):
-    """[(key, (line, pairs of the value))] of a composed YAML mapping node (1-based lines) or of a dict (line
-    None); None for anything else."""
+    """[(key, (line, pairs of the value))] of a composed YAML mapping or sequence node (1-based lines; a list item's
+    key is its index, as in the schema's messages) or of a dict or list (line None); None for anything else."""
     if isinstance(node, yaml.MappingNode):
         return [(k.value, (k.start_mark.line + 1, _pairs(v))) for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+    if isinstance(node, yaml.SequenceNode):
+        return [(str(i), (v.start_mark.line + 1, _pairs(v))) for i, v in enumerate(node.value)]
     if isinstance(node, dict):
         return [(str(k), (None, _pairs(v))) for k, v in node.items()]
+    if isinstance(node, list):
+        return [(str(i), (None, _pairs(v))) for i, v in enumerate(node)]
     return None
 
 
@@ -198,6 +202,10 @@ def check_config(config, schema_path):
     if eval_calib not in config["calib"]:
         raise VlmquantError(f"config: eval.calib: {eval_calib!r} is not defined under 'calib' "
                             "(name a held-out calibration set, disjoint from the search sets)")
+    if config["calib"][eval_calib]["format"] == "text":
+        raise VlmquantError(f"config: calib.{eval_calib}.format: the eval set (eval.calib) has no images in format "
+                            "text, so its vision metrics are empty and the held-out check (by image) cannot run; "
+                            "use plain")
     check_paths(config)
     check_w_groups(config)
     if eval_calib in config["targets"].get("calib", []) and not config["eval"]["allow_overlap"]:
