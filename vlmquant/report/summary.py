@@ -23,7 +23,7 @@ Columns:
   calib_format                                            the calibration set's `format` (null for fp)
   gptq, distort                                           GPTQ rounding (bool) and the run's `distort` (null: none)
   time_<stage>_s                                          wall seconds from the stage's Snakemake benchmark file
-                                                          (grads, acts, search = sum over chunk jobs, export, eval;
+                                                          (grads, acts, search = sum over chunk jobs, export, pack, eval;
                                                           grads and acts are shared by the runs of a model and
                                                           calibration set); time_total_s = their sum.
 A stage a run does not need (RTN: grads, acts, search) or whose benchmark file is missing is null.
