@@ -196,7 +196,7 @@ def w4a4_export(staged, searched, demo_model_path, tmp_path_factory):
 
 def test_nvfp4_w4a4_packed_equals_pseudo_in_weights_scales_and_logits(staged, w4a4_export):
     pytest.importorskip("compressed_tensors")
-    from test_fp4_export import decompressed, tensors
+    from test_moe_packed import decompressed, tensors
 
     pseudo, packed = w4a4_export
     scheme, ignored, input_scales = runtime_activations(pseudo)
@@ -206,7 +206,7 @@ def test_nvfp4_w4a4_packed_equals_pseudo_in_weights_scales_and_logits(staged, w4
     acts = config["config_groups"]["group_0"]["input_activations"]
     assert (acts["num_bits"], acts["type"], acts["group_size"], acts["dynamic"]) == (4, "float", 16, "local")
     stored, reference = tensors(packed), tensors(pseudo)
-    dense = decompressed(packed)
+    dense = decompressed(packed, "weight_packed", cast=False)
     differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     prefix = "model.layers."
@@ -247,8 +247,7 @@ def test_mbq_nvfp4a16_on_the_moe_demo_searches_and_packs_per_expert(family_demo,
     pseudo and packed checkpoints in bf16, the packed experts (per expert) decompressing to the pseudo weights."""
     pytest.importorskip("compressed_tensors")
     from vlmquant.export.packed import export_packed
-    from test_fp4_export import decompressed, tensors
-    from test_moe_packed import in_pseudo_layout
+    from test_moe_packed import decompressed, in_pseudo_layout, tensors
 
     d, ref = family_demo("qwen3_vl_moe")
     spec = run_spec("mbq-nvfp4a16", method="mbq", w_bit=4, w_type="nvfp4", n_grid=5)
@@ -273,7 +272,7 @@ def test_mbq_nvfp4a16_on_the_moe_demo_searches_and_packs_per_expert(family_demo,
     export_checkpoint(bf16, spec, tmp_path / "checkpoint", tmp_path / "cache.pt", names=names)
     export_packed(bf16, spec, tmp_path / "packed", tmp_path / "cache.pt", names=names)
     reference = tensors(tmp_path / "checkpoint")
-    dense = in_pseudo_layout(decompressed(tmp_path / "packed"), reference, ref.adapter)
+    dense = in_pseudo_layout(decompressed(tmp_path / "packed", "weight_packed", cast=False), reference, ref.adapter)
     differ = [k for k in reference if not torch.equal(dense[k], reference[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     assert any(".mlp.experts.7.gate_proj.weight_global_scale" in k for k in tensors(tmp_path / "packed"))

@@ -209,7 +209,7 @@ def test_moe_layer_search_equals_the_straightforward_expert_loop(family_demo, mo
     plan = plan_layer(run, layer, 0, ref.adapter)
     plan = dataclasses.replace(plan, groups=plan.groups[2:], searches=plan.searches[2:], periods=plan.periods[2:])
     fast, _ = search_layer(layer, plan, hidden, args.kwargs(0), masks, run, ratios)
-    layer.mlp.experts.config._experts_implementation = "eager"
+    monkeypatch.setattr(layer.mlp.experts.config, "_experts_implementation", "eager")  # the config is shared
     monkeypatch.setattr(X, "grouped_mm_runs", lambda x: False)
     loop, _ = search_layer(layer, plan, hidden, args.kwargs(0), masks, run, ratios)
     assert fast[0].alpha == loop[0].alpha and fast[1].alpha.tolist() == loop[1].alpha.tolist()
