@@ -208,15 +208,19 @@ def random_cache(path, folder, family, seed=0):
 def stage_jobs(folder, family, dtype, memory, n):
     """{label: stages.py job} of every model stage of an MBQ W4 g128 run on the model folder of `family` with `n`
     decoder layers, whose work folder (folder/work) holds inputs.safetensors, eval_inputs.safetensors and a scale
-    cache cache.pt: grads, acts (the inputs of layer n - 2), search (the chunk of layers n - 2 and n - 1), export
-    (pseudo) and pack (compressed-tensors) of the scale cache, eval_fp and eval. memory: the config's memory block."""
+    cache cache.pt: fingerprint (the weights fingerprint every later job looks up, as in the workflow), grads, acts
+    (the inputs of layer n - 2), search (the chunk of layers n - 2 and n - 1), export (pseudo) and pack
+    (compressed-tensors) of the scale cache, eval_fp and eval (of the scale cache). memory: the config's memory
+    block."""
     w = folder / "work"
-    base = {"model": {"family": family, "path": str(folder), "dtype": dtype}, "memory": memory, "device": "auto"}
+    base = {"model": {"family": family, "path": str(folder), "dtype": dtype}, "memory": memory, "device": "auto",
+            "fingerprints": str(w / "fingerprints.json")}
     run = {"run": "mbq", "run_config": {"method": "mbq", "w_bit": 4, "w_group": 128},
            "names": {"model": "m", "calib": "c", "run": "mbq"}}
     inputs, eval_inputs = str(w / "inputs.safetensors"), str(w / "eval_inputs.safetensors")
     settings = {"batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16}
     return {
+        "fingerprint": {**base, "stage": "fingerprint"},
         "grads": {**base, "stage": "grads", "inputs": inputs, "out": str(w / "grads.safetensors")},
         "acts": {**base, "stage": "acts", "inputs": inputs, "starts": [n - 2], "out": str(w / "acts")},
         "search": {**base, **run, "stage": "search", "inputs": inputs, "start": str(w / "acts"),
@@ -225,7 +229,7 @@ def stage_jobs(folder, family, dtype, memory, n):
         "pack": {**base, **run, "stage": "pack", "cache": str(w / "cache.pt"), "out": str(w / "packed")},
         "eval_fp": {**base, "stage": "eval_fp", "inputs": eval_inputs, "ref": str(w / "fp.safetensors"),
                     "table": str(w / "fp.parquet"), "settings": settings, "ids": {"model": "m", "eval_calib": "e"}},
-        "eval": {**base, "stage": "eval", "checkpoint": str(w / "checkpoint"), "inputs": eval_inputs,
+        "eval": {**base, **run, "stage": "eval", "cache": str(w / "cache.pt"), "inputs": eval_inputs,
                  "ref": str(w / "fp.safetensors"), "table": str(w / "eval.parquet"), "settings": settings,
                  "ids": {"model": "m", "calib": "c", "run": "mbq", "eval_calib": "e"}},
     }

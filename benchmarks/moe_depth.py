@@ -11,36 +11,39 @@ For each depth a Qwen3-VL-MoE folder is written (common.write_model_folder): the
 (embeddings, LM head, final norm, a one-block vision tower) and the last two decoder layers (the search chunk)
 random, the other layers sparse files of zeros (no disk space). Experts are saved fused as transformers 5 saves
 them ((E, 2I, H), (E, H, I)). Synthetic text inputs (--samples x --tokens; positions 16-271 counted as vision, the
-last 64 as caption) feed the stages, each in a fresh process (stages.py) with memory.stream always: grads, acts
-(the inputs of the chunk), search (the chunk), export (pseudo) and pack (compressed-tensors) of a random scale
-cache. Seconds per layer: the stage's seconds (process start-up excluded) over the decoder layers it runs: grads
-n, acts n - 2, search 2, export n, pack n.
+last 64 as caption) feed the stages, each in a fresh process (stages.py) with memory.stream always: fingerprint (the
+weights fingerprint the workflow computes once per model folder and caches; the later stages look it up, as
+workflow jobs do), grads, acts (the inputs of the chunk), search (the chunk), pack (compressed-tensors, every expert
+per expert in int4, export.packed) of a random scale cache, and with --with-export the pseudo export (5 GB a layer:
+not in the default formats). Seconds per layer: the stage's seconds (process start-up excluded) over the decoder
+layers it runs: fingerprint, grads, export and pack n, acts n - 2, search 2.
 
-Disk: the export of 235B-shaped layers is 5 GB a layer. Export and pack run at --write-depths only (default 4:
-35 GB on disk at most, the model folder's 12.5 GB included; at depth 8 the export alone would be 42 GB), and the
-export is removed before the pack runs. The pack writes every expert per expert in int4 (export.packed), about a
-quarter of the export's bytes.
+Disk: pack runs at --write-depths (default 4,8); the export, where asked, is removed before the pack runs (at depth 8
+it alone would be 42 GB).
 
 Read throughput, measured once on --root's disk: a --read-gib file of random bytes is written and fsynced (the
 write throughput), dropped from the page cache (posix_fadvise DONTNEED) and read back buffered, then dropped again
 and read with O_DIRECT where the filesystem allows it. The projection takes the slower read.
 
-Projection to the whole model (L = 94 decoder layers):
+Projection to the whole model (L = 94 decoder layers), for the default pipeline (fingerprint, grads, acts, search,
+pack; merge and eval not measured):
 
-    projected_total_s = sum over stages of seconds_per_layer x L
-                        + reads x model_bytes / read throughput + (model_bytes + packed_bytes) / write throughput
+    projected_total_s = sum over stages of (fixed_s + seconds_per_layer x L)
+                        + reads x model_bytes / read throughput + packed_bytes / write throughput
 
-seconds_per_layer from the deepest depth that ran the stage (the fixed costs, shell and LM head, spread over its
-layers: an over-estimate); model_bytes the bf16 weights of L layers and the non-layer parts (~470 GB); reads: grads
-reads every layer twice per round (forward, then backward from its stored inputs; rounds = its stored inputs at L
-layers over --grads-store-mb, 1 without a cap), acts, the search chunks together, export and pack once each;
-packed_bytes the pack's bytes per layer x L plus its other bytes. The measured stages read zeros and page cache,
-so the disk terms are added on top; they overlap nothing here (an upper bound where reading overlaps compute).
+fixed_s and seconds_per_layer: the line through the stage's seconds at the two deepest depths (at one depth: fixed 0,
+its seconds over its layers, an over-estimate); search runs a 2-layer chunk per job, so its seconds per layer are
+the chunk's over 2 (job start-up and loading included). model_bytes: the bf16 weights of L layers and the non-layer
+parts (~470 GB); reads: fingerprint, acts, the search chunks together and pack once each, grads twice per round
+(forward, then backward from its stored inputs; rounds = its stored inputs at L layers over --grads-store-mb, 1
+without a cap); packed_bytes: the pack's bytes per layer x L plus its other bytes. The measured stages read zeros
+and page cache, so the disk terms are added on top; they overlap nothing here (an upper bound where reading
+overlaps compute). `export_s`: what the pseudo export would add.
 
-    python benchmarks/moe_depth.py --depths 4 --out x.json             (about 5 minutes on one H100, estimated)
-    python benchmarks/moe_depth.py --depths 4,8 --resume --out x.json  (depth 8 added: about 4 minutes more)
-    python benchmarks/moe_depth.py --shape demo-moe --depths 3,4 --write-depths 3,4 --samples 2 --tokens 80 \\
-        --vocab 1024 --read-gib 0.0625 --out x.json
+    python benchmarks/moe_depth.py --depths 4 --out x.json             (about 5 minutes on one H100)
+    python benchmarks/moe_depth.py --depths 4,8 --resume --out x.json  (depth 8 added: about 5 minutes more)
+    python benchmarks/moe_depth.py --shape demo-moe --depths 3,4 --write-depths 3,4 --with-export --samples 2 \\
+        --tokens 80 --vocab 1024 --read-gib 0.0625 --out x.json
 
 The JSON is written after every stage, so a run cut short keeps what it measured, with its projection; a stage
 that fails is recorded (`failed`: its output's tail) and the next ones run. --resume keeps the disk figures and the
@@ -64,7 +67,7 @@ from common import (QWEN3_SHAPES, environment, qwen3_layer, qwen3_text_config, r
                     write_inputs, write_json, write_model_folder)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-STAGES = ("grads", "acts", "search", "export", "pack")
+STAGES = ("fingerprint", "grads", "acts", "search", "export", "pack")  # export (pseudo): --with-export only
 FULL_LAYERS = {"235b-a22b": 94, "demo-moe": 94}
 MROPE = {128: [24, 20, 20], 64: [8, 12, 12]}  # by head_dim: the t, h, w sections of its rotary frequencies
 BLOCK = 64 << 20  # bytes per read and write of the disk measurement
@@ -157,35 +160,54 @@ def model_sizes(folder, shape, dtype):
     return {"layer_bytes_bf16": 2 * layer_params, "other_bytes_bf16": 2 * folder_bytes(folder)[1] // dtype.itemsize}
 
 
+def fit(points):
+    """(fixed seconds, seconds per layer) of a stage from {layers run: seconds}: the line through the two deepest
+    depths, or at one depth (0, seconds / layers) (the fixed costs spread over the layers: an over-estimate)."""
+    if len(points) == 1:
+        (n, s), = points.items()
+        return 0.0, s / n
+    (a, sa), (b, sb) = sorted(points.items())[-2:]
+    slope = (sb - sa) / (b - a)
+    return sa - slope * a, slope
+
+
 def project(result, args):
     """The whole model's time (see the module doc) from what `result` holds so far."""
     full, sizes = FULL_LAYERS[args.shape], result["sizes"]
-    per_layer = {}
-    for n, measured in sorted(result["depths"].items(), key=lambda kv: int(kv[0])):
+    points = {}
+    for n, measured in result["depths"].items():
         for stage, m in measured.items():
             if "seconds" in m:
-                per_layer[stage] = m["seconds"] / layers_run(stage, int(n))
+                points.setdefault(stage, {})[layers_run(stage, int(n))] = m["seconds"]
+    fits = {stage: fit(p) for stage, p in points.items()}
+    stage_s = {stage: fixed + per * full if stage != "search" else per * full for stage, (fixed, per) in fits.items()}
+    default = {stage: s for stage, s in stage_s.items() if stage != "export"}  # export.formats' default: packed only
     model_bytes = full * sizes["layer_bytes_bf16"] + sizes["other_bytes_bf16"]
     store = full * args.samples * args.tokens * QWEN3_SHAPES[args.shape]["hidden_size"] * 2
     rounds = math.ceil(store / (args.grads_store_mb * 2**20)) if args.grads_store_mb else 1
-    reads = 2 * rounds * ("grads" in per_layer) + sum(s in per_layer for s in ("acts", "search", "export", "pack"))
+    reads = 2 * rounds * ("grads" in default) + sum(s in default for s in ("fingerprint", "acts", "search", "pack"))
     disk = result["disk"]
     packed = sizes.get("packed_layer_bytes", 0) * full + sizes.get("packed_other_bytes", 0)
-    written = model_bytes * ("export" in per_layer) + packed
-    compute = sum(per_layer.values()) * full
     read_s = reads * model_bytes / (disk["read_used_gbps"] * GB)
-    write_s = written / (disk["write_gbps"] * GB)
+    write_s = packed / (disk["write_gbps"] * GB)
+    compute = sum(default.values())
     result["projection"] = {
-        "formula": "sum(seconds_per_layer[stage] * layers) + reads * model_bytes / read_used_gbps "
-                   "+ written_bytes / write_gbps (written: model_bytes by export, packed_bytes by pack)",
-        "layers": full, "seconds_per_layer": per_layer, "stages": sorted(per_layer), "compute_s": compute,
-        "model_bytes": model_bytes, "reads": reads, "read_s": read_s, "packed_bytes": packed, "written_bytes": written,
-        "write_s": write_s,
-        "grads_store_gib": store / 2**30, "grads_rounds": rounds,
-        "note": "seconds_per_layer from the deepest depth that ran the stage; reads: grads 2 per round, acts, "
-                "search (every chunk together), export and pack 1 each; GB = 1e9 bytes. grads_store_gib: the inputs "
-                "grads stores at every layer; without --grads-store-mb they sit on the GPU where they fit, so grads' "
-                "peak GPU memory grows with depth by samples x tokens x hidden x 2 bytes a layer"}
+        "formula": "sum over stages of (fixed_s + seconds_per_layer x layers) + reads x model_bytes / read_used_gbps "
+                   "+ packed_bytes / write_gbps",
+        "layers": full, "fixed_s": {k: f[0] for k, f in fits.items()},
+        "seconds_per_layer": {k: f[1] for k, f in fits.items()}, "stage_s": stage_s, "stages": sorted(default),
+        "compute_s": compute, "model_bytes": model_bytes, "reads": reads, "read_s": read_s, "packed_bytes": packed,
+        "write_s": write_s, "grads_store_gib": store / 2**30, "grads_rounds": rounds,
+        "export_s": stage_s["export"] + model_bytes / (disk["read_used_gbps"] * GB)
+                    + model_bytes / (disk["write_gbps"] * GB) if "export" in stage_s else None,
+        "note": "fixed_s and seconds_per_layer: the line through the two deepest depths that ran the stage (one "
+                "depth: seconds over its layers, fixed 0); search runs one 2-layer chunk per job, so its seconds "
+                "per layer (job start-up and loading included) times the layers. The default pipeline (export.formats "
+                "[compressed-tensors]): fingerprint once (the workflow hashes the model once and caches it), grads, "
+                "acts, search, pack; export_s: what the pseudo checkpoint (formats: [pseudo]) would add. reads: "
+                "fingerprint, acts, search (every chunk together) and pack 1 each, grads 2 per round; GB = 1e9 "
+                "bytes. grads_store_gib: the inputs grads stores at every layer; without --grads-store-mb they sit "
+                "on the GPU where they fit"}
     result["projected_total_s"] = compute + read_s + write_s
     stage_peaks = [m for measured in result["depths"].values() for m in measured.values() if "seconds" in m]
     result["peak_gpu_gib"] = max(m["peak_gpu_gib"] for m in stage_peaks)
@@ -196,7 +218,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="235b-a22b", choices=sorted(FULL_LAYERS))
     ap.add_argument("--depths", default="4,8")
-    ap.add_argument("--write-depths", default="4", help="the depths at which export and pack run (disk space)")
+    ap.add_argument("--write-depths", default="4,8", help="the depths at which pack (and export) run (disk space)")
+    ap.add_argument("--with-export", action="store_true", help="also the pseudo export (5 GB a layer on disk)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=640)
     ap.add_argument("--vocab", type=int, default=151936)
@@ -207,13 +230,15 @@ def main():
     ap.add_argument("--resume", action="store_true",
                     help="keep the disk figures and the finished depths --out holds (a run cut short goes on)")
     ap.add_argument("--root", default="/tmp/moedepth")
+    ap.add_argument("--logs", help="a folder to keep the stages' logs in (default: removed with the model folder)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     root = Path(args.root)
     memory = {"stream": "always", "grads_store_mb": args.grads_store_mb, "max_batch_mb": args.max_batch_mb}
     write_depths = {int(d) for d in args.write_depths.split(",") if d}
-    planned = {n: [s for s in STAGES if n in write_depths or s not in ("export", "pack")]
+    stage_set = [s for s in STAGES if s != "export" or args.with_export]
+    planned = {n: [s for s in stage_set if n in write_depths or s not in ("export", "pack")]
                for n in map(int, args.depths.split(","))}
     result = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).is_file() else {}
     env = environment()
@@ -241,7 +266,7 @@ def main():
         out = result["depths"][str(n)] = {}
         for stage in wanted:
             try:
-                out[stage] = stages.run(jobs[stage], log=w / f"{stage}.log")
+                out[stage] = stages.run(jobs[stage], log=Path(args.logs or w) / f"{n}_{stage}.log")
             except SystemExit as failed:  # recorded; the stages after it still run (those reading its output fail too)
                 out[stage] = {"failed": str(failed)[-3000:]}
                 print(n, stage, "failed:", failed, flush=True)

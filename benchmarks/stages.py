@@ -1,7 +1,8 @@
 """The workflow's stages as its scripts run them, one fresh Python process each, measured: wall seconds (with and
 without the process start-up), peak GPU memory (torch's allocator) and peak host memory (max RSS).
 
-A job is a JSON-able dict: {"stage": name, "cap_gib": GPU memory cap or null, ...the stage's arguments}. With a
+A job is a JSON-able dict: {"stage": name, "cap_gib": GPU memory cap or null, "fingerprints": the weights
+fingerprint cache file or null (null: each process hashes the model folder again), ...the stage's arguments}. With a
 cap, the process calls torch.cuda.set_per_process_memory_fraction before touching the GPU, as a smaller card
 would. Used by e2e.py (the DAG without Snakemake), memory_depth.py and moe_depth.py.
 
@@ -27,6 +28,14 @@ def spec(job):
     from vlmquant.spec import RunSpec
 
     return RunSpec.from_params(job["run"], job["run_config"])
+
+
+def stage_fingerprint(job):
+    """The model folder's weights fingerprint, as the workflow computes it once at load (io.provenance), into the
+    job's fingerprint cache: the later stages of the same folder look it up, as workflow jobs do."""
+    from vlmquant.io.provenance import weights_fingerprint
+
+    weights_fingerprint(job["model"]["path"])
 
 
 def stage_calib(job):
@@ -111,7 +120,10 @@ def child(job):
 
     import torch
 
+    from vlmquant.io.fingerprint import use_cache
+
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    use_cache(job.get("fingerprints"))  # the workflow's jobs share one cache (paths.FINGERPRINTS)
     cuda = torch.cuda.is_available()
     if cuda and job.get("cap_gib"):
         total = torch.cuda.get_device_properties(0).total_memory

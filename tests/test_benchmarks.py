@@ -126,10 +126,10 @@ stage = lambda s, gpu=1.0: {"seconds": s, "peak_gpu_gib": gpu, "peak_host_gib": 
 result = {"sizes": {"layer_bytes_bf16": 1e9, "other_bytes_bf16": 2e9, "packed_layer_bytes": 0.25e9,
                     "packed_other_bytes": 1e9},
           "disk": {"read_used_gbps": 2.0, "write_gbps": 1.0},
-          "depths": {"8": {"grads": stage(12.0, 7.0), "acts": stage(6.0), "search": stage(6.0),
-                           "pack": {"failed": "x"}},
-                     "4": {"grads": stage(8.0, 5.0), "acts": stage(4.0), "search": stage(6.0), "export": stage(8.0),
-                           "pack": stage(12.0)}}}
+          "depths": {"8": {"fingerprint": stage(16.0, 0.0), "grads": stage(12.0, 7.0), "acts": stage(6.0),
+                           "search": stage(6.0), "pack": {"failed": "x"}},
+                     "4": {"fingerprint": stage(8.0, 0.0), "grads": stage(8.0, 5.0), "acts": stage(4.0),
+                           "search": stage(6.0), "export": stage(8.0), "pack": stage(12.0)}}}
 moe_depth.project(result, args)
 disk = moe_depth.disk_throughput(Path(sys.argv[3]), 1 / 16)
 print(json.dumps({"result": result, "disk": disk, "left": [p.name for p in Path(sys.argv[3]).iterdir()]}))
@@ -137,22 +137,28 @@ print(json.dumps({"result": result, "disk": disk, "left": [p.name for p in Path(
 
 
 @pytest.mark.parametrize("tokens, reads", [(10, 6), (20, 8)])
-def test_moe_depth_projection_adds_the_disk_terms_to_the_per_layer_seconds(tmp_path, tokens, reads):
-    """Per-layer seconds of the deepest depth that ran each stage (grads n, acts n - 2, search 2, export and pack n
-    layers) x 94, plus 2 reads per grads round (its stored inputs 94 x 2 x tokens x 256 x 2 bytes over a 1 MiB cap:
-    1 round at 10 tokens, 2 at 20) and one per other stage of 94 GB of layers + 2 GB, plus the export and pack
-    writes; a failed stage counts for nothing. The disk measurement gives positive figures and leaves no file."""
+def test_moe_depth_projection_adds_the_disk_terms_to_the_fitted_stage_seconds(tmp_path, tokens, reads):
+    """Each stage's seconds on the line through its two depths (fingerprint 8 s at 4 layers, 16 at 8: 0 + 2 s a
+    layer; grads 8 at 4, 12 at 8: 4 + 1 a layer; acts 4 at 2 layers, 6 at 6: 3 + 0.5), or at one depth its seconds
+    over its layers (search: a 2-layer chunk, 3 s a layer; pack: 12 s at 4 layers, the failed depth-8 pack counts for
+    nothing), at 94 layers; plus the reads of 94 GB of layers + 2 GB (fingerprint, acts, search, pack once, grads 2
+    per round: its stored inputs 94 x 2 x tokens x 256 x 2 bytes over a 1 MiB cap are 1 round at 10 tokens, 2 at 20)
+    and the pack's write. The pseudo export is not in the default pipeline: export_s is what it would add. The disk
+    measurement gives positive figures and leaves no file."""
     res = subprocess.run([sys.executable, "-c", PROJECT, str(tokens), "1", str(tmp_path)], cwd=REPO / "benchmarks",
                          check=True, capture_output=True, text=True)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     result, disk = out["result"], out["disk"]
-    per_layer = {"grads": 12 / 8, "acts": 6 / 6, "search": 6 / 2, "export": 8 / 4, "pack": 12 / 4}
-    assert result["projection"]["seconds_per_layer"] == pytest.approx(per_layer)
-    model = 94e9 + 2e9
-    written = model + 0.25e9 * 94 + 1e9
-    assert result["projection"]["reads"] == reads
-    total = sum(per_layer.values()) * 94 + reads * model / 2e9 + written / 1e9
+    projection = result["projection"]
+    stage_s = {"fingerprint": 2 * 94, "grads": 4 + 94, "acts": 3 + 0.5 * 94, "search": 3 * 94, "pack": 3 * 94,
+               "export": 2 * 94}
+    assert projection["stage_s"] == pytest.approx(stage_s)
+    assert projection["stages"] == ["acts", "fingerprint", "grads", "pack", "search"]
+    model, packed = 94e9 + 2e9, 0.25e9 * 94 + 1e9
+    assert projection["reads"] == reads
+    total = sum(stage_s.values()) - stage_s["export"] + reads * model / 2e9 + packed / 1e9
     assert result["projected_total_s"] == pytest.approx(total)
+    assert projection["export_s"] == pytest.approx(2 * 94 + model / 2e9 + model / 1e9)
     assert result["peak_gpu_gib"] == 7.0 and result["peak_host_gib"] == 2.0
     assert disk["bytes"] == 64 * 2**20 and disk["write_gbps"] > 0 and disk["read_gbps"] > 0
     assert disk["read_used_gbps"] == min(v for v in (disk["read_gbps"], disk["read_direct_gbps"]) if v)
@@ -167,15 +173,16 @@ def test_moe_depth_benchmark_measures_every_stage_at_two_depths(tmp_path):
     depths (nothing runs again: the depth-3 figures stay as they were)."""
     out = tmp_path / "moe.json"
     cmd = [sys.executable, "moe_depth.py", "--shape", "demo-moe", "--depths", "3,4", "--write-depths", "3,4",
-           "--samples", "2", "--tokens", "80", "--vocab", "1024", "--read-gib", "0.0625",
+           "--with-export", "--samples", "2", "--tokens", "80", "--vocab", "1024", "--read-gib", "0.0625",
            "--root", str(tmp_path / "models"), "--out", str(out)]
     subprocess.run(cmd, cwd=REPO / "benchmarks", check=True, capture_output=True)
     result = json.loads(out.read_text())
     for n in ("3", "4"):
-        assert set(result["depths"][n]) == {"grads", "acts", "search", "export", "pack"}
+        assert set(result["depths"][n]) == {"fingerprint", "grads", "acts", "search", "export", "pack"}
         assert all(m["seconds_per_layer"] > 0 and m["peak_host_gib"] > 0 for m in result["depths"][n].values())
     assert result["projected_total_s"] > result["projection"]["compute_s"] > 0 and result["peak_gpu_gib"] == 0.0
     assert result["projection"]["reads"] == 6 and result["sizes"]["packed_layer_bytes"] > 0
+    assert result["projection"]["export_s"] > 0 and "export" not in result["projection"]["stages"]
     assert not (tmp_path / "models/demo-moe-3").exists() and not (tmp_path / "models/demo-moe-4").exists()
     subprocess.run(cmd + ["--resume", "--depths", "3"], cwd=REPO / "benchmarks", check=True, capture_output=True)
     assert json.loads(out.read_text())["depths"] == {"3": result["depths"]["3"]}
