@@ -81,20 +81,16 @@ def stage_merge(job):
 
 def stage_export(job):
     from vlmquant.export import export_checkpoint
-    from vlmquant.io.scales import check_cache_weights
 
     model = model_ref(job)
-    check_cache_weights(job.get("cache"), model.path)
     export_checkpoint(model, spec(job), job["out"], cache_path=job.get("cache"),
                       max_shard_size=job.get("max_shard_size", "5GB"), names=job["names"])
 
 
 def stage_pack(job):
     from vlmquant.export.packed import export_packed
-    from vlmquant.io.scales import check_cache_weights
 
     model = model_ref(job)
-    check_cache_weights(job.get("cache"), model.path)
     export_packed(model, spec(job), job["out"], cache_path=job.get("cache"),
                   max_shard_size=job.get("max_shard_size", "5GB"), names=job["names"])
 

@@ -398,6 +398,27 @@ def test_scale_cache_from_other_weights_is_refused(demo_model_path, tmp_path):
     check_cache_weights(None, demo_model_path)  # RTN: no cache
 
 
+def test_export_pack_and_eval_refuse_a_scale_cache_from_other_weights(demo_model_path, tmp_path):
+    """read_cache, which export, pack and the in-memory eval (resident and streamed) all go through, checks the
+    cache's weights fingerprint before its scales are read or folded: one line, nothing written."""
+    from vlmquant.export.checkpoint import read_cache, streamed_pseudo
+    from vlmquant.export.packed import export_packed
+    from vlmquant.models.loading import open_model
+    from vlmquant.spec import RunSpec
+
+    cache = tmp_path / "scale_cache.pt"
+    save_cache({"scale": [], "meta": {"model": "m", "weights": "0" * 64}}, cache)
+    spec = RunSpec.from_config("mbq", {"method": "mbq", "w_bit": 4, "w_group": 128})
+    model = open_model({"family": "qwen2_vl", "path": str(demo_model_path)}, "cpu")
+    refused = f"{cache}: scale cache: was made from other weights than {demo_model_path}"
+    for call in (lambda: read_cache(spec, demo_model_path, cache), lambda: streamed_pseudo(model, spec, cache),
+                 lambda: export_packed(model, spec, tmp_path / "packed", cache_path=cache)):
+        with pytest.raises(VlmquantError) as e:
+            call()
+        assert str(e.value).startswith(refused)
+    assert not (tmp_path / "packed").exists()
+
+
 # --- scripts' logging ---------------------------------------------------------------------------------
 JOB = """
 import sys, time, types

@@ -35,7 +35,6 @@ from vlmquant.eval.metrics import (ErrorSums, caption_positions, kl_topk, rest_l
 from vlmquant.export.checkpoint import load_scales, pseudo_model, read_quant_info, streamed_pseudo
 from vlmquant.io import ragged, tensors
 from vlmquant.io.provenance import check_weights, package_versions, sha256_file, weights_fingerprint
-from vlmquant.io.scales import check_cache_weights
 from vlmquant.models.loading import Checkpoint
 from vlmquant.models.memory import use_streaming
 from vlmquant.models.stream import StreamedModel
@@ -278,7 +277,6 @@ def open_quantized(model, quantized, streamed):
     resident, the whole model."""
     if isinstance(quantized, RunWeights):
         spec, cache, names = quantized.spec, quantized.cache_path, quantized.names
-        check_cache_weights(cache, model.path)
         if streamed:
             job, quantize, info = streamed_pseudo(model, spec, cache, names)
             return info, job.result["applied"], (job.sm, lambda i: job.layer(i, quantize))

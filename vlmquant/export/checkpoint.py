@@ -33,7 +33,7 @@ from vlmquant.io.atomic import atomic_dir, atomic_path
 from vlmquant.io.fingerprint import nonfinite_counts, nonfinite_error
 from vlmquant.io.model_folder import check_processor_files
 from vlmquant.io.provenance import dumps, package_versions, sha256_file, weights_fingerprint
-from vlmquant.io.scales import load_cache
+from vlmquant.io.scales import check_cache_weights, load_cache
 from vlmquant.models.memory import use_streaming
 from vlmquant.models.stream import StreamedModel
 from vlmquant.quant.scheme import Scheme
@@ -159,11 +159,13 @@ def quantize_in_memory(model, adapter, spec, cache=None, source="scale cache"):
     return result
 
 
-def read_cache(spec, cache_path=None, names=None):
-    """(the run's scale cache or None, its source name), the cache's metadata checked against the run."""
+def read_cache(spec, folder, cache_path=None, names=None):
+    """(the run's scale cache or None, its source name), the cache's metadata checked against the run and its
+    weights fingerprint against the model folder `folder` (io.scales.check_cache_weights)."""
     if cache_path is None:
         return None, "scale cache"
     cache = load_cache(cache_path)
+    check_cache_weights(cache_path, folder, cache)
     check_cache_meta(cache, spec, dict(names or {}), str(cache_path))
     return cache, str(cache_path)
 
@@ -194,7 +196,7 @@ def load_and_fold(model, spec, cache_path=None, names=None):
 
     Returns (model, fold_for_export's result, the provenance every checkpoint format records).
     """
-    cache, source = read_cache(spec, cache_path, names)
+    cache, source = read_cache(spec, model.path, cache_path, names)
     log.info("loading %s (%s, %s)", model.path, model.dtype, model.device)
     fp = model.load()
     result = fold_for_export(fp, model.adapter, spec, cache, source)
@@ -214,7 +216,7 @@ class StreamedExport:
     and its fused expert weights [(name, parameter)] (folded, as load_and_fold leaves them) into what is saved."""
 
     def __init__(self, model, spec, cache_path=None, names=None):
-        cache, self.source = read_cache(spec, cache_path, names)
+        cache, self.source = read_cache(spec, model.path, cache_path, names)
         self.sm = StreamedModel(model)
         self.sm.shell  # loaded first: it gives the skeleton transformers' key mapping of the folder
         self.adapter, self.spec = model.adapter, spec

@@ -165,10 +165,11 @@ def load_cache(path):
         raise VlmquantError(f"{path}: not a scale cache ({type(e).__name__}: {e})") from None
 
 
-def check_cache_weights(cache_path, folder):
-    """check_weights on a scale cache's metadata ("meta"."weights"); no cache (RTN) passes."""
+def check_cache_weights(cache_path, folder, cache=None):
+    """check_weights on a scale cache's metadata ("meta"."weights") against the model folder `folder`; no cache (RTN)
+    passes. `cache`: the file's contents when already loaded."""
     if cache_path is None:
         return
-    cache = load_cache(cache_path)
+    cache = load_cache(cache_path) if cache is None else cache
     meta = cache.get("meta") if isinstance(cache, dict) else None
     check_weights((meta or {}).get("weights"), folder, f"{cache_path}: scale cache")
