@@ -44,10 +44,65 @@ def test_fingerprint_is_the_content_hash_and_sees_a_same_size_rewrite_with_old_t
         keep_times(f, lambda p: p.write_bytes(b"9876543210"))  # same size, same mtime: a new ctime
         assert fingerprint.fingerprints([f])[str(f)] == hashlib.sha256(b"9876543210").hexdigest()
         fingerprint.use_cache(cache)  # as a new process: read back from the file, not hashed again
-        monkeypatch.setattr(fingerprint, "sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+        monkeypatch.setattr(fingerprint, "scan", lambda path, **kw: pytest.fail(f"{path} hashed again"))
         assert fingerprint.fingerprints([f])[str(f)] == hashlib.sha256(b"9876543210").hexdigest()
     finally:
         fingerprint.use_cache(None)
+
+
+def test_one_read_gives_the_file_hash_and_every_floating_tensors_nonfinite_count(tmp_path, monkeypatch):
+    """scan hashes the bytes and counts NaN/±Inf block by block (4 KiB blocks here, so tensors cross block edges, with
+    bad values on both sides of an edge): the hash equals hashlib's of the whole file, the counts a plain
+    isnan/isinf count of each tensor loaded by safetensors; integer tensors are not counted."""
+    import mmap
+
+    monkeypatch.setattr(fingerprint, "BLOCK", mmap.ALLOCATIONGRANULARITY)
+    torch.manual_seed(0)
+    weights = {"a_f32": torch.randn(3000), "b_bf16": torch.randn(5000).to(torch.bfloat16),
+               "c_f16": torch.randn(700).half(), "d_f8": torch.randn(9000).to(torch.float8_e4m3fn),
+               "e_int": torch.arange(2000, dtype=torch.int32), "f_clean": torch.randn(4000)}
+    weights["a_f32"][[0, 1023, 1024, 2999]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    weights["b_bf16"][[100, 2047, 2048, 4999]] = float("nan")
+    weights["c_f16"][5] = float("inf")
+    weights["d_f8"].view(torch.uint8)[[0, 4095, 4096]] = 0x7F  # e4m3fn's NaN
+    path = tmp_path / "w.safetensors"
+    save_file(weights, path)
+    sha, counts = fingerprint.scan(path)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = {}
+    for name, t in load_file(path).items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t.float())).sum())
+            if bad:
+                expected[name] = bad
+    assert counts == expected == {"a_f32": 4, "b_bf16": 4, "c_f16": 1, "d_f8": 3}
+    assert fingerprint.nonfinite_counts(path) == counts and fingerprint.sha256_file(path) == sha
+
+
+def test_the_files_of_one_call_are_read_on_threads_with_the_same_entries(tmp_path, monkeypatch):
+    """file_entries of several files (threads) gives each file the entry it gets alone; a truncated shard among them
+    is named before any file is read."""
+    fingerprint.use_cache(None)
+    files = []
+    for i in range(4):
+        path = tmp_path / f"s{i}.safetensors"
+        t = torch.randn(512)
+        t[i] = float("nan")
+        save_file({f"w{i}": t}, path)
+        files.append(path)
+    files.append(tmp_path / "config.json")
+    files[-1].write_text("{}")
+    together = fingerprint.file_entries(files)
+    for f in files:
+        fingerprint.use_cache(None)
+        assert fingerprint.file_entries([f])[str(f)] == together[str(f)]
+    assert [together[str(f)]["nonfinite"] for f in files[:4]] == [{f"w{i}": 1} for i in range(4)]
+    assert "nonfinite" not in together[str(files[-1])]
+    fingerprint.use_cache(None)
+    files[2].write_bytes(files[2].read_bytes()[:-4])
+    monkeypatch.setattr(fingerprint, "scan", lambda path, **kw: pytest.fail(f"{path} read before the check"))
+    with pytest.raises(VlmquantError, match="s2.safetensors: safetensors shard is"):
+        fingerprint.file_entries(files)
 
 
 # --- non-finite weights -------------------------------------------------------------------------------

@@ -5,13 +5,18 @@ ctime even when its mtime is put back (touch -r, cp -p, rsync -a, tar x), so it 
 file is looked up. With use_cache(path) the hashes persist in one JSON file (the workflow's
 paths.FINGERPRINTS: a model is hashed once, not at every invocation); without, only in this process.
 
-Safetensors shards are checked in the same pass, and the result kept with the hash: the header and the file
-size (a truncated shard), and the count of non-finite values (NaN, ±Inf) of every floating tensor.
+Safetensors shards are checked in the same read, and the result kept with the hash: the header and the file
+size (a truncated shard), and the count of non-finite values (NaN, ±Inf) of every floating tensor. Each file is
+read once (memory-mapped: the hash and the check take each block while it is in memory), and the files of one
+call are read on several threads (hashlib and torch release the GIL): a model folder of N shards costs about its
+largest shard's time where the cores and the disk allow.
 """
 import fcntl
 import hashlib
 import json
+import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vlmquant.errors import VlmquantError
@@ -20,6 +25,9 @@ from vlmquant.io.model_folder import safetensors_header
 
 _cache = {"path": None, "entries": None}  # the cache file, and its entries once read: {abs path: entry}
 CHUNK = 1 << 24  # elements per isfinite call (bounds the float32 copy of 1-byte dtypes to 64 MB)
+BLOCK = 1 << 26  # bytes hashed and checked at a time (a multiple of every element size and of mmap's granularity)
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}  # safetensors dtype → torch dtype name
 
 
 def use_cache(path):
@@ -59,16 +67,51 @@ def _version(st):
 
 def nonfinite_counts(path):
     """{tensor name: count of NaN and ±Inf values} of the floating tensors of a safetensors file that have any."""
-    from safetensors import safe_open
+    return scan(path, digest=False)[1]
 
-    out = {}
-    with safe_open(str(path), "pt") as f:
-        for name in f.keys():
-            t = f.get_tensor(name)
-            bad = count_nonfinite(t) if t.is_floating_point() else 0
-            if bad:
-                out[name] = bad
-    return out
+
+def scan(path, digest=True, check=True):
+    """(sha256 hex of the file's bytes or None without `digest`, {tensor: non-finite count} of a safetensors file or
+    None for another file or without `check`), reading the file once: BLOCK bytes at a time are hashed and, inside
+    a floating tensor, checked (count_nonfinite). Raises VlmquantError for a truncated or damaged safetensors file
+    (with `check`)."""
+    tensors = check and str(path).endswith(".safetensors")
+    spans = []  # (start, end, torch dtype, name) of the floating tensors, in file order
+    header = safetensors_header(path) if tensors else None
+    h = hashlib.sha256() if digest else None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if tensors:
+            import torch
+
+            base = 8 + int.from_bytes(f.read(8), "little")
+            for name, t in header.items():
+                dtype = FLOAT_DTYPES.get(t.get("dtype")) if name != "__metadata__" else None
+                if dtype and hasattr(torch, dtype):
+                    a, b = t["data_offsets"]
+                    spans.append((base + a, base + b, getattr(torch, dtype), name))
+            spans.sort()
+        counts, first = {}, 0  # first: the first span not yet wholly checked
+        for a in range(0, size, BLOCK):
+            b = min(a + BLOCK, size)
+            # one block mapped at a time: private and writable (torch.frombuffer's need), never written
+            block = mmap.mmap(f.fileno(), b - a, access=mmap.ACCESS_COPY, offset=a)
+            if h is not None:
+                with memoryview(block) as view:
+                    h.update(view)
+            while first < len(spans) and spans[first][1] <= a:
+                first += 1
+            for start, end, dtype, name in spans[first:]:
+                if start >= b:
+                    break
+                lo, hi = max(a, start), min(b, end)
+                part = torch.frombuffer(block, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=lo - a)
+                bad = count_nonfinite(part)
+                del part
+                if bad:
+                    counts[name] = counts.get(name, 0) + bad
+            block.close()
+    return (h.hexdigest() if h is not None else None), (counts if tensors else None)
 
 
 def count_nonfinite(t):
@@ -85,32 +128,33 @@ def count_nonfinite(t):
     return bad
 
 
-def sha256_file(path, chunk=1 << 22) -> str:
+def sha256_file(path) -> str:
     """sha256 (hex) of a file's bytes, uncached."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return scan(path, check=False)[0]
 
 
 def file_entries(files):
     """{file as given: {"version", "sha256"}, plus "nonfinite" ({tensor: count}) for a safetensors file}, each
-    computed once per file version. Raises VlmquantError for a truncated or damaged safetensors file."""
-    out, new = {}, {}
+    computed once per file version (scan; the files not yet known read on up to os.cpu_count() threads). Raises
+    VlmquantError for a truncated or damaged safetensors file (the first such in the order given), before any file
+    is read."""
+    out, todo = {}, {}
     for path in files:
         key = os.path.abspath(path)
         version = _version(os.stat(path))
         entry = _entries().get(key)
         if entry is None or entry["version"] != version:
-            entry = {"version": version}
             if str(path).endswith(".safetensors"):
                 safetensors_header(path)
-                entry["nonfinite"] = nonfinite_counts(path)
-            entry["sha256"] = sha256_file(path)
-            new[key] = _entries()[key] = entry
+            todo[key] = (path, version)
         out[str(path)] = entry
-    if new:
+    new = {}
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            scanned = pool.map(lambda job: scan(job[0]), todo.values())
+            for (key, (path, version)), (sha, nonfinite) in zip(todo.items(), scanned):
+                entry = {"version": version, "sha256": sha, **({} if nonfinite is None else {"nonfinite": nonfinite})}
+                new[key] = _entries()[key] = out[str(path)] = entry
         _save(new)
     return out
 
