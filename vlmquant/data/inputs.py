@@ -66,11 +66,11 @@ def encode_in_worker(row):
 def encode_rows(adapter, processor, config, rows, where, labels="answer", workers=1):
     """encode_row over `rows`: the samples ({key: tensor}) in the rows' order.
 
-    `workers` > 1: that many forked processes (threads gain nothing: the processors hold the GIL), each
-    sent chunks of rows in turn; the samples are the same tensors as with one. A tensor comes back through
-    torch's shared memory (an open file, until it is copied here on arrival). A failing row raises
-    encode_row's VlmquantError here, the first in the rows' order as with one process; its traceback
-    goes to the log from the worker.
+    `workers` > 1: that many forked processes (not threads: templates and processors run partly in
+    Python, under the GIL), each sent chunks of rows in turn; the samples are the same tensors as with
+    one. A tensor comes back through torch's shared memory (an open file, until it is copied here on
+    arrival). A failing row raises encode_row's VlmquantError here, the first in the rows' order as with
+    one process; its traceback goes to the log from the worker.
     """
     progress = tqdm(total=len(rows), desc="encode", unit="sample")
     samples = []
