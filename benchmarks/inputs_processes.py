@@ -7,7 +7,8 @@ Per setting: wall seconds, CPU seconds (this process and its reaped children, us
 before and after, of the fastest of --repeats runs; whether each file is byte for byte the 1-CPU file. `--samples`
 takes several set sizes (a small one shows the fork and transfer cost). On a shared machine compare CPU seconds.
 
-    python benchmarks/inputs_processes.py --samples 128 8 --image 672 --workers 1 2 --out benchmarks/results/inputs_processes_cpu.json
+    python benchmarks/inputs_processes.py --samples 128 16 8 --image 672 --workers 1 2 --repeats 2 \
+        --out benchmarks/results/inputs_processes_cpu.json
 """
 import argparse
 import os

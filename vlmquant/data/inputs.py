@@ -40,7 +40,8 @@ def encode_row(adapter, processor, config, row, where, labels="answer"):
                             f"encoded for {adapter.family} ({type(e).__name__}: {first}); traceback in the log") from e
 
 
-ROWS_PER_WORKER = 8  # fewer rows a worker and the fork and the transfer cost more than they save (benchmarks/inputs_processes.py)
+# below 8 rows a process, its fork and the tensors' way back cost about what it saves (benchmarks/inputs_processes.py)
+ROWS_PER_WORKER = 8
 _worker = {}  # a forked encode worker's adapter, processor, config, where and labels (start_worker)
 
 
@@ -72,25 +73,18 @@ def encode_rows(adapter, processor, config, rows, where, labels="answer", worker
     arrival). A failing row raises encode_row's VlmquantError here, the first in the rows' order as with
     one process; its traceback goes to the log from the worker.
     """
-    progress = tqdm(total=len(rows), desc="encode", unit="sample")
-    samples = []
     if workers <= 1:
-        for row in rows:
-            samples.append(encode_row(adapter, processor, config, row, where, labels))
-            progress.update()
-        progress.close()
-        return samples
+        return [encode_row(adapter, processor, config, row, where, labels)
+                for row in tqdm(rows, desc="encode", unit="sample")]
     chunk = max(1, min(ROWS_PER_WORKER, len(rows) // (4 * workers)))  # small chunks even out uneven rows
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), start_worker,
                                (adapter, processor, config, where, labels))
     try:
-        for sample in pool.map(encode_in_worker, rows, chunksize=chunk):
-            samples.append({k: v.clone() for k, v in sample.items()})
-            progress.update()
+        encoded = pool.map(encode_in_worker, rows, chunksize=chunk)  # forks here, before any thread of the pool's
+        return [{k: v.clone() for k, v in sample.items()}
+                for sample in tqdm(encoded, total=len(rows), desc="encode", unit="sample")]
     finally:
         pool.shutdown(cancel_futures=True)
-        progress.close()
-    return samples
 
 
 def build_inputs(calib_path, model, out_path, name="model", labels="answer", workers=1):
