@@ -11,6 +11,8 @@ rule inputs:
     log:
         paths.LOGS["inputs"],
     threads: lambda w: encode_workers(config["calib"][w.calib]["n_samples"])
+    resources:
+        cpus_per_task=lambda w, threads: threads,  # SLURM: the job's threads, not the profile's default
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:
