@@ -1,5 +1,8 @@
+from vlmquant.data.inputs import encode_workers
+
+
 rule inputs:
-    """Apply the model's processor and chat template to every calibration row."""
+    """Apply the model's processor and chat template to every calibration row, on up to `threads` processes."""
     input:
         calib=paths.CALIB,
         model=processor_files,
@@ -7,6 +10,9 @@ rule inputs:
         paths.INPUTS,
     log:
         paths.LOGS["inputs"],
+    threads: lambda w: encode_workers(config["calib"][w.calib]["n_samples"])
+    resources:
+        cpus_per_task=lambda w, threads: threads,  # SLURM: the job's threads, not the profile's default
     conda:
         "../workflow/envs/vlmquant.yaml"
     params:

@@ -4,4 +4,4 @@ from vlmquant.workflow import script_logging
 
 with script_logging(snakemake):
     build_inputs(snakemake.input.calib, open_model(snakemake.params.model, "cpu"), snakemake.output[0],
-                 name=snakemake.wildcards.model, labels=snakemake.params.labels)
+                 name=snakemake.wildcards.model, labels=snakemake.params.labels, workers=snakemake.threads)
