@@ -10,11 +10,11 @@ rule inputs:
         paths.INPUTS,
     log:
         paths.LOGS["inputs"],
+    conda:
+        "../workflow/envs/vlmquant.yaml"
     threads: lambda w: encode_workers(config["calib"][w.calib]["n_samples"])
     resources:
         cpus_per_task=lambda w, threads: threads,  # SLURM: the job's threads, not the profile's default
-    conda:
-        "../workflow/envs/vlmquant.yaml"
     params:
         sources=processor_sources,
         model=model_cfg,
