@@ -162,13 +162,14 @@ def model_sizes(folder, shape, dtype):
 
 def fit(points):
     """(fixed seconds, seconds per layer) of a stage from {layers run: seconds}: the line through the two deepest
-    depths, or at one depth (0, seconds / layers) (the fixed costs spread over the layers: an over-estimate)."""
+    depths (a slope below 0, noise, taken as 0 through the deepest), or at one depth (0, seconds / layers) (the fixed
+    costs spread over the layers: an over-estimate)."""
     if len(points) == 1:
         (n, s), = points.items()
         return 0.0, s / n
     (a, sa), (b, sb) = sorted(points.items())[-2:]
-    slope = (sb - sa) / (b - a)
-    return sa - slope * a, slope
+    slope = max(0.0, (sb - sa) / (b - a))
+    return sb - slope * b, slope
 
 
 def project(result, args):

@@ -132,7 +132,8 @@ result = {"sizes": {"layer_bytes_bf16": 1e9, "other_bytes_bf16": 2e9, "packed_la
                            "search": stage(6.0), "export": stage(8.0), "pack": stage(12.0)}}}
 moe_depth.project(result, args)
 disk = moe_depth.disk_throughput(Path(sys.argv[3]), 1 / 16)
-print(json.dumps({"result": result, "disk": disk, "left": [p.name for p in Path(sys.argv[3]).iterdir()]}))
+print(json.dumps({"result": result, "disk": disk, "left": [p.name for p in Path(sys.argv[3]).iterdir()],
+                  "falling": moe_depth.fit({4: 10.0, 8: 8.0})}))
 """
 
 
@@ -141,7 +142,7 @@ def test_moe_depth_projection_adds_the_disk_terms_to_the_fitted_stage_seconds(tm
     """Each stage's seconds on the line through its two depths (fingerprint 8 s at 4 layers, 16 at 8: 0 + 2 s a
     layer; grads 8 at 4, 12 at 8: 4 + 1 a layer; acts 4 at 2 layers, 6 at 6: 3 + 0.5), or at one depth its seconds
     over its layers (search: a 2-layer chunk, 3 s a layer; pack: 12 s at 4 layers, the failed depth-8 pack counts for
-    nothing), at 94 layers; plus the reads of 94 GB of layers + 2 GB (fingerprint, acts, search, pack once, grads 2
+    nothing), at 94 layers (a falling line: flat through the deepest depth); plus the reads of 94 GB of layers + 2 GB (fingerprint, acts, search, pack once, grads 2
     per round: its stored inputs 94 x 2 x tokens x 256 x 2 bytes over a 1 MiB cap are 1 round at 10 tokens, 2 at 20)
     and the pack's write. The pseudo export is not in the default pipeline: export_s is what it would add. The disk
     measurement gives positive figures and leaves no file."""
@@ -163,6 +164,7 @@ def test_moe_depth_projection_adds_the_disk_terms_to_the_fitted_stage_seconds(tm
     assert disk["bytes"] == 64 * 2**20 and disk["write_gbps"] > 0 and disk["read_gbps"] > 0
     assert disk["read_used_gbps"] == min(v for v in (disk["read_gbps"], disk["read_direct_gbps"]) if v)
     assert out["left"] == []
+    assert out["falling"] == [8.0, 0.0]  # seconds falling with depth (noise): no negative slope, the deepest's
 
 
 @pytest.mark.bench
