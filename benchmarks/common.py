@@ -3,6 +3,8 @@ layers, synthetic inputs and scale caches, timers, JSON out."""
 import json
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import torch
 import transformers
 from transformers.models.qwen2_vl import modeling_qwen2_vl as qm
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {  # Qwen2-VL text models
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -276,3 +280,18 @@ def write_json(path, data, echo=True):
         f.write("\n")
     if echo:
         print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def run_workflow(work, configfiles=(), targets=(), cores="all", quiet=False):
+    """This checkout's workflow in the folder `work` (created; the checkout's config.yaml copied in), with the extra
+    --configfile files and targets (none: the default target); returns its wall seconds. Raises CalledProcessError
+    when Snakemake fails."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "config.yaml", work / "config.yaml")
+    cmd = [sys.executable, "-m", "snakemake", *map(str, targets), "-s", str(REPO / "Snakefile"), "-d", str(work),
+           "--cores", str(cores), *(["--quiet", "all"] if quiet else [])]
+    cmd += ["--configfile", *map(str, configfiles)] if configfiles else []
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start

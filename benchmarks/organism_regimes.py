@@ -12,19 +12,16 @@ No NLL/KL eval, packing or lmms-eval. Rerunning with the same --work rebuilds on
 """
 import argparse
 import math
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from common import environment, write_json
+from common import REPO, environment, run_workflow, write_json
 from vlmquant import paths
 from vlmquant.organism.score import accuracy
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL, CALIB = "organism-qwen2vl", "organism"
 SCHEMES = {  # name: the run settings it adds to the method (w_group -1: one group per output channel)
     "w3g128": {"w_bit": 3, "w_group": 128},
@@ -57,16 +54,12 @@ def runs(methods, schemes):
 def build(work, run_cfg, cores):
     """The pseudo checkpoints of `run_cfg` ({run: settings}) under `work`, by Snakemake; returns its seconds."""
     work.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "config.yaml", work / "config.yaml")
     extra = work / "regimes.yaml"
     extra.write_text(yaml.safe_dump({"runs": run_cfg, "targets": {"runs": list(run_cfg)},
                                      "lmms_eval": {"enabled": False}}, sort_keys=False))
     targets = [paths.CHECKPOINT.format(model=MODEL, calib=CALIB, run=r) for r in run_cfg]
     targets += [paths.ORGANISM_MODEL, f"{paths.ORGANISM_DATA}/heldout.parquet"]
-    start = time.perf_counter()
-    subprocess.run(["snakemake", *targets, "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", str(cores),
-                    "--quiet", "all", "--configfile", str(REPO / "config" / "organism.yaml"), str(extra)], check=True)
-    return time.perf_counter() - start
+    return run_workflow(work, [REPO / "config" / "organism.yaml", extra], targets, cores, quiet=True)
 
 
 def scored(folder, parquet, limit):

@@ -14,15 +14,13 @@ p_vs_rtn, p_vs_awq, model, calib, score), the organism config's rows first, then
 import argparse
 import json
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
+from common import REPO, run_workflow
 from vlmquant import paths
 from vlmquant.eval.lmms_results import COLUMN_PREFIX, read_sample_scores
 from vlmquant.report.significance import mcnemar_p
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_CALIB, TEXT_CALIB = "organism", "organism-text"
 
 
@@ -36,10 +34,8 @@ def p_vs_image(work, row):
 
 def build(work, configs, cores):
     """Snakemake's default target under `work` with config.yaml and `configs`; returns (accuracy rows, seconds)."""
-    start = time.perf_counter()
-    subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", str(cores),
-                    "--configfile", *map(str, configs)], check=True)
-    return json.loads((work / paths.ACCURACY).read_text()), time.perf_counter() - start
+    seconds = run_workflow(work, configs, cores=cores)
+    return json.loads((work / paths.ACCURACY).read_text()), seconds
 
 
 def main():
@@ -48,8 +44,6 @@ def main():
     ap.add_argument("--cores", default="all")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "config.yaml", args.work / "config.yaml")
     organism = REPO / "config" / "organism.yaml"
     rows, s1 = build(args.work, [organism], args.cores)
     summary = args.out.with_name(f"{args.out.stem}_summary.csv")
