@@ -64,7 +64,8 @@ def main():
     import torch
 
     from vlmquant.data.calib import build_calib
-    from vlmquant.data.inputs import build_inputs, encode_workers
+    from vlmquant.data.inputs import build_inputs
+    from vlmquant.data.workers import encode_workers
     from vlmquant.models.loading import open_model
 
     torch.set_num_threads(1)  # as a 1-thread Snakemake job; the workers set it too

@@ -1,4 +1,4 @@
-from vlmquant.data.inputs import encode_workers
+from vlmquant.data.workers import encode_workers  # light: no torch at workflow load
 
 
 rule inputs:

@@ -1,7 +1,4 @@
 # All eval tables → results/summary.{csv,parquet}; per (model, calibration set) figures for the report.
-from vlmquant.report.all_runs import other_tables
-
-
 # The summary job also writes the running comparison (all_runs.csv): every eval table present, targets or not.
 # Those of other runs are not inputs (Snakemake would rebuild them) but params with their sha256, so the job reruns
 # when one appears, changes or goes (vlmquant/report/all_runs.py).
@@ -32,7 +29,7 @@ rule summary:
         "../workflow/envs/vlmquant.yaml"
     params:
         rows=lambda w: W.summary_rows(config),
-        other_tables=lambda w: other_tables(
+        other_tables=lambda w: W.other_tables(
             row["path"] for row in W.summary_rows(config)
         ),
     script:

@@ -149,3 +149,16 @@ def test_light_scripts_import_no_heavy_module(name):
 def test_the_import_check_sees_a_heavy_module():
     code = "; ".join([*script_imports("merge"), "import sys", "print('torch' in sys.modules)"])
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout == "True\n"
+
+
+def test_loading_the_workflow_imports_no_heavy_module():
+    """The module-level imports of the Snakefile and rules/*.smk, which every snakemake call (a dry run, a no-op
+    rerun) runs before any job, load no torch, transformers or pandas (torch alone costs ~1.5 s there)."""
+    lines = [line for path in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]
+             for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
+    assert any("vlmquant" in line for line in lines)
+    code = "; ".join([*(line.split("#")[0].strip() for line in lines), "import sys",
+                      "print(sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))"])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]", f"loading the workflow imports {res.stdout.strip()}"

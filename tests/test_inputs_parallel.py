@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmquant.data import inputs
+from vlmquant.data import workers
 from vlmquant.data.calib import SCHEMA, build_calib, read_calib
-from vlmquant.data.inputs import build_inputs, encode_rows, encode_workers
+from vlmquant.data.inputs import build_inputs, encode_rows
+from vlmquant.data.workers import encode_workers
 from vlmquant.errors import VlmquantError
 
 from conftest import open_demo
@@ -32,7 +33,7 @@ def test_several_workers_write_the_bytes_of_one(family, family_demo, demo_data, 
     calib = tmp_path / "c.parquet"
     build_calib(coco_cfg(demo_data, format="few_shot", n_samples=5), calib)
     build_inputs(calib, model, tmp_path / "one.safetensors", workers=1)
-    monkeypatch.setattr(inputs, "ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(workers, "ROWS_PER_WORKER", 1)
     assert encode_workers(5, 3) == 3
     build_inputs(calib, model, tmp_path / "three.safetensors", workers=3)
     assert (tmp_path / "three.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
@@ -81,7 +82,7 @@ def test_a_failing_row_in_a_worker_gives_the_first_ones_line_and_no_file(demo_mo
     log_file = tmp_path / "job.log"
     handler = logging.FileHandler(log_file)
     logging.getLogger("vlmquant.data.inputs").addHandler(handler)
-    monkeypatch.setattr(inputs, "ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(workers, "ROWS_PER_WORKER", 1)
     try:
         with pytest.raises(VlmquantError) as two:
             build_inputs(calib, open_demo(demo_model_path), out, workers=2)

@@ -17,7 +17,8 @@ from vlmquant.report.plots import plot_metrics, run_colors, run_styles
 from vlmquant import paths
 from vlmquant.eval.table import write_table
 from vlmquant.quant.scheme import Scheme
-from vlmquant.report.all_runs import ALL_RUNS_COLUMNS, all_runs, other_tables
+from vlmquant.report.all_runs import ALL_RUNS_COLUMNS, all_runs
+from vlmquant.workflow.inputs import other_tables
 from vlmquant.report.accuracy import accuracy_rows, write_accuracy
 from vlmquant.report.summary import COLUMNS, random_demo_models, relative_columns, summarize, summary_html
 

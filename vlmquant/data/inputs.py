@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from vlmquant.data.calib import read_calib
+from vlmquant.data import workers as sizing
 from vlmquant.data.screens import check_text_for_special_tokens, special_tokens
 from vlmquant.errors import VlmquantError
 from vlmquant.io import ragged
@@ -40,15 +41,7 @@ def encode_row(adapter, processor, config, row, where, labels="answer"):
                             f"encoded for {adapter.family} ({type(e).__name__}: {first}); traceback in the log") from e
 
 
-# below 8 rows a process, its fork and the tensors' way back cost about what it saves (benchmarks/inputs_processes.py)
-ROWS_PER_WORKER = 8
 _worker = {}  # a forked encode worker's adapter, processor, config, where and labels (start_worker)
-
-
-def encode_workers(n_rows, cores=None):
-    """The processes to encode `n_rows` rows on: one per ROWS_PER_WORKER rows, at least 1, at most `cores`
-    (None: no cap; the inputs rule's threads, which Snakemake caps at --cores)."""
-    return max(1, min(cores or n_rows, n_rows // ROWS_PER_WORKER))
 
 
 def start_worker(adapter, processor, config, where, labels):
@@ -76,7 +69,7 @@ def encode_rows(adapter, processor, config, rows, where, labels="answer", worker
     if workers <= 1:
         return [encode_row(adapter, processor, config, row, where, labels)
                 for row in tqdm(rows, desc="encode", unit="sample")]
-    chunk = max(1, min(ROWS_PER_WORKER, len(rows) // (4 * workers)))  # small chunks even out uneven rows
+    chunk = max(1, min(sizing.ROWS_PER_WORKER, len(rows) // (4 * workers)))  # small chunks even out uneven rows
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), start_worker,
                                (adapter, processor, config, where, labels))
     try:
@@ -91,7 +84,7 @@ def build_inputs(calib_path, model, out_path, name="model", labels="answer", wor
     """Encode every row of `calib_path` with the processor of `model` (ModelRef); write a packed safetensors file.
 
     `labels`: "answer" or "turn", the tokens caption_mask and labels mark (Adapter.encode).
-    `workers`: the CPUs the job may use; encode_rows gets encode_workers(rows, workers) processes. The
+    `workers`: the CPUs the job may use; encode_rows gets workers.encode_workers(rows, workers) processes. The
     file is the same bytes for any number.
 
     Every row is screened for the tokenizer's special tokens before any is encoded; nothing is
@@ -103,7 +96,7 @@ def build_inputs(calib_path, model, out_path, name="model", labels="answer", wor
     for row in rows:
         check_row_text(row, processor.tokenizer, str(calib_path), tokens)
     samples = encode_rows(adapter, processor, config, rows, str(calib_path), labels,
-                          encode_workers(len(rows), workers))
+                          sizing.encode_workers(len(rows), workers))
     meta = {"model": name, "family": adapter.family, "path": str(model.path),
             "calib_sha256": sha256_file(calib_path), "sample_ids": [r["sample_id"] for r in rows], "labels": labels,
             "packages": package_versions()}

@@ -8,40 +8,21 @@ delta_nll_rtn / kl_ratio_rtn against the RTN run of the same model, calib, eval 
 by model, eval set, fp first, calib and run.
 
 How the summary job reads the tables it does not declare (rules/summary.smk): the tables of the targets are its
-inputs; every other table present is listed with its sha256 in the job's params (`other_tables`), read when
+inputs; every other table present is listed with its sha256 in the job's params (`workflow.inputs.other_tables`), read when
 Snakemake builds the DAG. Declaring those as inputs would make Snakemake rebuild them (a run dropped from the
 targets whose settings changed since would be searched again); as params, the job reruns exactly when such a
 table appears, changes or is deleted, and never otherwise.
 """
-import glob
 import logging
 
 import pandas as pd
 
-from vlmquant import paths
 from vlmquant.errors import VlmquantError
 from vlmquant.io.atomic import atomic_path
-from vlmquant.io.provenance import sha256_file
 from vlmquant.report.summary import COLUMNS, relative_columns, table_row
 
 log = logging.getLogger(__name__)
 ALL_RUNS_COLUMNS = ["target", *COLUMNS[:COLUMNS.index("kl_ratio_rtn") + 1]]
-WILDCARDS = ("model", "calib", "run", "eval_calib")
-
-
-def present_tables():
-    """Paths (relative to the working directory, sorted) of every eval table (paths.EVAL) and fp table
-    (paths.FP_TABLE) on disk."""
-    found = set()
-    for template in (paths.EVAL, paths.FP_TABLE):
-        found.update(glob.glob(template.format(**{w: "*" for w in WILDCARDS if "{" + w + "}" in template})))
-    return sorted(found)
-
-
-def other_tables(target_paths):
-    """{path: sha256} of the tables present that are not in `target_paths` (the summary's own tables)."""
-    targets = set(target_paths)
-    return {p: sha256_file(p) for p in present_tables() if p not in targets}
 
 
 def all_runs(target_paths, others):

@@ -7,12 +7,12 @@ Both figures are estimates:
   memory  the host memory the job asks the scheduler for (resources mem_mb): the config's `*.mem_mb`, else
           workflow.job_mem_mb's estimate from the model's parameter count and dtype
 """
+import csv
 import glob
 import math
 import statistics
 from dataclasses import dataclass
 
-import pandas as pd
 
 from vlmquant import paths
 
@@ -43,8 +43,9 @@ def known_mb(value):
 def bench_seconds(path):
     """The `s` column of one Snakemake benchmark file, or None when it is missing or unreadable."""
     try:
-        return float(pd.read_csv(path, sep="\t")["s"].iloc[-1])
-    except (OSError, KeyError, IndexError, ValueError, pd.errors.EmptyDataError):
+        with open(path, newline="") as f:
+            return float(list(csv.DictReader(f, delimiter="\t"))[-1]["s"])
+    except (OSError, KeyError, IndexError, ValueError, TypeError):
         return None
 
 
@@ -95,6 +96,8 @@ FINAL_COLUMNS = {"model": "model", "run": "run", "scheme": "scheme", "caption_nl
 
 def final_table(summary_csv):
     """The summary's main columns as text (for the terminal), or None when the summary is missing."""
+    import pandas as pd  # only after a run: loading the workflow stays light
+
     try:
         df = pd.read_csv(summary_csv)
     except (OSError, pd.errors.EmptyDataError):

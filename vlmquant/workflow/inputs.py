@@ -1,6 +1,7 @@
 """Targets and DAG inputs: the run specs, the files each job reads (and their content fingerprints), search
 chunks, `rule all`'s targets and the summary's inputs, as functions of the checked config and the files it names.
 Paths come from vlmquant/paths.py; rules/common.smk calls these through `vlmquant.workflow`."""
+import glob
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from vlmquant import paths
 from vlmquant.errors import VlmquantError
-from vlmquant.io.fingerprint import fingerprints
+from vlmquant.io.fingerprint import fingerprints, sha256_file
 from vlmquant.models import family_names, n_layers
 
 FIGURES = ("hidden_error", "alpha", "metrics")
@@ -304,3 +305,19 @@ def lmms_eval_command(lm, pretrained):
     if lm["limit"] is not None:
         cmd += ["--limit", str(lm["limit"])]
     return cmd + ["--log_samples", *lm["extra_args"]]
+
+
+def present_tables():
+    """Paths (relative to the working directory, sorted) of every eval table (paths.EVAL) and fp table
+    (paths.FP_TABLE) on disk."""
+    found, wildcards = set(), ("model", "calib", "run", "eval_calib")
+    for template in (paths.EVAL, paths.FP_TABLE):
+        found.update(glob.glob(template.format(**{w: "*" for w in wildcards if "{" + w + "}" in template})))
+    return sorted(found)
+
+
+def other_tables(target_paths):
+    """{path: sha256} of the tables present that are not in `target_paths` (the summary's own tables): the summary
+    job's params, so it reruns when one appears, changes or goes (report.all_runs)."""
+    targets = set(target_paths)
+    return {p: sha256_file(p) for p in present_tables() if p not in targets}
