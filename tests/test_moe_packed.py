@@ -218,8 +218,9 @@ def transformers_limit(family, name):
     load or comparison raises, the upstream limit)."""
     scheme = SCHEMES[name]
     if family == "qwen3_vl_moe":
-        return AssertionError, ("transformers 5.25 has no per-expert → fused conversion for qwen3_vl_moe (only the "
-                                "releases' transpose): per-expert experts are not read, they keep their initial values")
+        return VlmquantError, ("transformers 5.25 has no per-expert → fused conversion for qwen3_vl_moe (only the "
+                               "releases' transpose): per-expert experts are not read; the load is refused "
+                               "(io.model_folder.load_whole) instead of leaving them at their initial values")
     if not scheme.symmetric:
         return RuntimeError, ("transformers 5.25's CompressedTensorsDequantize hands compressed-tensors each packed "
                               "expert without its zero point: 'Asymmetric quant requires zero-point values'")
@@ -251,6 +252,26 @@ def test_packed_moe_checkpoint_loads_in_transformers_equal_to_pseudo(exported, f
     differ = [k for k in b if k not in a or not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     assert torch.equal(logits(loaded), logits(reference))
+
+
+def test_a_load_that_leaves_experts_unset_is_refused(exported, demo):
+    """Qwen3-VL-MoE's per-expert packed experts, which transformers 5.25 does not read into the fused experts: every
+    loader (load_packed, load_dequantized, and the adapter's, which lmms-eval and eval use) refuses the folder with one
+    line naming it and the first weight left unset, instead of returning a model whose experts are random."""
+    from vlmquant.export.loading import load_packed
+
+    packed, _ = exported("qwen3_vl_moe", Scheme(4, 128, True).name)
+    adapter = get_adapter("qwen3_vl_moe")
+    cls = getattr(transformers, adapter.model_class)
+    for load in (lambda: load_packed(packed), lambda: load_dequantized(cls, packed), lambda: adapter.load_model(packed)):
+        with pytest.raises(VlmquantError) as e:
+            load()
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"{packed}: transformers ")
+        assert "weights of Qwen3VLMoeForConditionalGeneration unset" in message and ".mlp.experts." in message
+    missing = int(message.split(" leaves ")[1].split()[0])
+    layers = get_adapter("qwen3_vl_moe").demo()[0].text_config.num_hidden_layers
+    assert missing == 2 * (layers - 1)  # gate_up_proj and down_proj of each MoE layer (the demo's last is dense)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

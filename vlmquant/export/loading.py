@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from vlmquant.errors import VlmquantError
+from vlmquant.io.model_folder import load_whole
 
 
 def needs_dequantize(folder):
@@ -36,7 +37,8 @@ def load_packed(folder, model_class=None, dtype=None, **kwargs):
     Qwen2VLForConditionalGeneration). Asymmetric schemes load dequantized (dense weights, equal to the pseudo
     checkpoint's); symmetric ones with the plain call (weights decompressed on the first forward; W8A8/W4A8/FP8
     quantize activations per token at run time). kwargs go to from_pretrained. Raises VlmquantError when the
-    folder is not a compressed-tensors checkpoint or names an architecture transformers does not have.
+    folder is not a compressed-tensors checkpoint or names an architecture transformers does not have, and when
+    transformers leaves a weight unset (io.model_folder.load_whole: per-expert experts it cannot read).
     """
     import transformers
 
@@ -49,4 +51,4 @@ def load_packed(folder, model_class=None, dtype=None, **kwargs):
                                 f"{transformers.__version__}; pass model_class")
     if dequantize:
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
-    return model_class.from_pretrained(folder, dtype=dtype, **kwargs)
+    return load_whole(model_class, folder, dtype=dtype, **kwargs)

@@ -61,6 +61,7 @@ from vlmquant.export.checkpoint import (QUANT_FILE, StreamedExport, check_comple
                                        stored_weights)
 from vlmquant.export.shards import shard_bytes
 from vlmquant.io.atomic import atomic_dir
+from vlmquant.io.model_folder import load_whole
 from vlmquant.io.provenance import dumps, package_versions
 from vlmquant.models.memory import use_streaming
 from vlmquant.quant.codes import QuantizedWeight, quantize_weight
@@ -364,13 +365,13 @@ def load_dequantized(model_class, path, dtype=None, **kwargs):
     The call that loads every scheme with transformers 5.23-5.24 and compressed-tensors 0.20 (the default
     call fails on asymmetric pack-quantized checkpoints): from_pretrained(path,
     quantization_config=CompressedTensorsConfig(dequantize=True)). The model runs dense, without activation
-    quantization.
+    quantization. Raises VlmquantError when transformers leaves a weight unset (io.model_folder.load_whole).
     """
     require_compressed_tensors()
     from transformers import CompressedTensorsConfig
 
-    return model_class.from_pretrained(path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True),
-                                       **kwargs)
+    return load_whole(model_class, path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True),
+                      **kwargs)
 
 
 def export_packed(model, spec, out_dir, cache_path=None, max_shard_size="5GB", names=None):

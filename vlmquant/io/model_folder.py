@@ -52,3 +52,20 @@ def safetensors_header(path):
         raise VlmquantError(f"{path}: safetensors shard is {size} bytes, its header says {8 + n + end} (truncated or "
                             "damaged copy); copy the shard again")
     return header
+
+
+def load_whole(model_class, path, **kwargs):
+    """model_class.from_pretrained(path, **kwargs), refused when transformers leaves any of the model's weights unset
+    (missing from what it could read: they would run at random init, silently). transformers 5.25 reads no
+    per-expert compressed-tensors experts into Qwen3-VL-MoE's fused experts, for one, and reports them only in its
+    load table. Raises VlmquantError naming the folder, the count and the first such weight."""
+    import transformers
+
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise VlmquantError(f"{path}: transformers {transformers.__version__} leaves {len(missing)} weights of "
+                            f"{model_class.__name__} unset when loading this folder (first: {missing[0]}), which would "
+                            "run at random init; it cannot read this checkpoint's layout: load the pseudo checkpoint "
+                            "(export.formats: [pseudo]) or decompress it with compressed-tensors")
+    return model

@@ -14,6 +14,7 @@ import transformers
 
 from vlmquant.data.images import decode_image
 from vlmquant.errors import VlmquantError
+from vlmquant.io.model_folder import load_whole
 from vlmquant.models.processing import load_processor
 
 
@@ -105,13 +106,14 @@ class Adapter:
     # --- loading -----------------------------------------------------------------------------
     def load_model(self, path, dtype=torch.float32, device="cpu", trust_remote_code=False):
         """The model of a folder: an fp model, a pseudo checkpoint, or a compressed-tensors checkpoint
-        (dequantized on load: the call that loads every scheme in transformers 5.23-5.24)."""
+        (dequantized on load: the call that loads every scheme in transformers 5.23-5.24). Raises VlmquantError when
+        transformers leaves a weight unset (io.model_folder.load_whole)."""
         config = self.check_folder(path)
         cls = getattr(transformers, self.model_class)
         kwargs = {}
         if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
             kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = load_whole(cls, path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         return model.to(device).eval()
 
     def load_processor(self, path, trust_remote_code=False):
