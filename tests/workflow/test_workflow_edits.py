@@ -13,6 +13,7 @@ from vlmquant import paths
 pytestmark = pytest.mark.slow
 CALIB = paths.CALIB.format(calib="demo")
 ACTS = paths.ACTS.format(model="demo-qwen2vl", calib="demo")
+RTN_CHECKPOINT = paths.CHECKPOINT.format(model="demo-qwen2vl", calib="demo", run="rtn-w3g128")
 
 
 def error_line(res, needle):
@@ -103,19 +104,27 @@ def test_calib_reruns_for_another_image_folder_or_captions_file(user_data_dir):
     assert wd.planned(CALIB) == {}
 
 
-def test_model_files_changed_in_place_rerun_the_jobs_that_read_them(tmp_path, demo_root):
-    """A user model folder: new weights of the same shapes rerun acts, not inputs; a tokenizer file reruns both,
-    and so does the calib set's `labels`."""
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory, demo_root):
+    """A workdir whose model is a copy of the demo model at a user path (models/tiny), with the fp inputs of the
+    search (acts) and the RTN checkpoint built; and the weights of another demo model of the same shapes (seed 1).
+    The tests edit copies of the workdir."""
     from vlmquant.models.tiny import build_demo_model
 
-    (tmp_path / "wd").mkdir()
-    wd = Workdir(tmp_path / "wd", demo_root)
+    wd = Workdir(tmp_path_factory.mktemp("user_model"), demo_root)
     shutil.copytree(demo_root / "model-qwen2_vl", wd.file("models/tiny"))
     wd.edit(lambda c: c["models"]["demo-qwen2vl"].update(path="models/tiny"))
-    wd.snakemake(ACTS)
+    wd.snakemake(ACTS, RTN_CHECKPOINT)
+    other = build_demo_model(tmp_path_factory.mktemp("other"), seed=1) / "model.safetensors"
+    return wd, other
+
+
+def test_model_files_changed_in_place_rerun_the_jobs_that_read_them(user_model, tmp_path):
+    """A user model folder: new weights of the same shapes rerun acts, not inputs; a tokenizer file reruns both,
+    and so does the calib set's `labels`."""
+    wd, other = user_model[0].copy(tmp_path), user_model[1]
     assert wd.planned(ACTS) == {}
-    other = build_demo_model(tmp_path / "other", seed=1)
-    shutil.copyfile(other / "model.safetensors", wd.file("models/tiny/model.safetensors"))  # in place
+    shutil.copyfile(other, wd.file("models/tiny/model.safetensors"))  # in place
     assert wd.planned(ACTS) == {"acts": 1}
     wd.snakemake(ACTS)
     tokenizer = wd.file("models/tiny/tokenizer_config.json")
@@ -142,22 +151,14 @@ def test_calib_reruns_when_an_image_is_replaced_with_its_times_kept(user_data_di
     assert wd.planned(CALIB) == {}  # the same content again: nothing to do
 
 
-def test_model_files_replaced_with_their_times_kept_rerun_exactly_what_reads_them(tmp_path, demo_root):
+def test_model_files_replaced_with_their_times_kept_rerun_exactly_what_reads_them(user_model, tmp_path):
     """A user model folder, the fp inputs of the search (acts) and the RTN checkpoint built: other weights of the
     same size with the old times rerun acts and export, not inputs; a same-size chat template edit reruns inputs,
     acts and export (every job that reads it)."""
-    from vlmquant.models.tiny import build_demo_model
-
-    ids = {"model": "demo-qwen2vl", "calib": "demo", "run": "rtn-w3g128"}
-    targets = [paths.ACTS.format(**ids), paths.CHECKPOINT.format(**ids)]
-    (tmp_path / "wd").mkdir()
-    wd = Workdir(tmp_path / "wd", demo_root)
-    shutil.copytree(demo_root / "model-qwen2_vl", wd.file("models/tiny"))
-    wd.edit(lambda c: c["models"]["demo-qwen2vl"].update(path="models/tiny"))
-    wd.snakemake(*targets)
+    wd, other = user_model[0].copy(tmp_path), user_model[1]
+    targets = [ACTS, RTN_CHECKPOINT]
     assert wd.planned(*targets) == {}
     weights = wd.file("models/tiny/model.safetensors")
-    other = build_demo_model(tmp_path / "other", seed=1) / "model.safetensors"
     assert other.stat().st_size == weights.stat().st_size
     keep_times(weights, lambda p: shutil.copyfile(other, p))
     assert wd.planned(*targets) == {"acts": 1, "export": 1}
