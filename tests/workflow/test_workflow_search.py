@@ -1,5 +1,6 @@
 """End to end through the search: resume after SIGKILL, rerun scope of setting changes."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,14 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import Workdir, snakemake_env
+from conftest import snakemake_env
 from vlmquant import paths
 from vlmquant.io.scales import load_cache
 
 pytestmark = pytest.mark.slow
 MBQ = paths.SCALE_CACHE.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128")
 AWQ = paths.SCALE_CACHE.format(model="demo-qwen2vl", calib="demo", run="awq-w3g128")
-SCALES = paths.RUN.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128") + "/scales"  # chunk_NNN/ folders
+MBQ_RUN = paths.RUN.format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128")
+MBQ_LOGS = os.path.dirname(paths.LOGS["merge"].format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128"))
+SCALES = MBQ_RUN + "/scales"  # chunk_NNN/ folders
 
 
 def one_layer_per_job(cfg):
@@ -29,14 +32,17 @@ def test_awq_never_needs_grads(workdir):
     assert "grads" in workdir.planned(MBQ)
 
 
-def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_path_factory, demo_root, pipe):
+def test_sigkill_mid_search_resumes_unfinished_chunks_to_identical_bytes(tmp_path_factory, pipe):
     ref = pipe.copy(tmp_path_factory.mktemp("ref"))  # its search ran in jobs of two layers, uninterrupted
 
-    wd = Workdir(tmp_path_factory.mktemp("killed"), demo_root)
+    # calib, inputs and grads done; the MBQ run's folder and logs gone, acts reruns (chunks of one layer)
+    wd = pipe.copy(tmp_path_factory.mktemp("killed"))
+    for folder in (MBQ_RUN, MBQ_LOGS):
+        shutil.rmtree(wd.file(folder))
     wd.edit(one_layer_per_job)
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", MBQ], cwd=wd.path, env=snakemake_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    logs = wd.file(paths.LOGS["merge"].format(model="demo-qwen2vl", calib="demo", run="mbq-w3g128")).parent
+    logs = wd.file(MBQ_LOGS)
     scales = wd.file(SCALES)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
