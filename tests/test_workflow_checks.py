@@ -220,6 +220,10 @@ def test_yaml_syntax_error_names_its_line(tmp_path):
     check_yaml(tmp_path / "absent.yaml")  # left to Snakemake
 
 
+def copy_of(cfg):
+    return json.loads(json.dumps(cfg))
+
+
 # --- w_group ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("group", [0, -5, 1, 2, 100, 24])
 def test_w_group_outside_what_the_quantizer_and_formats_take_is_refused(cfg, group):
@@ -245,6 +249,19 @@ def test_w_group_not_dividing_a_width_fails_at_load(cfg, demo_model_path):
     assert "48 does not divide hidden_size = 256" in error(cfg)
     cfg["targets"]["runs"] = ["rtn-w3g128"]  # a run outside the targets is not built: only its value is checked
     assert check(cfg)
+
+
+def test_nvfp4_w4a4_on_a_mixture_of_experts_model_is_refused_at_load(cfg):
+    """One line naming the run and the model, before any job; NVFP4A16 (no a_bit) on the same model passes, and so
+    does NVFP4 W4A4 on a dense model."""
+    cfg["targets"]["runs"] = ["mbq-nvfp4"]
+    assert check(copy_of(cfg))  # the demo Qwen2-VL: dense
+    cfg["models"]["demo-qwen2vl"] = {"family": "qwen3_vl_moe", "path": "results/demo/model-qwen3_vl_moe"}
+    assert error(copy_of(cfg)) == ("config: runs.mbq-nvfp4: NVFP4 W4A4 is not supported on model 'demo-qwen2vl' "
+                                   "(qwen3_vl_moe, mixture of experts): no static input scales for fused experts yet; "
+                                   "drop a_bit (NVFP4A16) or the model from targets")
+    cfg["targets"]["runs"] = ["mbq-nvfp4a16"]
+    assert check(copy_of(cfg))
 
 
 def test_widths_of_moe_and_separate_head_dim(tmp_path):

@@ -208,6 +208,7 @@ def check_config(config, schema_path):
                             "use plain")
     check_paths(config)
     check_w_groups(config)
+    check_expert_schemes(config)
     if eval_calib in config["targets"].get("calib", []) and not config["eval"]["allow_overlap"]:
         raise VlmquantError(f"config: eval.calib: {eval_calib!r} is also a search set (targets.calib); evaluate on "
                             "held-out images, or set eval.allow_overlap: true")
@@ -315,6 +316,25 @@ def quantized_widths(model_cfg):
         if isinstance(width, int) and width > 0:
             widths.setdefault(width, key)
     return widths
+
+
+def check_expert_schemes(config):
+    """NVFP4 W4A4 (w_type nvfp4 with a_bit) on a target model of a mixture-of-experts family is refused at load,
+    naming the run and the model: the search calibrates no static input scales for fused experts yet (it would
+    stop in the first MoE layer's search job, after grads and acts)."""
+    from vlmquant.models import get_adapter
+    from vlmquant.spec import RunSpec
+
+    for name in config["targets"].get("runs", []):
+        spec = RunSpec.from_config(name, config["runs"][name])
+        if spec.scheme.w_type != "nvfp4" or spec.a_bit is None:
+            continue
+        for m in config["targets"].get("models", []):
+            family = config["models"][m]["family"]
+            if any(g.experts for groups in get_adapter(family).groups.values() for g in groups):
+                raise VlmquantError(f"config: runs.{name}: NVFP4 W4A4 is not supported on model {m!r} ({family}, "
+                                    "mixture of experts): no static input scales for fused experts yet; drop a_bit "
+                                    "(NVFP4A16) or the model from targets")
 
 
 def check_w_groups(config):
