@@ -8,6 +8,7 @@ import sys
 
 from vlmquant.report.plan import final_table, plan_lines, planned_jobs
 from vlmquant.workflow import check_yaml, config_errors, exit_if_stopped, watch
+from vlmquant.workflow.jobserver import start as start_jobserver
 
 # config.yaml, then each --configfile (rising precedence), and the --config values: where config errors point
 CONFIG_FILES = ["config.yaml", *map(str, workflow.overwrite_configfiles)]
@@ -39,12 +40,14 @@ include: "rules/summary.smk"
 # Snakemake keeps one handler per hook, so every hook is here. Before running: per stage, the jobs with estimates
 # of time and memory; after a run that made the summary: its main columns; on stderr, so both show with --quiet
 # too (vlmquant/report/plan.py). SIGTERM: Snakemake finishes the running jobs, then reports a failure; say what
-# was stopped instead (vlmquant/workflow/joblog.py).
+# was stopped instead (vlmquant/workflow/joblog.py). Local jobs run in forks of one process that imported torch and
+# transformers once (vlmquant/workflow/jobserver.py).
 PLANNED = []
 
 
 onstart:
     watch()
+    start_jobserver(workflow)
     PLANNED.extend(planned_jobs(workflow))
     print("\n".join(plan_lines(PLANNED)), file=sys.stderr)
 

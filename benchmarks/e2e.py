@@ -42,8 +42,9 @@ WORDS = ("red", "green", "blue", "striped", "round", "square", "bright", "dark",
 SETTINGS = {"batch_size": 4, "kl_top_k": 1000, "hidden_positions": 16}
 NOTES = {"library": "each stage a fresh process, one after another (seconds: inside the stage; process_seconds: with "
                     "start-up and imports); total = sum of process_seconds",
-         "snakemake": "snakemake --cores all --resources gpu=1; jobs: the rules' benchmark files (s, max_rss); total: "
-                      "the whole snakemake call (calib, inputs and merge have no benchmark file)"}
+         "snakemake": "snakemake --cores all --resources gpu=1; jobs: the rules' benchmark files (s, max_rss; no "
+                      "max_rss with the job server, where it counts the job's own process only); total: the whole "
+                      "snakemake call (calib, inputs and merge have no benchmark file)"}
 
 
 def build_model(folder, shape, device, image, seed=0):
@@ -135,8 +136,9 @@ def via_snakemake(args, work, model_dir, train, held):
 
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     t = time.perf_counter()
+    env = dict(stages_env(), **({} if args.jobserver else {"VLMQUANT_JOBSERVER": "off"}))
     res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "-q"],
-                         cwd=work, capture_output=True, text=True, env=stages_env())
+                         cwd=work, capture_output=True, text=True, env=env)
     total = time.perf_counter() - t
     if res.returncode:
         raise SystemExit(res.stdout[-3000:] + res.stderr[-6000:])
@@ -144,8 +146,8 @@ def via_snakemake(args, work, model_dir, train, held):
     for path in sorted((work / "results/benchmarks").rglob("*.tsv")):
         with open(path) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
-        out[str(path.relative_to(work / "results/benchmarks"))] = {
-            "seconds": float(row["s"]), "peak_host_gib": float(row["max_rss"]) / 1024 if row["max_rss"] != "-" else None}
+        rss = float(row["max_rss"]) / 1024 if row["max_rss"] != "-" and not args.jobserver else None
+        out[str(path.relative_to(work / "results/benchmarks"))] = {"seconds": float(row["s"]), "peak_host_gib": rss}
     return out, total
 
 
@@ -216,6 +218,8 @@ def main():
     ap.add_argument("--via", default="auto", choices=["auto", "snakemake", "library"])
     ap.add_argument("--formats", nargs="+", default=["compressed-tensors"], choices=["pseudo", "compressed-tensors"],
                     help="the run's checkpoints through Snakemake (the library path runs export: pseudo)")
+    ap.add_argument("--no-jobserver", dest="jobserver", action="store_false",
+                    help="--via snakemake: each job in its own process (VLMQUANT_JOBSERVER=off), with its peak host memory")
     ap.add_argument("--work", default="/tmp/vlmquant-e2e")
     ap.add_argument("--keep-model", action="store_true", help="reuse the model folder of an earlier run in --work")
     ap.add_argument("--keep-results", action="store_true", help="keep the run's results/ (checkpoint: the model's size)")

@@ -1,3 +1,7 @@
+from vlmquant.workflow.jobserver import forward
+
+forward()  # in the run's job server when it has one
+
 from vlmquant.eval.run import run_fp_reference
 from vlmquant.models.loading import open_model
 from vlmquant.workflow import script_logging

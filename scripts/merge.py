@@ -1,3 +1,7 @@
+from vlmquant.workflow.jobserver import forward
+
+forward()  # in the run's job server when it has one
+
 from vlmquant.io.provenance import with_weights
 from vlmquant.io.scales import chunk_layer_files, merge
 from vlmquant.workflow import script_logging

@@ -1,3 +1,7 @@
+from vlmquant.workflow.jobserver import forward
+
+forward()  # in the run's job server when it has one
+
 from vlmquant.organism.model import copy_organism
 from vlmquant.workflow import script_logging
 

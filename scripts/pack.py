@@ -1,3 +1,7 @@
+from vlmquant.workflow.jobserver import forward
+
+forward()  # in the run's job server when it has one
+
 from vlmquant.export.packed import export_packed
 from vlmquant.models.loading import open_model
 from vlmquant.spec import RunSpec

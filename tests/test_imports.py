@@ -15,7 +15,7 @@ from conftest import REPO
 # name sit where their imports put them: compile (torch only) under quant, methods (the torch-free registry) and
 # demo (demo data and sizes) beside io, spec (a run's settings: methods + quant.scheme) beside models, organism
 # (the trained tiny VLM: models + export) beside export. The workflow package's modules import one way too:
-# inputs ← resources, checks; joblog imports none of them (WORKFLOW_LEVELS).
+# inputs ← resources, checks; joblog and jobserver import none of them (WORKFLOW_LEVELS).
 LEVELS = {
     "paths": 0, "errors": 0, "compile": 0,
     "io": 1, "quant": 1, "methods": 1, "demo": 1,
@@ -23,7 +23,7 @@ LEVELS = {
     "search": 3, "export": 3, "eval": 3, "organism": 3,
     "report": 4, "workflow": 4,
 }
-WORKFLOW_LEVELS = {"joblog": 0, "inputs": 0, "resources": 1, "checks": 1}
+WORKFLOW_LEVELS = {"joblog": 0, "inputs": 0, "jobserver": 0, "resources": 1, "checks": 1}
 
 
 def package_of(module):
