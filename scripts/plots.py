@@ -1,7 +1,3 @@
-from vlmquant.workflow.jobserver import forward
-
-forward()  # in the run's job server when it has one
-
 from vlmquant.report.plots import make_plots
 from vlmquant.workflow import FIGURES, script_logging
 

@@ -1,7 +1,3 @@
-from vlmquant.workflow.jobserver import forward
-
-forward()  # in the run's job server when it has one
-
 from vlmquant.report.accuracy import write_accuracy
 from vlmquant.report.all_runs import all_runs, write_all_runs
 from vlmquant.report.summary import summarize, write_summary

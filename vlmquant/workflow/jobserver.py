@@ -3,14 +3,16 @@ once, instead of each job's own Python importing them again (about 4.5 of the 5.
 CPU cores).
 
 The Snakefile starts the server when a local run starts (`start`, in `onstart:`) and it stops with the run (the
-Snakemake process exiting, or dying). Snakemake still starts one process per job; a script's first call,
-`forward()`, sends the server its script file (Snakemake's preamble included), working directory, environment,
-argv and its stdin, stdout and stderr, then waits. The server forks; the fork takes all of those, sets torch's
+Snakemake process exiting, or dying). Snakemake still starts one process per job; a model job's script first calls
+`forward()`, which sends the server its script file (Snakemake's preamble included), working directory, environment,
+argv and its stdin, stdout and stderr, then waits. The server imports torch, transformers and the library when the
+first job comes (a run without model jobs imports nothing), then forks; the fork takes all of those, sets torch's
 threads to the job's OMP_NUM_THREADS and runs the script file as `__main__`; its exit status becomes the job
 process's, and a signal the job process gets (Snakemake stopping a job) is passed on to the fork. A job process
-that dies takes its fork with it. Without a server (cluster jobs, a dry run, another Python, the environment
-variable VLMQUANT_JOBSERVER=off) a script runs in its own process as before; the outputs are the same either way.
-Benchmark files (`benchmark:`) time the job correctly but their memory columns then count the job process only.
+that dies takes its fork with it. The light jobs (calib, demo_data, summary, plots, lmms_eval) start in well under a
+second and do not forward. Without a server (cluster jobs, a dry run, another Python, the environment variable
+VLMQUANT_JOBSERVER=off) a script runs in its own process as before; the outputs are the same either way. Benchmark
+files (`benchmark:`) time the job correctly but their memory columns then count the job process only.
 
 Protocol on the Unix socket: the client sends an 8-byte length with its three file descriptors (SCM_RIGHTS), then
 that many bytes of JSON; the server answers `pid N` when the fork started (`refused REASON` when it will not run
@@ -34,8 +36,7 @@ import traceback
 ENV = "VLMQUANT_JOBSERVER"  # the socket's path in a run's environment; "off": no server
 PRELOAD = ("torch", "transformers.modeling_utils", "transformers.models.auto.processing_auto", "snakemake.script",
            "vlmquant.models.loading", "vlmquant.search.pipeline", "vlmquant.eval.run", "vlmquant.export",
-           "vlmquant.export.packed", "vlmquant.data.inputs", "vlmquant.models.tiny", "vlmquant.io.scales",
-           "vlmquant.report.summary", "vlmquant.report.all_runs", "vlmquant.report.accuracy", "vlmquant.report.plots")
+           "vlmquant.export.packed", "vlmquant.data.inputs", "vlmquant.models.tiny", "vlmquant.io.scales")
 POLL_S = 0.5  # how often the server checks that the run that started it is still there
 _served = False  # True in a fork of the server: forward() returns at once
 
@@ -119,20 +120,15 @@ def _stop(server):
 def serve(path, parent, preload=PRELOAD):
     """Accept jobs on the Unix socket `path` until the process `parent` is gone, then kill the running forks.
 
-    The socket listens before the imports (`preload`), so the first jobs wait for them instead of importing
-    themselves. CUDA must not be initialised here: a fork cannot use it then (hence the NVML-based device check
-    that `start` sets)."""
+    The modules `preload` are imported when the first job comes, before it forks. CUDA must not be initialised
+    here: a fork cannot use it then (hence the NVML-based device check that `start` sets; should an import load the
+    CUDA driver all the same, every job is refused and runs in its own process)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
     os.rename(path + ".tmp", path)
     listener.listen(64)
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except Exception:  # the job that needs it reports the error
-            pass
-    refuse = "CUDA initialised in the server" if cuda_loaded() else None
+    refuse = None
     select = selectors.DefaultSelector()
     select.register(listener, selectors.EVENT_READ)
     running = {}  # pid → the job's connection
@@ -141,6 +137,10 @@ def serve(path, parent, preload=PRELOAD):
             for key, _ in select.select(POLL_S):
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
+                    if preload:
+                        _import(preload)
+                        preload = ()
+                        refuse = "CUDA initialised in the server" if cuda_loaded() else None
                     pid = _start_job(conn, listener, refuse)
                     if pid:
                         running[pid] = conn
@@ -158,6 +158,14 @@ def serve(path, parent, preload=PRELOAD):
         listener.close()
         os.unlink(path)
         os.rmdir(os.path.dirname(path))
+
+
+def _import(names):
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the job that needs it reports the error
+            pass
 
 
 def cuda_loaded(maps="/proc/self/maps"):
