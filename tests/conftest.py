@@ -39,10 +39,11 @@ def pytest_collection_modifyitems(config, items):
     pipe_first(items)
 
 
-# The modules whose tests use the `pipe` fixture (test_slurm's `local` asks for it without a GPU): one pytest-xdist
-# worker runs them all and builds the run once (pytest_xdist_make_scheduler).
+# The modules whose tests use the `pipe` fixture: one pytest-xdist worker runs them all and builds the run once
+# (pytest_xdist_make_scheduler). test_slurm is a group of its own (xdist starts it late: groups of more tests go
+# first): its runs mostly wait for SLURM's status checks, so the other worker uses the cores meanwhile.
 PIPE_MODULES = {f"tests/workflow/{name}.py" for name in (
-    "test_eval", "test_export", "test_fp4_workflow", "test_slurm", "test_workflow_full", "test_workflow_gptq",
+    "test_eval", "test_export", "test_fp4_workflow", "test_workflow_full", "test_workflow_gptq",
     "test_workflow_report", "test_workflow_search")}
 
 

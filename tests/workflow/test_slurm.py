@@ -189,12 +189,8 @@ def cluster(slurm, tmp_path_factory, demo_root):
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory, demo_root, request):
-    """The run without SLURM: without a GPU, the default workflow's run (its device, auto, is the CPU)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return request.getfixturevalue("pipe")
+def local(tmp_path_factory, demo_root):
+    """The same run without SLURM, up to its scale cache (grads, acts, search chunks, merge)."""
     wd = Workdir(tmp_path_factory.mktemp("local"), demo_root)
     wd.edit(one_run_on_cpu)
     wd.snakemake(CACHE)
