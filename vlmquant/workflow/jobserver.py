@@ -54,21 +54,20 @@ def forward():
     script = getattr(main, "__real_file__", None) or getattr(main, "__file__", None)  # Snakemake's copy, preamble
     if _served or not path or path == "off" or not script:
         return
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        client.connect(path)
-    except OSError:  # no server here: a cluster node, or the run that started it has ended
-        client.close()
-        return
     sys.stdout.flush()
     sys.stderr.flush()
     job = json.dumps({"script": os.path.abspath(script), "cwd": os.getcwd(), "env": dict(os.environ),
                       "argv": sys.argv, "prefix": sys.prefix}).encode()
-    socket.send_fds(client, [struct.pack("!Q", len(job))], [0, 1, 2])
-    client.sendall(job)
-    replies = client.makefile("r")
-    first = replies.readline().split()
-    if first[:1] != ["pid"]:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(path)
+        socket.send_fds(client, [struct.pack("!Q", len(job))], [0, 1, 2])
+        client.sendall(job)
+        replies = client.makefile("r")
+        first = replies.readline().split()
+    except OSError:  # no server here (a cluster node, or the run that started it has ended), or it went away
+        first = []
+    if first[:1] != ["pid"]:  # refused, or not reached: the job runs here
         client.close()
         return
     pid = int(first[1])
