@@ -57,6 +57,7 @@ def server(tmp_path):
     yield path, proc
     proc.terminate()
     proc.wait(10)
+    assert not os.path.exists(os.path.dirname(path))  # socket and folder removed
 
 
 def job(tmp_path, path, *args, **popen):
@@ -130,7 +131,7 @@ def test_the_server_ends_with_the_run_that_started_it(tmp_path):
     out, _ = res.communicate(timeout=30)
     assert res.returncode != 0
     assert wait_for(lambda: not alive(int(out.split()[0])) and not alive(server_pid))
-    assert not os.path.exists(path)
+    assert not os.path.exists(os.path.dirname(path))
 
 
 def test_cuda_loaded_reads_the_process_maps(tmp_path):

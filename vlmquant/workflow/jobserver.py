@@ -1,6 +1,6 @@
 """Job server: a local run's jobs execute in forks of one process that imported torch, transformers and the library
-once, instead of each job's own Python importing them again (about 4.5 of the 5.7-7.3 s a demo model job takes on 2
-CPU cores).
+once, instead of each job's own Python importing them again (about 5 CPU-seconds, most of the 5.7-7.3 s a demo model job
+took on 2 CPU cores).
 
 The Snakefile starts the server when a local run starts (`start`, in `onstart:`) and it stops with the run (the
 Snakemake process exiting, or dying). Snakemake still starts one process per job; a model job's script first calls
@@ -24,6 +24,7 @@ import json
 import os
 import runpy
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -103,17 +104,18 @@ def start(workflow):
     server = subprocess.Popen([sys.executable, "-m", "vlmquant.workflow.jobserver", path, str(os.getpid())],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, env={**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"})
-    atexit.register(_stop, server)
+    atexit.register(_stop, server, folder)
     os.environ[ENV] = path
 
 
-def _stop(server):
+def _stop(server, folder):
     server.terminate()
     try:
         server.wait(10)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+    shutil.rmtree(folder, ignore_errors=True)  # where a SIGKILL left the socket
 
 
 def serve(path, parent, preload=PRELOAD):
@@ -122,16 +124,16 @@ def serve(path, parent, preload=PRELOAD):
     The modules `preload` are imported when the first job comes, before it forks. CUDA must not be initialised
     here: a fork cannot use it then (hence the NVML-based device check that `start` sets; should an import load the
     CUDA driver all the same, every job is refused and runs in its own process)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path + ".tmp")
-    os.rename(path + ".tmp", path)
-    listener.listen(64)
-    refuse = None
-    select = selectors.DefaultSelector()
-    select.register(listener, selectors.EVENT_READ)
     running = {}  # pid → the job's connection
+    select = selectors.DefaultSelector()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path + ".tmp")
+        os.rename(path + ".tmp", path)
+        listener.listen(64)
+        refuse = None
+        select.register(listener, selectors.EVENT_READ)
         while os.getppid() == parent:
             for key, _ in select.select(POLL_S):
                 if key.fileobj is listener:
@@ -154,9 +156,7 @@ def serve(path, parent, preload=PRELOAD):
             _kill(pid, signal.SIGKILL)
         time.sleep(0.1)
         _reap(running, select)
-        listener.close()
-        os.unlink(path)
-        os.rmdir(os.path.dirname(path))
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 def _import(names):
