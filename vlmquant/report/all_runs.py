@@ -8,9 +8,9 @@ delta_nll_rtn / kl_ratio_rtn against the RTN run of the same model, calib, eval 
 by model, eval set, fp first, calib and run.
 
 How the summary job reads the tables it does not declare (rules/summary.smk): the tables of the targets are its
-inputs; every other table present is listed with its sha256 in the job's params (`workflow.inputs.other_tables`), read when
-Snakemake builds the DAG. Declaring those as inputs would make Snakemake rebuild them (a run dropped from the
-targets whose settings changed since would be searched again); as params, the job reruns exactly when such a
+inputs; every other table present is listed with its sha256 in the job's params (`workflow.inputs.other_tables`),
+read when Snakemake builds the DAG. Declaring those as inputs would make Snakemake rebuild them (a run dropped from
+the targets whose settings changed since would be searched again); as params, the job reruns exactly when such a
 table appears, changes or is deleted, and never otherwise.
 """
 import logging

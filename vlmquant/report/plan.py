@@ -13,7 +13,6 @@ import math
 import statistics
 from dataclasses import dataclass
 
-
 from vlmquant import paths
 
 

@@ -132,7 +132,6 @@ def serve(path, parent, preload=PRELOAD):
         listener.bind(path + ".tmp")
         os.rename(path + ".tmp", path)
         listener.listen(64)
-        refuse = None
         select.register(listener, selectors.EVENT_READ)
         while os.getppid() == parent:
             for key, _ in select.select(POLL_S):
@@ -141,8 +140,7 @@ def serve(path, parent, preload=PRELOAD):
                     if preload:
                         _import(preload)
                         preload = ()
-                        refuse = "CUDA initialised in the server" if cuda_loaded() else None
-                    pid = _start_job(conn, listener, refuse)
+                    pid = _start_job(conn, listener)
                     if pid:
                         running[pid] = conn
                         select.register(conn, selectors.EVENT_READ, pid)
@@ -192,9 +190,9 @@ def _reap(running, select):
         conn.close()
 
 
-def _start_job(conn, listener, refuse=None):
-    """Read one job from `conn` and fork it; its pid, or None when refused (`refuse`, or another Python: the reply
-    says why and the job runs in its own process)."""
+def _start_job(conn, listener):
+    """Read one job from `conn` and fork it; its pid, or None when refused (another Python, or the CUDA driver loaded
+    here: the reply says why and the job runs in its own process)."""
     data, fds, _, _ = socket.recv_fds(conn, 8, 3)
     if len(data) != 8 or len(fds) != 3:
         for fd in fds:
@@ -208,8 +206,9 @@ def _start_job(conn, listener, refuse=None):
             break
         raw += chunk
     job = json.loads(raw) if len(raw) == size else {}
-    reason = refuse or ("incomplete request" if not job else
-                        f"another Python ({job['prefix']})" if job["prefix"] != sys.prefix else None)
+    reason = ("incomplete request" if not job else
+              f"another Python ({job['prefix']})" if job["prefix"] != sys.prefix else
+              "CUDA initialised in the server" if cuda_loaded() else None)
     if reason:
         for fd in fds:
             os.close(fd)
@@ -251,9 +250,10 @@ def _run_job(job, fds):
         try:
             runpy.run_path(job["script"], run_name="__main__")
             code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
+        except SystemExit as e:  # as Python's own exit: None is 0, a message is printed and is 1
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
                 print(e.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
