@@ -6,11 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from dry_run import dry_run
 
 REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread here and in the processes the tests start, as Snakemake gives its jobs (OMP_NUM_THREADS=1 for
@@ -40,11 +43,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The modules whose tests use the `pipe` fixture: one pytest-xdist worker runs them all and builds the run once
-# (pytest_xdist_make_scheduler). test_slurm is a group of its own (xdist starts it late: groups of more tests go
-# first): its runs mostly wait for SLURM's status checks, so the other worker uses the cores meanwhile.
+# (pytest_xdist_make_scheduler).
 PIPE_MODULES = {f"tests/workflow/{name}.py" for name in (
     "test_eval", "test_export", "test_fp4_workflow", "test_workflow_full", "test_workflow_gptq",
     "test_workflow_report", "test_workflow_search")}
+# Modules that mostly wait (test_slurm: on SLURM's status checks), started second, on the other worker, so that they
+# wait while the pipe modules run; left to the end, their waiting was the run's last 2 minutes on one worker alone.
+WAITING_MODULES = {"tests/workflow/test_slurm.py"}
 
 
 def module_of(nodeid):
@@ -53,25 +58,35 @@ def module_of(nodeid):
 
 
 def pipe_first(items):
-    """The tests of PIPE_MODULES first (the longest group starts first), the others in their order; a test of the
-    `pipe` fixture elsewhere is a usage error."""
+    """Order the tests by xdist scope (xdist_scope): the pipe modules', then WAITING_MODULES', then the other
+    modules of tests/workflow/ (Snakemake runs, the longest), then the rest; most tests first within each
+    (pytest-xdist's own order), each module in its order, so that the short modules even out the workers' ends.
+    A test of the `pipe` fixture elsewhere is a usage error."""
     for item in items:
         if "pipe" in item.fixturenames and module_of(item.nodeid) not in PIPE_MODULES:
             raise pytest.UsageError(f"{item.nodeid}: a module of tests of the `pipe` fixture must be listed in "
                                     "tests/conftest.py PIPE_MODULES")
-    items.sort(key=lambda item: module_of(item.nodeid) not in PIPE_MODULES)
+    count = Counter(xdist_scope(item.nodeid) for item in items)
+
+    def rank(item):
+        scope, module = xdist_scope(item.nodeid), module_of(item.nodeid)
+        return scope != "pipe", module not in WAITING_MODULES, not module.startswith("tests/workflow/"), -count[scope]
+
+    items.sort(key=rank)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist (`-n 2` in pyproject's addopts) sends each test module whole to one worker, which sets up its
-    module and session fixtures once, and the modules of PIPE_MODULES together to one."""
+    module and session fixtures once, and the modules of PIPE_MODULES together to one, in the order pipe_first
+    gave."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid):
             return xdist_scope(nodeid)
 
+    config.option.loadscopereorder = False
     return ByModule(config, log)
 
 
@@ -219,9 +234,15 @@ class Workdir:
         fn(cfg)
         self.set_config(cfg)
 
-    def snakemake(self, *args, check=True, **popen):
-        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-        res = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, env=snakemake_env())
+    def snakemake(self, *args, check=True):
+        """`snakemake --cores 2 *args` here; a dry run (-n) in a fork of a process that imported Snakemake
+        (tests/dry_run.py), with the same output and status."""
+        args = ("--cores", "2", *args)
+        if "-n" in args:
+            res = dry_run(self.path, args, snakemake_env())
+        else:
+            res = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=self.path, capture_output=True,
+                                 text=True, env=snakemake_env())
         if check and res.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
         return res

@@ -40,12 +40,18 @@ class Item:
         self.nodeid, self.fixturenames = nodeid, list(fixtures)
 
 
-def test_the_pipe_modules_run_first_on_one_worker_and_other_modules_whole():
+def test_pipe_modules_first_on_one_worker_then_slurm_the_workflow_modules_and_the_rest_most_tests_first():
     items = [Item("tests/test_a.py::test_x"), Item("tests/workflow/test_eval.py::test_y", ["pipe"]),
-             Item("tests/test_a.py::test_z[a::b]"), Item("tests/workflow/test_workflow_search.py::test_w")]
+             Item("tests/test_b.py::test_u"), Item("tests/workflow/test_slurm.py::test_s"),
+             Item("tests/test_a.py::test_z[a::b]"), Item("tests/workflow/test_workflow_search.py::test_w"),
+             Item("tests/workflow/test_workflow_edits.py::test_e")]
     pipe_first(items)
-    assert [i.nodeid for i in items] == ["tests/workflow/test_eval.py::test_y", "tests/workflow/test_workflow_search.py::test_w",
-                                         "tests/test_a.py::test_x", "tests/test_a.py::test_z[a::b]"]
-    assert [xdist_scope(i.nodeid) for i in items] == ["pipe", "pipe", "tests/test_a.py", "tests/test_a.py"]
+    assert [i.nodeid for i in items] == [
+        "tests/workflow/test_eval.py::test_y", "tests/workflow/test_workflow_search.py::test_w",
+        "tests/workflow/test_slurm.py::test_s", "tests/workflow/test_workflow_edits.py::test_e",
+        "tests/test_a.py::test_x", "tests/test_a.py::test_z[a::b]", "tests/test_b.py::test_u"]
+    assert [xdist_scope(i.nodeid) for i in items] == [
+        "pipe", "pipe", "tests/workflow/test_slurm.py", "tests/workflow/test_workflow_edits.py", "tests/test_a.py",
+        "tests/test_a.py", "tests/test_b.py"]
     with pytest.raises(pytest.UsageError, match=r"test_c.py::test_v: a module of tests of the `pipe` fixture must be"):
         pipe_first([Item("tests/workflow/test_c.py::test_v", ["pipe"])])
