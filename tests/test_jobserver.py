@@ -93,6 +93,21 @@ def test_without_a_server_the_job_runs_in_its_own_process(tmp_path):
     assert res.returncode == 0 and int(out.split()[0]) == res.pid
 
 
+def test_a_refused_job_says_why_and_runs_in_its_own_process(tmp_path, server):
+    """A job from another Python (here: its sys.prefix changed before forward) is refused; one line in its log."""
+    script = tmp_path / "other.py"
+    script.write_text("import os, sys\nsys.prefix = '/another/python'\n" + SCRIPT.split("\n", 1)[1].replace(
+        "forward()", "from vlmquant.workflow.jobserver import forward\nforward()", 1))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, jobserver.ENV: server[0], "JOB_VALUE": "v", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script), "0"], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and int(res.stdout.split()[1]) == os.getpid()  # not a fork of the server
+    assert res.stderr.splitlines()[0] == ("job server: refused (another Python (/another/python)); the job runs in "
+                                          "its own process")
+
+
 def test_signal_to_the_job_process_reaches_the_fork(tmp_path, server):
     res = job(tmp_path, server[0], "sleep")
     assert wait_for(lambda: (tmp_path / "work" / "started").exists())

@@ -70,6 +70,8 @@ def forward():
         first = []
     if first[:1] != ["pid"]:  # refused, or not reached: the job runs here
         client.close()
+        if first[:1] == ["refused"]:
+            print(f"job server: refused ({' '.join(first[1:])}); the job runs in its own process", file=sys.stderr)
         return
     pid = int(first[1])
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
