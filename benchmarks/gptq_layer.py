@@ -12,7 +12,8 @@ search_layer.py). Timed, after one warm-up:
             are independent, so the codes are the same up to floating-point order).
 The straightforward loop (--baseline) quantizes each linear one column at a time, updating every remaining
 column right away (no lazy blocks), with the same column quantizer; `codes_equal_fraction` compares its
-codes with GPTQ's (fp32 on GPU: a few rounding ties may differ).
+codes with GPTQ's (fp32: a few rounding ties may differ, and what GPTQ carries on from them along the row;
+`codes_max_difference` in quantization steps).
 
     python benchmarks/gptq_layer.py --shape 7b --samples 128 --tokens 640 --vision 512 --caption 64 --baseline \
         --out benchmarks/results/gptq_layer_7b_h100.json
@@ -151,14 +152,16 @@ def main():
     if args.baseline:
         if args.act_order:
             raise SystemExit("the straightforward loop is in column order; drop --act-order with --baseline")
-        t, same, total = {}, 0, 0
+        t, same, total, apart = {}, 0, 0, 0
         for name, site in SITES.items():
             with timer(t, "s"):
                 codes = straightforward(layer.get_submodule(name).weight, hessians[site], scheme)
             same += int((codes == results[name].quantized.codes).sum())
             total += codes.numel()
+            apart = max(apart, int((codes.int() - results[name].quantized.codes.int()).abs().max()))
         result["baseline_seconds"] = t["s"]
         result["codes_equal_fraction"] = same / total
+        result["codes_max_difference"] = apart  # in quantization steps
         result["speedup"] = t["s"] / result["gptq_seconds"]
     sync()
     write_json(args.out, result)

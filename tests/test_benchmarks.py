@@ -46,7 +46,10 @@ def test_gptq_layer_benchmark_runs_and_matches_the_straightforward_column_loop(t
                     "--caption", "16", "--repeats", "1", "--baseline", "--out", str(out)],
                    cwd=REPO / "benchmarks", check=True, capture_output=True)
     result = json.loads(out.read_text())
-    assert result["codes_equal_fraction"] > 0.9999 and result["fused_codes_equal_fraction"] > 0.9999 and result["loss_token_share"] == pytest.approx(80 / 96)
+    # a rounding tie decided the other way moves that code by one step, and GPTQ carries the error on to the row's
+    # later columns (up to 3 steps apart here): 0.99984 of the codes equal on one CPU, all of them on another
+    assert result["codes_equal_fraction"] > 0.999 and result["codes_max_difference"] <= 4
+    assert result["fused_codes_equal_fraction"] > 0.9999 and result["loss_token_share"] == pytest.approx(80 / 96)
     assert result["seconds_per_layer"] == result["hessian_seconds"] + result["gptq_seconds"] > 0
     assert result["columns_per_layer"] == 6 * 256 + 768 and result["scheme"] == "w4a16-asym-g128"
 
@@ -82,6 +85,51 @@ def test_benchmark_scripts_start_and_e2e_plans_the_dag(tmp_path):
                                "search_002", "merge", "export", "eval_fp", "eval"]
     assert 0 < result["calib"]["seconds"] < result["calib"]["process_seconds"]
     assert pd.read_parquet(result["out"]).shape[0] == 2
+
+
+SNAKEMAKE_LOG = """SNAKEMAKE
+=========
+  Date: 2026-12-07 23:22:46
+  Workflow ID: c03a10e4-7c42-4a35-ad5b-4f8b93aba53f
+
+Select jobs to execute...
+Execute 2 jobs...
+[Mon Dec  7 23:22:49 2026]
+localrule export:
+    input: results/demo/model-qwen2_vl, results/demo-qwen2vl/demo/mbq-w3g128/scale_cache.pt
+    jobid: 24
+    reason: Missing output files: results/demo-qwen2vl/demo/mbq-w3g128/checkpoint
+    wildcards: model=demo-qwen2vl, calib=demo, run=mbq-w3g128
+    resources: tmpdir=/tmp, gpu=1
+[Mon Dec  7 23:22:49 2026]
+rule summary:
+    jobid: 1
+[Mon Dec  7 23:22:55 2026]
+Finished jobid: 24 (Rule: export)
+1 of 3 steps (33%) done
+[Mon Dec  7 23:22:56 2026]
+localrule plots:
+    jobid: 26
+    wildcards: model=demo-qwen2vl, calib=demo
+[Mon Dec  7 23:23:10 2026]
+Finished jobid: 1 (Rule: summary)
+[Tue Dec  8 00:00:01 2026]
+Finished jobid: 26 (Rule: plots)
+"""
+
+
+def test_e2e_timeline_reads_each_jobs_start_and_end_from_the_snakemake_log(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import e2e
+
+    expect = [  # by start, then job id; seconds after the header's Date
+        {"rule": "summary", "jobid": 1, "wildcards": "", "start": 3.0, "end": 24.0},
+        {"rule": "export", "jobid": 24, "wildcards": "model=demo-qwen2vl, calib=demo, run=mbq-w3g128", "start": 3.0,
+         "end": 9.0},
+        {"rule": "plots", "jobid": 26, "wildcards": "model=demo-qwen2vl, calib=demo", "start": 10.0, "end": 2235.0}]
+    assert e2e.job_timeline(SNAKEMAKE_LOG) == expect
+    headless = SNAKEMAKE_LOG.split("Select jobs", 1)[1]  # no header: from the first job's start
+    assert e2e.job_timeline(headless) == [{**j, "start": j["start"] - 3, "end": j["end"] - 3} for j in expect]
 
 
 @pytest.mark.bench
