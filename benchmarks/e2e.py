@@ -6,9 +6,9 @@ checkpoints are written (the workflow's default: compressed-tensors, the pack jo
 Through Snakemake when it is installed (`--via snakemake`: per-job seconds and max RSS from the rules'
 benchmark files), else the stages' library functions in DAG order, one fresh process each as Snakemake would
 start them (`--via library`: benchmarks/stages.py, which also reads the peak GPU memory). The JSON says which.
-The model folder (random weights, the demo's tokenizer, an image processor that keeps `--image`-pixel
-images whole: (image/28)^2 image tokens) and the synthetic photos and captions are built first, outside the
-timed DAG. `--cap-gib` caps the GPU memory of every stage (torch.cuda.set_per_process_memory_fraction).
+The model folder (random weights in 4 GB shards as the releases, the demo's tokenizer, an image processor that
+keeps `--image`-pixel images whole: (image/28)^2 image tokens) and the synthetic photos and captions are built
+first, outside the timed DAG; the run's first job starts after Snakemake hashed the new model folder (`timeline`). `--cap-gib` caps the GPU memory of every stage (torch.cuda.set_per_process_memory_fraction).
 
     python benchmarks/e2e.py --shape 7b --samples 128 --image 672 --out benchmarks/results/e2e_7b_h200.json
     python benchmarks/e2e.py --shape 7b --cap-gib 8 --stream always --out benchmarks/results/stages_7b_cap8gib.json
@@ -16,7 +16,9 @@ timed DAG. `--cap-gib` caps the GPU memory of every stage (torch.cuda.set_per_pr
 """
 import argparse
 import csv
+import datetime
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +79,7 @@ def build_model(folder, shape, device, image, seed=0):
     processor = image_only(transformers.Qwen2VLProcessor)(
         image_processor=transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": pixels}),
         tokenizer=tokenizer, chat_template=chatml_template(QWEN_IMAGE))
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="4GB")  # as the releases shard (Qwen2-VL-7B-Instruct: 5 files)
     processor.save_pretrained(folder)
     path = folder / "processor_config.json"  # as the demo model: AutoProcessor works where torchvision is installed
     processor_config = json.loads(path.read_text())
@@ -119,7 +121,33 @@ def run_config(args):
 
 
 # --- Snakemake ------------------------------------------------------------------------------------
-def via_snakemake(args, work, model_dir, train, held):
+STARTED = re.compile(r"^\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]\n(?:local)?rule (\w+):\n((?:    .*\n)*?)    jobid: (\d+)\n"
+                     r"((?:    .*\n)*)", re.M)
+WILDCARDS = re.compile(r"^    wildcards: (.*)$", re.M)
+FINISHED = re.compile(r"^\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]\nFinished jobid: (\d+) \(Rule: (\w+)\)$", re.M)
+
+
+def job_timeline(text):
+    """Each job's rule, wildcards, start and end in seconds after Snakemake started (the log's `Date:`; else the
+    first job's start), whole seconds as Snakemake stamps them, from a Snakemake log file: [{"rule", "jobid",
+    "wildcards", "start", "end"}] in start order. The first start is the time Snakemake took to plan the run
+    (the Snakefile, hashing the model files it has not seen, the DAG)."""
+    stamp = lambda s: datetime.datetime.strptime(" ".join(s.split()), "%a %b %d %H:%M:%S %Y")  # noqa: E731
+    jobs = {}
+    for t, rule, before, j, after in STARTED.findall(text):
+        wildcards = WILDCARDS.search(before + after)
+        jobs[int(j)] = {"rule": rule, "jobid": int(j), "wildcards": wildcards.group(1) if wildcards else "",
+                        "start": stamp(t)}
+    for t, j, _ in FINISHED.findall(text):
+        jobs[int(j)]["end"] = stamp(t)
+    began = re.search(r"^  Date: (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)$", text, re.M)  # the log's header
+    zero = datetime.datetime.fromisoformat(began.group(1)) if began else min(j["start"] for j in jobs.values())
+    rows = sorted(jobs.values(), key=lambda j: (j["start"], j["jobid"]))
+    return [{**j, "start": (j["start"] - zero).total_seconds(),
+             "end": (j["end"] - zero).total_seconds() if "end" in j else None} for j in rows]
+
+
+def via_snakemake(args, work, model_dir, train, held, timeline):
     for name in ("Snakefile", "rules", "scripts", "workflow"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
@@ -137,12 +165,14 @@ def via_snakemake(args, work, model_dir, train, held):
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     t = time.perf_counter()
     env = dict(stages_env(), **({} if args.jobserver else {"VLMQUANT_JOBSERVER": "off"}))
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1", "-q"],
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1"],
                          cwd=work, capture_output=True, text=True, env=env)
     total = time.perf_counter() - t
     if res.returncode:
         raise SystemExit(res.stdout[-3000:] + res.stderr[-6000:])
     out = {}
+    log = max((work / ".snakemake/log").glob("*.snakemake.log"))
+    timeline.extend(job_timeline(log.read_text()))
     for path in sorted((work / "results/benchmarks").rglob("*.tsv")):
         with open(path) as f:
             row = next(csv.DictReader(f, delimiter="\t"))
@@ -195,7 +225,7 @@ def dag(args, work, model_dir, train, held):
     return jobs
 
 
-def via_library(args, work, model_dir, train, held):
+def via_library(args, work, model_dir, train, held, timeline):
     out = {}
     for label, job in dag(args, work, model_dir, train, held):
         out[label] = stages.run(job, log=work / "logs" / f"{label}.log")
@@ -248,14 +278,15 @@ def main():
         via = "snakemake" if subprocess.run([sys.executable, "-c", "import snakemake"], capture_output=True).returncode == 0 \
             else "library"
     runner = via_snakemake if via == "snakemake" else via_library
-    jobs, total = runner(args, run_dir, model_dir, train, held)
+    timeline = []
+    jobs, total = runner(args, run_dir, model_dir, train, held, timeline)
     from safetensors import safe_open
 
     with safe_open(run_dir / paths.INPUTS.format(model="e2e", calib="e2e"), "pt") as f:
         offsets = f.get_tensor("offsets.tokens")
     result = {"settings": vars(args), "env": environment(), "via": via, "setup": setup, "jobs": jobs, "order": list(jobs),
               "total_seconds": total, "tokens_per_sample": float((offsets[1:] - offsets[:-1]).float().mean()),
-              "note": NOTES[via]}
+              "note": NOTES[via], **({"timeline": timeline} if timeline else {})}
     write_json(args.out, result)
     if not args.keep_results:
         shutil.rmtree(run_dir)
