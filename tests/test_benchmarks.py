@@ -279,3 +279,16 @@ def test_organism_regimes_benchmark_scores_the_organism_and_rtn(tmp_path):
     assert fp["run"] == "fp" and fp["accuracy"] == record["heldout_accuracy_first200"]["overall"] and fp["n"] == 200
     assert rtn["run"] == "rtn-w4a8" and abs(rtn["loss_vs_fp_points"]) < 5 and result["separating_schemes"] == []
     assert rtn["accuracy_se"] == pytest.approx((rtn["accuracy"] * (1 - rtn["accuracy"]) / 200) ** 0.5, abs=1e-4)
+
+
+def test_test_command_benchmark_reads_each_workers_end_and_module_spans(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import test_command
+
+    ev = lambda w, test, kind, t: json.dumps({"worker": w, "test": test, "event": kind, "t": 1000.0 + t})  # noqa: E731
+    lines = [ev("gw0", "tests/a.py::t1", "start", 0), ev("gw1", "tests/b.py::t1", "start", 1),
+             ev("gw0", "tests/a.py::t1", "end", 4), ev("gw0", "tests/a.py::t2", "start", 4),
+             ev("gw0", "tests/a.py::t2", "end", 9), ev("gw1", "tests/b.py::t1", "end", 3),
+             ev("gw1", "tests/c.py::t1", "start", 3), ev("gw1", "tests/c.py::t1", "end", 5)]
+    assert test_command.workers(lines) == {"gw0": {"end": 9.0, "modules": [["tests/a.py", 0.0, 9.0]]},
+                                           "gw1": {"end": 5.0, "modules": []}}  # spans of 5 s or less left out
