@@ -15,6 +15,8 @@ _context = None
 
 
 def _child(cwd, args, env, out, err):
+    """In the fork: Snakemake's command line on `args`. Its SystemExit becomes the exit status as in Python itself
+    (multiprocessing's process bootstrap, which also flushes the streams)."""
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
     os.chdir(cwd)
@@ -23,14 +25,7 @@ def _child(cwd, args, env, out, err):
     sys.argv = ["snakemake", *args]
     from snakemake.cli import main
 
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as end:
-        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    main(list(args))
 
 
 def dry_run(cwd, args, env):
